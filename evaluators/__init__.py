@@ -1,0 +1,1 @@
+"""Scoring a model that is already in memory."""

@@ -1,0 +1,1 @@
+"""The merge engine: recipes, merge methods, layer mapping, checkpoints, export."""

@@ -1,0 +1,22 @@
+"""The import packages must be this repository's, not same-named packages from elsewhere."""
+
+from pathlib import Path
+
+import evaluators
+import merging
+import search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_packages_come_from_this_repository():
+    for module in (search, evaluators, merging):
+        origin = Path(module.__file__).resolve()
+        assert origin.parent.parent == REPO, f"{module.__name__} imported from {origin}"
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("basin") == "search.cli:main"
