@@ -1,0 +1,135 @@
+"""Streaming export: a recipe's merge written as a loadable HF model folder, tensor by tensor.
+
+Peak memory is a few tensors (the reference, one task vector per model, the result), not the model.
+The folder is written beside the target and renamed into place at the end, so the target path
+holds a complete model or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from merging import methods
+from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
+from merging.engine import TensorInputs, TensorScalars, merge_tensor, plan_scalars
+from merging.errors import MergeError
+from merging.layers import build_layer_map
+from merging.recipe import MergeRecipe, dump_recipe, validate_recipe
+from merging.shards import SafetensorsWriter, TensorSpec, plan_shards
+
+# Small files copied from the reference model so the folder loads on its own.
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+DEFAULT_SHARD_BYTES = 4 * 2**30
+
+
+def export_merge(
+    recipe: MergeRecipe,
+    out: str | Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge `recipe` from its source files into the HF model folder `out`; returns `out`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
+    validate_recipe(recipe)
+    ref = Checkpoint(recipe.reference, allow_pickle=allow_pickle)
+    models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in recipe.models]
+    check_compatible({recipe.reference: ref, **{m.path: ck for m, ck in zip(recipe.models, models)}})
+    plan = plan_scalars(recipe, build_layer_map(ref.names))
+    dtype = DTYPE_NAMES[recipe.dtype]
+    specs = [TensorSpec(n, ref.shape(n), dtype if ref.dtype(n).is_floating_point else ref.dtype(n)) for n in ref.names]
+    shards = plan_shards(specs, max_shard_bytes)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"exporting {out.name}", disable=not progress)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = shard_file_name(i, len(shards))
+            writer = SafetensorsWriter(tmp / file, shard)
+            for spec in shard:
+                writer.write(spec.name, _merged(recipe, spec, plan, ref, models, device))
+                weight_map[spec.name] = file
+                bar.update(spec.nbytes)
+            writer.close()
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_side_files(tmp, ref, recipe)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def shard_file_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars], ref: Checkpoint, models: list[Checkpoint], device: str) -> torch.Tensor:
+    """One output tensor, computed exactly as the resident path computes it."""
+    if not spec.dtype.is_floating_point:
+        return ref.read(spec.name)
+    base = ref.read(spec.name, device=device, dtype=spec.dtype)
+    deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
+    inputs = TensorInputs(base=base, deltas=deltas)
+    if recipe.method == "ties":
+        inputs.tables = [methods.magnitude_table(d) for d in deltas]
+    elif recipe.method.startswith("dare"):
+        inputs.draws = [methods.dare_draws(spec.shape, recipe.seed, k, spec.name).to(device) for k in range(len(models))]
+    result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+    merge_tensor(recipe, spec.name, plan[spec.name], inputs, result)
+    return result
+
+
+def _write_side_files(folder: Path, ref: Checkpoint, recipe: MergeRecipe) -> None:
+    config = dict(ref.config)
+    config["dtype"] = recipe.dtype
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in COPIED_FILES:
+        if (ref.path / name).is_file():
+            shutil.copy2(ref.path / name, folder / name)
+    recipe_yaml = dump_recipe(recipe)
+    (folder / "basin_recipe.yaml").write_text(recipe_yaml)
+    (folder / "README.md").write_text(model_card(recipe, recipe_yaml))
+
+
+def model_card(recipe: MergeRecipe, recipe_yaml: str) -> str:
+    parents = "\n".join(f"- `{m.path}`" for m in recipe.models)
+    base = f"on top of `{recipe.base}` " if recipe.base else ""
+    return (
+        "---\ntags:\n- merge\n- basin\n---\n\n"
+        f"# Merged model\n\nThis model was merged with basin using **{recipe.method}** {base}from:\n\n"
+        f"{parents}\n\n## Recipe\n\nRebuild it with `basin merge basin_recipe.yaml --out DIR`:\n\n"
+        f"```yaml\n{recipe_yaml}```\n"
+    )
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder onto the target; an old target is removed only after that."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""Merge math: pure functions on tensors, with mergekit's semantics.
+
+Every method is expressed on a base tensor B and task vectors T_k = M_k - B. TIES and DARE are one
+generalized task-arithmetic routine (`combine`) with switches: which entries each task vector keeps
+(by magnitude, at random, or all), whether a sign is elected per entry, whether the mix is normalized.
+
+Two choices made here, both deterministic and shared by the search and the export paths:
+- TIES thresholds come from a table of each task vector's magnitudes at ranks int(j/1000 * n);
+  a density on that 0.001 grid keeps exactly mergekit's int(density * n) largest entries
+  (ties at the threshold aside), a density between grid points interpolates the threshold.
+- DARE draws one byte per entry from a seed derived from (recipe seed, model index, tensor name):
+  an entry survives when its byte < round(density * 256), so keep probabilities are multiples of
+  1/256; survivors are divided by that keep probability (the DARE paper's rescale, not an L1 match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TABLE_POINTS = 1000
+DARE_LEVELS = 256
+
+
+def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
+    """|delta| at the ranks max(1, int(j / points * n)) for j = 0..points, largest first (float32, CPU)."""
+    flat = delta.detach().reshape(-1).abs().float()
+    ordered = torch.sort(flat, descending=True).values
+    n = flat.numel()
+    ranks = [max(1, int(j / points * n)) for j in range(points + 1)]  # int(d * n) in floats, as mergekit
+    return ordered[torch.tensor(ranks, device=ordered.device) - 1].cpu()
+
+
+def magnitude_threshold(table: Tensor, density: float) -> float:
+    """The magnitude at or above which an entry is kept for this density."""
+    points = table.numel() - 1
+    pos = round(density * points, 9)
+    lo = min(int(pos), points - 1)
+    frac = pos - lo
+    low, high = float(table[lo]), float(table[lo + 1])
+    return low if frac == 0.0 else low + (high - low) * frac
+
+
+def dare_seed(seed: int, model_index: int, name: str) -> int:
+    """A stable 63-bit seed for one model's tensor, the same on every machine and run."""
+    digest = hashlib.blake2b(f"{seed}:{model_index}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def dare_draws(shape: Sequence[int], seed: int, model_index: int, name: str) -> Tensor:
+    """One uniform byte per entry, drawn on the CPU so every device gets the same draws."""
+    gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, model_index, name))
+    return torch.randint(0, DARE_LEVELS, tuple(shape), dtype=torch.uint8, generator=gen)
+
+
+def dare_cutoff(density: float) -> tuple[int, float]:
+    """(byte cutoff, keep probability) for a DARE density; at least one level survives."""
+    cutoff = min(DARE_LEVELS, max(1, round(density * DARE_LEVELS)))
+    return cutoff, cutoff / DARE_LEVELS
+
+
+def combine(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    keep: Sequence[Tensor | None],
+    scales: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> Tensor:
+    """Generalized task arithmetic: B + lam * mix of the kept, scaled and weighted task vectors.
+
+    keep[k] is a boolean mask of the entries task vector k keeps (None keeps all); scales[k]
+    multiplies the survivors (DARE's rescale). With consensus, a sign is elected per entry from
+    the sum of the weighted vectors (zero counts as +) and only agreeing, non-zero entries are
+    mixed; normalize divides by the sum of the weights that took part (a zero divisor counts as 1).
+    """
+    if not deltas:
+        return base.clone()
+    weighted = []
+    for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
+        wd = delta * (w * scale)
+        if mask is not None:
+            wd.masked_fill_(~mask, 0.0)
+        weighted.append(wd)
+    if not consensus:
+        mixed = weighted[0]
+        for wd in weighted[1:]:
+            mixed += wd
+        divisor = float(sum(weights))
+        if normalize and abs(divisor) >= 1e-8:
+            mixed /= divisor
+    else:
+        total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+        elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+        mixed = torch.zeros_like(total)
+        divisor = torch.zeros_like(total) if normalize else None
+        for wd, w in zip(weighted, weights):
+            agree = (wd * elected) > 0
+            mixed += wd.masked_fill_(~agree, 0.0)
+            if divisor is not None:
+                divisor += agree * w
+        if divisor is not None:
+            mixed /= divisor.masked_fill_(divisor == 0, 1.0)
+    if lam != 1.0:
+        mixed *= lam
+    return mixed.add_(base)
+
+
+def linear(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:
+    """sum_k w_k M_k (divided by sum_k w_k when normalize), with M_k = base + deltas[k]."""
+    total = float(sum(weights))
+    if normalize:
+        out = base.clone()
+        for delta, w in zip(deltas, weights):
+            out.add_(delta, alpha=w / total)
+        return out
+    out = base * total
+    for delta, w in zip(deltas, weights):
+        out.add_(delta, alpha=w)
+    return out
+
+
+def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float = 0.9995) -> Tensor:
+    """Spherical interpolation from a (t=0) to b (t=1) over the whole tensor; linear when nearly parallel."""
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    na, nb = a64.norm(), b64.norm()
+    if na < eps or nb < eps:
+        return torch.lerp(a.float(), b.float(), t)
+    cos = float(torch.dot(a64 / na, b64 / nb).clamp(-1.0, 1.0))
+    if abs(cos) > parallel:
+        return torch.lerp(a.float(), b.float(), t)
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    wa, wb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+    return (a.float() * wa).add_(b.float(), alpha=wb)

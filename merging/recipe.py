@@ -1,0 +1,271 @@
+"""The merge recipe: a value type, its hand-written YAML form, and its validation.
+
+```yaml
+method: ties                 # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp
+base: path/to/base           # required by every method but linear and slerp
+models:
+  - path: path/to/code-ft
+    weight: 0.7              # a number ...
+    density: [0.3, 0.8]      # ... or values over depth, interpolated linearly across layers
+  - path: path/to/chat-ft
+    weight: {attn: 0.2, mlp: [0.4, 0.9], default: 0.5}   # separate attention / MLP values
+parameters:
+  lambda: 1.0                # global scale of the merged task vector (also per-layer)
+  normalize: true            # default per method, as in mergekit
+  rescale: true              # DARE: divide survivors by their keep probability
+  seed: 0                    # DARE's random draws
+  t: 0.5                     # slerp only: 0 gives the first model, 1 the second
+dtype: bfloat16
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merging.errors import MergeError, did_you_mean, unknown
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+# mergekit's defaults, so recipes mean the same in both tools.
+DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True,
+                     "dare_linear": False, "dare_ties": False, "slerp": False}
+DEFAULT_RESCALE = {"dare_linear": True, "dare_ties": True}
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+USES_DENSITY = ("ties", "dare_linear", "dare_ties")
+DTYPES = ("float32", "float16", "bfloat16")
+PARAM_KINDS = ("attn", "mlp", "default")
+
+
+@dataclass(frozen=True)
+class LayerParam:
+    """A number, or anchor values over depth, optionally separate for attention and MLP tensors."""
+
+    default: tuple[float, ...]
+    attn: tuple[float, ...] | None = None
+    mlp: tuple[float, ...] | None = None
+
+    @classmethod
+    def constant(cls, value: float) -> LayerParam:
+        return cls(default=(float(value),))
+
+    def anchors(self, kind: str) -> tuple[float, ...]:
+        """The anchor values that apply to a tensor of this kind ('attn', 'mlp' or 'other')."""
+        specific = {"attn": self.attn, "mlp": self.mlp}.get(kind)
+        return specific if specific is not None else self.default
+
+    def at(self, depth: float, kind: str) -> float:
+        """The value at relative depth in [0, 1] for a tensor of this kind, interpolated linearly."""
+        values = self.anchors(kind)
+        if len(values) == 1:
+            return values[0]
+        pos = depth * (len(values) - 1)
+        lo = min(int(pos), len(values) - 2)
+        frac = pos - lo
+        return values[lo] * (1.0 - frac) + values[lo + 1] * frac
+
+    def all_values(self) -> tuple[float, ...]:
+        return self.default + (self.attn or ()) + (self.mlp or ())
+
+    def max_anchors(self) -> int:
+        return max(len(v) for v in (self.default, self.attn, self.mlp) if v is not None)
+
+    def to_yaml(self) -> Any:
+        def plain(values: tuple[float, ...]) -> float | list[float]:
+            return values[0] if len(values) == 1 else list(values)
+
+        if self.attn is None and self.mlp is None:
+            return plain(self.default)
+        out = {"attn": self.attn, "mlp": self.mlp, "default": self.default}
+        return {k: plain(v) for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    path: str
+    weight: LayerParam = field(default_factory=lambda: LayerParam.constant(1.0))
+    density: LayerParam = field(default_factory=lambda: LayerParam.constant(1.0))
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """Everything needed to rebuild one merge, bit for bit on the same device and dtype."""
+
+    method: str
+    models: tuple[ModelEntry, ...]
+    base: str | None = None
+    lam: LayerParam = field(default_factory=lambda: LayerParam.constant(1.0))
+    t: LayerParam = field(default_factory=lambda: LayerParam.constant(0.5))
+    normalize: bool | None = None  # None: the method's default
+    rescale: bool | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+    @property
+    def normalize_(self) -> bool:
+        return DEFAULT_NORMALIZE[self.method] if self.normalize is None else self.normalize
+
+    @property
+    def rescale_(self) -> bool:
+        return DEFAULT_RESCALE.get(self.method, False) if self.rescale is None else self.rescale
+
+    @property
+    def reference(self) -> str:
+        """The tensor every task vector is taken against: the base, or the first model."""
+        return self.base if self.base is not None else self.models[0].path
+
+    def with_paths(self, base: str | None, models: list[str]) -> MergeRecipe:
+        entries = tuple(replace(m, path=p) for m, p in zip(self.models, models, strict=True))
+        return replace(self, base=base, models=entries)
+
+
+def _parse_param(value: Any, where: str, *, required_default: float | None) -> LayerParam:
+    def numbers(v: Any, at: str) -> tuple[float, ...]:
+        if isinstance(v, bool) or not isinstance(v, (int, float, list, tuple)):
+            raise MergeError(f"{at}: expected a number or a list of numbers, got {v!r}")
+        items = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not items:
+            raise MergeError(f"{at}: the list of values over depth is empty; give at least one number")
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise MergeError(f"{at}: expected numbers, got {x!r}")
+        return tuple(float(x) for x in items)
+
+    if isinstance(value, Mapping):
+        for key in value:
+            if key not in PARAM_KINDS:
+                raise MergeError(f"{where}: unknown tensor kind '{key}'{did_you_mean(str(key), PARAM_KINDS) or '.'} Known: {', '.join(PARAM_KINDS)}")
+        if "default" in value:
+            default = numbers(value["default"], f"{where}.default")
+        elif required_default is not None:
+            default = (required_default,)
+        else:
+            raise MergeError(f"{where}: the attn/mlp form needs a 'default' value for the other tensors (norms, embeddings, head)")
+        attn = numbers(value["attn"], f"{where}.attn") if "attn" in value else None
+        mlp = numbers(value["mlp"], f"{where}.mlp") if "mlp" in value else None
+        return LayerParam(default=default, attn=attn, mlp=mlp)
+    return LayerParam(default=numbers(value, where))
+
+
+def _check_keys(data: Mapping, known: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise MergeError(f"{where}: unknown key '{key}'{did_you_mean(str(key), known) or '.'} Known: {', '.join(known)}")
+
+
+def recipe_from_dict(data: Any) -> MergeRecipe:
+    """Parse the YAML form (see the module docstring) and validate it."""
+    if not isinstance(data, Mapping):
+        raise MergeError("a recipe must be a YAML mapping with at least 'method' and 'models'")
+    if "merge_method" in data:
+        raise MergeError("this looks like a mergekit config; convert it first: basin convert FILE --to basin")
+    _check_keys(data, ("method", "base", "models", "parameters", "dtype"), "recipe")
+    if "method" not in data:
+        raise MergeError(f"recipe: 'method' is missing. Known: {', '.join(METHODS)}")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise MergeError("recipe: 'models' must be a non-empty list of {path, weight, density}")
+    entries = []
+    for i, m in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"path": m}
+        if not isinstance(m, Mapping) or "path" not in m:
+            raise MergeError(f"{where}: each model needs a 'path' (a local folder or a hub id)")
+        _check_keys(m, ("path", "weight", "density"), where)
+        entries.append(ModelEntry(
+            path=str(m["path"]),
+            weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None),
+            density=_parse_param(m.get("density", 1.0), f"{where}.density", required_default=1.0),
+        ))
+    params = data.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise MergeError("recipe: 'parameters' must be a mapping")
+    _check_keys(params, ("lambda", "normalize", "rescale", "seed", "t"), "parameters")
+    for flag in ("normalize", "rescale"):
+        if flag in params and not isinstance(params[flag], bool):
+            raise MergeError(f"parameters.{flag}: expected true or false, got {params[flag]!r}")
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MergeError(f"parameters.seed: expected an integer, got {seed!r}")
+    recipe = MergeRecipe(
+        method=str(data["method"]),
+        models=tuple(entries),
+        base=None if data.get("base") is None else str(data["base"]),
+        lam=_parse_param(params.get("lambda", 1.0), "parameters.lambda", required_default=1.0),
+        t=_parse_param(params.get("t", 0.5), "parameters.t", required_default=None),
+        normalize=params.get("normalize"),
+        rescale=params.get("rescale"),
+        seed=seed,
+        dtype=str(data.get("dtype", "float32")),
+    )
+    validate_recipe(recipe)
+    return recipe
+
+
+def validate_recipe(recipe: MergeRecipe) -> None:
+    """Check what can be checked without the models; raises MergeError."""
+    if recipe.method not in METHODS:
+        raise unknown("method", recipe.method, METHODS)
+    if recipe.dtype not in DTYPES:
+        raise unknown("dtype", recipe.dtype, DTYPES)
+    if recipe.method in NEEDS_BASE and recipe.base is None:
+        raise MergeError(f"method '{recipe.method}' works on task vectors and needs 'base': the model the others were fine-tuned from")
+    if recipe.method == "slerp" and len(recipe.models) != 2:
+        raise MergeError(f"slerp interpolates between exactly two models; this recipe has {len(recipe.models)}. Use linear or ties for more")
+    paths = [m.path for m in recipe.models]
+    if len(set(paths)) != len(paths):
+        raise MergeError("the same model is listed twice in 'models'; give each fine-tune once")
+    for i, m in enumerate(recipe.models):
+        for value in m.density.all_values():
+            if not 0.0 < value <= 1.0:
+                raise MergeError(f"models[{i}].density: {value} is outside (0, 1]: it is the fraction of each task vector kept")
+        for value in m.weight.all_values():
+            if value != value or abs(value) == float("inf"):
+                raise MergeError(f"models[{i}].weight: {value} is not a finite number")
+    for value in recipe.t.all_values():
+        if not 0.0 <= value <= 1.0:
+            raise MergeError(f"parameters.t: {value} is outside [0, 1]")
+    for value in recipe.lam.all_values():
+        if value != value or abs(value) == float("inf"):
+            raise MergeError(f"parameters.lambda: {value} is not a finite number")
+
+
+def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
+    """The YAML form; `recipe_from_dict(recipe_to_dict(r)) == r`."""
+    params: dict[str, Any] = {"lambda": recipe.lam.to_yaml(), "seed": recipe.seed}
+    if recipe.method == "slerp":
+        params["t"] = recipe.t.to_yaml()
+    if recipe.normalize is not None:
+        params["normalize"] = recipe.normalize
+    if recipe.rescale is not None:
+        params["rescale"] = recipe.rescale
+    out: dict[str, Any] = {"method": recipe.method}
+    if recipe.base is not None:
+        out["base"] = recipe.base
+    out["models"] = [
+        {"path": m.path, "weight": m.weight.to_yaml(), "density": m.density.to_yaml()} for m in recipe.models
+    ]
+    out["parameters"] = params
+    out["dtype"] = recipe.dtype
+    return out
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MergeError(f"{path} is not valid YAML: {exc}") from None
+    return recipe_from_dict(data)
+
+
+def dump_recipe(recipe: MergeRecipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

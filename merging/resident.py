@@ -1,0 +1,142 @@
+"""The search's merge path: base and task vectors resident on one device, candidates written in place.
+
+A worker builds one `ResidentMerger` and one live model, then calls `apply(recipe, model)` for every
+candidate. What every candidate reuses (task vectors, TIES magnitude tables, DARE draws for the
+recipe's seed) is computed once; a candidate costs a few passes over the task vectors and no copy
+of the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from merging import methods
+from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
+from merging.engine import TensorInputs, merge_tensor, plan_scalars
+from merging.errors import MergeError
+from merging.layers import build_layer_map
+from merging.recipe import MergeRecipe, validate_recipe
+
+
+class ResidentMerger:
+    """Base and task vectors of one model set, held on `device` in `dtype`."""
+
+    def __init__(
+        self,
+        base: str,
+        models: Sequence[str],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        allow_pickle: bool = False,
+        progress: bool = False,
+    ) -> None:
+        if dtype not in DTYPE_NAMES:
+            raise MergeError(f"unknown dtype '{dtype}'. Known: {', '.join(DTYPE_NAMES)}")
+        self.base_spec, self.model_specs = base, list(models)
+        self.device, self.dtype = torch.device(device), DTYPE_NAMES[dtype]
+        ref = Checkpoint(base, allow_pickle=allow_pickle)
+        ckpts = [Checkpoint(m, allow_pickle=allow_pickle) for m in self.model_specs]
+        check_compatible({base: ref, **dict(zip(self.model_specs, ckpts))})
+        self.layer_map = build_layer_map(ref.names)
+        self.names = [n for n in ref.names if ref.dtype(n).is_floating_point]
+        self.base: dict[str, torch.Tensor] = {}
+        self.deltas: list[dict[str, torch.Tensor]] = [{} for _ in ckpts]
+        with torch.no_grad():
+            for name in tqdm(self.names, desc="loading task vectors", disable=not progress):
+                b = ref.read(name, device=self.device, dtype=self.dtype)
+                self.base[name] = b
+                for k, ck in enumerate(ckpts):
+                    self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
+        self._tables: list[dict[str, torch.Tensor]] | None = None
+        self._draws: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        self._progress = progress
+        self._targets: dict[int, dict[str, torch.Tensor]] = {}
+
+    def prepare(self, methods_used: Iterable[str], seed: int = 0) -> None:
+        """Precompute what these methods need (TIES tables, DARE draws for `seed`) before the first candidate."""
+        methods_used = set(methods_used)
+        if "ties" in methods_used:
+            self._magnitude_tables()
+        if methods_used & {"dare_linear", "dare_ties"}:
+            self._dare_draws(seed)
+
+    def _magnitude_tables(self) -> list[dict[str, torch.Tensor]]:
+        if self._tables is None:
+            bar = tqdm(total=len(self.names) * len(self.deltas), desc="TIES magnitude tables", disable=not self._progress)
+            self._tables = []
+            for deltas in self.deltas:
+                self._tables.append({name: methods.magnitude_table(deltas[name]) for name in self.names})
+                bar.update(len(self.names))
+            bar.close()
+        return self._tables
+
+    def _dare_draws(self, seed: int) -> list[dict[str, torch.Tensor]]:
+        if self._draws is None or self._draws[0] != seed:
+            self._draws = None  # free the previous seed's draws first
+            draws = [
+                {n: methods.dare_draws(d[n].shape, seed, k, n).to(self.device) for n in self.names}
+                for k, d in enumerate(tqdm(self.deltas, desc="DARE draws", disable=not self._progress))
+            ]
+            self._draws = (seed, draws)
+        return self._draws[1]
+
+    def _target_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        key = id(model)
+        if key not in self._targets:
+            state = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+            missing = [n for n in self.names if n not in state]
+            if missing:
+                raise MergeError(f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} more); "
+                                 "it must be built from the same architecture as the base")
+            self._targets = {key: {n: state[n].data for n in self.names}}
+        return self._targets[key]
+
+    def check_recipe(self, recipe: MergeRecipe) -> None:
+        """Raise MergeError unless the recipe merges exactly this worker's models."""
+        validate_recipe(recipe)
+        listed = [m.path for m in recipe.models]
+        if listed != self.model_specs:
+            raise MergeError(f"this merger holds models {self.model_specs}; the recipe lists {listed} (same order needed)")
+        if recipe.reference != self.base_spec:
+            # Task vectors are held against this base; another reference would round differently.
+            raise MergeError(f"this merger's base is '{self.base_spec}'; set the recipe's base to it (got {recipe.base!r})")
+
+    def apply(self, recipe: MergeRecipe, model: nn.Module) -> None:
+        """Write the recipe's merge into `model`'s parameters in place."""
+        self.check_recipe(recipe)
+        plan = plan_scalars(recipe, self.layer_map)
+        tables = self._magnitude_tables() if recipe.method == "ties" else None
+        draws = self._dare_draws(recipe.seed) if recipe.method.startswith("dare") else None
+        targets = self._target_tensors(model)
+        for name in self.names:
+            inputs = TensorInputs(
+                base=self.base[name],
+                deltas=[d[name] for d in self.deltas],
+                tables=[t[name] for t in tables] if tables else None,
+                draws=[d[name] for d in draws] if draws else None,
+            )
+            merge_tensor(recipe, name, plan[name], inputs, targets[name])
+
+    def restore_base(self, model: nn.Module) -> None:
+        """Put the base weights back into the live model."""
+        targets = self._target_tensors(model)
+        with torch.no_grad():
+            for name in self.names:
+                targets[name].copy_(self.base[name])
+
+
+def load_live_model(path: str, *, device: str | torch.device = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """The model every candidate is written into: the base, loaded once with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from merging.checkpoint import resolve_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_dir(path)), dtype=DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()

@@ -1,0 +1,129 @@
+"""Merge speed: the resident path and the streaming export against plain-torch references.
+
+Builds a synthetic model set (a random Llama of about 70M parameters and 3 "fine-tunes" of it,
+saved as safetensors), then prints, from this one run:
+- per candidate: resident merge time / a bandwidth reference (base + sum of weighted task vectors,
+  plain torch ops, written into the same live tensors), for each method;
+- export time / the time of copying the same bytes from safetensors to safetensors.
+
+    .venv/bin/python tests/benchmarks/bench_merge.py [--hidden 768 --layers 6 --repeats 5 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging import ResidentMerger, export_merge, load_live_model, recipe_from_dict
+
+GOALS = {"task_arithmetic": 1.5, "ties": 3.0, "dare_ties": 4.0}
+
+
+def build_models(root: Path, hidden: int, layers: int, n_models: int = 3) -> tuple[str, list[str], int]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 64), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(root / "base")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folders = []
+    for k in range(n_models):
+        gen = torch.Generator().manual_seed(k + 1)
+        for name, p in model.state_dict().items():
+            p.copy_(state[name] + 0.01 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / f"ft{k}")
+        folders.append(str(root / f"ft{k}"))
+    return str(root / "base"), folders, n_params
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up: lazy tables / draws are built here, as they are once per worker
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def recipe(method: str, base: str, models: list[str]):
+    weights = [0.5, 0.3, 0.2]
+    return recipe_from_dict({
+        "method": method, "base": base,
+        "models": [{"path": m, "weight": w, "density": 0.5} for m, w in zip(models, weights)],
+        "parameters": {"lambda": 1.0, "seed": 0},
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="basin-bench-"))
+    try:
+        base, models, n_params = build_models(root, args.hidden, args.layers)
+        print(f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}")
+        merger = ResidentMerger(base, models, device=args.device)
+        live = load_live_model(base, device=args.device)
+        targets = merger._target_tensors(live)
+        weights = [0.5, 0.3, 0.2]
+
+        def reference() -> None:
+            with torch.no_grad():
+                for name in merger.names:
+                    b, t = merger.base[name], [d[name] for d in merger.deltas]
+                    targets[name].copy_(b + weights[0] * t[0] + weights[1] * t[1] + weights[2] * t[2])
+
+        ref_s = timed(reference, args.repeats, args.device)
+        print(f"reference (base + sum w*T, plain torch): {ref_s * 1000:.0f} ms per candidate")
+        print(f"{'method':<16}{'ms/candidate':>14}{'ratio':>8}{'goal':>8}")
+        for method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+            r = recipe(method, base, models)
+            s = timed(lambda r=r: merger.apply(r, live), args.repeats, args.device)
+            goal = f"<={GOALS[method]}" if method in GOALS else ""
+            print(f"{method:<16}{s * 1000:>14.0f}{s / ref_s:>8.2f}{goal:>8}")
+
+        out = root / "out"
+        r = recipe("ties", base, models)
+        t0 = time.perf_counter()
+        export_merge(r, out, progress=False, device=args.device)
+        export_s = time.perf_counter() - t0
+
+        def copy(sources: list[str], n_written: int) -> float:
+            t0 = time.perf_counter()
+            for i, src in enumerate(sources):
+                tensors = load_file(str(Path(src) / "model.safetensors"))
+                if i < n_written:
+                    save_file(tensors, str(root / f"copy{i}.safetensors"))
+            return time.perf_counter() - t0
+
+        copy_all = copy([base, *models], n_written=4)
+        read_all_write_one = copy([base, *models], n_written=1)
+        print(f"export (ties) {export_s:.2f} s; copying the 4 source files safetensors->safetensors "
+              f"{copy_all:.2f} s: ratio {export_s / copy_all:.2f} (goal <=2)")
+        print(f"  against reading the 4 sources and writing one model ({read_all_write_one:.2f} s): "
+              f"ratio {export_s / read_all_write_one:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

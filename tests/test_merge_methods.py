@@ -1,0 +1,491 @@
+"""Merge math on small hand-made tensors whose expected results are worked out by hand.
+
+Each method is run through `engine.merge_tensor` (the routine both the export and the resident path
+call), so trimming thresholds, DARE masks, rescaling, sign election and normalization are all
+exercised; slerp and the layer mapping are also tested on their own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merging import LayerParam, MergeError, MergeRecipe, ModelEntry, methods
+from merging.engine import TensorInputs, TensorScalars, merge_tensor
+from merging.layers import build_layer_map
+from merging.recipe import NEEDS_BASE
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def merge(
+    method: str,
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    densities: list[float] | None = None,
+    lam: float = 1.0,
+    tt: float = 0.5,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    draws: list[torch.Tensor] | None = None,
+    seed: int = 0,
+    name: str = "model.layers.0.mlp.up_proj.weight",
+) -> torch.Tensor:
+    """One tensor's merge through the engine, with the per-tensor scalars given directly."""
+    recipe = MergeRecipe(
+        method=method,
+        models=tuple(ModelEntry(path=f"m{k}") for k in range(len(deltas))),
+        base="b" if method in NEEDS_BASE else None,
+        normalize=normalize,
+        rescale=rescale,
+        seed=seed,
+    )
+    scalars = TensorScalars(
+        weights=tuple(weights),
+        densities=tuple(densities or [1.0] * len(deltas)),
+        lam=lam,
+        t=tt,
+    )
+    inputs = TensorInputs(base=base, deltas=deltas)
+    if method == "ties":
+        inputs.tables = [methods.magnitude_table(d) for d in deltas]
+    if method.startswith("dare"):
+        inputs.draws = draws or [
+            methods.dare_draws(base.shape, seed, k, name) for k in range(len(deltas))
+        ]
+    out = torch.empty_like(base)
+    merge_tensor(recipe, name, scalars, inputs, out)
+    return out
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor | list[float]) -> None:
+    expected = torch.as_tensor(expected, dtype=torch.float32)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+# --- linear ------------------------------------------------------------------------------------
+
+# M1 = [1, 2, 3], M2 = [3, 0, -1] written as B + T with B = [1, 1, 1].
+B3 = t(1, 1, 1)
+T1 = t(0, 1, 2)
+T2 = t(2, -1, -2)
+
+
+def test_linear_normalized_is_weighted_mean():
+    # (1*M1 + 3*M2) / 4 = ([1, 2, 3] + [9, 0, -3]) / 4
+    close(merge("linear", B3, [T1, T2], [1.0, 3.0]), [2.5, 0.5, 0.0])
+
+
+def test_linear_unnormalized_is_weighted_sum():
+    close(merge("linear", B3, [T1, T2], [1.0, 3.0], normalize=False), [10.0, 2.0, 0.0])
+
+
+def test_linear_methods_function_directly():
+    close(methods.linear(B3, [T1, T2], [1.0, 3.0], normalize=True), [2.5, 0.5, 0.0])
+    close(methods.linear(B3, [T1, T2], [1.0, 3.0], normalize=False), [10.0, 2.0, 0.0])
+
+
+def test_linear_zero_weight_model_changes_nothing():
+    # weight 0 on M2: the result is M1 (normalized by 1)
+    close(merge("linear", B3, [T1, T2], [1.0, 0.0]), [1.0, 2.0, 3.0])
+
+
+# --- task arithmetic -----------------------------------------------------------------------------
+
+
+def test_task_arithmetic_with_lambda():
+    # sum w T = [0,1,2] + 3*[2,-1,-2] = [6,-2,-4]; * 0.5 = [3,-1,-2]; + B
+    close(merge("task_arithmetic", B3, [T1, T2], [1.0, 3.0], lam=0.5), [4.0, 0.0, -1.0])
+
+
+def test_task_arithmetic_normalized():
+    # [6,-2,-4] / 4 = [1.5,-0.5,-1]; * 0.5 = [0.75,-0.25,-0.5]; + B
+    close(
+        merge("task_arithmetic", B3, [T1, T2], [1.0, 3.0], lam=0.5, normalize=True),
+        [1.75, 0.75, 0.5],
+    )
+
+
+def test_task_arithmetic_all_zero_weights_gives_base():
+    close(merge("task_arithmetic", B3, [T1, T2], [0.0, 0.0]), [1.0, 1.0, 1.0])
+
+
+# --- TIES ----------------------------------------------------------------------------------------
+
+B4 = torch.zeros(4)
+U1 = t(1, -2, 0.5, 3)
+U2 = t(-1, 1, 0.25, -4)
+
+
+def test_ties_example_from_the_brief():
+    # sum = [0, -1, 0.75, -1] -> signs [+, -, +, -]
+    # entry 0: only U1 (1) agrees; 1: only U1 (-2); 2: both, (0.5+0.25)/2; 3: only U2 (-4)
+    close(merge("ties", B4, [U1, U2], [1.0, 1.0]), [1.0, -2.0, 0.375, -4.0])
+
+
+def test_ties_without_normalize_sums_agreeing_entries():
+    close(merge("ties", B4, [U1, U2], [1.0, 1.0], normalize=False), [1.0, -2.0, 0.75, -4.0])
+
+
+def test_ties_weights_elect_sign_and_divide_by_kept_weights():
+    # w = [1, 2]: wU1 = [1,-2,0.5,3], wU2 = [-2,2,0.5,-8]; sum = [-1,0,1,-5] -> [-,+,+,-]
+    # 0: -2/2; 1: sum 0 counts as +, 2/2; 2: (0.5+0.5)/(1+2); 3: -8/2
+    close(merge("ties", B4, [U1, U2], [1.0, 2.0]), [-1.0, 1.0, 1.0 / 3.0, -4.0])
+
+
+def test_ties_lambda_and_base():
+    base = t(1, 1, 1, 1)
+    # B + 2 * [1, -2, 0.375, -4]
+    close(merge("ties", base, [U1, U2], [1.0, 1.0], lam=2.0), [3.0, -3.0, 1.75, -7.0])
+
+
+def test_ties_density_trims_smallest_entries():
+    # density 0.5 of 4 entries keeps 2: U1 -> [0,-2,0,3], U2 -> [-1,0,0,-4]
+    # sum = [-1,-2,0,-1] -> [-,-,+,-]; 0: -1/1; 1: -2/1; 2: nothing kept (divisor 0 -> 1); 3: -4/1
+    close(merge("ties", B4, [U1, U2], [1.0, 1.0], densities=[0.5, 0.5]), [-1.0, -2.0, 0.0, -4.0])
+
+
+def test_ties_zero_sum_elects_plus():
+    close(merge("ties", torch.zeros(1), [t(1), t(-1)], [1.0, 1.0]), [1.0])
+
+
+def test_ties_zero_entries_do_not_count_in_divisor():
+    # entry 1: the first task vector is 0 there, so only the second's weight divides
+    close(merge("ties", torch.zeros(2), [t(2, 0), t(2, 4)], [1.0, 1.0]), [2.0, 4.0])
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.7, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("n", [1000, 4096, 777])
+def test_ties_trim_keeps_exactly_int_density_n(density, n):
+    gen = torch.Generator().manual_seed(n)
+    delta = torch.randn(n, generator=gen)
+    threshold = methods.magnitude_threshold(methods.magnitude_table(delta), density)
+    kept = int((delta.abs() >= threshold).sum())
+    assert kept == int(density * n)
+    # and they are the largest ones
+    top = torch.topk(delta.abs(), kept).indices
+    assert bool((delta.abs()[top] >= threshold).all())
+
+
+def test_ties_trimming_in_merge_keeps_int_density_n_entries():
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(64, 32, generator=gen)
+    out = merge("ties", torch.zeros(64, 32), [delta], [1.0], densities=[0.3])
+    kept = out != 0
+    assert int(kept.sum()) == int(0.3 * delta.numel())
+    expected = torch.zeros(delta.numel())
+    idx = torch.topk(delta.reshape(-1).abs(), int(0.3 * delta.numel())).indices
+    expected[idx] = delta.reshape(-1)[idx]
+    close(out.reshape(-1), expected)
+
+
+def test_ties_trim_count_matches_mergekit_float_rounding():
+    # mergekit keeps k = int(density * n) computed in floating point; the docstring of
+    # merging/methods.py promises exactly that count on the 0.001 grid. int(0.29 * 100) == 28.
+    delta = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    for density in (0.29, 0.57):
+        threshold = methods.magnitude_threshold(methods.magnitude_table(delta), density)
+        assert int((delta.abs() >= threshold).sum()) == int(density * 100), density
+
+
+def test_ties_density_one_keeps_everything_even_tiny_entries():
+    delta = t(1.0, 1e-12, -0.5, 3e-9)
+    out = merge("ties", torch.zeros(4), [delta], [1.0], densities=[1.0])
+    close(out, delta)
+    assert bool((out != 0).all())
+
+
+# --- DARE ----------------------------------------------------------------------------------------
+
+
+def test_dare_cutoff_values():
+    assert methods.dare_cutoff(0.5) == (128, 0.5)
+    assert methods.dare_cutoff(1.0) == (256, 1.0)
+    assert methods.dare_cutoff(0.1) == (26, 26 / 256)
+    assert methods.dare_cutoff(0.001) == (1, 1 / 256)  # at least one level survives
+
+
+DRAWS1 = torch.tensor([0, 200, 100, 255], dtype=torch.uint8)  # density 0.5 (cutoff 128): keep 0, 2
+DRAWS2 = torch.tensor([255, 0, 0, 10], dtype=torch.uint8)  # keep 1, 2, 3
+V1 = t(1, 2, 3, 4)
+V2 = t(5, -1, -3, 2)
+
+
+def test_dare_linear_rescales_survivors():
+    out = merge("dare_linear", B4, [V1], [1.0], densities=[0.5], draws=[DRAWS1])
+    close(out, [2.0, 0.0, 6.0, 0.0])
+
+
+def test_dare_linear_without_rescale():
+    out = merge("dare_linear", B4, [V1], [1.0], densities=[0.5], draws=[DRAWS1], rescale=False)
+    close(out, [1.0, 0.0, 3.0, 0.0])
+
+
+def test_dare_linear_two_models_weights_and_lambda():
+    # rescaled: V1 -> [2,0,6,0], V2 -> [0,-2,-6,4]; 1*first + 0.5*second = [2,-1,3,2]; * lambda 2
+    out = merge(
+        "dare_linear",
+        B4,
+        [V1, V2],
+        [1.0, 0.5],
+        densities=[0.5, 0.5],
+        draws=[DRAWS1, DRAWS2],
+        lam=2.0,
+    )
+    close(out, [4.0, -2.0, 6.0, 4.0])
+
+
+def test_dare_ties_elects_signs_after_dropping():
+    # weighted: [2,0,6,0] and 0.5*[0,-2,-6,4] = [0,-1,-3,2]; sum [2,-1,3,2] -> [+,-,+,+]
+    # no normalize (dare_ties default): [2, -1, 6, 2]
+    out = merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], draws=[DRAWS1, DRAWS2])
+    close(out, [2.0, -1.0, 6.0, 2.0])
+
+
+def test_dare_ties_normalized():
+    # divide by the weights of the kept entries: [2/1, -1/0.5, 6/1, 2/0.5]
+    out = merge(
+        "dare_ties",
+        B4,
+        [V1, V2],
+        [1.0, 0.5],
+        densities=[0.5, 0.5],
+        draws=[DRAWS1, DRAWS2],
+        normalize=True,
+    )
+    close(out, [2.0, -2.0, 6.0, 4.0])
+
+
+def test_dare_keep_fraction_close_to_density():
+    n = 1_000_000
+    delta = torch.ones(n)
+    for density in (0.1, 0.3, 0.75):
+        out = merge(
+            "dare_linear",
+            torch.zeros(n),
+            [delta],
+            [1.0],
+            densities=[density],
+            rescale=False,
+            seed=5,
+        )
+        fraction = float((out != 0).float().mean())
+        assert abs(fraction - density) < 0.005, (density, fraction)
+
+
+def test_dare_rescale_preserves_mean():
+    n = 1_000_000
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.rand(n, generator=gen) + 0.5  # mean 1.0, all positive
+    out = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9)
+    assert abs(float(out.mean()) - float(delta.mean())) < 0.01
+    dropped = merge(
+        "dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9, rescale=False
+    )
+    assert float(dropped.mean()) < 0.35  # without rescale the mean shrinks to ~density
+
+
+def test_dare_draws_are_deterministic_and_seed_dependent():
+    a = methods.dare_draws((64, 32), 0, 0, "x")
+    assert a.dtype == torch.uint8 and a.shape == (64, 32)
+    assert torch.equal(a, methods.dare_draws((64, 32), 0, 0, "x"))
+    assert not torch.equal(a, methods.dare_draws((64, 32), 1, 0, "x"))
+    assert not torch.equal(a, methods.dare_draws((64, 32), 0, 1, "x"))
+    assert not torch.equal(a, methods.dare_draws((64, 32), 0, 0, "y"))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.999])
+def test_dare_density_one_keeps_all(density):
+    # dare_cutoff gives 256 here: every byte (0..255) is below it, so every entry survives.
+    assert methods.dare_cutoff(density) == (256, 1.0)
+    delta = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    close(merge("dare_linear", torch.zeros(5000), [delta], [1.0], densities=[density]), delta)
+    close(merge("dare_ties", torch.zeros(5000), [delta], [1.0], densities=[density]), delta)
+
+
+# --- slerp ---------------------------------------------------------------------------------------
+
+
+def test_slerp_endpoints():
+    a, b = t(1, 2, 3, -1), t(-2, 0.5, 1, 4)
+    close(methods.slerp(a, b, 0.0), a)
+    close(methods.slerp(a, b, 1.0), b)
+
+
+def test_slerp_orthogonal_unit_vectors_stay_on_circle():
+    a, b = t(1, 0), t(0, 1)
+    half = methods.slerp(a, b, 0.5)
+    close(half, [math.sqrt(0.5), math.sqrt(0.5)])
+    for tt in (0.1, 0.3, 0.8):
+        out = methods.slerp(a, b, tt)
+        close(out, [math.cos(tt * math.pi / 2), math.sin(tt * math.pi / 2)])
+        assert abs(float(out.norm()) - 1.0) < 1e-6
+    # plain lerp would shrink the midpoint to norm sqrt(0.5)
+
+
+def test_slerp_parallel_falls_back_to_linear():
+    a = t(1, 2, 3)
+    close(methods.slerp(a, 2 * a, 0.5), 1.5 * a)
+    close(methods.slerp(a, 2 * a, 0.25), 1.25 * a)
+    # anti-parallel is also |cos| > 0.9995: linear, midpoint 0
+    close(methods.slerp(t(1, 0), t(-1, 0), 0.5), [0.0, 0.0])
+
+
+def test_slerp_zero_tensor_falls_back_to_linear():
+    close(methods.slerp(t(0, 0), t(2, 4), 0.5), [1.0, 2.0])
+
+
+def test_slerp_over_whole_tensor_through_engine():
+    # models a = [[1,0],[0,0]] and b = [[0,1],[0,0]] as a reference and a task vector
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    out = merge("slerp", a, [torch.zeros(2, 2), b - a], [1.0, 1.0], tt=0.5)
+    close(out, [[math.sqrt(0.5), math.sqrt(0.5)], [0.0, 0.0]])
+    close(merge("slerp", a, [torch.zeros(2, 2), b - a], [1.0, 1.0], tt=0.0), a)
+
+
+# --- per-layer values ------------------------------------------------------------------------------
+
+
+def test_layer_param_constant():
+    p = LayerParam.constant(0.7)
+    assert p.at(0.0, "attn") == 0.7 and p.at(1.0, "other") == 0.7
+
+
+def test_layer_param_interpolates_between_anchors():
+    p = LayerParam(default=(0.0, 1.0))
+    assert p.at(0.0, "other") == 0.0
+    assert p.at(0.25, "other") == pytest.approx(0.25)
+    assert p.at(1.0, "other") == 1.0
+    q = LayerParam(default=(0.0, 1.0, 0.0))
+    assert q.at(0.5, "mlp") == pytest.approx(1.0)
+    assert q.at(0.75, "mlp") == pytest.approx(0.5)
+    assert q.at(1.0, "mlp") == pytest.approx(0.0)
+    r = LayerParam(default=(0.2, 0.4, 0.8, 1.0))
+    assert r.at(1 / 3, "other") == pytest.approx(0.4)
+    assert r.at(0.5, "other") == pytest.approx(0.6)
+
+
+def test_layer_param_attn_mlp_selection():
+    p = LayerParam(default=(0.5,), attn=(0.1, 0.3), mlp=(0.9,))
+    assert p.at(0.5, "attn") == pytest.approx(0.2)
+    assert p.at(0.5, "mlp") == 0.9
+    assert p.at(0.5, "other") == 0.5
+    only_attn = LayerParam(default=(0.5, 1.0), attn=(0.0,))
+    assert only_attn.at(1.0, "mlp") == 1.0  # no mlp values: the default applies
+    assert only_attn.at(1.0, "attn") == 0.0
+
+
+# --- layer mapping ---------------------------------------------------------------------------------
+
+LLAMA_NAMES = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
+    f"model.layers.{i}.{suffix}"
+    for i in range(3)
+    for suffix in (
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    )
+]
+GPT2_NAMES = [
+    "transformer.wte.weight",
+    "transformer.wpe.weight",
+    "transformer.ln_f.weight",
+    "transformer.ln_f.bias",
+] + [
+    f"transformer.h.{i}.{suffix}"
+    for i in range(2)
+    for suffix in (
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.c_attn.weight",
+        "attn.c_attn.bias",
+        "attn.c_proj.weight",
+        "ln_2.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    )
+]
+
+
+def test_llama_layer_map_depths():
+    m = build_layer_map(LLAMA_NAMES)
+    assert m.num_layers == 3
+    assert m["model.embed_tokens.weight"].depth == 0.0
+    assert m["model.embed_tokens.weight"].layer is None
+    assert m["lm_head.weight"].depth == 1.0
+    assert m["model.norm.weight"].depth == 1.0
+    assert m["model.layers.0.mlp.up_proj.weight"].depth == 0.0
+    assert m["model.layers.1.mlp.up_proj.weight"].depth == 0.5
+    assert m["model.layers.2.self_attn.q_proj.weight"].depth == 1.0
+    assert m["model.layers.1.self_attn.q_proj.weight"].layer == 1
+
+
+def test_llama_layer_map_kinds():
+    m = build_layer_map(LLAMA_NAMES)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert m[f"model.layers.1.self_attn.{name}.weight"].kind == "attn"
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert m[f"model.layers.1.mlp.{name}.weight"].kind == "mlp"
+    for name in (
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.1.input_layernorm.weight",
+    ):
+        assert m[name].kind == "other"
+
+
+def test_llama_norms_inside_layers_are_other_not_attn():
+    # Norms belong to neither attention nor MLP (recipe.py: "'default' value for the other tensors
+    # (norms, embeddings, head)"); mergekit's `filter: self_attn` does not match them either.
+    m = build_layer_map(LLAMA_NAMES)
+    assert m["model.layers.1.input_layernorm.weight"].kind == "other"
+    assert m["model.layers.1.post_attention_layernorm.weight"].kind == "other"
+
+
+def test_gpt2_layer_map():
+    m = build_layer_map(GPT2_NAMES)
+    assert m.num_layers == 2
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert (m[name].depth, m[name].kind, m[name].layer) == (0.0, "other", None)
+    for name in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
+        assert (m[name].depth, m[name].kind) == (1.0, "other")
+    assert (
+        m["transformer.h.0.attn.c_attn.weight"].depth,
+        m["transformer.h.0.attn.c_attn.weight"].kind,
+    ) == (0.0, "attn")
+    assert (
+        m["transformer.h.1.mlp.c_fc.weight"].depth,
+        m["transformer.h.1.mlp.c_fc.weight"].kind,
+    ) == (1.0, "mlp")
+    assert m["transformer.h.1.mlp.c_proj.weight"].kind == "mlp"
+    assert m["transformer.h.1.attn.c_proj.weight"].kind == "attn"
+    assert m["transformer.h.1.ln_1.weight"].kind == "other"
+
+
+def test_unmappable_names_are_an_error_naming_them():
+    with pytest.raises(MergeError) as err:
+        build_layer_map(["model.layers.0.mlp.up_proj.weight", "vision_tower.patch_conv.weight"])
+    msg = str(err.value)
+    assert "cannot place 1 tensor" in msg
+    assert "vision_tower.patch_conv.weight" in msg
+    assert "merging/layers.py" in msg
+
+
+def test_no_layer_tensors_is_an_error():
+    with pytest.raises(MergeError, match="no layer-indexed tensors"):
+        build_layer_map(["model.embed_tokens.weight", "lm_head.weight"])

@@ -1,0 +1,520 @@
+"""Recipes: YAML parsing, dumping, defaults, validation messages, and mergekit conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from merging import (
+    LayerParam,
+    MergeError,
+    MergeRecipe,
+    ModelEntry,
+    dump_recipe,
+    from_mergekit,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    to_mergekit,
+)
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def parse(text: str) -> MergeRecipe:
+    return recipe_from_dict(yaml.safe_load(text))
+
+
+def write_recipe(path: Path, data: dict | str) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def error_of(data) -> str:
+    with pytest.raises(MergeError) as err:
+        recipe_from_dict(data)
+    return str(err.value)
+
+
+def minimal(**changes) -> dict:
+    data = {"method": "ties", "base": "base", "models": [{"path": "a"}, {"path": "b"}]}
+    data.update(changes)
+    return data
+
+
+FULL = """
+method: ties
+base: path/to/base
+models:
+  - path: path/to/code-ft
+    weight: 0.7
+    density: [0.3, 0.8]
+  - path: path/to/chat-ft
+    weight: {attn: 0.2, mlp: [0.4, 0.9], default: 0.5}
+parameters:
+  lambda: [0.9, 1.1]
+  normalize: false
+  seed: 4
+dtype: bfloat16
+"""
+
+
+# --- parsing -----------------------------------------------------------------------------------------
+
+
+def test_parse_full_recipe():
+    r = parse(FULL)
+    assert r.method == "ties"
+    assert r.base == "path/to/base"
+    assert r.dtype == "bfloat16"
+    assert r.seed == 4
+    assert r.normalize is False and r.normalize_ is False
+    assert r.lam == LayerParam(default=(0.9, 1.1))
+    code, chat = r.models
+    assert code == ModelEntry(
+        path="path/to/code-ft", weight=LayerParam((0.7,)), density=LayerParam((0.3, 0.8))
+    )
+    assert chat.path == "path/to/chat-ft"
+    assert chat.weight == LayerParam(default=(0.5,), attn=(0.2,), mlp=(0.4, 0.9))
+    assert chat.density == LayerParam.constant(1.0)
+
+
+def test_parse_defaults():
+    r = recipe_from_dict({"method": "linear", "models": ["a", "b"]})
+    assert r.base is None
+    assert r.reference == "a"
+    assert r.seed == 0 and r.dtype == "float32"
+    assert r.lam == LayerParam.constant(1.0)
+    assert r.t == LayerParam.constant(0.5)
+    assert all(
+        m.weight == LayerParam.constant(1.0) and m.density == LayerParam.constant(1.0)
+        for m in r.models
+    )
+
+
+def test_integers_become_floats():
+    r = recipe_from_dict(minimal(models=[{"path": "a", "weight": 2, "density": 1}]))
+    assert r.models[0].weight.default == (2.0,)
+    assert isinstance(r.models[0].weight.default[0], float)
+
+
+def test_density_mapping_without_default_keeps_everything_else():
+    r = recipe_from_dict(minimal(models=[{"path": "a", "density": {"attn": 0.5}}]))
+    assert r.models[0].density == LayerParam(default=(1.0,), attn=(0.5,))
+
+
+def test_load_recipe_from_file(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", FULL)
+    assert load_recipe(path) == parse(FULL)
+
+
+# --- dumping and round trips -----------------------------------------------------------------------
+
+ROUND_TRIP = [
+    FULL,
+    "method: linear\nmodels: [a, b, c]\n",
+    "method: linear\nmodels: [{path: a, weight: [0, 1]}, {path: b, weight: 2}]\nparameters: {normalize: false}\n",
+    "method: task_arithmetic\nbase: B\nmodels: [{path: a, weight: -0.5}]\nparameters: {lambda: 0.3}\ndtype: float16\n",
+    "method: dare_ties\nbase: B\nmodels: [{path: a, density: {mlp: [0.2, 0.6], default: 0.9}}, b]\n"
+    "parameters: {seed: 123, rescale: false, normalize: true}\n",
+    "method: dare_linear\nbase: B\nmodels: [{path: a, density: 0.25}]\nparameters: {rescale: true}\n",
+    "method: slerp\nmodels: [a, b]\nparameters: {t: {attn: [0, 0.5, 1], mlp: 0.25, default: 0.5}}\n",
+    "method: slerp\nbase: B\nmodels: [a, b]\nparameters: {t: [0.1, 0.9]}\n",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_through_dict(text):
+    r = parse(text)
+    assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_through_yaml_text(text, tmp_path):
+    r = parse(text)
+    dumped = dump_recipe(r)
+    assert parse(dumped) == r
+    assert load_recipe(write_recipe(tmp_path / "r.yaml", dumped)) == r
+
+
+def test_dump_is_readable_yaml():
+    data = yaml.safe_load(dump_recipe(parse(FULL)))
+    assert list(data) == ["method", "base", "models", "parameters", "dtype"]
+    assert data["models"][0] == {"path": "path/to/code-ft", "weight": 0.7, "density": [0.3, 0.8]}
+    assert data["models"][1]["weight"] == {"attn": 0.2, "mlp": [0.4, 0.9], "default": 0.5}
+    assert data["parameters"]["lambda"] == [0.9, 1.1]
+    assert data["parameters"]["normalize"] is False
+    assert "t" not in data["parameters"]  # only slerp has t
+
+
+def test_recipe_built_in_code_round_trips():
+    r = MergeRecipe(
+        method="dare_ties",
+        base="B",
+        models=(
+            ModelEntry("a", LayerParam((0.5, 1.0), mlp=(0.25,)), LayerParam((0.7,))),
+            ModelEntry("b"),
+        ),
+        lam=LayerParam((1.2,)),
+        seed=9,
+        rescale=False,
+    )
+    assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+# --- defaults per method -----------------------------------------------------------------------------
+
+NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+}
+RESCALE = {
+    "linear": False,
+    "task_arithmetic": False,
+    "ties": False,
+    "dare_linear": True,
+    "dare_ties": True,
+}
+
+
+@pytest.mark.parametrize("method", sorted(NORMALIZE))
+def test_method_defaults(method):
+    r = recipe_from_dict(minimal(method=method))
+    assert r.normalize is None and r.rescale is None
+    assert r.normalize_ is NORMALIZE[method]
+    assert r.rescale_ is RESCALE[method]
+
+
+@pytest.mark.parametrize("method", sorted(NORMALIZE))
+def test_explicit_flags_override_defaults(method):
+    r = recipe_from_dict(
+        minimal(
+            method=method,
+            parameters={"normalize": not NORMALIZE[method], "rescale": not RESCALE[method]},
+        )
+    )
+    assert r.normalize_ is (not NORMALIZE[method])
+    assert r.rescale_ is (not RESCALE[method])
+
+
+def test_slerp_defaults():
+    r = recipe_from_dict({"method": "slerp", "models": ["a", "b"]})
+    assert r.t == LayerParam.constant(0.5)
+    assert r.reference == "a"
+
+
+# --- validation messages -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        ("ties", ["YAML mapping", "method", "models"]),
+        ({"models": ["a"]}, ["'method' is missing", "linear", "ties"]),
+        (minimal(models=[]), ["'models' must be a non-empty list"]),
+        (minimal(models="a"), ["'models' must be a non-empty list"]),
+        (minimal(models=[{"weight": 1}]), ["models[0]", "needs a 'path'"]),
+        (
+            minimal(models=[{"path": "a", "weigth": 1}]),
+            ["models[0]", "unknown key 'weigth'", "did you mean 'weight'"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": "high"}]),
+            ["models[0].weight", "expected a number", "'high'"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": True}]),
+            ["models[0].weight", "expected a number", "True"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": [0.5, "x"]}]),
+            ["models[0].weight", "expected numbers", "'x'"],
+        ),
+        (minimal(models=[{"path": "a", "weight": []}]), ["models[0].weight", "empty"]),
+        (
+            minimal(models=[{"path": "a", "weight": {"atn": 1, "default": 1}}]),
+            ["unknown tensor kind 'atn'", "did you mean 'attn'"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": {"attn": 1}}]),
+            ["models[0].weight", "needs a 'default'"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": {"mlp": "x", "default": 1}}]),
+            ["models[0].weight.mlp", "'x'"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": float("nan")}]),
+            ["models[0].weight", "not a finite number"],
+        ),
+        (
+            minimal(models=[{"path": "a", "weight": float("inf")}]),
+            ["models[0].weight", "not a finite number"],
+        ),
+        (minimal(models=[{"path": "a", "density": 0}]), ["models[0].density", "outside (0, 1]"]),
+        (minimal(models=[{"path": "a", "density": 1.5}]), ["models[0].density", "outside (0, 1]"]),
+        (
+            minimal(models=[{"path": "a", "density": float("nan")}]),
+            ["models[0].density", "outside (0, 1]"],
+        ),
+        (minimal(models=["a", "a"]), ["same model is listed twice"]),
+        (minimal(parameters=[1]), ["'parameters' must be a mapping"]),
+        (
+            minimal(parameters={"normalize": "yes"}),
+            ["parameters.normalize", "true or false", "'yes'"],
+        ),
+        (minimal(parameters={"rescale": 1}), ["parameters.rescale", "true or false"]),
+        (minimal(parameters={"seed": 1.5}), ["parameters.seed", "integer", "1.5"]),
+        (minimal(parameters={"seed": True}), ["parameters.seed", "integer"]),
+        (minimal(parameters={"lambda": "big"}), ["parameters.lambda", "expected a number"]),
+        (
+            minimal(parameters={"lambda": float("nan")}),
+            ["parameters.lambda", "not a finite number"],
+        ),
+        (minimal(parameters={"lamda": 1}), ["unknown key 'lamda'", "did you mean 'lambda'"]),
+        (minimal(method="tie"), ["unknown method 'tie'", "did you mean 'ties'", "Known:"]),
+        (minimal(method="frankenmerge"), ["unknown method 'frankenmerge'", "Known:"]),
+        (minimal(dtype="fp16"), ["unknown dtype 'fp16'", "float16"]),
+        (minimal(base=None), ["needs 'base'"]),
+        (minimal(modles=[]), ["unknown key 'modles'", "did you mean 'models'"]),
+        ({"method": "slerp", "models": ["a", "b", "c"]}, ["exactly two models", "3"]),
+        ({"method": "slerp", "models": ["a"]}, ["exactly two models", "1"]),
+        (
+            {"method": "slerp", "models": ["a", "b"], "parameters": {"t": 1.5}},
+            ["parameters.t", "outside [0, 1]"],
+        ),
+        (
+            {"method": "slerp", "models": ["a", "b"], "parameters": {"t": [0, -0.1]}},
+            ["parameters.t", "outside [0, 1]"],
+        ),
+        ({"merge_method": "ties", "models": []}, ["mergekit", "basin convert", "--to basin"]),
+    ],
+)
+def test_validation_messages(data, words):
+    message = error_of(data)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_load_recipe_errors(tmp_path):
+    with pytest.raises(MergeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(MergeError, match="not valid YAML"):
+        load_recipe(write_recipe(tmp_path / "bad.yaml", "method: [ties\n"))
+    with pytest.raises(MergeError, match="YAML mapping"):
+        load_recipe(write_recipe(tmp_path / "empty.yaml", ""))
+
+
+# --- mergekit conversion -----------------------------------------------------------------------------
+
+MERGEKIT_TIES = """
+models:
+  - model: mistralai/Mistral-7B-v0.1
+    # no parameters necessary for base model
+  - model: OpenPipe/mistral-ft-optimized-1218
+    parameters:
+      density: 0.5
+      weight:
+        - filter: self_attn
+          value: [0, 0.5, 0.3, 0.7, 1]
+        - filter: mlp
+          value: [1, 0.5, 0.7, 0.3, 0]
+        - value: 0.5
+  - model: mlabonne/NeuralHermes-2.5-Mistral-7B
+    parameters:
+      density:
+        - filter: self_attn
+          value: 0.6
+        - value: 0.4
+      weight: 0.3
+merge_method: ties
+base_model: mistralai/Mistral-7B-v0.1
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+MERGEKIT_SLERP = """
+models:
+  - model: OpenPipe/mistral-ft-optimized-1218
+  - model: mlabonne/NeuralHermes-2.5-Mistral-7B
+merge_method: slerp
+base_model: OpenPipe/mistral-ft-optimized-1218
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_from_mergekit_ties():
+    r = from_mergekit(yaml.safe_load(MERGEKIT_TIES))
+    expected = MergeRecipe(
+        method="ties",
+        base="mistralai/Mistral-7B-v0.1",
+        models=(
+            ModelEntry(
+                path="OpenPipe/mistral-ft-optimized-1218",
+                weight=LayerParam(
+                    default=(0.5,), attn=(0.0, 0.5, 0.3, 0.7, 1.0), mlp=(1.0, 0.5, 0.7, 0.3, 0.0)
+                ),
+                density=LayerParam.constant(0.5),
+            ),
+            ModelEntry(
+                path="mlabonne/NeuralHermes-2.5-Mistral-7B",
+                weight=LayerParam.constant(0.3),
+                density=LayerParam(default=(0.4,), attn=(0.6,)),
+            ),
+        ),
+        normalize=True,
+        dtype="bfloat16",
+    )
+    assert r == expected  # the base is not a task vector; int8_mask has no meaning here
+
+
+def test_from_mergekit_slerp():
+    r = from_mergekit(yaml.safe_load(MERGEKIT_SLERP))
+    assert r.method == "slerp"
+    assert [m.path for m in r.models] == [
+        "OpenPipe/mistral-ft-optimized-1218",
+        "mlabonne/NeuralHermes-2.5-Mistral-7B",
+    ]
+    assert r.base is None
+    assert r.t == LayerParam(
+        default=(0.5,), attn=(0.0, 0.5, 0.3, 0.7, 1.0), mlp=(1.0, 0.5, 0.7, 0.3, 0.0)
+    )
+    assert r.dtype == "bfloat16"
+
+
+def test_from_mergekit_slerp_base_listed_second():
+    data = yaml.safe_load(MERGEKIT_SLERP)
+    data["models"].reverse()
+    r = from_mergekit(data)
+    assert r.models[0].path == data["base_model"]  # t = 0 is mergekit's base model
+
+
+@pytest.mark.parametrize("text", [MERGEKIT_TIES, MERGEKIT_SLERP])
+def test_mergekit_round_trip_both_ways(text):
+    r = from_mergekit(yaml.safe_load(text))
+    back = to_mergekit(r)
+    assert back.startswith("# converted from a basin recipe")
+    assert from_mergekit(yaml.safe_load(back)) == r
+
+
+def test_to_mergekit_ties_structure():
+    r = parse(FULL)
+    data = yaml.safe_load(to_mergekit(r))
+    assert data["merge_method"] == "ties"
+    assert data["base_model"] == "path/to/base"
+    assert data["dtype"] == "bfloat16"
+    assert data["models"][0] == {
+        "model": "path/to/code-ft",
+        "parameters": {"weight": 0.7, "density": [0.3, 0.8]},
+    }
+    assert data["models"][1]["parameters"]["weight"] == [
+        {"filter": "attn", "value": 0.2},
+        {"filter": "mlp", "value": [0.4, 0.9]},
+        {"value": 0.5},
+    ]
+    assert data["parameters"]["lambda"] == [0.9, 1.1]
+    assert data["parameters"]["normalize"] is False
+    assert "seed" not in data["parameters"]
+    # the seed is lost on the way; all else comes back
+    assert from_mergekit(data) == MergeRecipe(**{**r.__dict__, "seed": 0})
+
+
+def test_to_mergekit_slerp_structure():
+    r = parse("method: slerp\nmodels: [a, b]\nparameters: {t: [0.2, 0.8]}\n")
+    data = yaml.safe_load(to_mergekit(r))
+    assert data["merge_method"] == "slerp"
+    assert data["base_model"] == "a"
+    assert data["models"] == [{"model": "a"}, {"model": "b"}]
+    assert data["parameters"]["t"] == [0.2, 0.8]
+    assert from_mergekit(data) == r
+
+
+def test_to_mergekit_linear_has_no_density():
+    data = yaml.safe_load(to_mergekit(parse("method: linear\nmodels: [{path: a, weight: 2}, b]\n")))
+    assert all("density" not in m["parameters"] for m in data["models"])
+    assert "base_model" not in data
+
+
+def test_to_mergekit_dare_warns_about_seed():
+    text = to_mergekit(
+        parse(
+            "method: dare_ties\nbase: B\nmodels: [{path: a, density: 0.5}]\nparameters: {seed: 7}\n"
+        )
+    )
+    assert "seed 7" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        ({"models": []}, ["not a mergekit config", "merge_method"]),
+        ({"merge_method": "ties", "slices": [], "base_model": "b"}, ["slices", "not supported"]),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [
+                    {
+                        "model": "a",
+                        "parameters": {
+                            "weight": [{"filter": "input_layernorm", "value": 1}, {"value": 1}]
+                        },
+                    }
+                ],
+            },
+            ["filter 'input_layernorm'", "no basin equivalent"],
+        ),
+        (
+            {"merge_method": "tie", "base_model": "b", "models": [{"model": "a"}]},
+            ["did you mean 'ties'"],
+        ),
+        ({"merge_method": "ties", "models": [{"model": "a"}]}, ["needs 'base'"]),
+    ],
+)
+def test_from_mergekit_errors(data, words):
+    with pytest.raises(MergeError) as err:
+        from_mergekit(data)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+# Malformed mergekit files must give a MergeError (exit 2 with a message), not a crash or a
+# recipe with invented model paths.
+
+
+def test_from_mergekit_slerp_without_base_model_is_an_error():
+    data = {"merge_method": "slerp", "models": [{"model": "a"}], "parameters": {"t": 0.5}}
+    with pytest.raises(MergeError, match="base_model"):
+        recipe = from_mergekit(data)
+        assert "None" not in [m.path for m in recipe.models]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp"}, {"value": 1}]}}],
+        },
+        {"merge_method": "ties", "base_model": "b", "models": ["a"]},
+    ],
+    ids=["filter-without-value", "model-as-string"],
+)
+def test_from_mergekit_malformed_entries_are_merge_errors(data):
+    with pytest.raises(MergeError):
+        from_mergekit(data)
