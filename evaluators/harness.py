@@ -1,0 +1,498 @@
+"""lm-eval adapter: score a live in-memory model on lm-eval tasks, many times, cheaply.
+
+Built once per worker: the tasks are indexed, loaded and their docs materialised once; the model is
+wrapped in lm-eval's HFLM once and re-scored after its weights change in place. Numbers equal
+lm-eval's own `simple_evaluate` on the same model, tasks and split (bootstrap off).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import functools
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from numbers import Real
+from pathlib import Path
+from typing import Any, Literal
+
+from evaluators.protocol import EvalResult, EvaluatorError
+
+Split = Literal["validation", "test"]
+_SPLIT_FIELDS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+
+# simple_evaluate's default seeds; re-applied before every call so a call never depends on the last.
+_RANDOM_SEED, _NUMPY_SEED, _TORCH_SEED, _FEWSHOT_SEED = 0, 1234, 1234, 1234
+
+
+# --- lm-eval speed patch: compile each prompt template once -----------------------------------
+# lm-eval 0.4.x renders doc_to_text / doc_to_target / doc_to_choice / description / gen_prefix
+# through `lm_eval.utils.apply_template`, which calls `lm_eval.utils.env.from_string(template)`,
+# i.e. recompiles the same jinja source for every document on every evaluation. On tiny models
+# that was about half the evaluation time. We shadow `from_string` on that one Environment
+# instance with a memoised version (only for the plain one-argument call apply_template makes).
+# Rendering is untouched and a compiled Template renders the same for any doc, so scores are
+# identical; `disable_template_cache()` removes the shadow attribute, restoring lm-eval exactly.
+
+
+def enable_template_cache(maxsize: int = 1024) -> None:
+    """Memoise lm-eval's jinja template compilation (idempotent; process-wide)."""
+    from lm_eval import utils
+
+    env = utils.env
+    if "from_string" in vars(env):
+        return
+    compile_template = functools.lru_cache(maxsize=maxsize)(env.from_string)
+
+    def from_string(source: Any, globals: Any = None, template_class: Any = None) -> Any:
+        if globals is None and template_class is None and isinstance(source, str):
+            return compile_template(source)
+        return type(env).from_string(env, source, globals, template_class)
+
+    from_string.cache_info = compile_template.cache_info  # type: ignore[attr-defined]
+    env.from_string = from_string
+
+
+def disable_template_cache() -> None:
+    """Undo `enable_template_cache`: lm-eval compiles templates per document again."""
+    from lm_eval import utils
+
+    vars(utils.env).pop("from_string", None)
+
+
+def template_cache_info() -> Any:
+    """The memo's functools cache_info(), or None when the cache is not enabled."""
+    from lm_eval import utils
+
+    patched = vars(utils.env).get("from_string")
+    return patched.cache_info() if patched is not None else None
+
+
+# --- per-wrapper tokenization memo ---------------------------------------------------------------
+# Every call sends the same request strings through the same tokenizer, yet HFLM re-tokenizes them
+# each time (about half of what was left of the per-call overhead after the template cache). The
+# memo lives on our own HFLM instance only (an instance attribute shadowing its tok_encode), so a
+# new model or tokenizer gets a new wrapper and a fresh memo. Bounded; returns fresh lists.
+
+
+def _memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
+    encode = lm.tok_encode
+
+    @functools.lru_cache(maxsize=maxsize)
+    def cached(string: str, add_special_tokens: Any, left_truncate_len: Any) -> tuple[int, ...]:
+        ids = encode(
+            string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len
+        )
+        return tuple(ids)
+
+    def tok_encode(
+        string: Any, add_special_tokens: Any = None, left_truncate_len: Any = None, **kwargs: Any
+    ) -> Any:
+        if kwargs or not isinstance(string, str):
+            return encode(
+                string,
+                add_special_tokens=add_special_tokens,
+                left_truncate_len=left_truncate_len,
+                **kwargs,
+            )
+        return list(cached(string, add_special_tokens, left_truncate_len))
+
+    tok_encode.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    lm.tok_encode = tok_encode
+
+
+# --- quiet repeated calls ---------------------------------------------------------------------
+# lm-eval passes `disable=` explicitly to most of its tqdm bars, so TQDM_DISABLE has no effect.
+# While `_QUIET` is set (only inside a non-verbose evaluator call) the bars in the modules below
+# are forced off; outside it they behave as lm-eval wrote them.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("basin_lm_eval_quiet", default=False)
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _gate_tqdm_bars() -> None:
+    import importlib
+
+    for name in _BAR_MODULES:
+        module = importlib.import_module(name)
+        original = getattr(module, "tqdm", None)
+        if original is None or getattr(original, "_basin_gated", False):
+            continue
+
+        def gated(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if _QUIET.get():
+                kwargs["disable"] = True
+            return _original(*args, **kwargs)
+
+        gated._basin_gated = True  # type: ignore[attr-defined]
+        module.tqdm = gated
+
+
+@contextmanager
+def _quiet(enabled: bool, level: int = logging.ERROR) -> Iterator[None]:
+    """Silence lm-eval's progress bars and logs below `level` (and datasets' bars) for a block."""
+    if not enabled:
+        yield
+        return
+    import datasets
+
+    _gate_tqdm_bars()
+    token = _QUIET.set(True)
+    logger = logging.getLogger("lm_eval")
+    saved_level = logger.level
+    logger.setLevel(max(level, saved_level))
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+        logger.setLevel(saved_level)
+        _QUIET.reset(token)
+
+
+@contextmanager
+def _seeded() -> Iterator[None]:
+    """Seed random/numpy/torch as simple_evaluate does, then restore the caller's RNG states."""
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.is_initialized()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    random.seed(_RANDOM_SEED)
+    np.random.seed(_NUMPY_SEED)
+    torch.manual_seed(_TORCH_SEED)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --- task loading -----------------------------------------------------------------------------
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+
+
+def _load_tasks(names: Sequence[str], include_path: list[str], builtins: bool) -> dict[str, Any]:
+    """Load the named tasks, indexing lm-eval's ~14,000 built-ins only if a name is not local."""
+    from lm_eval.tasks import TaskManager
+
+    if not include_path and not builtins:
+        raise EvaluatorError("no tasks to search: give include_path, or allow builtin_tasks")
+    local = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if local is not None and (not builtins or all(n in local.all_tasks for n in names)):
+        manager = local
+    else:
+        manager = TaskManager(include_path=include_path or None, include_defaults=True)
+    for name in names:
+        if name not in manager.all_tasks:
+            local_names = local.all_tasks if local is not None else []
+            where = (
+                f" Known local tasks: {', '.join(local_names) or 'none'} (in {', '.join(include_path)})."
+                if include_path
+                else " No include_path was given; pass include_path=<folder of task yaml files>"
+                " for local tasks."
+            )
+            if not builtins:
+                where += " lm-eval's built-in tasks were not searched (builtin_tasks=False)."
+            raise EvaluatorError(f"unknown task {name!r}{_suggest(name, manager.all_tasks)}{where}")
+    return dict(manager.load(list(names)))
+
+
+def _declared_splits(task: Any) -> dict[str, str]:
+    config = task.config
+    return {
+        role: getattr(config, field)
+        for role, field in _SPLIT_FIELDS.items()
+        if getattr(config, field, None) is not None
+    }
+
+
+def _force_split(name: str, task: Any, split: Split) -> None:
+    """Make lm-eval score `split`; by itself it scores test_split whenever one is declared."""
+    declared = _declared_splits(task)
+    if split not in declared:
+        available = ", ".join(f"{r} ({s!r})" for r, s in declared.items()) or "none"
+        raise EvaluatorError(
+            f"task {name!r} has no {split} split; its config declares: {available}. "
+            f"Choose split={'test' if split == 'validation' else 'validation'!r} or declare "
+            f"{_SPLIT_FIELDS[split]} in the task's yaml."
+        )
+    if split == "validation":
+        # Exactly what lm-eval does for a task that declares no test split.
+        task.set_config("test_split", None)
+        if task.has_test_docs():
+            raise EvaluatorError(
+                f"task {name!r} ({type(task).__name__}) always scores its test split; "
+                "it cannot be scored on validation"
+            )
+
+
+def _select(n_docs: int, limit: int | None, sample_seed: int | None, name: str) -> list[int]:
+    """Item indices to score: all, the first `limit`, or `limit` drawn once from `sample_seed`."""
+    if limit is None:
+        return list(range(n_docs))
+    if sample_seed is None:
+        return list(range(min(limit, n_docs)))
+    # Seeded by (seed, task) so a task's sample does not depend on which other tasks are listed;
+    # kept in draw order so any prefix of it is itself a uniform sample.
+    return random.Random(f"{sample_seed}:{name}").sample(range(n_docs), min(limit, n_docs))
+
+
+def _pin_docs(task: Any, split: Split, docs: list[Any]) -> None:
+    """Serve `docs` as the task's eval docs; lm-eval otherwise re-reads and re-processes them."""
+
+    def pinned() -> list[Any]:
+        return docs
+
+    # eval_docs is a property over test_docs()/validation_docs(); an instance attribute wins.
+    setattr(task, f"{split}_docs", pinned)
+
+
+def _check_count(value: int | None, what: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise EvaluatorError(f"{what} must be a positive int or None, got {value!r}")
+
+
+def _key(task: str, metric: str, filter_name: str) -> str:
+    return f"{task}/{metric}" if filter_name == "none" else f"{task}/{metric},{filter_name}"
+
+
+class HarnessEvaluator:
+    """Scores a live model on lm-eval tasks; built once per worker, called once per candidate.
+
+    tasks: lm-eval task (or group) names; looked up in `include_path` first. Only if one is not
+        found there, and builtin_tasks is True, are lm-eval's built-in tasks indexed (~15 s).
+    split: "validation" (for the search) or "test" (for reports); a task lacking it is an error.
+    batch_size, device: passed to HFLM; if `device` is given the model is moved there in place
+        (its Parameter objects stay the same) when first wrapped; None leaves it where it is.
+    limit: score only the first `limit` items of each task. With `sample_seed`, score instead
+        `limit` items drawn at random once, at construction, from that seed (and the task name);
+        every call scores the same items, and the per-call `limit` of `evaluate` takes a prefix.
+    num_fewshot: as simple_evaluate's (None: the task's own, else 0).
+    metrics: report only these, as "<task>/<metric>" or a bare metric name for every task.
+    cache_templates: memoise lm-eval's jinja compilation (see `enable_template_cache`).
+    cache_tokens: memoise the wrapper's tokenization of request strings (see `_memoise_tok_encode`).
+    verbose: keep lm-eval's per-call progress bars and logs.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        include_path: str | Path | Sequence[str | Path] | None = None,
+        split: Split = "validation",
+        batch_size: int | str = 8,
+        device: str | None = None,
+        limit: int | None = None,
+        sample_seed: int | None = None,
+        num_fewshot: int | None = None,
+        metrics: Sequence[str] | None = None,
+        builtin_tasks: bool = True,
+        cache_templates: bool = True,
+        cache_tokens: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        if isinstance(tasks, str) or not tasks:
+            raise EvaluatorError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        if split not in ("validation", "test"):
+            raise EvaluatorError(f"split must be 'validation' or 'test', got {split!r}")
+        _check_count(limit, "limit")
+        if sample_seed is not None and limit is None:
+            raise EvaluatorError("sample_seed draws `limit` items at random; give limit too")
+        if isinstance(include_path, (str, Path)):
+            include_path = [include_path]
+        paths = [str(Path(p).expanduser().resolve()) for p in include_path or []]
+        for path in paths:
+            if not Path(path).is_dir():
+                raise EvaluatorError(f"include_path {path} is not a folder of task yaml files")
+
+        self.split: Split = split
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.cache_tokens = cache_tokens
+        if cache_templates:
+            enable_template_cache()
+
+        with _quiet(not verbose, level=logging.WARNING):  # keep warnings about task configs
+            self._task_dict = _load_tasks(list(tasks), paths, builtin_tasks)
+        self._item_ids: dict[str, tuple[int, ...]] = {}
+        for name, task in self._task_dict["tasks"].items():
+            _force_split(name, task, split)
+            all_docs = list(task.eval_docs)  # process_docs runs here, once
+            ids = _select(len(all_docs), limit, sample_seed, name)
+            _pin_docs(task, split, [all_docs[i] for i in ids])
+            self._item_ids[name] = tuple(ids)
+            self._set_fewshot(task, num_fewshot)
+        self._metric_filter = self._resolve_metrics(metrics)
+        self._lm: Any = None
+        self._bound: tuple[Any, Any] | None = None
+
+    # -- construction helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _set_fewshot(task: Any, num_fewshot: int | None) -> None:
+        # Same rule as simple_evaluate: a config's explicit 0 wins; otherwise ours, else 0.
+        configured = task.get_config("num_fewshot")
+        if num_fewshot is not None and configured != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif configured is None:
+            task.set_config(key="num_fewshot", value=0)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every "<task>/<metric>" this evaluator can report (before any `metrics` filter)."""
+        keys = []
+        for name, task in self._task_dict["tasks"].items():
+            filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or [
+                "none"
+            ]
+            keys += [_key(name, m, f) for f in filters for m in task.higher_is_better()]
+        leaf_metrics = {k.split("/", 1)[1] for k in keys}
+        keys += [
+            f"{group}/{m}" for group in self._task_dict.get("groups", {}) for m in leaf_metrics
+        ]
+        return tuple(keys)
+
+    def _resolve_metrics(self, metrics: Sequence[str] | None) -> frozenset[str] | None:
+        if metrics is None:
+            return None
+        known = self.metric_keys
+        bare = {k.split("/", 1)[1] for k in known}
+        chosen = set()
+        for wanted in metrics:
+            if wanted in known:
+                chosen.add(wanted)
+            elif wanted in bare:
+                chosen.update(k for k in known if k.split("/", 1)[1] == wanted)
+            else:
+                raise EvaluatorError(
+                    f"unknown metric {wanted!r}{_suggest(wanted, [*known, *bare])} "
+                    f"Known metrics: {', '.join(known)}."
+                )
+        return frozenset(chosen)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The leaf task names this evaluator scores."""
+        return tuple(self._task_dict["tasks"])
+
+    @property
+    def item_ids(self) -> dict[str, tuple[int, ...]]:
+        """Per task, the split's item indices scored, in per-item order."""
+        return dict(self._item_ids)
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False
+    ) -> EvalResult:
+        """Score `model` as its weights are now (call again after changing them in place)."""
+        import torch
+        from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+        _check_count(limit, "limit")
+        lm = self._wrap(model, tokenizer)
+        if model.training:
+            model.eval()
+        for task in self._task_dict["tasks"].values():
+            task.set_fewshot_seed(seed=_FEWSHOT_SEED)  # else the fewshot draw moves on every call
+        with torch.no_grad(), _quiet(not self.verbose), _seeded():
+            out = lm_eval_evaluate(
+                lm=lm,
+                task_dict=self._task_dict,
+                limit=limit,
+                # lm-eval caches keyed on requests, not weights: both stay off.
+                cache_requests=False,
+                rewrite_requests_cache=False,
+                bootstrap_iters=0,
+                log_samples=per_item,
+                write_out=False,
+                apply_chat_template=False,
+                fewshot_as_multiturn=True,
+            )
+        if out is None:
+            raise EvaluatorError("lm-eval returned no results (not rank 0 of a distributed run)")
+        return self._to_result(out, per_item)
+
+    # -- per call -----------------------------------------------------------------------------
+
+    def _wrap(self, model: Any, tokenizer: Any) -> Any:
+        """HFLM around the live model: built on first use, rebuilt only for another model."""
+        import torch
+
+        if self.device is not None:
+            target = torch.device(self.device)
+            here = model.device
+            if target.type != here.type or target.index not in (None, here.index):
+                model.to(target)
+        if (
+            self._lm is not None
+            and self._bound is not None
+            and self._bound[0] is model
+            and self._bound[1] is tokenizer
+            and self._lm.device == model.device
+        ):
+            return self._lm
+        from lm_eval.models.huggingface import HFLM
+
+        with _quiet(not self.verbose):  # its warnings are about passing a model object: we mean to
+            self._lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=self.batch_size,
+                device=str(model.device),
+            )
+        if self.cache_tokens:
+            _memoise_tok_encode(self._lm)
+        self._bound = (model, tokenizer)
+        return self._lm
+
+    def _keep(self, key: str) -> bool:
+        return self._metric_filter is None or key in self._metric_filter
+
+    def _to_result(self, out: dict[str, Any], per_item: bool) -> EvalResult:
+        metrics: dict[str, float] = {}
+        flags: dict[str, bool] = {}
+        directions = out.get("higher_is_better", {})
+        for name, row in out["results"].items():
+            for field, value in row.items():
+                if "," not in field or "_stderr," in field or not isinstance(value, Real):
+                    continue
+                metric, filter_name = field.split(",", 1)
+                key = _key(name, metric, filter_name)
+                flag = directions.get(name, {}).get(metric)
+                if flag is None or not self._keep(key):
+                    continue  # a group mixing directions has none to optimise
+                metrics[key] = float(value)
+                flags[key] = bool(flag)
+        items = self._per_item(out.get("samples", {}), metrics) if per_item else None
+        return EvalResult(metrics=metrics, higher_is_better=flags, per_item=items)
+
+    @staticmethod
+    def _per_item(
+        samples: dict[str, list[dict[str, Any]]], metrics: dict[str, float]
+    ) -> dict[str, tuple[float, ...]]:
+        scores: dict[str, list[float]] = {}
+        skipped: set[str] = set()
+        for name, rows in samples.items():
+            for row in sorted(rows, key=lambda r: r["doc_id"]):
+                for metric in row.get("metrics", []):
+                    key = _key(name, metric, row.get("filter", "none"))
+                    value = row.get(metric)
+                    if key not in metrics or not isinstance(value, Real):
+                        skipped.add(key)  # e.g. corpus-level metrics whose items are tuples
+                        continue
+                    scores.setdefault(key, []).append(float(value))
+        return {k: tuple(v) for k, v in scores.items() if k not in skipped}

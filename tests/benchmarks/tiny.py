@@ -1,0 +1,136 @@
+"""Tiny offline fixtures: a random Llama with a word-level tokenizer, and local lm-eval tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VOCAB: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "=") + tuple(f"w{i}" for i in range(59))
+WORDS: tuple[str, ...] = VOCAB[5:]
+TASKS: tuple[str, ...] = ("toy_next", "toy_pair")
+SPLITS: tuple[str, ...] = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class TinyTasks:
+    """A local lm-eval task folder and what each task contains."""
+
+    folder: Path
+    names: tuple[str, ...]
+    data_files: dict[str, dict[str, str]]
+
+    def config(self, name: str, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+        """The task's lm-eval config, declaring only `splits` (lm-eval scores test when declared)."""
+        return task_config(name, {s: self.data_files[name][s] for s in splits})
+
+
+def save_tokenizer(folder: Path) -> None:
+    """Save a real word-level HF tokenizer over VOCAB that AutoTokenizer loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    tok.save_pretrained(folder)
+
+
+def build_model(folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random LlamaForCausalLM (hidden 32, 2 layers) and its tokenizer into `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def _items(task: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    # toy_next: continue a run of consecutive words; toy_pair: repeat the first word of a pair.
+    items = []
+    for _ in range(n):
+        start = rng.randrange(len(WORDS) - 8)
+        if task == "toy_next":
+            context = " ".join(WORDS[start : start + 4])
+            answer = WORDS[start + 4]
+        else:
+            context = f"{WORDS[start]} {WORDS[start + 3]} = "
+            answer = WORDS[start]
+        distractors = rng.sample([w for w in WORDS if w != answer], 3)
+        label = rng.randrange(4)
+        choices = distractors[:label] + [answer] + distractors[label:]
+        items.append({"context": context, "choices": choices, "label": label})
+    return items
+
+
+def task_config(name: str, data_files: dict[str, str]) -> dict[str, Any]:
+    """An lm-eval multiple-choice config over local jsonl files, prompts written as jinja templates."""
+    config: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": dict(data_files)},
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context.strip()}}",
+        "doc_to_target": "{{label}}",
+        "doc_to_choice": "{{choices}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    if name == "toy_pair":
+        config["metric_list"].append(
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
+        )
+    for split in ("train", "validation", "test"):
+        if split in data_files:
+            config["training_split" if split == "train" else f"{split}_split"] = split
+    return config
+
+
+def build_tasks(folder: Path, *, n_items: int = 30, seed: int = 0) -> TinyTasks:
+    """Write two multiple-choice tasks (validation and test splits of `n_items`) into `folder`."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    data_files: dict[str, dict[str, str]] = {}
+    for name in TASKS:
+        data_files[name] = {}
+        for split in SPLITS:
+            path = (folder / f"{name}_{split}.jsonl").resolve()
+            path.write_text("".join(json.dumps(x) + "\n" for x in _items(name, n_items, rng)))
+            data_files[name][split] = str(path)
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(task_config(name, data_files[name])))
+    return TinyTasks(folder=folder, names=TASKS, data_files=data_files)
+
+
+def write_text_corpus(path: Path, *, n_words: int = 600, seed: int = 0) -> Path:
+    """Write a whitespace-separated corpus over the tiny vocabulary (for perplexity)."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(n_words // 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
