@@ -83,31 +83,34 @@ def combine(
     """
     if not deltas:
         return base.clone()
-    weighted = []
+    if not consensus:
+        divisor = float(sum(weights)) if normalize else 1.0
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+        out = base.clone()
+        for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
+            coeff = lam * w * scale / divisor
+            out.add_(delta if mask is None else delta * mask, alpha=coeff)
+        return out
+    # The agreeing entries are the positive ones where the elected sign is +, the negative ones
+    # where it is -: so mix = P or N (sums of positive / negative parts), elected by P + N >= 0.
+    pos_sum = torch.zeros_like(base)
+    neg_sum = torch.zeros_like(base)
+    pos_w = torch.zeros_like(base) if normalize else None
+    neg_w = torch.zeros_like(base) if normalize else None
     for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
         wd = delta * (w * scale)
         if mask is not None:
-            wd.masked_fill_(~mask, 0.0)
-        weighted.append(wd)
-    if not consensus:
-        mixed = weighted[0]
-        for wd in weighted[1:]:
-            mixed += wd
-        divisor = float(sum(weights))
-        if normalize and abs(divisor) >= 1e-8:
-            mixed /= divisor
-    else:
-        total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
-        elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-        mixed = torch.zeros_like(total)
-        divisor = torch.zeros_like(total) if normalize else None
-        for wd, w in zip(weighted, weights):
-            agree = (wd * elected) > 0
-            mixed += wd.masked_fill_(~agree, 0.0)
-            if divisor is not None:
-                divisor += agree * w
-        if divisor is not None:
-            mixed /= divisor.masked_fill_(divisor == 0, 1.0)
+            wd.mul_(mask)
+        pos_sum.add_(wd.clamp(min=0.0))
+        neg_sum.add_(wd.clamp(max=0.0))
+        if pos_w is not None and neg_w is not None:
+            pos_w.add_((wd > 0).to(wd.dtype), alpha=w)
+            neg_w.add_((wd < 0).to(wd.dtype), alpha=w)
+    elected = (pos_sum + neg_sum) >= 0
+    mixed = torch.where(elected, pos_sum, neg_sum)
+    if pos_w is not None and neg_w is not None:
+        divisor = torch.where(elected, pos_w, neg_w)
+        mixed /= divisor.masked_fill_(divisor == 0, 1.0)
     if lam != 1.0:
         mixed *= lam
     return mixed.add_(base)
