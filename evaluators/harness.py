@@ -365,6 +365,16 @@ class HarnessEvaluator:
         ]
         return tuple(keys)
 
+    def higher_is_better(self, key: str) -> bool:
+        """lm-eval's direction for "<task>/<metric>" (a group takes its first leaf task's)."""
+        if key not in self.metric_keys:
+            raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, self.metric_keys)} Known metrics: {', '.join(self.metric_keys)}.")
+        task_name, metric = key.split("/", 1)
+        metric = metric.split(",", 1)[0]
+        tasks = self._task_dict["tasks"]
+        task = tasks.get(task_name) or next(iter(tasks.values()))
+        return bool(task.higher_is_better().get(metric, True))
+
     def _resolve_metrics(self, metrics: Sequence[str] | None) -> frozenset[str] | None:
         if metrics is None:
             return None

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from evaluators.protocol import EvaluatorError
 from merging import MergeError
+from search.config import ConfigError
 
 EXIT_USAGE = 2
 
@@ -48,6 +50,56 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.study import run_study
+    from search.summary import print_summary
+
+    config = load_config(args.config, args.set)
+    if args.address:
+        config = config.model_copy(update={"workers": config.workers.model_copy(update={"address": args.address})})
+    study = run_study(config, progress=not args.quiet)
+    print_summary(config.study.folder, study)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from search.config import config_from_dict
+    from search.records import CONFIG_FILE, read_config_snapshot
+    from search.study import run_study
+    from search.summary import print_summary
+
+    folder = Path(args.folder)
+    try:
+        data = read_config_snapshot(folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    data["study"]["output_dir"] = str(folder)
+    from search.config import apply_overrides
+
+    config = config_from_dict(apply_overrides(data, args.set), str(folder / CONFIG_FILE))
+    study = run_study(config, resume=True, progress=not args.quiet)
+    print_summary(folder, study)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from search.summary import print_status
+
+    print_status(Path(args.folder))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from search.config import load_config
+
+    config = load_config(args.config, args.set)
+    n = len(config.models.finetunes)
+    print(f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
+          f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basin", description="Search model-merge recipes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["mergekit", "basin"], help="target format")
     p.add_argument("--out", help="write here instead of standard output")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("run", help="run a study until its budget is spent")
+    p.add_argument("config", help="study config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. budget.n_trials=20")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("resume", help="continue a study up to its budget")
+    p.add_argument("folder", help="the study folder (results/<name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. budget.n_trials=100 to extend it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_resume)
+
+    p = sub.add_parser("status", help="trials done, failed, running; best so far; elapsed")
+    p.add_argument("folder", help="the study folder")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("validate", help="check a config without loading any model")
+    p.add_argument("config", help="study config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_validate)
     return parser
 
 
@@ -73,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MergeError as exc:
+    except (MergeError, ConfigError, EvaluatorError) as exc:
         print(f"basin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,279 @@
+"""The study config: a YAML file validated by pydantic, every error named with its field and value."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.recipe import METHODS
+
+SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
+Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+Range = float | tuple[float, float]
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message lists every problem found."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StudySection(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder-safe study name")
+    output_dir: str | None = None  # default results/<name>
+    storage: str | None = None  # default: Optuna's journal file in output_dir
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("results") / self.name
+
+
+class ModelsSection(_Strict):
+    base: str
+    finetunes: list[str] = Field(min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("finetunes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a fine-tune is listed twice; list each once")
+        return v
+
+
+class SpaceSection(_Strict):
+    methods: list[Method] = Field(default_factory=lambda: ["ties"], min_length=1)
+    granularity: Literal["model", "group", "anchors"] = "model"
+    group_size: int = Field(default=1, ge=1)  # layers per group, for granularity: group
+    anchors: int = Field(default=3, ge=2)  # depths interpolated linearly, for granularity: anchors
+    split_attn_mlp: bool = False
+    weight: Range = (0.0, 1.0)
+    density: Range = (0.1, 1.0)
+    lam: Range = Field(default=1.0, alias="lambda")
+    t: Range = (0.0, 1.0)
+    normalize: bool | None = None  # None: each method's default
+    seed: int = 0  # DARE's draws; fixed so candidates share random numbers
+
+    @field_validator("weight", "density", "lam", "t", mode="before")
+    @classmethod
+    def _range(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 2:
+                raise ValueError(f"a range is [low, high]; got {v}")
+            return tuple(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceSection:
+        for name in ("weight", "density", "lam", "t"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and value[0] > value[1]:
+                raise ValueError(f"{name}: low {value[0]} is above high {value[1]}")
+        lo, hi = self.density if isinstance(self.density, tuple) else (self.density, self.density)
+        if lo <= 0 or hi > 1:
+            raise ValueError(f"density must lie in (0, 1]; got {self.density}")
+        t_lo, t_hi = self.t if isinstance(self.t, tuple) else (self.t, self.t)
+        if t_lo < 0 or t_hi > 1:
+            raise ValueError(f"t must lie in [0, 1]; got {self.t}")
+        return self
+
+
+class EvaluatorSection(_Strict):
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | list[str] | None = None
+    split: Literal["validation", "test"] = "validation"
+    report_split: Literal["validation", "test"] = "test"
+    limit: int | None = Field(default=None, ge=1)
+    sample_seed: int | None = None
+    batch_size: int = Field(default=16, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    builtin_tasks: bool = True
+
+
+class Objective(_Strict):
+    task: str
+    metric: str = "acc"
+    weight: float = 1.0
+    direction: Literal["maximize", "minimize"] | None = None  # default: lm-eval's higher_is_better
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.metric}"
+
+
+class ObjectivesSection(_Strict):
+    mode: Literal["single", "pareto"] = "single"
+    items: list[Objective] = Field(min_length=1)
+
+
+class SamplerSection(_Strict):
+    name: Literal["tpe", "cmaes", "nsga2", "gp", "random"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(default=10, ge=0)
+
+
+class BudgetSection(_Strict):
+    n_trials: int | None = Field(default=50, ge=1)
+    timeout: float | None = Field(default=None, gt=0)  # seconds of search, over all runs
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetSection:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("give n_trials, timeout or both: a study needs a budget to end")
+        return self
+
+
+class WorkersSection(_Strict):
+    count: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0)  # 0: CPU workers, torch threads split between them
+    address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
+    candidate_timeout: float | None = Field(default=None, gt=0)  # seconds before a candidate is failed
+
+
+class StudyConfig(_Strict):
+    study: StudySection
+    models: ModelsSection
+    space: SpaceSection = SpaceSection()
+    evaluator: EvaluatorSection
+    objectives: ObjectivesSection
+    sampler: SamplerSection = SamplerSection()
+    budget: BudgetSection = BudgetSection()
+    workers: WorkersSection = WorkersSection()
+    baselines: bool = True
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudyConfig:
+        problems = []
+        for i, obj in enumerate(self.objectives.items):
+            if obj.task not in self.evaluator.tasks:
+                close = difflib.get_close_matches(obj.task, self.evaluator.tasks, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else "."
+                problems.append(f"objectives.items[{i}].task: '{obj.task}' is not among evaluator.tasks{hint} Known: {', '.join(self.evaluator.tasks)}")
+        if self.objectives.mode == "pareto" and len(self.objectives.items) < 2:
+            problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
+        if "slerp" in self.space.methods and len(self.models.finetunes) != 2:
+            problems.append(f"space.methods: slerp merges exactly two fine-tunes; this config has {len(self.models.finetunes)}")
+        if not searchable(self.space, len(self.models.finetunes)):
+            problems.append("space: nothing to search (one method and every value fixed); "
+                            "give a range such as weight: [0, 1], or apply one recipe with `basin merge`")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def searchable(space: SpaceSection, n_models: int) -> bool:
+    """Whether the space has at least one free parameter."""
+    if len(space.methods) > 1:
+        return True
+    method = space.methods[0]
+    free = [isinstance(space.weight, tuple) and n_models > 1 if method == "linear" else isinstance(space.weight, tuple)]
+    if method in ("ties", "dare_linear", "dare_ties"):
+        free.append(isinstance(space.density, tuple))
+    if method != "linear" and method != "slerp":
+        free.append(isinstance(space.lam, tuple))
+    if method == "slerp":
+        free = [isinstance(space.t, tuple)]
+    return any(free)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set budget.n_trials=20")
+        key, raw = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"--set {item!r}: '{key}' is not a dotted field name")
+        _set_path(data, key, yaml.safe_load(raw))
+    return data
+
+
+def _format_errors(exc: ValidationError, data: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            field_name = str(err["loc"][-1])
+            known = _known_fields(err["loc"][:-1])
+            close = difflib.get_close_matches(field_name, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+            lines.append(f"{loc}: unknown key{hint} Known: {', '.join(known)}")
+        elif err["type"] == "literal_error":
+            lines.append(f"{loc}: {err.get('input')!r} is not allowed; {msg[0].lower() + msg[1:]}")
+        elif err["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            shown = f" (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{loc}: {msg}{shown}" if loc else msg)
+    return "\n".join(f"  - {line}" for line in lines)
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        n = exc.error_count()
+        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n{_format_errors(exc, data)}") from None
+
+
+def read_config_data(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read, override and validate a study config; raises ConfigError listing every problem."""
+    data = apply_overrides(read_config_data(path), overrides or [])
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(config: StudyConfig) -> dict:
+    return config.model_dump(mode="json", by_alias=True)
+
+
+assert set(METHODS) == set(Method.__args__), "search.config.Method must list merging's methods"

@@ -1,0 +1,196 @@
+"""The search space: trial -> params (`suggest`), params -> MergeRecipe (`recipe_from_params`, pure).
+
+Parameter names: `method`; `weight.<model>[.<attn|mlp>][.<slot>]` and `density.<model>...` per
+fine-tune; `lambda`; `t` (slerp). Slots are the granularity's depth positions: none for one value
+per model, `g<j>` per group of consecutive layers, `a<j>` per anchor depth. With split_attn_mlp,
+attention and MLP tensors get their own slots and the plain name holds the value of the rest
+(norms, embeddings, head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from merging.recipe import USES_DENSITY, LayerParam, MergeRecipe, ModelEntry, validate_recipe
+from search.config import SpaceSection, StudyConfig
+
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The space of one study: what is searched, over which models and layers."""
+
+    config: SpaceSection
+    base: str
+    model_paths: tuple[str, ...]
+    model_names: tuple[str, ...]
+    num_layers: int
+    dtype: str
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        cfg = self.config
+        if cfg.granularity == "group":
+            return tuple(f"g{j}" for j in range(math.ceil(self.num_layers / cfg.group_size)))
+        if cfg.granularity == "anchors":
+            return tuple(f"a{j}" for j in range(min(cfg.anchors, self.num_layers)))
+        return ("",)
+
+    def names(self, kind: str, model: str) -> list[str]:
+        """Parameter names of one per-model quantity ('weight' or 'density') over slots and parts."""
+        parts = ["attn.", "mlp."] if self.config.split_attn_mlp else [""]
+        names = [f"{kind}.{model}.{part}{slot}".rstrip(".") for part in parts for slot in self.slots]
+        if self.config.split_attn_mlp:
+            names.append(f"{kind}.{model}")
+        return names
+
+
+def _model_names(paths: list[str]) -> tuple[str, ...]:
+    """Short, distinct, parameter-safe names for the fine-tunes."""
+    names: list[str] = []
+    for path in paths:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path.rstrip("/")).name) or "model"
+        name, i = stem, 2
+        while name in names:
+            name, i = f"{stem}_{i}", i + 1
+        names.append(name)
+    return tuple(names)
+
+
+def num_layers_of(model_dir: str | Path) -> int:
+    """The layer count from a model folder's config.json (no weights are read)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise ValueError(f"{model_dir}/config.json names no layer count (num_hidden_layers or n_layer)")
+
+
+def build_space(config: StudyConfig, base_dir: str | Path) -> SearchSpace:
+    return SearchSpace(
+        config=config.space,
+        base=config.models.base,
+        model_paths=tuple(config.models.finetunes),
+        model_names=_model_names(config.models.finetunes),
+        num_layers=num_layers_of(base_dir),
+        dtype=config.models.dtype,
+    )
+
+
+def _value(trial: optuna.trial.BaseTrial, name: str, spec: float | tuple[float, float]) -> float:
+    if isinstance(spec, tuple):
+        return trial.suggest_float(name, spec[0], spec[1])
+    return float(spec)
+
+
+def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]:
+    """Ask the trial for every free value of the space; returns all values, fixed ones included."""
+    cfg = space.config
+    params: dict[str, Any] = {}
+    methods = cfg.methods
+    params["method"] = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+    method = params["method"]
+    if method == "slerp":
+        params["t"] = _value(trial, "t", cfg.t)
+        return params
+    for model in space.model_names:
+        for name in space.names("weight", model):
+            params[name] = _value(trial, name, cfg.weight)
+        if method in USES_DENSITY:
+            for name in space.names("density", model):
+                params[name] = _value(trial, name, cfg.density)
+    if method in TASK_VECTOR_METHODS:
+        params["lambda"] = _value(trial, "lambda", cfg.lam)
+    return params
+
+
+def _layer_param(space: SearchSpace, params: dict[str, Any], kind: str, model: str, default: float) -> LayerParam:
+    def values(prefix: str) -> tuple[float, ...]:
+        slots = [float(params.get(f"{prefix}.{s}".rstrip("."), default)) for s in space.slots]
+        if space.config.granularity == "group":
+            # one value per layer, each layer taking its group's value
+            return tuple(slots[i // space.config.group_size] for i in range(space.num_layers))
+        return tuple(slots)
+
+    if not space.config.split_attn_mlp:
+        return LayerParam(default=values(f"{kind}.{model}"))
+    return LayerParam(
+        default=(float(params.get(f"{kind}.{model}", default)),),
+        attn=values(f"{kind}.{model}.attn"),
+        mlp=values(f"{kind}.{model}.mlp"),
+    )
+
+
+def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecipe:
+    """The merge recipe of a trial's params (values `suggest` returned, or a trial's stored params
+    completed with the space's fixed values): a pure function, the same recipe every time."""
+    full = suggest(optuna.trial.FixedTrial(dict(params)), space)  # adds the space's fixed values
+    method = full["method"]
+    entries = []
+    for model, path in zip(space.model_names, space.model_paths):
+        entries.append(ModelEntry(
+            path=path,
+            weight=_layer_param(space, full, "weight", model, 0.0),
+            density=_layer_param(space, full, "density", model, 1.0),
+        ))
+    recipe = MergeRecipe(
+        method=method,
+        models=tuple(entries),
+        base=space.base,
+        lam=LayerParam.constant(full.get("lambda", 1.0)),
+        t=LayerParam.constant(full.get("t", 0.5)),
+        normalize=space.config.normalize,
+        seed=space.config.seed,
+        dtype=space.dtype,
+    )
+    validate_recipe(recipe)
+    return recipe
+
+
+def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
+    """Reference recipes as params of this space: each fine-tune alone, the uniform average,
+    plain task arithmetic and TIES; each only where the space's methods can express it."""
+    cfg, k = space.config, len(space.model_names)
+    allowed = set(cfg.methods)
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def params(method: str, weights: list[float], density: float = 1.0, lam: float = 1.0) -> dict[str, Any]:
+        p: dict[str, Any] = {"method": method} if len(cfg.methods) > 1 else {}
+        for model, w in zip(space.model_names, weights):
+            if isinstance(cfg.weight, tuple):
+                p.update({n: w for n in space.names("weight", model)})
+            if method in USES_DENSITY and isinstance(cfg.density, tuple):
+                p.update({n: density for n in space.names("density", model)})
+        if method in TASK_VECTOR_METHODS and isinstance(cfg.lam, tuple):
+            p["lambda"] = lam
+        return p
+
+    def first(*methods: str) -> str | None:
+        return next((m for m in methods if m in allowed), None)
+
+    weights_free = isinstance(cfg.weight, tuple)
+    alone = first("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+    if alone and weights_free and k > 1:
+        for i, model in enumerate(space.model_names):
+            out.append((f"alone:{model}", params(alone, [1.0 if j == i else 0.0 for j in range(k)])))
+    elif "slerp" in allowed and isinstance(cfg.t, tuple):
+        out += [(f"alone:{space.model_names[0]}", {"method": "slerp", "t": 0.0} if len(cfg.methods) > 1 else {"t": 0.0}),
+                (f"alone:{space.model_names[1]}", {"method": "slerp", "t": 1.0} if len(cfg.methods) > 1 else {"t": 1.0})]
+    if "linear" in allowed and weights_free:
+        out.append(("uniform", params("linear", [1.0] * k)))
+    elif "task_arithmetic" in allowed and weights_free:
+        out.append(("uniform", params("task_arithmetic", [1.0 / k] * k)))
+    if "task_arithmetic" in allowed:
+        out.append(("task_arithmetic", params("task_arithmetic", [1.0] * k, lam=0.5)))
+    if "ties" in allowed:
+        out.append(("ties", params("ties", [1.0] * k, density=0.5)))
+    return [(name, p) for name, p in out if p]

@@ -1,0 +1,304 @@
+"""The study: create or load it, enqueue baselines, keep one candidate in flight per worker.
+
+    setup -> [ask -> suggest -> dispatch] ... wait for any -> tell -> record -> dispatch the next
+
+There is no generation barrier: as soon as a worker finishes, its result is told and it gets
+the next candidate.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from merging.recipe import recipe_to_dict
+from search import records
+from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
+from search.objectives import objective_values, resolve_directions, study_directions
+from search.space import SearchSpace, baseline_params, build_space, recipe_from_params, suggest
+from search.workers import WorkerPool, WorkerSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
+POLL_S = 1.0
+
+
+@dataclass
+class Flight:
+    trial: optuna.trial.Trial
+    worker: int
+    params: dict[str, Any]
+    recipe: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StudySetup:
+    config: StudyConfig
+    folder: Path
+    study: optuna.Study
+    space: SearchSpace
+    directions: list[str]
+    spec: WorkerSpec
+
+
+def make_sampler(cfg: SamplerSection, n_objectives: int, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = None if cfg.seed is None else cfg.seed + offset  # a resumed run must not replay its draws
+    if cfg.name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
+                                          group=True, constant_liar=True)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
+                                            warn_independent_sampling=False)
+    if cfg.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if cfg.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (workers may run elsewhere); hub ids unchanged."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
+    """Everything before the first candidate: folder, storage, evaluator check, study, baselines."""
+    from evaluators import EvaluatorError, HarnessEvaluator
+    from merging.checkpoint import resolve_model_dir
+
+    folder = config.study.folder
+    snapshot = config_to_dict(config)
+    if (folder / records.CONFIG_FILE).is_file():
+        previous = records.read_config_snapshot(folder)
+        if not resume and _search_part(previous) != _search_part(snapshot):
+            raise ConfigError(f"{folder} holds a study with a different config; resume it with "
+                              f"`basin resume {folder}`, or choose another study.name / study.output_dir")
+    elif resume:
+        raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
+    ev = config.evaluator
+    include = [ev.include_path] if isinstance(ev.include_path, str) else list(ev.include_path or [])
+    try:  # loads the task definitions only: unknown tasks and metrics fail here, before any model
+        probe = HarnessEvaluator(ev.tasks, include_path=include or None, split=ev.split, limit=1,
+                                 builtin_tasks=ev.builtin_tasks, metrics=[o.key for o in config.objectives.items])
+    except EvaluatorError as exc:
+        raise ConfigError(f"evaluator: {exc}") from None
+    directions = resolve_directions(config.objectives, probe.higher_is_better)
+    base_dir = resolve_model_dir(config.models.base)
+    space = build_space(config, base_dir)
+    spec = WorkerSpec(
+        base=_absolute(config.models.base), finetunes=tuple(_absolute(p) for p in config.models.finetunes),
+        dtype=config.models.dtype, device=config.models.device, allow_pickle=config.models.allow_pickle,
+        trust_remote_code=config.models.trust_remote_code, tasks=tuple(ev.tasks),
+        include_path=tuple(_absolute(p) for p in include), batch_size=ev.batch_size, limit=ev.limit,
+        sample_seed=ev.sample_seed, num_fewshot=ev.num_fewshot, builtin_tasks=ev.builtin_tasks,
+        methods=tuple(config.space.methods), seed=config.space.seed,
+    )
+    space = SearchSpace(**{**space.__dict__, "base": spec.base, "model_paths": spec.finetunes})
+    storage = records.open_storage(folder, config.study.storage)
+    records.write_config_snapshot(folder, snapshot)
+    existing = _count_trials(storage, config.study.name)
+    study = optuna.create_study(
+        study_name=config.study.name, storage=storage, load_if_exists=True,
+        directions=study_directions(config.objectives, directions),
+        sampler=make_sampler(config.sampler, len(directions), offset=existing),
+    )
+    if existing == 0:
+        study.set_user_attr("directions", directions)
+        study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
+        if config.baselines:
+            for name, params in baseline_params(space):
+                study.enqueue_trial(params, user_attrs={"baseline": name})
+    requeue_stale(study)
+    return StudySetup(config, folder, study, space, directions, spec)
+
+
+def _search_part(snapshot: dict) -> dict:
+    """The parts of a config that define the study (budget and workers may change on resume)."""
+    part = {k: v for k, v in snapshot.items() if k not in ("budget", "workers")}
+    part["study"] = {k: v for k, v in part.get("study", {}).items() if k != "output_dir"}
+    return part
+
+
+def _count_trials(storage: Any, name: str) -> int:
+    try:
+        return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
+
+
+def requeue_stale(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params again."""
+    host = socket.gethostname()
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("runner", {})
+        if owner.get("host") != host or _alive(owner.get("pid")):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", "the run was stopped while this trial ran; its params were queued again")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        attrs = {k: v for k, v in t.user_attrs.items() if k == "baseline"} | {"retry_of": t.number}
+        study.enqueue_trial(t.params, user_attrs=attrs)
+        stale.append(t.number)
+    return stale
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = True) -> optuna.Study:
+    """Run (or resume) the study until its budget is spent; returns the Optuna study."""
+    s = setup_study(config, resume=resume)
+    pool = WorkerPool(s.spec, config.workers.count, gpus_per_worker=config.workers.gpus_per_worker,
+                      address=config.workers.address)
+    in_flight: dict[Any, Flight] = {}
+    try:
+        _loop(s, pool, in_flight, progress)
+    finally:
+        for flight in in_flight.values():  # interrupted: storage stays consistent
+            flight.trial.set_user_attr("error", "interrupted before the candidate finished")
+            s.study.tell(flight.trial, state=TrialState.FAIL)
+        pool.shutdown()
+    return s.study
+
+
+def _budget_left(s: StudySetup, n_in_flight: int, started: float, elapsed_before: float) -> bool:
+    budget = s.config.budget
+    if budget.timeout is not None and elapsed_before + time.perf_counter() - started >= budget.timeout:
+        return False
+    if budget.n_trials is None:
+        return True
+    done = len(s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return done + n_in_flight < budget.n_trials
+
+
+def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progress: bool) -> None:
+    study, cfg = s.study, s.config
+    started, elapsed_before = time.perf_counter(), float(study.user_attrs.get("elapsed_s", 0.0))
+    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
+    free, recent = list(range(cfg.workers.count))[::-1], []
+    runner = {"host": socket.gethostname(), "pid": os.getpid()}
+    while True:
+        while free and _budget_left(s, len(in_flight), started, elapsed_before) and not _failing(recent, cfg.workers.count):
+            trial = study.ask()
+            trial.set_user_attr("runner", runner)
+            try:
+                params = suggest(trial, s.space)
+                recipe = recipe_to_dict(recipe_from_params(params, s.space))
+            except Exception as exc:  # a bad proposal fails its trial, not the study
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            worker = free.pop()
+            in_flight[pool.submit(worker, recipe)] = Flight(trial, worker, params, recipe)
+        if not in_flight:
+            break
+        for ref in pool.wait(list(in_flight), timeout=POLL_S):
+            flight = in_flight.pop(ref)
+            free.append(flight.worker)
+            ok = _finish(s, flight, pool.result(ref))
+            recent.append(ok)
+            bar.update(1 if ok else 0)
+            bar.set_postfix_str(_postfix(s), refresh=True)
+        _stop_overdue(s, pool, in_flight)
+        study.set_user_attr("elapsed_s", elapsed_before + time.perf_counter() - started)
+    bar.close()
+    if _failing(recent, cfg.workers.count):
+        raise RuntimeError(f"stopped: the last {len(recent[-_window(cfg.workers.count):])} candidates all failed; "
+                           f"see the error in {s.folder / 'trials'}")
+
+
+def _window(workers: int) -> int:
+    return max(10, 2 * workers)
+
+
+def _failing(recent: list[bool], workers: int) -> bool:
+    window = _window(workers)
+    return len(recent) >= window and not any(recent[-window:])
+
+
+def _stop_overdue(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight]) -> None:
+    limit = s.config.workers.candidate_timeout
+    if limit is None:
+        return
+    now = time.perf_counter()
+    for flight in in_flight.values():
+        if now - flight.started > limit and not flight.trial.user_attrs.get("timed_out"):
+            flight.trial.set_user_attr("timed_out", True)
+            pool.restart(flight.worker)  # its result arrives as an error
+
+
+def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
+    """Tell Optuna and write the trial's record; True when the candidate completed."""
+    trial, cfg = flight.trial, s.config
+    wall = time.perf_counter() - flight.started
+    error = result.get("error")
+    if error and flight.trial.user_attrs.get("timed_out"):
+        error = f"the candidate exceeded workers.candidate_timeout ({cfg.workers.candidate_timeout} s) and was stopped"
+    values = None
+    if error is None:
+        try:
+            values = objective_values(cfg.objectives, s.directions, result["metrics"])
+        except KeyError as exc:
+            error = str(exc)
+    trial.set_user_attr("worker", result.get("worker"))
+    if error is None:
+        trial.set_user_attr("metrics", result["metrics"])
+        trial.set_user_attr("merge_s", result["merge_s"])
+        trial.set_user_attr("eval_s", result["eval_s"])
+        s.study.tell(trial, values)
+    else:
+        trial.set_user_attr("error", error)
+        s.study.tell(trial, state=TrialState.FAIL)
+    records.write_trial_record(s.folder, {
+        "number": trial.number, "state": "COMPLETE" if error is None else "FAIL",
+        "baseline": trial.user_attrs.get("baseline"), "params": trial.params, "recipe": flight.recipe,
+        "metrics": result.get("metrics"), "values": values, "merge_s": result.get("merge_s"),
+        "eval_s": result.get("eval_s"), "wall_s": wall, "worker": result.get("worker"), "error": error,
+        "traceback": result.get("traceback"),
+    })
+    return error is None
+
+
+def _postfix(s: StudySetup) -> str:
+    trials = s.study.get_trials(deepcopy=False)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return f"failed={failed}"
+    if len(s.directions) == 1 or s.config.objectives.mode == "single":
+        return f"failed={failed} best={s.study.best_value:.4f}"
+    return f"failed={failed} front={len(s.study.best_trials)}"
+
+
+def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
+    """The config and Optuna study of an existing study folder."""
+    folder = Path(folder)
+    try:
+        snapshot = records.read_config_snapshot(folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    config = config_from_dict(snapshot, str(folder / records.CONFIG_FILE))
+    storage = records.open_storage(folder, config.study.storage)
+    return config, optuna.load_study(study_name=config.study.name, storage=storage)

@@ -1,0 +1,176 @@
+"""Workers: a Ray actor per GPU (or CPU slot) holding base, task vectors, one live model and an evaluator.
+
+The actor does the per-candidate work (merge in place, evaluate) and returns plain dicts; a failure
+inside a candidate comes back as {"error": ...}. A worker process that dies is restarted by Ray and
+its candidate reported failed by the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from merging import recipe_from_dict
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself; plain values, so Ray can ship it."""
+
+    base: str
+    finetunes: tuple[str, ...]
+    dtype: str
+    device: str
+    allow_pickle: bool
+    trust_remote_code: bool
+    tasks: tuple[str, ...]
+    include_path: tuple[str, ...]
+    batch_size: int
+    limit: int | None
+    sample_seed: int | None
+    num_fewshot: int | None
+    builtin_tasks: bool
+    methods: tuple[str, ...]
+    seed: int
+    threads: int | None = None  # torch threads of a CPU worker
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class CandidateWorker:
+    """Merges recipes into one live model and scores them; one per GPU or CPU slot."""
+
+    def __init__(self, spec: WorkerSpec, index: int = 0) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from merging import ResidentMerger, load_live_model
+        from merging.checkpoint import resolve_model_dir
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec, self.index = spec, index
+        self.device = resolve_device(spec.device)
+        t0 = time.perf_counter()
+        self.merger = ResidentMerger(spec.base, list(spec.finetunes), device=self.device, dtype=spec.dtype,
+                                     allow_pickle=spec.allow_pickle)
+        self.merger.prepare(spec.methods, spec.seed)
+        self.model = load_live_model(spec.base, device=self.device, dtype=spec.dtype,
+                                     trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(spec.base)),
+                                                       trust_remote_code=spec.trust_remote_code)
+        self.evaluators: dict[str, Any] = {}
+        self.evaluator("validation")
+        self.setup_s = time.perf_counter() - t0
+
+    def evaluator(self, split: str):
+        from evaluators import HarnessEvaluator
+
+        if split not in self.evaluators:
+            s = self.spec
+            self.evaluators[split] = HarnessEvaluator(
+                list(s.tasks), include_path=list(s.include_path) or None, split=split,  # type: ignore[arg-type]
+                batch_size=s.batch_size, limit=s.limit, sample_seed=s.sample_seed,
+                num_fewshot=s.num_fewshot, builtin_tasks=s.builtin_tasks,
+            )
+        return self.evaluators[split]
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": self.device, "setup_s": round(self.setup_s, 3)}
+
+    def run(self, recipe: dict[str, Any], split: str = "validation") -> dict[str, Any]:
+        """Merge `recipe` (its YAML form) into the live model and evaluate it on `split`."""
+        import torch
+
+        out: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}"}
+        try:
+            t0 = time.perf_counter()
+            self.merger.apply(recipe_from_dict(recipe), self.model)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            result = self.evaluator(split).evaluate(self.model, self.tokenizer)
+            t2 = time.perf_counter()
+        except Exception as exc:  # a failed candidate fails its trial, never the worker
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            out["traceback"] = traceback.format_exc(limit=8)
+            return out
+        out.update(metrics=result.metrics, higher_is_better=result.higher_is_better,
+                   merge_s=t1 - t0, eval_s=t2 - t1)
+        return out
+
+
+class WorkerPool:
+    """`count` Ray actors; submit a recipe to a free one, wait for any to finish."""
+
+    def __init__(self, spec: WorkerSpec, count: int, *, gpus_per_worker: float = 0, address: str | None = None) -> None:
+        import ray
+
+        self._ray = ray
+        if not ray.is_initialized():
+            start_ray(address, count, gpus_per_worker)
+        cpus = max(1, (os.cpu_count() or 1) // count) if gpus_per_worker == 0 else 1
+        if gpus_per_worker == 0 and spec.threads is None:
+            spec = WorkerSpec(**{**asdict(spec), "threads": cpus})
+        self.spec = spec
+        self._actor_cls = ray.remote(num_cpus=cpus if gpus_per_worker == 0 else 1, num_gpus=gpus_per_worker,
+                                     max_restarts=-1, max_task_retries=0)(CandidateWorker)
+        self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
+
+    def ready(self) -> list[dict[str, Any]]:
+        """Block until every worker has loaded its models; returns their info."""
+        return self._ray.get([a.info.remote() for a in self.actors])
+
+    def submit(self, worker: int, recipe: dict[str, Any], split: str = "validation"):
+        return self.actors[worker].run.remote(recipe, split)
+
+    def wait(self, refs: list, timeout: float | None) -> list:
+        done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        return done
+
+    def result(self, ref) -> dict[str, Any]:
+        """The candidate's result dict; a dead worker becomes an error result."""
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayError as exc:
+            return {"error": f"worker died during the candidate ({type(exc).__name__}); Ray restarts it"}
+
+    def restart(self, worker: int) -> None:
+        """Kill a worker (e.g. one past its time limit); Ray starts a fresh one in its place."""
+        self._ray.kill(self.actors[worker], no_restart=False)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+
+
+def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
+    """Join a cluster at `address`, or start a private local one that listens on localhost only."""
+    import ray
+
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+    resources: dict[str, Any] = {}
+    if gpus_per_worker > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            # no GPU here: advertise logical GPUs so the schedule can still be exercised on a CPU machine
+            resources["num_gpus"] = int(count * gpus_per_worker + 0.999)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, count), **resources)
