@@ -100,6 +100,81 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pareto(args: argparse.Namespace) -> int:
+    from search.pareto import pareto_table
+    from search.study import load_study_folder
+
+    _, study = load_study_folder(args.folder)
+    print(pareto_table(study, top=args.top))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    out = write_report(args.folder, trial=args.trial, score_heldout_split=not args.no_heldout, progress=not args.quiet)
+    print(f"report: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from merging import export_merge, to_mergekit
+    from search.study import load_study_folder, trial_recipe
+
+    config, study = load_study_folder(args.folder)
+    if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":
+        done = [t.number for t in study.trials if t.state.name == "COMPLETE"]
+        raise ConfigError(f"trial {args.trial} is not a complete trial of this study; complete trials: {done[:20]}{' ...' if len(done) > 20 else ''}")
+    recipe = trial_recipe(config, study.trials[args.trial])
+    if args.format == "mergekit":
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise ConfigError(f"{out} already exists; choose another --out or pass --force")
+        out.write_text(to_mergekit(recipe))
+    else:
+        device = args.device or "cpu"
+        out = export_merge(recipe, args.out, force=args.force, device=device,
+                           allow_pickle=config.models.allow_pickle, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from evaluators.zoo import build_zoo
+
+    zoo = build_zoo(args.out, seed=args.seed, force=args.force, progress=not args.quiet)
+    print(f"zoo in {zoo.root}: base {zoo.base.name}, fine-tunes {', '.join(zoo.finetunes)}, tasks {', '.join(zoo.tasks)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from evaluators.zoo import build_zoo
+    from search.config import load_config
+    from search.pareto import pareto_table
+    from search.report import write_report
+    from search.study import run_study
+
+    print("1/3 building the toy zoo (reused when already built)")
+    build_zoo(DEMO_ZOO, seed=0, progress=not args.quiet)
+    print(f"2/3 running {DEMO_CONFIG}")
+    config = load_config(DEMO_CONFIG, ["study.output_dir=" + args.out] if args.out else args.set)
+    if args.fresh and config.study.folder.exists():
+        import shutil
+
+        shutil.rmtree(config.study.folder)
+    study = run_study(config, resume=(config.study.folder / "config.yaml").is_file(), progress=not args.quiet)
+    print()
+    print(pareto_table(study))
+    print("3/3 writing the report (held-out scores of the finalists and baselines)")
+    report = write_report(config.study.folder, progress=not args.quiet)
+    print(f"report: {report}")
+    return 0
+
+
+DEMO_ZOO = ".zoo/seed0"
+DEMO_CONFIG = "configs/demo.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basin", description="Search model-merge recipes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -136,6 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="the study folder")
     p.set_defaults(func=_status)
 
+    p = sub.add_parser("pareto", help="the Pareto front (or top trials) with the baselines")
+    p.add_argument("folder", help="the study folder")
+    p.add_argument("--top", type=int, default=5, help="rows for a single-objective study")
+    p.set_defaults(func=_pareto)
+
+    p = sub.add_parser("report", help="write report.html and figures into the study folder")
+    p.add_argument("folder", help="the study folder")
+    p.add_argument("--trial", type=int, help="the recipe to show (default: best, or best mean on the front)")
+    p.add_argument("--no-heldout", action="store_true", help="skip scoring finalists on the held-out split")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("export", help="write a trial's merge as an HF model folder (or mergekit YAML)")
+    p.add_argument("folder", help="the study folder")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see basin pareto)")
+    p.add_argument("--out", required=True, help="output folder (or YAML file with --format mergekit)")
+    p.add_argument("--format", choices=["hf", "mergekit"], default="hf")
+    p.add_argument("--device", help="merge on this device (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("zoo", help="build the toy model zoo (tiny base, fine-tunes, lm-eval tasks)")
+    p.add_argument("out", help="output folder, e.g. .zoo/seed0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if a zoo with this seed exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_zoo)
+
+    p = sub.add_parser("demo", help="build the zoo, run configs/demo.yaml, print the front, write the report")
+    p.add_argument("--out", help="study folder (default: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_demo)
+
     p = sub.add_parser("validate", help="check a config without loading any model")
     p.add_argument("config", help="study config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -151,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"basin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("basin: interrupted", file=sys.stderr)
+        print("basin: interrupted; finished trials are saved (continue with `basin resume DIR`)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":

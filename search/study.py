@@ -76,7 +76,6 @@ def _absolute(path: str) -> str:
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     """Everything before the first candidate: folder, storage, evaluator check, study, baselines."""
     from evaluators import EvaluatorError, HarnessEvaluator
-    from merging.checkpoint import resolve_model_dir
 
     folder = config.study.folder
     snapshot = config_to_dict(config)
@@ -88,24 +87,15 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     elif resume:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
     ev = config.evaluator
-    include = [ev.include_path] if isinstance(ev.include_path, str) else list(ev.include_path or [])
+    include = _include_paths(config)
     try:  # loads the task definitions only: unknown tasks and metrics fail here, before any model
         probe = HarnessEvaluator(ev.tasks, include_path=include or None, split=ev.split, limit=1,
                                  builtin_tasks=ev.builtin_tasks, metrics=[o.key for o in config.objectives.items])
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
     directions = resolve_directions(config.objectives, probe.higher_is_better)
-    base_dir = resolve_model_dir(config.models.base)
-    space = build_space(config, base_dir)
-    spec = WorkerSpec(
-        base=_absolute(config.models.base), finetunes=tuple(_absolute(p) for p in config.models.finetunes),
-        dtype=config.models.dtype, device=config.models.device, allow_pickle=config.models.allow_pickle,
-        trust_remote_code=config.models.trust_remote_code, tasks=tuple(ev.tasks),
-        include_path=tuple(_absolute(p) for p in include), batch_size=ev.batch_size, limit=ev.limit,
-        sample_seed=ev.sample_seed, num_fewshot=ev.num_fewshot, builtin_tasks=ev.builtin_tasks,
-        methods=tuple(config.space.methods), seed=config.space.seed,
-    )
-    space = SearchSpace(**{**space.__dict__, "base": spec.base, "model_paths": spec.finetunes})
+    spec = worker_spec(config)
+    space = study_space(config, spec)
     storage = records.open_storage(folder, config.study.storage)
     records.write_config_snapshot(folder, snapshot)
     existing = _count_trials(storage, config.study.name)
@@ -122,6 +112,37 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
                 study.enqueue_trial(params, user_attrs={"baseline": name})
     requeue_stale(study)
     return StudySetup(config, folder, study, space, directions, spec)
+
+
+def _include_paths(config: StudyConfig) -> list[str]:
+    include = config.evaluator.include_path
+    return [include] if isinstance(include, str) else list(include or [])
+
+
+def worker_spec(config: StudyConfig) -> WorkerSpec:
+    """What every worker of this study builds: models, evaluator, precomputations."""
+    ev = config.evaluator
+    return WorkerSpec(
+        base=_absolute(config.models.base), finetunes=tuple(_absolute(p) for p in config.models.finetunes),
+        dtype=config.models.dtype, device=config.models.device, allow_pickle=config.models.allow_pickle,
+        trust_remote_code=config.models.trust_remote_code, tasks=tuple(ev.tasks),
+        include_path=tuple(_absolute(p) for p in _include_paths(config)), batch_size=ev.batch_size,
+        limit=ev.limit, sample_seed=ev.sample_seed, num_fewshot=ev.num_fewshot,
+        builtin_tasks=ev.builtin_tasks, methods=tuple(config.space.methods), seed=config.space.seed,
+    )
+
+
+def study_space(config: StudyConfig, spec: WorkerSpec) -> SearchSpace:
+    """The study's search space, over the absolute model paths the workers use."""
+    from merging.checkpoint import resolve_model_dir
+
+    space = build_space(config, resolve_model_dir(config.models.base))
+    return SearchSpace(**{**space.__dict__, "base": spec.base, "model_paths": spec.finetunes})
+
+
+def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial):
+    """The MergeRecipe a finished trial scored, rebuilt from its stored params."""
+    return recipe_from_params(trial.params, study_space(config, worker_spec(config)))
 
 
 def _search_part(snapshot: dict) -> dict:

@@ -1,0 +1,216 @@
+"""`basin report`: one self-contained HTML file (figures inline, no external URLs) plus PNG figures.
+
+Figures: the Pareto front (pairwise when more than two objectives) with baselines; the history
+(best so far against trial number); the chosen recipe's per-layer weights and densities as a
+heatmap (models x depth); parameter importances. Table: the chosen (or each Pareto) trial against
+each fine-tune alone and the uniform average, on the search split and on the held-out split.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+
+from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict  # noqa: E402
+from search.config import StudyConfig  # noqa: E402
+from search.heldout import score_heldout  # noqa: E402
+from search.pareto import front_and_baselines, objective_names  # noqa: E402
+from search.study import load_study_folder, trial_recipe, worker_spec  # noqa: E402
+
+BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
+
+
+def _png(fig: plt.Figure, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _values(trials: list[FrozenTrial], i: int) -> list[float]:
+    return [t.values[i] for t in trials]
+
+
+def plot_front(study: optuna.Study, names: list[str]) -> plt.Figure:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front, baselines = front_and_baselines(study)
+    pairs = list(itertools.combinations(range(len(names)), 2)) or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        if i == j:  # single objective: score against trial number
+            ax.scatter([t.number for t in complete], _values(complete, 0), s=14, c="#9aa5b1", label="trials")
+            ax.scatter([t.number for t in front], _values(front, 0), s=30, c="#d1495b", label="top trials")
+            ax.scatter([t.number for t in baselines], _values(baselines, 0), c="#edae49", label="baselines", **BASELINE_STYLE)
+            ax.set_xlabel("trial")
+            ax.set_ylabel(names[0])
+        else:
+            ax.scatter(_values(complete, i), _values(complete, j), s=14, c="#9aa5b1", label="trials")
+            pts = sorted(zip(_values(front, i), _values(front, j)))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", c="#d1495b", ms=5, label="Pareto front")
+            ax.scatter(_values(baselines, i), _values(baselines, j), c="#edae49", label="baselines", **BASELINE_STYLE)
+            for t in baselines:
+                ax.annotate(t.user_attrs["baseline"], (t.values[i], t.values[j]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+            ax.set_xlabel(names[i])
+            ax.set_ylabel(names[j])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Pareto front" if len(names) > 1 else "Scores")
+    return fig
+
+
+def plot_history(study: optuna.Study, names: list[str]) -> plt.Figure:
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (name, direction) in enumerate(zip(names, study.directions)):
+        best, xs, ys = None, [], []
+        pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+        for t in complete:
+            best = t.values[i] if best is None else pick(best, t.values[i])
+            xs.append(t.number)
+            ys.append(best)
+        ax.step(xs, ys, where="post", label=f"best {name}")
+        ax.scatter(xs, [t.values[i] for t in complete], s=8, alpha=0.4)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("value")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("History: best so far")
+    return fig
+
+
+def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
+    span = max(num_layers - 1, 1)
+    return [param.at(i / span, kind) for i in range(num_layers)]
+
+
+def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> plt.Figure:
+    rows: list[tuple[str, list[float]]] = []
+    for name, m in zip(model_names, recipe.models):
+        kinds = ["attn", "mlp"] if m.weight.attn is not None or m.weight.mlp is not None else ["other"]
+        rows += [(f"{name} weight{'' if k == 'other' else ' ' + k}", _over_depth(m.weight, k, num_layers)) for k in kinds]
+    if recipe.method in ("ties", "dare_linear", "dare_ties"):
+        for name, m in zip(model_names, recipe.models):
+            kinds = ["attn", "mlp"] if m.density.attn is not None or m.density.mlp is not None else ["other"]
+            rows += [(f"{name} density{'' if k == 'other' else ' ' + k}", _over_depth(m.density, k, num_layers)) for k in kinds]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
+    image = ax.imshow([r[1] for r in rows], aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=8)
+    ax.set_xlabel("layer")
+    for y, (_, values) in enumerate(rows):
+        for x, v in enumerate(values):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title(title)
+    return fig
+
+
+def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    try:
+        target = None if len(names) == 1 else (lambda t: sum(t.values) / len(t.values))
+        imp = optuna.importance.get_param_importances(study, target=target)
+    except Exception as exc:  # too few trials, or a space with no common parameters
+        imp = {}
+        ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True, fontsize=9)
+    if imp:
+        items = sorted(imp.items(), key=lambda kv: kv[1])[-15:]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#00798c")
+        ax.set_xlabel("importance (fANOVA)" + ("" if len(names) == 1 else ", of the mean objective"))
+    ax.set_title("Parameter importances")
+    return fig
+
+
+def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
+    if trial is not None:
+        return study.trials[trial]
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: sum(t.values))
+
+
+def _table(config: StudyConfig, rows: list[tuple[str, FrozenTrial]], heldout: dict[int, dict[str, float]], split: str) -> str:
+    keys = [o.key for o in config.objectives.items]
+    head = "".join(f"<th>{html.escape(k)}<br>{config.evaluator.split}</th><th>{html.escape(k)}<br>{split}</th>" for k in keys)
+    body = []
+    for label, t in rows:
+        cells = []
+        for k in keys:
+            val, held = t.user_attrs.get("metrics", {}).get(k), heldout.get(t.number, {}).get(k)
+            cells.append(f"<td>{val:.4f}</td>" if val is not None else "<td>-</td>")
+            cells.append(f"<td>{held:.4f}</td>" if held is not None else "<td>-</td>")
+        body.append(f"<tr><td>{html.escape(label)}</td><td>{t.number}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>model</th><th>trial</th>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_split: bool = True, progress: bool = True) -> Path:
+    """Write report.html and the PNG figures into the study folder; returns the HTML path."""
+    folder = Path(folder)
+    config, study = load_study_folder(folder)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise ValueError(f"{folder}: no complete trial yet; run or resume the study first")
+    names = objective_names(study)
+    figures_dir = folder / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    chosen = _chosen(study, trial)
+    recipe = trial_recipe(config, chosen)
+    from search.study import study_space
+
+    spec = worker_spec(config)
+    space = study_space(config, spec)
+    figs = {
+        "pareto": plot_front(study, names),
+        "history": plot_history(study, names),
+        "recipe": plot_recipe(recipe, space.num_layers, list(space.model_names), f"trial {chosen.number}: {recipe.method}"),
+        "importances": plot_importances(study, names),
+    }
+    images = {name: _png(fig, figures_dir / f"{name}.png") for name, fig in figs.items()}
+
+    front, baselines = front_and_baselines(study)
+    finalists = front if len(study.directions) > 1 else [chosen]
+    refs = [t for t in baselines if t.user_attrs["baseline"].startswith("alone:") or t.user_attrs["baseline"] == "uniform"]
+    rows = [(f"{'Pareto' if len(study.directions) > 1 else 'best'} trial", t) for t in finalists]
+    rows += [(t.user_attrs["baseline"], t) for t in refs]
+    split = config.evaluator.report_split
+    heldout = {}
+    if score_heldout_split:
+        recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows}
+        heldout = score_heldout(folder, spec, recipes, split, progress=progress)
+    table = _table(config, rows, heldout, split)
+    recipe_yaml = html.escape(__import__("yaml").safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    sections = "".join(
+        f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{images[key]}'>"
+        for key, title in (("pareto", "Pareto front" if len(names) > 1 else "Scores"), ("history", "History"),
+                           ("recipe", f"Chosen recipe (trial {chosen.number})"), ("importances", "Parameter importances"))
+    )
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}</style></head><body>
+<h1>basin report: {html.escape(config.study.name)}</h1>
+<p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(', '.join(names))}
+({config.objectives.mode}); sampler {config.sampler.name}.</p>
+<h2>Finalists against the parents</h2>
+<p>Scores on the search split ({config.evaluator.split}) and on the held-out split ({split}); a
+finalist that leads on {config.evaluator.split} but not on {split} has fitted the search set.</p>
+{table}{sections}
+<h2>Recipe of trial {chosen.number}</h2><pre>{recipe_yaml}</pre>
+<p>Export it: <code>basin export {html.escape(str(folder))} --trial {chosen.number} --out DIR</code></p>
+</body></html>"""
+    out = folder / "report.html"
+    out.write_text(page)
+    return out
