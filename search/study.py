@@ -9,6 +9,7 @@ the next candidate.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -74,43 +75,68 @@ def _absolute(path: str) -> str:
 
 
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
-    """Everything before the first candidate: folder, storage, evaluator check, study, baselines."""
-    from evaluators import EvaluatorError, HarnessEvaluator
+    """Everything before the first candidate: checks, folder, storage, study, baselines.
 
+    Every check that can fail on bad input runs before the study folder is created, and a folder
+    this call created is removed again if setup fails, so a mistake leaves nothing half-made.
+    """
     folder = config.study.folder
+    created = not folder.exists()
+    try:
+        return _setup(config, folder, resume)
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _setup(config: StudyConfig, folder: Path, resume: bool) -> StudySetup:
+    from evaluators import EvaluatorError, HarnessEvaluator
+    from merging import Checkpoint, check_compatible
+
     snapshot = config_to_dict(config)
     if (folder / records.CONFIG_FILE).is_file():
         previous = records.read_config_snapshot(folder)
-        if not resume and _search_part(previous) != _search_part(snapshot):
-            raise ConfigError(f"{folder} holds a study with a different config; resume it with "
+        if _search_part(previous) != _search_part(snapshot):
+            raise ConfigError(f"{folder} holds a study with a different config; resume it as it is with "
                               f"`basin resume {folder}`, or choose another study.name / study.output_dir")
     elif resume:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
+    spec = worker_spec(config)
+    ckpts = {p: Checkpoint(p, allow_pickle=spec.allow_pickle) for p in (spec.base, *spec.finetunes)}
+    check_compatible(ckpts)  # headers only: incompatible models fail here, before any worker starts
     ev = config.evaluator
-    include = _include_paths(config)
     try:  # loads the task definitions only: unknown tasks and metrics fail here, before any model
-        probe = HarnessEvaluator(ev.tasks, include_path=include or None, split=ev.split, limit=1,
+        probe = HarnessEvaluator(ev.tasks, include_path=list(spec.include_path) or None, split=ev.split, limit=1,
                                  builtin_tasks=ev.builtin_tasks, metrics=[o.key for o in config.objectives.items])
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
     directions = resolve_directions(config.objectives, probe.higher_is_better)
-    spec = worker_spec(config)
     space = study_space(config, spec)
-    storage = records.open_storage(folder, config.study.storage)
+    try:
+        storage = records.open_storage(folder, config.study.storage)
+        existing = _count_trials(storage, config.study.name)
+        study = optuna.create_study(
+            study_name=config.study.name, storage=storage, load_if_exists=True,
+            directions=study_directions(config.objectives, directions),
+            sampler=make_sampler(config.sampler, len(directions), offset=existing),
+        )
+    except Exception as exc:
+        url = records.redact(config.study.storage or str(folder / records.JOURNAL_FILE))
+        raise ConfigError(
+            f"study.storage {url} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
+            "check the URL, that the server runs and its driver is installed, or leave study.storage "
+            "empty to use a journal file in the study folder"
+        ) from None
     records.write_config_snapshot(folder, snapshot)
-    existing = _count_trials(storage, config.study.name)
-    study = optuna.create_study(
-        study_name=config.study.name, storage=storage, load_if_exists=True,
-        directions=study_directions(config.objectives, directions),
-        sampler=make_sampler(config.sampler, len(directions), offset=existing),
-    )
     if existing == 0:
         study.set_user_attr("directions", directions)
         study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
-        if config.baselines:
+        if config.baselines:  # skip_if_exists: a second runner starting at once adds no duplicates
             for name, params in baseline_params(space):
-                study.enqueue_trial(params, user_attrs={"baseline": name})
+                study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
     requeue_stale(study)
+    sync_records(study, folder, space)
     return StudySetup(config, folder, study, space, directions, spec)
 
 
@@ -164,8 +190,8 @@ def requeue_stale(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("runner", {})
-        if owner.get("host") != host or _alive(owner.get("pid")):
+        owner = t.user_attrs.get("runner")  # none: the run died between ask and recording its owner
+        if owner and (owner.get("host") != host or _alive(owner.get("pid"))):
             continue
         study._storage.set_trial_user_attr(t._trial_id, "error", "the run was stopped while this trial ran; its params were queued again")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -173,6 +199,29 @@ def requeue_stale(study: optuna.Study) -> list[int]:
         study.enqueue_trial(t.params, user_attrs=attrs)
         stale.append(t.number)
     return stale
+
+
+def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
+    """Write the record of any finished trial that has none (a run killed between tell and write)."""
+    have = {int(p.stem) for p in (folder / "trials").glob("*.json")}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if t.number not in have:
+            try:
+                recipe = recipe_to_dict(recipe_from_params(t.params, space))
+            except Exception:  # a proposal that never became a recipe
+                recipe = None
+            records.write_trial_record(folder, _record(t, recipe, None, t.user_attrs.get("error")))
+
+
+def _record(t: optuna.trial.FrozenTrial | optuna.trial.Trial, recipe: dict | None, wall: float | None,
+            error: str | None, traceback: str | None = None) -> dict[str, Any]:
+    attrs = t.user_attrs
+    return {
+        "number": t.number, "state": "COMPLETE" if error is None else "FAIL", "baseline": attrs.get("baseline"),
+        "retry_of": attrs.get("retry_of"), "params": t.params, "recipe": recipe, "metrics": attrs.get("metrics"),
+        "values": getattr(t, "values", None), "merge_s": attrs.get("merge_s"), "eval_s": attrs.get("eval_s"),
+        "wall_s": wall, "worker": attrs.get("worker"), "error": error, "traceback": traceback,
+    }
 
 
 def _alive(pid: Any) -> bool:
@@ -292,13 +341,9 @@ def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
     else:
         trial.set_user_attr("error", error)
         s.study.tell(trial, state=TrialState.FAIL)
-    records.write_trial_record(s.folder, {
-        "number": trial.number, "state": "COMPLETE" if error is None else "FAIL",
-        "baseline": trial.user_attrs.get("baseline"), "params": trial.params, "recipe": flight.recipe,
-        "metrics": result.get("metrics"), "values": values, "merge_s": result.get("merge_s"),
-        "eval_s": result.get("eval_s"), "wall_s": wall, "worker": result.get("worker"), "error": error,
-        "traceback": result.get("traceback"),
-    })
+    record = _record(trial, flight.recipe, wall, error, result.get("traceback"))
+    record["values"] = values
+    records.write_trial_record(s.folder, record)
     return error is None
 
 
