@@ -83,33 +83,37 @@ def combine(
     """
     if not deltas:
         return base.clone()
+    # Fused ops (add_ with alpha, addcmul_) keep the number of passes over the tensor small.
     if not consensus:
         divisor = float(sum(weights)) if normalize else 1.0
         divisor = 1.0 if abs(divisor) < 1e-8 else divisor
         out = base.clone()
         for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
             coeff = lam * w * scale / divisor
-            out.add_(delta if mask is None else delta * mask, alpha=coeff)
+            if mask is None:
+                out.add_(delta, alpha=coeff)
+            else:
+                out.addcmul_(delta, mask, value=coeff)
         return out
-    # The agreeing entries are the positive ones where the elected sign is +, the negative ones
-    # where it is -: so mix = P or N (sums of positive / negative parts), elected by P + N >= 0.
-    pos_sum = torch.zeros_like(base)
-    neg_sum = torch.zeros_like(base)
-    pos_w = torch.zeros_like(base) if normalize else None
-    neg_w = torch.zeros_like(base) if normalize else None
+    # Sign election: the sum of the kept, scaled, weighted vectors; zero counts as +.
+    total = torch.zeros_like(base)
     for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
-        wd = delta * (w * scale)
+        if mask is None:
+            total.add_(delta, alpha=w * scale)
+        else:
+            total.addcmul_(delta, mask, value=w * scale)
+    elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if normalize else None
+    for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
+        aligned = delta * elected  # > 0 where delta's sign is the elected one, for w > 0
+        agree = aligned > 0 if w > 0 else aligned < 0
         if mask is not None:
-            wd.mul_(mask)
-        pos_sum.add_(wd.clamp(min=0.0))
-        neg_sum.add_(wd.clamp(max=0.0))
-        if pos_w is not None and neg_w is not None:
-            pos_w.add_((wd > 0).to(wd.dtype), alpha=w)
-            neg_w.add_((wd < 0).to(wd.dtype), alpha=w)
-    elected = (pos_sum + neg_sum) >= 0
-    mixed = torch.where(elected, pos_sum, neg_sum)
-    if pos_w is not None and neg_w is not None:
-        divisor = torch.where(elected, pos_w, neg_w)
+            agree &= mask
+        mixed.addcmul_(delta, agree, value=w * scale)
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
         mixed /= divisor.masked_fill_(divisor == 0, 1.0)
     if lam != 1.0:
         mixed *= lam

@@ -128,7 +128,7 @@ def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
     if imp:
         items = sorted(imp.items(), key=lambda kv: kv[1])[-15:]
         ax.barh([k for k, _ in items], [v for _, v in items], color="#00798c")
-        ax.set_xlabel("importance (fANOVA)" + ("" if len(names) == 1 else ", of the mean objective"))
+        ax.set_xlabel("importance (Optuna's default evaluator)" + ("" if len(names) == 1 else ", of the mean objective"))
     ax.set_title("Parameter importances")
     return fig
 

@@ -1,0 +1,119 @@
+"""Inspecting a finished study: the Pareto table, the HTML report, export round trips, the demo config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.cli import main
+from search.config import load_config
+from search.pareto import dominates
+from search.study import load_study_folder, run_study
+from tests.benchmarks.tiny import build_model, build_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small finished pareto study over tiny models (real Ray, real lm-eval)."""
+    root = tmp_path_factory.mktemp("study")
+    for i, name in enumerate(["base", "a", "b", "c"]):
+        build_model(root / name, seed=i)
+    tasks = build_tasks(root / "tasks", n_items=30)
+    config = {
+        "study": {"name": "tiny", "output_dir": str(root / "results")},
+        "models": {"base": str(root / "base"), "finetunes": [str(root / n) for n in "abc"]},
+        "space": {"methods": ["ties", "task_arithmetic"], "lambda": [0.5, 1.5]},
+        "evaluator": {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False},
+        "objectives": {"mode": "pareto", "items": [{"task": n} for n in tasks.names]},
+        "budget": {"n_trials": 10},
+        "workers": {"count": 2},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_study(load_config(path), progress=False)
+    return root, tasks
+
+
+def test_dominance():
+    assert dominates([1, 2], [1, 1], ["maximize", "maximize"])
+    assert not dominates([1, 1], [1, 1], ["maximize", "maximize"])
+    assert not dominates([2, 0], [1, 1], ["maximize", "maximize"])
+    assert dominates([0.5, 1], [1, 1], ["minimize", "maximize"])
+
+
+def test_pareto_table_lists_front_and_baselines(finished, capsys):
+    root, _ = finished
+    assert main(["pareto", str(root / "results")]) == 0
+    out = capsys.readouterr().out
+    _, study = load_study_folder(root / "results")
+    for t in study.best_trials:
+        assert re.search(rf"^{t.number}\s", out, re.M), f"front trial {t.number} missing"
+    for name in ("alone:a", "alone:b", "alone:c", "uniform"):
+        assert name in out
+    # every baseline row says whether the front dominates it, and says it correctly
+    directions = [d.name.lower() for d in study.directions]
+    for t in study.trials:
+        name = t.user_attrs.get("baseline")
+        if name and t not in study.best_trials and t.values:
+            row = next(line for line in out.splitlines() if re.match(rf"{t.number}\s+{re.escape(name)}\s", line))
+            beaten = any(dominates(f.values, t.values, directions) for f in study.best_trials)
+            assert ("dominated by" in row) == beaten
+
+
+def test_report_is_self_contained_with_real_images(finished):
+    root, _ = finished
+    assert main(["report", str(root / "results"), "--quiet"]) == 0
+    page = (root / "results" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page), "the report must not load anything external"
+    assert "test" in page and "validation" in page
+    import matplotlib.image
+
+    for name in ("pareto", "history", "recipe", "importances"):
+        png = root / "results" / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert height > 100 and width > 100
+    heldout = list((root / "results" / "heldout" / "test").glob("*.json"))
+    assert len(heldout) >= 4  # the finalists plus three fine-tunes alone and the average
+
+
+def test_export_reproduces_recorded_metrics(finished, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    root, tasks = finished
+    config, study = load_study_folder(root / "results")
+    trial = max(study.best_trials, key=lambda t: sum(t.values))
+    out = tmp_path / "merged"
+    assert main(["export", str(root / "results"), "--trial", str(trial.number), "--out", str(out), "--quiet"]) == 0
+    lm = HFLM(pretrained=str(out), device="cpu", batch_size=16)
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=[tasks.config(n, ("validation",)) for n in tasks.names],
+        task_manager=TaskManager(include_path=str(tasks.folder), include_defaults=False), bootstrap_iters=0,
+    )
+    recorded = trial.user_attrs["metrics"]
+    for name in tasks.names:
+        assert result["results"][name]["acc,none"] == pytest.approx(recorded[f"{name}/acc"], abs=1e-12)
+    mergekit = tmp_path / "recipe.yaml"
+    assert main(["export", str(root / "results"), "--trial", str(trial.number), "--out", str(mergekit), "--format", "mergekit"]) == 0
+    assert yaml.safe_load(mergekit.read_text())["merge_method"] == trial.params["method"]
+
+
+def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
+    root, _ = finished
+    assert main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2
+    assert "complete trials" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(config, capsys):
+    assert main(["validate", str(config)]) == 0
+    assert "ok" in capsys.readouterr().out
