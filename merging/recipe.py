@@ -255,16 +255,20 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
-    """Read and validate a recipe YAML file."""
+def read_yaml(path: str | Path, what: str = "recipe file") -> Any:
+    """A YAML file's content; a missing file or bad YAML is a MergeError."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"recipe file not found: {path}")
+        raise MergeError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise MergeError(f"{path} is not valid YAML: {exc}") from None
-    return recipe_from_dict(data)
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a recipe YAML file."""
+    return recipe_from_dict(read_yaml(path))
 
 
 def dump_recipe(recipe: MergeRecipe) -> str:

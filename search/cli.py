@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from evaluators.protocol import EvaluatorError
 from merging import MergeError
 from search.config import ConfigError
@@ -26,21 +24,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from merging import dump_recipe, from_mergekit, load_recipe, to_mergekit
+    from merging import dump_recipe, from_mergekit, recipe_from_dict, to_mergekit
+    from merging.recipe import read_yaml
 
-    source = Path(args.file)
-    if not source.is_file():
-        raise MergeError(f"file not found: {source}")
-    try:
-        data = yaml.safe_load(source.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeError(f"{source} is not valid YAML: {exc}") from None
+    data = read_yaml(args.file, "file")
     is_mergekit = isinstance(data, dict) and "merge_method" in data
     if args.to == "mergekit":
-        text = to_mergekit(from_mergekit(data) if is_mergekit else load_recipe(source))
+        text = to_mergekit(from_mergekit(data) if is_mergekit else recipe_from_dict(data))
     else:
-        from merging import recipe_from_dict
-
         text = dump_recipe(from_mergekit(data) if is_mergekit else recipe_from_dict(data))
     if args.out:
         Path(args.out).write_text(text)

@@ -8,6 +8,8 @@ the next candidate.
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import os
 import shutil
 import socket
@@ -32,6 +34,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 POLL_S = 1.0
+OWNERLESS_GRACE_S = 5.0  # a live runner records itself on a trial milliseconds after asking for it
 
 
 @dataclass
@@ -113,31 +116,38 @@ def _setup(config: StudyConfig, folder: Path, resume: bool) -> StudySetup:
         raise ConfigError(f"evaluator: {exc}") from None
     directions = resolve_directions(config.objectives, probe.higher_is_better)
     space = study_space(config, spec)
-    try:
-        storage = records.open_storage(folder, config.study.storage)
-        existing = _count_trials(storage, config.study.name)
-        study = optuna.create_study(
-            study_name=config.study.name, storage=storage, load_if_exists=True,
-            directions=study_directions(config.objectives, directions),
-            sampler=make_sampler(config.sampler, len(directions), offset=existing),
-        )
-    except Exception as exc:
-        url = records.redact(config.study.storage or str(folder / records.JOURNAL_FILE))
-        raise ConfigError(
-            f"study.storage {url} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
-            "check the URL, that the server runs and its driver is installed, or leave study.storage "
-            "empty to use a journal file in the study folder"
-        ) from None
-    records.write_config_snapshot(folder, snapshot)
-    if existing == 0:
-        study.set_user_attr("directions", directions)
-        study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
-        if config.baselines:  # skip_if_exists: a second runner starting at once adds no duplicates
+    with records.study_lock(folder):  # runners starting at once set the study up one after the other
+        try:
+            storage = records.open_storage(folder, config.study.storage)
+            existing = _count_trials(storage, config.study.name)
+            study = optuna.create_study(
+                study_name=config.study.name, storage=storage, load_if_exists=True,
+                directions=study_directions(config.objectives, directions),
+                sampler=make_sampler(config.sampler, len(directions), offset=existing),
+            )
+        except Exception as exc:
+            raise _storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None
+        records.write_config_snapshot(folder, snapshot)
+        if "directions" not in study.user_attrs:
+            study.set_user_attr("directions", directions)
+            study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
+        # Until the flag is set, not `existing == 0`: a run killed halfway through enqueuing must
+        # not lose the remaining baselines (skip_if_exists leaves out those already queued or run).
+        if config.baselines and not study.user_attrs.get("baselines_enqueued"):
             for name, params in baseline_params(space):
                 study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-    requeue_stale(study)
-    sync_records(study, folder, space)
+            study.set_user_attr("baselines_enqueued", True)
+        requeue_stale(study)
+        sync_records(study, folder, space)
     return StudySetup(config, folder, study, space, directions, spec)
+
+
+def _storage_error(url: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"study.storage {records.redact(url)} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
+        "check the URL, that the server runs and its driver is installed, or leave study.storage "
+        "empty to use a journal file in the study folder"
+    )
 
 
 def _include_paths(config: StudyConfig) -> list[str]:
@@ -185,20 +195,40 @@ def _count_trials(storage: Any, name: str) -> int:
         return 0
 
 
-def requeue_stale(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params again."""
-    host = socket.gethostname()
+def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> list[int]:
+    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params again.
+
+    A trial without a runner attr comes from a run that died between ask and recording itself, or
+    from a live runner recording itself right now: wait until such trials are `grace_s` old rather
+    than take a live runner's trial. A runner with this process's pid is a former run (a restarted
+    container reuses pids), since this run has asked for nothing yet.
+    """
+    host, me = socket.gethostname(), os.getpid()
+    while young := [_age_s(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if not t.user_attrs.get("runner") and _age_s(t) < grace_s]:
+        time.sleep(grace_s - min(young) + 0.1)
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("runner")  # none: the run died between ask and recording its owner
-        if owner and (owner.get("host") != host or _alive(owner.get("pid"))):
+        owner = t.user_attrs.get("runner")
+        if owner and (owner.get("host") != host or (owner.get("pid") != me and _alive(owner.get("pid")))):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", "the run was stopped while this trial ran; its params were queued again")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        attrs = {k: v for k, v in t.user_attrs.items() if k == "baseline"} | {"retry_of": t.number}
-        study.enqueue_trial(t.params, user_attrs=attrs)
+        _fail_and_requeue(study, t, "the run was stopped while this trial ran; its params were queued again")
         stale.append(t.number)
     return stale
+
+
+def _age_s(t: optuna.trial.FrozenTrial) -> float:
+    return (dt.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else math.inf
+
+
+def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str) -> None:
+    """Fail a trial that will not finish and queue its params again, as a retry linked by retry_of."""
+    t = study._storage.get_trial(trial._trial_id)
+    study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+    study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    attrs = {k: v for k, v in t.user_attrs.items() if k == "baseline"} | {"retry_of": t.number}
+    # fixed_params: an enqueued trial (a baseline, a retry) asked but killed before its params were suggested
+    study.enqueue_trial({**t.system_attrs.get("fixed_params", {}), **t.params}, user_attrs=attrs)
 
 
 def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
@@ -245,10 +275,11 @@ def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = Tru
     try:
         _loop(s, pool, in_flight, progress)
     finally:
-        for flight in in_flight.values():  # interrupted: storage stays consistent
-            flight.trial.set_user_attr("error", "interrupted before the candidate finished")
-            s.study.tell(flight.trial, state=TrialState.FAIL)
-        pool.shutdown()
+        try:
+            for flight in in_flight.values():  # interrupted (Ctrl-C, an error): no candidate is lost
+                _fail_and_requeue(s.study, flight.trial, "interrupted before the candidate finished; its params were queued again")
+        finally:
+            pool.shutdown()
     return s.study
 
 
@@ -269,8 +300,13 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
     free, recent = list(range(cfg.workers.count))[::-1], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def more() -> bool:
+        return _budget_left(s, len(in_flight), started, elapsed_before) and not _failing(recent, cfg.workers.count)
+
     while True:
-        while free and _budget_left(s, len(in_flight), started, elapsed_before) and not _failing(recent, cfg.workers.count):
+        # only a worker that is up: one being (re)started would refuse the candidate
+        while more() and (worker := next((w for w in free if pool.available(w)), None)) is not None:
             trial = study.ask()
             trial.set_user_attr("runner", runner)
             try:
@@ -280,9 +316,9 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            worker = free.pop()
+            free.remove(worker)
             in_flight[pool.submit(worker, recipe)] = Flight(trial, worker, params, recipe)
-        if not in_flight:
+        if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
             break
         for ref in pool.wait(list(in_flight), timeout=POLL_S):
             flight = in_flight.pop(ref)
@@ -330,8 +366,11 @@ def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
     if error is None:
         try:
             values = objective_values(cfg.objectives, s.directions, result["metrics"])
-        except KeyError as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             error = str(exc)
+        else:  # Optuna would fail such a trial silently while its record said COMPLETE
+            if not all(math.isfinite(v) for v in values):
+                error, values = f"the objective values {values} are not finite (NaN or inf): the candidate is broken", None
     trial.set_user_attr("worker", result.get("worker"))
     if error is None:
         trial.set_user_attr("metrics", result["metrics"])
@@ -366,5 +405,11 @@ def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     config = config_from_dict(snapshot, str(folder / records.CONFIG_FILE))
-    storage = records.open_storage(folder, config.study.storage)
-    return config, optuna.load_study(study_name=config.study.name, storage=storage)
+    try:
+        storage = records.open_storage(folder, config.study.storage)
+        return config, optuna.load_study(study_name=config.study.name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"{folder}: its storage holds no study named '{config.study.name}'; "
+                          f"was it moved? start it again with `basin run CONFIG`") from None
+    except Exception as exc:  # status, pareto, export: the same redacted message as run
+        raise _storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None

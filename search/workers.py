@@ -129,32 +129,67 @@ class WorkerPool:
         self._actor_cls = ray.remote(num_cpus=cpus if gpus_per_worker == 0 else 1, num_gpus=gpus_per_worker,
                                      max_restarts=-1, max_task_retries=0)(CandidateWorker)
         self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
+        # Ray refuses calls to a worker it is restarting (ActorUnavailableError, at once), so a
+        # candidate sent to a worker that just died would fail too, and the next, and the next. A
+        # worker gets candidates only once its probe (retried by Ray across restarts) has answered.
+        self._probes = [self._probe(i) for i in range(count)]
+        self._owner: dict[Any, int] = {}  # candidate ref -> worker index
+
+    def _probe(self, worker: int):
+        return self.actors[worker].info.options(max_task_retries=-1).remote()
 
     def ready(self) -> list[dict[str, Any]]:
         """Block until every worker has loaded its models; returns their info."""
         return self._ray.get([a.info.remote() for a in self.actors])
 
+    def available(self, worker: int) -> bool:
+        """Whether the worker is up and can take a candidate; never blocks."""
+        done, _ = self._ray.wait([self._probes[worker]], num_returns=1, timeout=0)
+        if not done:
+            return False
+        try:
+            self._ray.get(self._probes[worker])
+        except self._ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:  # it will never come up: stop rather than wait forever
+                raise RuntimeError(f"worker {worker} cannot start: {_first_line(exc)}") from None
+            self._probes[worker] = self._probe(worker)
+            return False
+        return True
+
     def submit(self, worker: int, recipe: dict[str, Any], split: str = "validation"):
-        return self.actors[worker].run.remote(recipe, split)
+        ref = self.actors[worker].run.remote(recipe, split)
+        self._owner[ref] = worker
+        return ref
 
     def wait(self, refs: list, timeout: float | None) -> list:
+        if not refs:  # every worker restarting: nothing to wait for but time
+            time.sleep(timeout or 0)
+            return []
         done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
         return done
 
     def result(self, ref) -> dict[str, Any]:
         """The candidate's result dict; a dead worker becomes an error result."""
+        worker = self._owner.pop(ref, None)
         try:
             return self._ray.get(ref)
         except self._ray.exceptions.RayError as exc:
-            return {"error": f"worker died during the candidate ({type(exc).__name__}); Ray restarts it"}
+            if worker is not None:  # Ray restarts it; no candidate for it until it is back
+                self._probes[worker] = self._probe(worker)
+            return {"error": f"worker died during the candidate ({type(exc).__name__}: {_first_line(exc)}); Ray restarts it"}
 
     def restart(self, worker: int) -> None:
         """Kill a worker (e.g. one past its time limit); Ray starts a fresh one in its place."""
         self._ray.kill(self.actors[worker], no_restart=False)
+        self._probes[worker] = self._probe(worker)
 
     def shutdown(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor, no_restart=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or ["no detail"])[0][:200]
 
 
 def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
@@ -172,5 +207,16 @@ def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
         if not torch.cuda.is_available():
             # no GPU here: advertise logical GPUs so the schedule can still be exercised on a CPU machine
             resources["num_gpus"] = int(count * gpus_per_worker + 0.999)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, count), **resources)
+    # Ray turns _node_ip_address="127.0.0.1" into this machine's network address (it expects a
+    # cluster), and its servers (gcs, raylet, workers) then listen on every interface. With its
+    # cluster switch off while it starts, the node address stays 127.0.0.1 and they bind to
+    # loopback only. (The switch is read at call time by ray._private.services.get_node_ip_address.)
+    from ray._private import ray_constants
+
+    cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, count), **resources)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
