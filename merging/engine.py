@@ -43,7 +43,7 @@ class TensorInputs:
 
     base: Tensor
     deltas: list[Tensor]
-    tables: list[Tensor] | None = None  # magnitude tables, for TIES
+    tables: list[Tensor | methods.MagnitudeRanks] | None = None  # magnitude tables, for TIES
     draws: list[Tensor] | None = None  # DARE bytes, for dare_*
 
 

@@ -92,7 +92,7 @@ def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars
     deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
     inputs = TensorInputs(base=base, deltas=deltas)
     if recipe.method == "ties":
-        inputs.tables = [methods.magnitude_table(d) for d in deltas]
+        inputs.tables = [methods.MagnitudeRanks(d) for d in deltas]
     elif recipe.method.startswith("dare"):
         inputs.draws = [methods.dare_draws(spec.shape, recipe.seed, k, spec.name).to(device) for k in range(len(models))]
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)

@@ -35,7 +35,24 @@ def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
     return ordered[torch.tensor(ranks, device=ordered.device) - 1].cpu()
 
 
-def magnitude_threshold(table: Tensor, density: float) -> float:
+class MagnitudeRanks:
+    """The entries of `magnitude_table(delta)` computed on demand by selection, not a full sort:
+    the export needs two of them per tensor, the resident path all of them once."""
+
+    def __init__(self, delta: Tensor, points: int = TABLE_POINTS) -> None:
+        self._abs = delta.detach().reshape(-1).abs().float()
+        self._points = points
+
+    def numel(self) -> int:
+        return self._points + 1
+
+    def __getitem__(self, j: int) -> Tensor:
+        n = self._abs.numel()
+        rank = max(1, int(j / self._points * n))  # the rank-th largest = the (n - rank + 1)-th smallest
+        return torch.kthvalue(self._abs, n - rank + 1).values
+
+
+def magnitude_threshold(table: Tensor | MagnitudeRanks, density: float) -> float:
     """The magnitude at or above which an entry is kept for this density."""
     points = table.numel() - 1
     pos = round(density * points, 9)
