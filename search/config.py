@@ -10,8 +10,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merging.recipe import METHODS
-
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
 Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
 Range = float | tuple[float, float]
@@ -75,16 +73,19 @@ class SpaceSection(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SpaceSection:
+        problems = []
         for name in ("weight", "density", "lam", "t"):
             value = getattr(self, name)
             if isinstance(value, tuple) and value[0] > value[1]:
-                raise ValueError(f"{name}: low {value[0]} is above high {value[1]}")
+                problems.append(f"{'lambda' if name == 'lam' else name}: low {value[0]} is above high {value[1]}")
         lo, hi = self.density if isinstance(self.density, tuple) else (self.density, self.density)
         if lo <= 0 or hi > 1:
-            raise ValueError(f"density must lie in (0, 1]; got {self.density}")
+            problems.append(f"density must lie in (0, 1]; got {self.density}")
         t_lo, t_hi = self.t if isinstance(self.t, tuple) else (self.t, self.t)
         if t_lo < 0 or t_hi > 1:
-            raise ValueError(f"t must lie in [0, 1]; got {self.t}")
+            problems.append(f"t must lie in [0, 1]; got {self.t}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -153,22 +154,39 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:
-        problems = []
-        for i, obj in enumerate(self.objectives.items):
-            if obj.task not in self.evaluator.tasks:
-                close = difflib.get_close_matches(obj.task, self.evaluator.tasks, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else "."
-                problems.append(f"objectives.items[{i}].task: '{obj.task}' is not among evaluator.tasks{hint} Known: {', '.join(self.evaluator.tasks)}")
-        if self.objectives.mode == "pareto" and len(self.objectives.items) < 2:
-            problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
-        if "slerp" in self.space.methods and len(self.models.finetunes) != 2:
-            problems.append(f"space.methods: slerp merges exactly two fine-tunes; this config has {len(self.models.finetunes)}")
+        problems = cross_problems(self.model_dump(by_alias=True))
         if not searchable(self.space, len(self.models.finetunes)):
             problems.append("space: nothing to search (one method and every value fixed); "
                             "give a range such as weight: [0, 1], or apply one recipe with `basin merge`")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def cross_problems(data: dict) -> list[str]:
+    """Checks across sections, on the raw mapping too, so they are reported beside field errors."""
+    def get(*path: str) -> Any:
+        node: Any = data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    problems = []
+    tasks = get("evaluator", "tasks")
+    items = get("objectives", "items")
+    if isinstance(tasks, list) and isinstance(items, list):
+        for i, obj in enumerate(items):
+            task = obj.get("task") if isinstance(obj, dict) else None
+            if isinstance(task, str) and task not in tasks:
+                close = difflib.get_close_matches(task, [str(t) for t in tasks], n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else "."
+                problems.append(f"objectives.items[{i}].task: '{task}' is not among evaluator.tasks{hint} Known: {', '.join(map(str, tasks))}")
+    if get("objectives", "mode") == "pareto" and isinstance(items, list) and len(items) < 2:
+        problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
+    methods, finetunes = get("space", "methods"), get("models", "finetunes")
+    if isinstance(methods, list) and "slerp" in methods and isinstance(finetunes, list) and len(finetunes) != 2:
+        problems.append(f"space.methods: slerp merges exactly two fine-tunes; this config has {len(finetunes)}")
+    return problems
 
 
 def searchable(space: SpaceSection, n_models: int) -> bool:
@@ -208,10 +226,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(exc: ValidationError, data: Any) -> str:
+def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             field_name = str(err["loc"][-1])
@@ -223,10 +241,12 @@ def _format_errors(exc: ValidationError, data: Any) -> str:
             lines.append(f"{loc}: {err.get('input')!r} is not allowed; {msg[0].lower() + msg[1:]}")
         elif err["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
+        elif err["type"] == "value_error":  # our own checks: one line per problem
+            lines += [f"{loc}: {m}" if loc else m for m in msg.split("\n")]
         else:
             shown = f" (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else ""
             lines.append(f"{loc}: {msg}{shown}" if loc else msg)
-    return "\n".join(f"  - {line}" for line in lines)
+    return [f"  - {line}" for line in lines]
 
 
 def _known_fields(loc: tuple) -> list[str]:
@@ -249,8 +269,11 @@ def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
-        n = exc.error_count()
-        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n{_format_errors(exc, data)}") from None
+        lines = _format_errors(exc)
+        if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: add them
+            lines += [f"  - {p}" for p in cross_problems(data)]
+        n = len(lines)
+        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines)) from None
 
 
 def read_config_data(path: str | Path) -> dict:
@@ -275,5 +298,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
 def config_to_dict(config: StudyConfig) -> dict:
     return config.model_dump(mode="json", by_alias=True)
 
-
-assert set(METHODS) == set(Method.__args__), "search.config.Method must list merging's methods"

@@ -158,10 +158,19 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
 
 def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     """Reference recipes as params of this space: each fine-tune alone, the uniform average,
-    plain task arithmetic and TIES; each only where the space's methods can express it."""
+    plain task arithmetic and TIES, each only where the space can express it exactly."""
     cfg, k = space.config, len(space.model_names)
     allowed = set(cfg.methods)
-    out: list[tuple[str, dict[str, Any]]] = []
+
+    def settable(spec: float | tuple[float, float], value: float) -> bool:
+        return isinstance(spec, tuple) or spec == value
+
+    def can(method: str, weights: list[float], density: float = 1.0, lam: float = 1.0) -> bool:
+        if method not in allowed or not all(settable(cfg.weight, w) for w in weights):
+            return False
+        if method in USES_DENSITY and not settable(cfg.density, density):
+            return False
+        return method not in TASK_VECTOR_METHODS or settable(cfg.lam, lam)
 
     def params(method: str, weights: list[float], density: float = 1.0, lam: float = 1.0) -> dict[str, Any]:
         p: dict[str, Any] = {"method": method} if len(cfg.methods) > 1 else {}
@@ -174,23 +183,23 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
             p["lambda"] = lam
         return p
 
-    def first(*methods: str) -> str | None:
-        return next((m for m in methods if m in allowed), None)
-
-    weights_free = isinstance(cfg.weight, tuple)
-    alone = first("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-    if alone and weights_free and k > 1:
-        for i, model in enumerate(space.model_names):
-            out.append((f"alone:{model}", params(alone, [1.0 if j == i else 0.0 for j in range(k)])))
-    elif "slerp" in allowed and isinstance(cfg.t, tuple):
-        out += [(f"alone:{space.model_names[0]}", {"method": "slerp", "t": 0.0} if len(cfg.methods) > 1 else {"t": 0.0}),
-                (f"alone:{space.model_names[1]}", {"method": "slerp", "t": 1.0} if len(cfg.methods) > 1 else {"t": 1.0})]
-    if "linear" in allowed and weights_free:
-        out.append(("uniform", params("linear", [1.0] * k)))
-    elif "task_arithmetic" in allowed and weights_free:
-        out.append(("uniform", params("task_arithmetic", [1.0 / k] * k)))
-    if "task_arithmetic" in allowed:
-        out.append(("task_arithmetic", params("task_arithmetic", [1.0] * k, lam=0.5)))
-    if "ties" in allowed:
-        out.append(("ties", params("ties", [1.0] * k, density=0.5)))
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, model in enumerate(space.model_names):
+        one = [1.0 if j == i else 0.0 for j in range(k)]
+        method = next((m for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties") if can(m, one)), None)
+        if method and k > 1:  # with density 1 and lambda 1 every one of these gives the model itself
+            out.append((f"alone:{model}", params(method, one)))
+        elif "slerp" in allowed and settable(cfg.t, float(i)) and k == 2:
+            out.append((f"alone:{model}", {**({"method": "slerp"} if len(cfg.methods) > 1 else {}), "t": float(i)}))
+    for method, weights in (("linear", [1.0] * k), ("task_arithmetic", [1.0 / k] * k), ("dare_linear", [1.0 / k] * k)):
+        if can(method, weights):
+            out.append(("uniform", params(method, weights)))
+            break
+    # plain task arithmetic and TIES: common defaults where free, the space's value where fixed
+    lam = 0.5 if isinstance(cfg.lam, tuple) else cfg.lam
+    if can("task_arithmetic", [1.0] * k, lam=lam):
+        out.append(("task_arithmetic", params("task_arithmetic", [1.0] * k, lam=lam)))
+    density = 0.5 if isinstance(cfg.density, tuple) else cfg.density
+    if can("ties", [1.0] * k, density=density, lam=1.0 if isinstance(cfg.lam, tuple) else cfg.lam):
+        out.append(("ties", params("ties", [1.0] * k, density=density)))
     return [(name, p) for name, p in out if p]
