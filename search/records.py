@@ -3,6 +3,7 @@
 results/<study>/
   config.yaml        the validated config the study was created with
   journal.log        Optuna's journal storage (unless a storage URL is configured)
+  .journal.lock      flock held by the journal's writers; .setup.lock: flock held while a run sets up
   trials/<n>.json    params, recipe, metrics, objective values, timings, worker, error
 """
 
@@ -47,7 +48,6 @@ def read_trial_records(folder: Path) -> dict[int, dict[str, Any]]:
     for path in sorted((folder / "trials").glob("*.json")):
         out[int(path.stem)] = json.loads(path.read_text())
     return out
-
 
 
 def redact(url: str) -> str:

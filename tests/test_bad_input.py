@@ -1,0 +1,45 @@
+"""Bad input: every mistake in the catalogue gives one message naming the problem (and the way out),
+exit code 2, and leaves no half-created study folder. The catalogue lives in
+tests/benchmarks/reliability.py (the reliability script counts it too)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.benchmarks.reliability import (
+    BAD_INPUTS,
+    BASIN,
+    ENV,
+    REPO,
+    BadInputEnv,
+    run_bad_input,
+    shared_zoo,
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> BadInputEnv:
+    return BadInputEnv(shared_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad"))
+
+
+def test_the_catalogue_is_large_and_distinct():
+    names = [c.name for c in BAD_INPUTS]
+    assert len(names) >= 15 and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name.replace(" ", "_") for c in BAD_INPUTS])
+def test_bad_input_gives_one_message_exit_2_and_leaves_nothing(case, env):
+    result = run_bad_input(case, env)
+    assert result.problems == [], f"{case.name}: {result.message}"
+
+
+def test_a_pickle_only_model_is_refused_by_the_real_command_line(env):
+    """The console script itself, on the security default: pickle loading stays off unless allowed."""
+    case = next(c for c in BAD_INPUTS if c.name == "pickle-only model")
+    proc = subprocess.run([str(BASIN), *case.argv(env)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("basin: error:") == 1 and "Traceback" not in proc.stderr
+    assert "allow_pickle" in proc.stderr and "pickle" in proc.stderr
+    assert not env.out("pickle").exists()

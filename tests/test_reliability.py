@@ -1,0 +1,333 @@
+"""Overnight reliability: what goes wrong at night must never lose finished work.
+
+The slow tests drive the real `basin` command in subprocesses (each starts its own local Ray) on
+tiny models, through the helpers of tests/benchmarks/reliability.py (which also prints the figures).
+The fast ones check the pieces in-process: the journal, stale trials, baselines, interrupts, security.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import search.study as study_mod
+from search import records
+from search.config import config_from_dict, config_to_dict
+from search.space import baseline_params, suggest
+from search.study import Flight, requeue_stale, run_study, setup_study
+from tests.benchmarks.reliability import (
+    FAULT_KINDS,
+    LOOPBACK,
+    REPO,
+    build_big_zoo,
+    export_killed,
+    kill_and_resume,
+    shared_zoo,
+    study_config,
+    worker_faults,
+)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return shared_zoo(tmp_path_factory.getbasetemp())
+
+
+def setup(zoo, folder: Path, **sections):
+    return setup_study(config_from_dict(study_config(zoo, folder, **sections)), resume=False)
+
+
+# --- the real command line under fire ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ten_sigkills_then_two_runners_lose_nothing(zoo, tmp_path):
+    """SIGKILL `basin run`/`resume` and its whole Ray 10 times at random moments (most during start-up,
+    every fifth while trials complete), resuming each time; then two `basin run` of the same config
+    finish the study together. Nothing finished is lost or duplicated, no trial number is used twice,
+    running trials are failed and queued again, no process leaks, and the budget is reached.
+    (One scenario for both, to keep start-ups, about 15-30 s each here, few.)"""
+    r = kill_and_resume(zoo, tmp_path, kills=10, n_trials=40, moments=("early",) * 4 + ("completing",),
+                        early_s=(0.5, 6.0), final_runners=2)
+    assert r.kills == 10
+    assert r.leaked == [], "processes outlived the kill"
+    assert r.lost == [], "COMPLETE trials changed or disappeared"
+    assert r.integrity == [], "duplicates, numbers used twice, retries missing or records out of step"
+    assert r.final_rc == 0
+    assert all(n > 0 for n in r.final_by_runner.values()), f"a runner added nothing: {r.final_by_runner}"
+    # n_trials counts COMPLETE trials; two runners check it before asking, so together they may overshoot by one
+    assert r.budget <= r.complete <= r.budget + 1
+
+
+@pytest.mark.slow
+def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(zoo, tmp_path):
+    """One study, phase by phase: an evaluation raises; the worker is SIGKILLed mid-candidate (its pid
+    from a trial record); a candidate hangs past workers.candidate_timeout; task-arithmetic merges
+    overflow to inf. Each fails its own trial with the reason, a fresh worker takes over each time, and
+    the study finishes its budget."""
+    r = worker_faults(zoo, tmp_path)
+    assert r.rc == 0 and r.complete == r.budget
+    assert set(r.errors) == set(FAULT_KINDS.values()), r.errors
+    assert len(r.errors["worker_died"]) == 1 and len(r.errors["timeout"]) == 1 and len(r.errors["raised"]) == 1
+    assert r.unexpected == [] and r.integrity == []
+    pids = [w.split(":")[1].split("/")[0] for w in r.workers]
+    assert str(r.killed_pid) == pids[0]  # the worker of the first COMPLETE trial was the one killed
+    assert len(dict.fromkeys(pids)) == 3, r.workers  # then one restarted after the kill, one after the timeout
+    assert str(r.timed_out_pid) == list(dict.fromkeys(pids))[1]
+    # the run's local Ray serves on loopback only (node address 127.0.0.1, every listening socket)
+    assert r.node_ips == {"127.0.0.1"}, r.node_ips
+    assert r.listening and all(ip in LOOPBACK for _, ip in r.listening), r.listening
+
+
+@pytest.mark.slow
+def test_sigkilled_export_leaves_nothing_at_the_target(tmp_path):
+    r = export_killed(build_big_zoo(tmp_path / "big"), tmp_path / "export", clean=False)
+    assert not r.target_exists
+
+
+# --- the journal -------------------------------------------------------------------------------------
+
+
+def test_a_torn_journal_tail_is_cut_and_the_study_goes_on(zoo, tmp_path, capsys):
+    """A run that dies in the middle of a journal write leaves half a line; Optuna would append the
+    next operation to it and the study would become unreadable."""
+    folder = tmp_path / "torn"
+    s = setup(zoo, folder)
+    numbers = []
+    for _ in range(3):
+        t = s.study.ask()
+        suggest(t, s.space)
+        s.study.tell(t, [0.1, 0.2])
+        numbers.append(t.number)
+    journal = folder / records.JOURNAL_FILE
+    intact = journal.read_bytes()
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":6,"worker_id":"dead","trial_id":')
+    study = optuna.load_study(study_name="night", storage=records.open_storage(folder, None))
+    assert "half-written" in capsys.readouterr().err
+    assert journal.read_bytes() == intact
+    t = study.ask()
+    suggest(t, s.space)
+    study.tell(t, [0.3, 0.4])
+    again = optuna.load_study(study_name="night", storage=records.open_storage(folder, None))
+    done = [x.number for x in again.get_trials(states=(TrialState.COMPLETE,))]
+    assert done == [*numbers, t.number]
+
+
+def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
+    """Optuna's default lock (a symlink) outlives a SIGKILLed writer and makes the next run wait 30 s;
+    the flock the journal uses now is released by the kernel."""
+    folder = tmp_path / "lock"
+    records.open_storage(folder, None)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from search.records import FlockLock, JOURNAL_LOCK\n"
+        f"FlockLock(Path({str(folder)!r}) / JOURNAL_LOCK).acquire(); print('held', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    start = time.monotonic()
+    optuna.create_study(study_name="after", storage=records.open_storage(folder, None))
+    assert time.monotonic() - start < 5
+
+
+def test_the_config_snapshot_is_written_atomically(tmp_path, monkeypatch):
+    folder = tmp_path / "snap"
+    records.write_config_snapshot(folder, {"a": 1})
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill while writing: the old snapshot must stay whole
+
+    monkeypatch.setattr(yaml, "safe_dump", die)
+    with pytest.raises(KeyboardInterrupt):
+        records.write_config_snapshot(folder, {"a": 2})
+    assert records.read_config_snapshot(folder) == {"a": 1}
+
+
+# --- stale trials, baselines, interrupts ------------------------------------------------------------
+
+
+def _live_other_process():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path):
+    """Between ask and recording its runner, a live run's trial has no owner; a runner starting just
+    then waits for the owner to appear instead of failing the trial."""
+    s = setup(zoo, tmp_path / "young", baselines=False)
+    trial = s.study.ask()
+    other = _live_other_process()
+    try:
+        timer = threading.Timer(0.3, trial.set_user_attr, ("runner", {"host": socket.gethostname(), "pid": other.pid}))
+        timer.start()
+        assert requeue_stale(s.study, grace_s=1.5) == []
+        assert s.study.trials[trial.number].state == TrialState.RUNNING
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
+    s = setup(zoo, tmp_path / "stale")
+    host = socket.gethostname()
+    ownerless = s.study.ask()  # a baseline, killed between ask and recording its runner: params not suggested yet
+    assert not ownerless.params
+    own_pid = s.study.ask()  # a former run of a restarted container, which had this pid
+    own_pid.set_user_attr("runner", {"host": host, "pid": os.getpid()})
+    suggest(own_pid, s.space)
+    other = _live_other_process()
+    try:
+        alive = s.study.ask()
+        alive.set_user_attr("runner", {"host": host, "pid": other.pid})
+        elsewhere = s.study.ask()
+        elsewhere.set_user_attr("runner", {"host": "another-host", "pid": 1})
+        time.sleep(0.3)
+        assert sorted(requeue_stale(s.study, grace_s=0.2)) == [ownerless.number, own_pid.number]
+    finally:
+        other.kill()
+        other.wait()
+    trials = s.study.get_trials()
+    for t in (ownerless, own_pid):
+        assert trials[t.number].state == TrialState.FAIL and "queued again" in trials[t.number].user_attrs["error"]
+        retry = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+        assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+        assert retry[0].user_attrs.get("baseline") == trials[t.number].user_attrs.get("baseline")
+    expected = trials[ownerless.number].system_attrs["fixed_params"]  # the baseline's params survive
+    assert next(r for r in trials if r.user_attrs.get("retry_of") == ownerless.number).system_attrs["fixed_params"] == expected
+    assert trials[alive.number].state == TrialState.RUNNING and trials[elsewhere.number].state == TrialState.RUNNING
+
+
+def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(zoo, tmp_path):
+    folder = tmp_path / "baselines"
+    config = config_from_dict(study_config(zoo, folder))
+    baselines = baseline_params(study_mod.study_space(config, study_mod.worker_spec(config)))
+    # what a run killed after queuing two baselines leaves: the study, its first attrs, two baselines
+    study = optuna.create_study(study_name="night", storage=records.open_storage(folder, None),
+                                directions=["maximize", "maximize"])
+    study.set_user_attr("directions", ["maximize", "maximize"])
+    for name, params in baselines[:2]:
+        study.enqueue_trial(params, user_attrs={"baseline": name})
+    records.write_config_snapshot(folder, config_to_dict(config))
+    resumed = setup_study(config, resume=True)
+    queued = [t.user_attrs["baseline"] for t in resumed.study.get_trials()]
+    assert len(baselines) >= 5 and sorted(queued) == sorted(name for name, _ in baselines)
+    assert resumed.study.user_attrs["baselines_enqueued"] is True
+
+
+def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, monkeypatch):
+    class InterruptedPool:
+        def __init__(self, spec, count, **kwargs):
+            self.refs = 0
+
+        def available(self, worker):
+            return True
+
+        def submit(self, worker, recipe):
+            self.refs += 1
+            return self.refs
+
+        def wait(self, refs, timeout):
+            raise KeyboardInterrupt  # Ctrl-C while two candidates run
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(study_mod, "WorkerPool", InterruptedPool)
+    config = config_from_dict(study_config(zoo, tmp_path / "interrupted", workers={"count": 2}))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, progress=False)
+    trials = optuna.load_study(study_name="night", storage=records.open_storage(tmp_path / "interrupted", None)).trials
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 2 and all("interrupted" in t.user_attrs["error"] for t in stopped)
+    for t in stopped:
+        retry = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+        assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+        assert retry[0].system_attrs["fixed_params"] == t.params and retry[0].user_attrs["baseline"] == t.user_attrs["baseline"]
+
+
+def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_path):
+    s = setup(zoo, tmp_path / "nan", baselines=False)
+    trial = s.study.ask()
+    params = suggest(trial, s.space)
+    result = {"metrics": {"toy_pair/acc": float("nan"), "toy_next/acc": 0.5}, "worker": "w", "merge_s": 0.0, "eval_s": 0.0}
+    assert study_mod._finish(s, Flight(trial, 0, params, {}), result) is False
+    assert s.study.trials[trial.number].state == TrialState.FAIL
+    record = json.loads((tmp_path / "nan" / "trials" / f"{trial.number}.json").read_text())
+    assert record["state"] == "FAIL" and "not finite" in record["error"]
+
+
+# --- security defaults -------------------------------------------------------------------------------
+
+
+def test_remote_code_and_pickle_are_off_unless_turned_on(zoo, tmp_path):
+    config = config_from_dict(study_config(zoo, tmp_path / "x"))
+    spec = study_mod.worker_spec(config)
+    assert config.models.trust_remote_code is False and config.models.allow_pickle is False
+    assert spec.trust_remote_code is False and spec.allow_pickle is False
+    # the refusal of a pickle-only model in a config: tests/test_bad_input.py (real CLI, exit 2)
+
+
+def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):
+    """The node address start_ray gives Ray stays 127.0.0.1 (Ray would turn it into this machine's
+    network address and listen everywhere); checked for real on a running study in
+    test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial."""
+    import ray
+    from ray._private import ray_constants, services
+
+    from search.workers import start_ray
+
+    seen = {}
+
+    def fake_init(**kwargs):  # what Ray does with the address first, without starting it
+        seen["ip"] = services.resolve_ip_for_localhost(kwargs["_node_ip_address"])
+        seen["switch"] = ray_constants.ENABLE_RAY_CLUSTER
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    switch = ray_constants.ENABLE_RAY_CLUSTER
+    start_ray(None, 1, 0)
+    assert seen["ip"] == "127.0.0.1"
+    assert switch == ray_constants.ENABLE_RAY_CLUSTER  # restored afterwards
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://basin:s3cret@db.example:5432/studies", "postgresql://basin:***@db.example:5432/studies"),
+    ("postgresql+psycopg2://basin:p@ss:w/rd@db/studies", "postgresql+psycopg2://basin:***@db/studies"),
+    ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("mysql://u:s3cret@h/db?password=s3cret&x=1", "mysql://u:***@h/db?password=***&x=1"),
+    ("sqlite:////tmp/s3cret/study.db", "sqlite:////tmp/s3cret/study.db"),
+    ("error from postgresql://basin:s3cret@h/db: refused", "error from postgresql://basin:***@h/db: refused"),
+])
+def test_storage_urls_are_printed_without_passwords(url, shown):
+    assert records.redact(url) == shown
+
+
+def test_status_shows_a_storage_url_without_its_password(zoo, tmp_path, monkeypatch):
+    from search.summary import print_status
+
+    folder, secret = tmp_path / "pg", "s3cr3t-Pa55"
+    data = study_config(zoo, folder, name="pg")
+    data["study"]["storage"] = f"postgresql://basin:{secret}@db.example/studies"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(data))
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="pg", storage=storage, directions=["maximize", "maximize"])
+    monkeypatch.setattr(records, "open_storage", lambda folder, url: storage)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_status(folder)
+    assert "postgresql://basin:***@db.example/studies" in out.getvalue() and secret not in out.getvalue()
+    # the same URL unreachable: tests/test_bad_input.py ("status with an unreachable password URL")
