@@ -94,8 +94,8 @@ def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Ten
             a = x.base.float() + x.deltas[0].float()
             b = x.base.float() + x.deltas[1].float()
             result = methods.slerp(a, b, s.t)
-            _finite(result, check_finite)
             out.copy_(result)
+            _finite(out, check_finite)  # after the cast: float16 can overflow where float32 did not
             return
         active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing
         chunk = GPU_CHUNK if out.device.type == "cuda" else CPU_CHUNK
@@ -133,8 +133,8 @@ def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Ten
                     base, deltas, weights, keep=keep, scales=scales, consensus=consensus,
                     normalize=recipe.normalize_, lam=s.lam,
                 )
-            _finite(result, check_finite)
             flat_out[start:stop].copy_(result)
+            _finite(flat_out[start:stop], check_finite)  # after the cast, as above
 
 
 def _finite(t: Tensor, check: bool) -> None:

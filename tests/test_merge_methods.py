@@ -489,3 +489,16 @@ def test_unmappable_names_are_an_error_naming_them():
 def test_no_layer_tensors_is_an_error():
     with pytest.raises(MergeError, match="no layer-indexed tensors"):
         build_layer_map(["model.embed_tokens.weight", "lm_head.weight"])
+
+
+def test_overflow_in_the_cast_to_float16_is_caught():
+    # finite in float32, inf once written into a float16 model: the candidate must fail
+    from merging.engine import NonFiniteMergeError, TensorInputs, TensorScalars, merge_tensor
+    from merging.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"method": "task_arithmetic", "base": "b", "models": [{"path": "m", "weight": 1.0}]})
+    scalars = TensorScalars(weights=(1.0,), densities=(1.0,), lam=1.0, t=0.5)
+    inputs = TensorInputs(base=torch.zeros(4), deltas=[torch.full((4,), 1.0e5)])
+    merge_tensor(recipe, "x", scalars, inputs, torch.empty(4))  # float32 holds 1e5
+    with pytest.raises(NonFiniteMergeError, match="'x'"):
+        merge_tensor(recipe, "x", scalars, inputs, torch.empty(4, dtype=torch.float16))
