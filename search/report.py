@@ -120,7 +120,10 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
 def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     try:
-        target = None if len(names) == 1 else (lambda t: sum(t.values) / len(t.values))
+        # several objectives: rank by the mean of the objectives, each signed so larger is better;
+        # Optuna's evaluator ranks a custom target low-is-good, hence the minus
+        signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+        target = None if len(names) == 1 else (lambda t: -sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
         imp = optuna.importance.get_param_importances(study, target=target)
     except Exception as exc:  # too few trials, or a space with no common parameters
         imp = {}
@@ -128,7 +131,7 @@ def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
     if imp:
         items = sorted(imp.items(), key=lambda kv: kv[1])[-15:]
         ax.barh([k for k, _ in items], [v for _, v in items], color="#00798c")
-        ax.set_xlabel("importance (Optuna's default evaluator)" + ("" if len(names) == 1 else ", of the mean objective"))
+        ax.set_xlabel("importance" + ("" if len(names) == 1 else " for the mean objective"))
     ax.set_title("Parameter importances")
     return fig
 
