@@ -46,8 +46,12 @@ def plot_front(study: optuna.Study, names: list[str]) -> plt.Figure:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front, baselines = front_and_baselines(study)
     pairs = list(itertools.combinations(range(len(names)), 2)) or [(0, 0)]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
-    for ax, (i, j) in zip(axes[0], pairs):
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax, (i, j) in zip(axes.flat, pairs):
         if i == j:  # single objective: score against trial number
             ax.scatter([t.number for t in complete], _values(complete, 0), s=14, c="#9aa5b1", label="trials")
             ax.scatter([t.number for t in front], _values(front, 0), s=30, c="#d1495b", label="top trials")
@@ -57,7 +61,9 @@ def plot_front(study: optuna.Study, names: list[str]) -> plt.Figure:
         else:
             ax.scatter(_values(complete, i), _values(complete, j), s=14, c="#9aa5b1", label="trials")
             pts = sorted(zip(_values(front, i), _values(front, j)))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", c="#d1495b", ms=5, label="Pareto front")
+            # a line only where the front is two-dimensional; a projection of more would zig-zag
+            style = "-o" if len(names) == 2 else "o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, c="#d1495b", ms=5, label="Pareto front")
             ax.scatter(_values(baselines, i), _values(baselines, j), c="#edae49", label="baselines", **BASELINE_STYLE)
             for t in baselines:
                 ax.annotate(t.user_attrs["baseline"], (t.values[i], t.values[j]), fontsize=7,
