@@ -10,6 +10,8 @@ files provide that without any code:
   is forwarded to every member as a task override);
 * ``zoo_test``: all skills on the test split.
 
+From code, ``task.set_config("test_split", None)`` on a loaded task does the same.
+
 A dict spec such as ``{"task": "zoo_add", "test_split": None}`` does *not* work
 in 0.4.13: it is treated as a new inline task, not as an override of the
 registered YAML, so the dataset and prompt fields are lost.
