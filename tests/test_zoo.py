@@ -175,3 +175,25 @@ def test_merging_matters(zoo: Zoo) -> None:
     mean = lambda accs: sum(accs) / len(accs)  # noqa: E731
     best_ft = max(mean(a) for a in ft_acc)
     assert mean(merged_acc) > best_ft + 0.05, (merged_acc, ft_acc)
+
+
+def test_adapter_equals_simple_evaluate_on_a_zoo_model(zoo: Zoo) -> None:
+    """basin's adapter around a live zoo model scores exactly what lm-eval scores on the saved folder."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators import HarnessEvaluator
+
+    folder = next(iter(zoo.finetunes.values()))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ours = HarnessEvaluator(zoo.tasks, include_path=zoo.tasks_dir, split="validation", batch_size=64,
+                            builtin_tasks=False).evaluate(model, tok)
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},device=cpu", batch_size=64, tasks=["zoo_validation"],
+        task_manager=TaskManager(include_path=str(zoo.tasks_dir), include_defaults=False),
+        bootstrap_iters=0, log_samples=False, verbosity="ERROR",
+    )
+    for name in zoo.tasks:
+        assert ours.metrics[f"{name}/acc"] == out["results"][name]["acc,none"], name
