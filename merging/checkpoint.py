@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from merging.errors import MergeError
+from merging.methods import all_finite
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -34,7 +35,8 @@ def resolve_model_dir(spec: str) -> Path:
     if path.exists():
         raise MergeError(f"model '{spec}' is a file; give the model's folder (the one holding config.json)")
     if not _HUB_ID.match(spec):
-        raise MergeError(f"model folder not found: {spec}")
+        raise MergeError(f"model folder not found: {spec}; check the path (a relative one is read from the current "
+                         "folder), or give a hub id such as org/name")
     try:
         from huggingface_hub import snapshot_download
 
@@ -137,8 +139,9 @@ class Checkpoint:
         file = self.files[name]
         t = self._load_pickle(file)[name] if self.pickle else self._handle(file).get_tensor(name)
         t = t.to(device=device, dtype=dtype or t.dtype)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise MergeError(f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is damaged")
+        if t.is_floating_point() and not all_finite(t):
+            raise MergeError(f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is damaged: "
+                             "download or save it again, or leave this model out")
         return t
 
     @cached_property
@@ -183,7 +186,8 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
                     "merging needs identical shapes (a resized vocabulary must be aligned first)"
                 )
         if ck.vocab_size() != ref.vocab_size():
-            raise MergeError(f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs {ref.vocab_size()})")
+            raise MergeError(f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs {ref.vocab_size()}); "
+                             "merge only fine-tunes of one base, or resize the embeddings to the base's vocabulary first")
         if ck.tokenizer_vocab is not None and ref.tokenizer_vocab is not None and ck.tokenizer_vocab != ref.tokenizer_vocab:
             raise MergeError(
                 f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token ids "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from merging import methods
+from merging import fused, methods
 from merging.errors import MergeError
 from merging.layers import LayerMap
 from merging.recipe import MergeRecipe
@@ -76,18 +76,31 @@ def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorSc
 
 
 def merge_tensor(
-    recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, *, check_finite: bool = True
+    recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, *, check_finite: bool = True,
+    kernels: str = "eager",
 ) -> None:
-    """Write tensor `name`'s merge into `out` (same shape; any float dtype) without full-size copies."""
+    """Write tensor `name`'s merge into `out` (same shape; any float dtype) without full-size copies.
+
+    kernels: "eager" (torch ops) or "compiled" (one fused kernel per chunk for the task-vector
+    family; see merging.fused). linear and slerp always run eagerly.
+    """
     try:
-        _merge_into(recipe, s, x, out, check_finite)
+        _merge_into(recipe, s, x, out, check_finite, kernels == "compiled")
     except NonFiniteMergeError:
         raise NonFiniteMergeError(
             f"the merged tensor '{name}' contains NaN or inf; lower the weights or lambda of this recipe"
         ) from None
+    except RuntimeError as exc:  # a coefficient beyond float32 ("cannot be converted ... without overflow")
+        if "overflow" not in str(exc):
+            raise
+        raise NonFiniteMergeError(
+            f"the coefficients of tensor '{name}' overflow float32 (weights {s.weights}, lambda {s.lam}); "
+            "lower the weights or lambda of this recipe"
+        ) from None
 
 
-def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Tensor, check_finite: bool) -> None:
+def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Tensor, check_finite: bool,
+                compiled: bool) -> None:
     method = recipe.method
     with torch.no_grad():
         if method == "slerp":
@@ -118,6 +131,16 @@ def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Ten
         consensus = method in ("ties", "dare_ties")
         for start in range(0, flat_out.numel(), chunk):
             stop = min(start + chunk, flat_out.numel())
+            if compiled and method != "linear":  # one kernel: mask, elect, mix, cast, check
+                finite = fused.combine_into(
+                    flat_out[start:stop], flat_base[start:stop], [d[start:stop] for d in flat_deltas], weights,
+                    keep="magnitude" if thresholds is not None else "draw" if cutoffs is not None else "all",
+                    cuts=thresholds or cutoffs or [], draws=[dr[start:stop] for dr in flat_draws] if cutoffs else None,
+                    scales=scales, consensus=consensus, normalize=recipe.normalize_, lam=s.lam, compiled=True,
+                )
+                if check_finite and not finite:
+                    raise NonFiniteMergeError("non-finite values in a merged tensor")
+                continue
             base = flat_base[start:stop].float()
             deltas = [d[start:stop].float() for d in flat_deltas]
             if method == "linear":
@@ -138,5 +161,5 @@ def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Ten
 
 
 def _finite(t: Tensor, check: bool) -> None:
-    if check and not bool(torch.isfinite(t).all()):
+    if check and not methods.all_finite(t):
         raise NonFiniteMergeError("non-finite values in a merged tensor")

@@ -2,7 +2,7 @@
 
 Peak memory is a few tensors (the reference, one task vector per model, the result), not the model.
 The folder is written beside the target and renamed into place at the end, so the target path
-holds a complete model or nothing.
+holds a complete model or nothing; what a killed export left beside it is swept by the next one.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from merging import methods
 from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
 from merging.engine import TensorInputs, TensorScalars, merge_tensor, plan_scalars
 from merging.errors import MergeError
+from merging.fused import resolve_kernels
 from merging.layers import build_layer_map
+from merging.process import pid_alive
 from merging.recipe import MergeRecipe, dump_recipe, validate_recipe
 from merging.shards import SafetensorsWriter, TensorSpec, plan_shards
 
@@ -30,6 +33,7 @@ COPIED_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 4 * 2**30
+OWNER_FILE = ".basin-export-owner"  # host and pid of the export writing a partial folder
 
 
 def export_merge(
@@ -41,9 +45,15 @@ def export_merge(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     allow_pickle: bool = False,
     progress: bool = True,
+    kernels: str = "auto",
 ) -> Path:
-    """Merge `recipe` from its source files into the HF model folder `out`; returns `out`."""
+    """Merge `recipe` from its source files into the HF model folder `out`; returns `out`.
+
+    kernels: "auto", "eager" or "compiled" (merging.fused); the same setting and device as a resident
+    merge give the same bits.
+    """
     out = Path(out)
+    kernels = resolve_kernels(kernels, device)
     if out.exists() and not force:
         raise MergeError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
     validate_recipe(recipe)
@@ -56,15 +66,17 @@ def export_merge(
     shards = plan_shards(specs, max_shard_bytes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        (tmp / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"exporting {out.name}", disable=not progress)
         weight_map = {}
         for i, shard in enumerate(shards):
             file = shard_file_name(i, len(shards))
             writer = SafetensorsWriter(tmp / file, shard)
             for spec in shard:
-                writer.write(spec.name, _merged(recipe, spec, plan, ref, models, device))
+                writer.write(spec.name, _merged(recipe, spec, plan, ref, models, device, kernels))
                 weight_map[spec.name] = file
                 bar.update(spec.nbytes)
             writer.close()
@@ -73,6 +85,7 @@ def export_merge(
             index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_side_files(tmp, ref, recipe)
+        (tmp / OWNER_FILE).unlink()
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,11 +93,32 @@ def export_merge(
     return out
 
 
+def sweep_partials(out: Path) -> list[Path]:
+    """Remove the unfinished folders that killed exports of `out` left beside it; returns them.
+
+    An export names its folder `.NAME.partial-*` and records its host and pid inside; a folder
+    whose process is gone on this host is debris. Others' (a live export, another host) stay.
+    """
+    removed = []
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or its writer is a moment from recording itself
+        if owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid")):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+    return True
+
+
 def shard_file_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars], ref: Checkpoint, models: list[Checkpoint], device: str) -> torch.Tensor:
+def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars], ref: Checkpoint,
+            models: list[Checkpoint], device: str, kernels: str) -> torch.Tensor:
     """One output tensor, computed exactly as the resident path computes it."""
     if not spec.dtype.is_floating_point:
         return ref.read(spec.name)
@@ -96,7 +130,7 @@ def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars
     elif recipe.method.startswith("dare"):
         inputs.draws = [methods.dare_draws(spec.shape, recipe.seed, k, spec.name).to(device) for k in range(len(models))]
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-    merge_tensor(recipe, spec.name, plan[spec.name], inputs, result)
+    merge_tensor(recipe, spec.name, plan[spec.name], inputs, result, kernels=kernels)
     return result
 
 

@@ -69,7 +69,8 @@ def to_mergekit(recipe: MergeRecipe) -> str:
 def from_mergekit(data: Any) -> MergeRecipe:
     """A basin recipe from mergekit's YAML (the `models:` form; `slices:` is not supported)."""
     if not isinstance(data, Mapping) or "merge_method" not in data:
-        raise MergeError("not a mergekit config: 'merge_method' is missing")
+        raise MergeError("not a mergekit config: 'merge_method' is missing; add it, or, if the file is a basin "
+                         "recipe already, use it as it is")
     if "slices" in data:
         raise MergeError("mergekit 'slices' configs are not supported; list the models under 'models:' instead")
     method = data["merge_method"]

@@ -19,11 +19,21 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 TABLE_POINTS = 1000
 DARE_LEVELS = 256
+
+
+def all_finite(t: Tensor) -> bool:
+    """No NaN or inf in `t`: one reduction pass instead of isfinite's mask and a second pass over it.
+
+    A sum is finite only if every term is (NaN and inf propagate); only a sum that overflows from
+    finite terms needs the exact check.
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
@@ -37,7 +47,11 @@ def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
 
 class MagnitudeRanks:
     """The entries of `magnitude_table(delta)` computed on demand by selection, not a full sort:
-    the export needs two of them per tensor, the resident path all of them once."""
+    the export needs one or two of them per tensor, the resident path all of them once.
+
+    On a CPU numpy's introselect does the selection (about 9x faster than torch.kthvalue here);
+    an order statistic is exact whichever algorithm finds it.
+    """
 
     def __init__(self, delta: Tensor, points: int = TABLE_POINTS) -> None:
         self._abs = delta.detach().reshape(-1).abs().float()
@@ -46,10 +60,12 @@ class MagnitudeRanks:
     def numel(self) -> int:
         return self._points + 1
 
-    def __getitem__(self, j: int) -> Tensor:
+    def __getitem__(self, j: int) -> float:
         n = self._abs.numel()
-        rank = max(1, int(j / self._points * n))  # the rank-th largest = the (n - rank + 1)-th smallest
-        return torch.kthvalue(self._abs, n - rank + 1).values
+        rank = max(1, int(j / self._points * n))  # the rank-th largest = the (n - rank)-th smallest, from 0
+        if self._abs.device.type == "cpu":
+            return float(np.partition(self._abs.numpy(), n - rank)[n - rank])
+        return float(torch.kthvalue(self._abs, n - rank + 1).values)
 
 
 def magnitude_threshold(table: Tensor | MagnitudeRanks, density: float) -> float:
@@ -58,8 +74,11 @@ def magnitude_threshold(table: Tensor | MagnitudeRanks, density: float) -> float
     pos = round(density * points, 9)
     lo = min(int(pos), points - 1)
     frac = pos - lo
-    low, high = float(table[lo]), float(table[lo + 1])
-    return low if frac == 0.0 else low + (high - low) * frac
+    low = float(table[lo])
+    if frac == 0.0:  # a density on the table's grid: one rank, no interpolation
+        return low
+    high = float(table[lo + 1])
+    return low + (high - low) * frac
 
 
 def dare_seed(seed: int, model_index: int, name: str) -> int:

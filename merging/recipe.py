@@ -226,13 +226,13 @@ def validate_recipe(recipe: MergeRecipe) -> None:
                 raise MergeError(f"models[{i}].density: {value} is outside (0, 1]: it is the fraction of each task vector kept")
         for value in m.weight.all_values():
             if value != value or abs(value) == float("inf"):
-                raise MergeError(f"models[{i}].weight: {value} is not a finite number")
+                raise MergeError(f"models[{i}].weight: {value} is not a finite number; give a number such as 0.5")
     for value in recipe.t.all_values():
         if not 0.0 <= value <= 1.0:
-            raise MergeError(f"parameters.t: {value} is outside [0, 1]")
+            raise MergeError(f"parameters.t: {value} is outside [0, 1]; 0 gives the first model, 1 the second")
     for value in recipe.lam.all_values():
         if value != value or abs(value) == float("inf"):
-            raise MergeError(f"parameters.lambda: {value} is not a finite number")
+            raise MergeError(f"parameters.lambda: {value} is not a finite number; give a scale such as 1.0")
 
 
 def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
@@ -259,7 +259,7 @@ def read_yaml(path: str | Path, what: str = "recipe file") -> Any:
     """A YAML file's content; a missing file or bad YAML is a MergeError."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"{what} not found: {path}")
+        raise MergeError(f"{what} not found: {path}; check the path")
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

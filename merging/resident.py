@@ -18,6 +18,7 @@ from merging import methods
 from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
 from merging.engine import TensorInputs, merge_tensor, plan_scalars
 from merging.errors import MergeError
+from merging.fused import resolve_kernels
 from merging.layers import build_layer_map
 from merging.recipe import MergeRecipe, validate_recipe
 
@@ -34,11 +35,13 @@ class ResidentMerger:
         dtype: str = "float32",
         allow_pickle: bool = False,
         progress: bool = False,
+        kernels: str = "auto",
     ) -> None:
         if dtype not in DTYPE_NAMES:
             raise MergeError(f"unknown dtype '{dtype}'. Known: {', '.join(DTYPE_NAMES)}")
         self.base_spec, self.model_specs = base, list(models)
         self.device, self.dtype = torch.device(device), DTYPE_NAMES[dtype]
+        self.kernels = resolve_kernels(kernels, self.device)  # "eager" or "compiled" (merging.fused)
         ref = Checkpoint(base, allow_pickle=allow_pickle)
         ckpts = [Checkpoint(m, allow_pickle=allow_pickle) for m in self.model_specs]
         check_compatible({base: ref, **dict(zip(self.model_specs, ckpts))})
@@ -120,7 +123,7 @@ class ResidentMerger:
                 tables=[t[name] for t in tables] if tables else None,
                 draws=[d[name] for d in draws] if draws else None,
             )
-            merge_tensor(recipe, name, plan[name], inputs, targets[name])
+            merge_tensor(recipe, name, plan[name], inputs, targets[name], kernels=self.kernels)
 
     def restore_base(self, model: nn.Module) -> None:
         """Put the base weights back into the live model."""

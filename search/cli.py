@@ -17,7 +17,7 @@ def _merge(args: argparse.Namespace) -> int:
     from merging import export_merge, load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = export_merge(recipe, args.out, force=args.force, device=args.device,
+    out = export_merge(recipe, args.out, force=args.force, device=args.device, kernels=args.kernels,
                        allow_pickle=args.allow_pickle, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
@@ -124,7 +124,7 @@ def _export(args: argparse.Namespace) -> int:
         out.write_text(to_mergekit(recipe))
     else:
         device = args.device or "cpu"
-        out = export_merge(recipe, args.out, force=args.force, device=device,
+        out = export_merge(recipe, args.out, force=args.force, device=device, kernels=config.models.kernels,
                            allow_pickle=config.models.allow_pickle, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default="cpu", help="device to merge on, e.g. cuda (default: cpu)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "eager", "compiled"],
+                   help="merge kernels: compiled fuses each merge into one kernel (torch.compile); "
+                        "auto: compiled on CUDA, eager on a CPU")
     p.add_argument("--allow-pickle", action="store_true", help="read pickle (.bin) checkpoints; only for trusted sources")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_merge)

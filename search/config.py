@@ -38,6 +38,7 @@ class ModelsSection(_Strict):
     finetunes: list[str] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
+    kernels: Literal["auto", "eager", "compiled"] = "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -273,13 +274,14 @@ def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
         if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: add them
             lines += [f"  - {p}" for p in cross_problems(data)]
         n = len(lines)
-        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''} (fix them in the file, or override a "
+                          f"field with --set key.sub=value):\n" + "\n".join(lines)) from None
 
 
 def read_config_data(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}; check the path (configs/demo.yaml is an example)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

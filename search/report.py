@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import itertools
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -130,7 +131,9 @@ def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
         # Optuna's evaluator ranks a custom target low-is-good, hence the minus
         signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
         target = None if len(names) == 1 else (lambda t: -sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
-        imp = optuna.importance.get_param_importances(study, target=target)
+        with warnings.catch_warnings():  # its "low target values" warning: the minus above is that
+            warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
+            imp = optuna.importance.get_param_importances(study, target=target)
     except Exception as exc:  # too few trials, or a space with no common parameters
         imp = {}
         ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True, fontsize=9)

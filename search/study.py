@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from merging.process import pid_alive
 from merging.recipe import recipe_to_dict
 from search import records
 from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
@@ -165,6 +166,7 @@ def worker_spec(config: StudyConfig) -> WorkerSpec:
         include_path=tuple(_absolute(p) for p in _include_paths(config)), batch_size=ev.batch_size,
         limit=ev.limit, sample_seed=ev.sample_seed, num_fewshot=ev.num_fewshot,
         builtin_tasks=ev.builtin_tasks, methods=tuple(config.space.methods), seed=config.space.seed,
+        kernels=config.models.kernels,
     )
 
 
@@ -182,9 +184,10 @@ def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial):
 
 
 def _search_part(snapshot: dict) -> dict:
-    """The parts of a config that define the study (budget and workers may change on resume)."""
+    """The parts of a config that define the study (budget, workers and merge kernels may change on resume)."""
     part = {k: v for k, v in snapshot.items() if k not in ("budget", "workers")}
     part["study"] = {k: v for k, v in part.get("study", {}).items() if k != "output_dir"}
+    part["models"] = {k: v for k, v in part.get("models", {}).items() if k != "kernels"}
     return part
 
 
@@ -210,7 +213,7 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("runner")
-        if owner and (owner.get("host") != host or (owner.get("pid") != me and _alive(owner.get("pid")))):
+        if owner and (owner.get("host") != host or (owner.get("pid") != me and pid_alive(owner.get("pid")))):
             continue
         _fail_and_requeue(study, t, "the run was stopped while this trial ran; its params were queued again")
         stale.append(t.number)
@@ -254,23 +257,15 @@ def _record(t: optuna.trial.FrozenTrial | optuna.trial.Trial, recipe: dict | Non
     }
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = True,
+              worker_cls: type | None = None) -> optuna.Study:
+    """Run (or resume) the study until its budget is spent; returns the Optuna study.
 
-
-def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study until its budget is spent; returns the Optuna study."""
+    `worker_cls` replaces `CandidateWorker` (same constructor and `run`), e.g. for benchmarks.
+    """
     s = setup_study(config, resume=resume)
     pool = WorkerPool(s.spec, config.workers.count, gpus_per_worker=config.workers.gpus_per_worker,
-                      address=config.workers.address)
+                      address=config.workers.address, worker_cls=worker_cls)
     in_flight: dict[Any, Flight] = {}
     try:
         _loop(s, pool, in_flight, progress)
@@ -283,14 +278,36 @@ def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = Tru
     return s.study
 
 
-def _budget_left(s: StudySetup, n_in_flight: int, started: float, elapsed_before: float) -> bool:
+def _budget_left(s: StudySetup, started: float, elapsed_before: float) -> bool:
+    """Time left, and fewer finished plus running trials (of every live runner) than n_trials."""
     budget = s.config.budget
     if budget.timeout is not None and elapsed_before + time.perf_counter() - started >= budget.timeout:
         return False
     if budget.n_trials is None:
         return True
-    done = len(s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return done + n_in_flight < budget.n_trials
+    trials = s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return sum(t.state == TrialState.COMPLETE or _running_live(t) for t in trials) < budget.n_trials
+
+
+def _running_live(t: optuna.trial.FrozenTrial) -> bool:
+    """A running trial that a live runner will finish (one of a dead runner here is requeued later)."""
+    owner = t.user_attrs.get("runner")
+    return not owner or owner.get("host") != socket.gethostname() or pid_alive(owner.get("pid"))
+
+
+def _claim(s: StudySetup, runner: dict[str, Any], budget_left: Any) -> optuna.trial.Trial | None:
+    """Ask for the next trial if the budget allows one, recording its runner.
+
+    Check and ask happen under the study folder's lock, so two runners on one machine cannot both
+    take the last trial of the budget. (Runners on several machines sharing one database storage
+    lock only their own folders: there the budget can be overshot by up to one trial per worker.)
+    """
+    with records.study_lock(s.folder):
+        if not budget_left():
+            return None
+        trial = s.study.ask()
+        trial.set_user_attr("runner", runner)
+        return trial
 
 
 def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progress: bool) -> None:
@@ -302,13 +319,12 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
 
     def more() -> bool:
-        return _budget_left(s, len(in_flight), started, elapsed_before) and not _failing(recent, cfg.workers.count)
+        return _budget_left(s, started, elapsed_before) and not _failing(recent, cfg.workers.count)
 
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
-        while more() and (worker := next((w for w in free if pool.available(w)), None)) is not None:
-            trial = study.ask()
-            trial.set_user_attr("runner", runner)
+        while ((worker := next((w for w in free if pool.available(w)), None)) is not None
+               and (trial := _claim(s, runner, more)) is not None):
             try:
                 params = suggest(trial, s.space)
                 recipe = recipe_to_dict(recipe_from_params(params, s.space))

@@ -36,6 +36,7 @@ class WorkerSpec:
     builtin_tasks: bool
     methods: tuple[str, ...]
     seed: int
+    kernels: str = "auto"  # merge kernels: auto, eager or compiled (merging/fused.py)
     threads: int | None = None  # torch threads of a CPU worker
 
 
@@ -63,7 +64,7 @@ class CandidateWorker:
         self.device = resolve_device(spec.device)
         t0 = time.perf_counter()
         self.merger = ResidentMerger(spec.base, list(spec.finetunes), device=self.device, dtype=spec.dtype,
-                                     allow_pickle=spec.allow_pickle)
+                                     allow_pickle=spec.allow_pickle, kernels=spec.kernels)
         self.merger.prepare(spec.methods, spec.seed)
         self.model = load_live_model(spec.base, device=self.device, dtype=spec.dtype,
                                      trust_remote_code=spec.trust_remote_code)
@@ -114,9 +115,13 @@ class CandidateWorker:
 
 
 class WorkerPool:
-    """`count` Ray actors; submit a recipe to a free one, wait for any to finish."""
+    """`count` Ray actors; submit a recipe to a free one, wait for any to finish.
 
-    def __init__(self, spec: WorkerSpec, count: int, *, gpus_per_worker: float = 0, address: str | None = None) -> None:
+    `worker_cls` (default CandidateWorker) is the actor class: same constructor, `info` and `run`.
+    """
+
+    def __init__(self, spec: WorkerSpec, count: int, *, gpus_per_worker: float = 0, address: str | None = None,
+                 worker_cls: type | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -127,7 +132,7 @@ class WorkerPool:
             spec = WorkerSpec(**{**asdict(spec), "threads": cpus})
         self.spec = spec
         self._actor_cls = ray.remote(num_cpus=cpus if gpus_per_worker == 0 else 1, num_gpus=gpus_per_worker,
-                                     max_restarts=-1, max_task_retries=0)(CandidateWorker)
+                                     max_restarts=-1, max_task_retries=0)(worker_cls or CandidateWorker)
         self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
         # Ray refuses calls to a worker it is restarting (ActorUnavailableError, at once), so a
         # candidate sent to a worker that just died would fail too, and the next, and the next. A

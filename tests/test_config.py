@@ -176,6 +176,7 @@ def test_unknown_key_inside_a_list_item_gets_did_you_mean(tmp_path):
         ({"models": {"base": "b", "finetunes": ["a", "a"]}}, "a fine-tune is listed twice"),
         ({"study": {"name": "a/b"}}, "study.name"),
         ({"models": None}, "models: required field is missing"),
+        ({"models": {"base": "b", "finetunes": ["a"], "kernels": "compile"}}, "models.kernels: 'compile' is not allowed"),
     ],
 )
 def test_out_of_range_values_are_refused_with_their_field(tmp_path, sections, expected):

@@ -168,6 +168,43 @@ def test_merged_weights_overflowing_to_inf(tmp_path, capsys, llama_set):
     assert_refused(code, err, out, "NaN or inf", "lambda")
 
 
+def test_merge_coefficients_beyond_float32(tmp_path, capsys, llama_set):
+    # weight x lambda = 1e60 cannot even be passed to a float32 op: the same error as an overflow
+    recipe = {"method": "task_arithmetic", "base": str(llama_set.base),
+              "models": [{"path": str(llama_set.finetunes[0]), "weight": 1e30}], "parameters": {"lambda": 1e30}}
+    code, err, out = run_merge(tmp_path, capsys, recipe)
+    assert_refused(code, err, out, "overflow float32", "lower the weights or lambda")
+
+
+def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
+    """A killed export leaves `.NAME.partial-*` beside the target; the next export of that target
+    removes those of dead processes here, and keeps a live export's and folders that are not its own."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from merging.export import OWNER_FILE
+
+    out = tmp_path / "merged"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    debris = {}
+    for label, owner in (("dead", {"host": host, "pid": gone.pid}), ("live", {"host": host, "pid": os.getpid()}),
+                         ("elsewhere", {"host": "another-host", "pid": gone.pid}), ("unowned", None)):
+        folder = tmp_path / f".merged.partial-{label}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+        if owner is not None:
+            (folder / OWNER_FILE).write_text(json.dumps(owner))
+        debris[label] = folder
+    export_merge(recipe_from_dict(ties_recipe(llama_set.base, [llama_set.finetunes[0]])), out, progress=False)
+    assert not debris["dead"].exists()
+    assert all(debris[k].exists() for k in ("live", "elsewhere", "unowned"))
+    assert not (out / OWNER_FILE).exists() and (out / "model.safetensors").is_file()
+
+
 def test_no_model_folder(tmp_path, capsys, llama_set):
     recipe = ties_recipe(llama_set.base, [tmp_path / "does-not-exist"])
     code, err, out = run_merge(tmp_path, capsys, recipe)

@@ -3,8 +3,10 @@
 Builds a synthetic model set (a random Llama of about 70M parameters and 3 "fine-tunes" of it,
 saved as safetensors), then prints, from this one run:
 - per candidate: resident merge time / a bandwidth reference (base + sum of weighted task vectors,
-  plain torch ops, written into the same live tensors), for each method;
-- export time / the time of copying the same bytes from safetensors to safetensors.
+  plain torch ops, written into the same live tensors), for each method, with eager torch ops and
+  with the compiled kernels of merging/fused.py; "first call s" is the compiled merger's first
+  candidate, which builds TIES tables or DARE draws and compiles the kernel;
+- export time / the time of copying the same bytes from safetensors to safetensors, both kernels.
 
     .venv/bin/python tests/benchmarks/bench_merge.py [--hidden 768 --layers 6 --repeats 5 --device cpu]
 """
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from merging import ResidentMerger, export_merge, load_live_model, recipe_from_dict
 
 GOALS = {"task_arithmetic": 1.5, "ties": 3.0, "dare_ties": 4.0}
+KERNELS = ("eager", "compiled")
 
 
 def build_models(root: Path, hidden: int, layers: int, n_models: int = 3) -> tuple[str, list[str], int]:
@@ -81,7 +84,8 @@ def main() -> None:
     try:
         base, models, n_params = build_models(root, args.hidden, args.layers)
         print(f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}")
-        merger = ResidentMerger(base, models, device=args.device)
+        mergers = {k: ResidentMerger(base, models, device=args.device, kernels=k) for k in KERNELS}
+        merger = mergers["eager"]
         live = load_live_model(base, device=args.device)
         targets = merger._target_tensors(live)
         weights = [0.5, 0.3, 0.2]
@@ -94,18 +98,19 @@ def main() -> None:
 
         ref_s = timed(reference, args.repeats, args.device)
         print(f"reference (base + sum w*T, plain torch): {ref_s * 1000:.0f} ms per candidate")
-        print(f"{'method':<16}{'ms/candidate':>14}{'ratio':>8}{'goal':>8}")
+        print(f"{'method':<16}{'eager ms':>10}{'ratio':>8}{'compiled ms':>13}{'ratio':>8}{'goal':>7}"
+              f"{'first compile s':>17}")
         for method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
             r = recipe(method, base, models)
-            s = timed(lambda r=r: merger.apply(r, live), args.repeats, args.device)
+            row, first = [], 0.0
+            for k in KERNELS:
+                t0 = time.perf_counter()
+                mergers[k].apply(r, live)  # first call: tables or draws, and for "compiled" the compile
+                first = time.perf_counter() - t0 if k == "compiled" else first
+                row.append(timed(lambda r=r, k=k: mergers[k].apply(r, live), args.repeats, args.device))
             goal = f"<={GOALS[method]}" if method in GOALS else ""
-            print(f"{method:<16}{s * 1000:>14.0f}{s / ref_s:>8.2f}{goal:>8}")
-
-        out = root / "out"
-        r = recipe("ties", base, models)
-        t0 = time.perf_counter()
-        export_merge(r, out, progress=False, device=args.device)
-        export_s = time.perf_counter() - t0
+            print(f"{method:<16}{row[0] * 1000:>10.0f}{row[0] / ref_s:>8.2f}{row[1] * 1000:>13.0f}{row[1] / ref_s:>8.2f}"
+                  f"{goal:>7}{first:>14.1f}")
 
         def copy(sources: list[str], n_written: int) -> float:
             t0 = time.perf_counter()
@@ -117,10 +122,15 @@ def main() -> None:
 
         copy_all = copy([base, *models], n_written=4)
         read_all_write_one = copy([base, *models], n_written=1)
-        print(f"export (ties) {export_s:.2f} s; copying the 4 source files safetensors->safetensors "
-              f"{copy_all:.2f} s: ratio {export_s / copy_all:.2f} (goal <=2)")
-        print(f"  against reading the 4 sources and writing one model ({read_all_write_one:.2f} s): "
-              f"ratio {export_s / read_all_write_one:.2f}")
+        print(f"copying the 4 source files safetensors->safetensors: {copy_all:.2f} s; reading the 4 and "
+              f"writing one model: {read_all_write_one:.2f} s")
+        for k in KERNELS:
+            out = root / f"out-{k}"
+            t0 = time.perf_counter()
+            export_merge(recipe("ties", base, models), out, progress=False, device=args.device, kernels=k)
+            export_s = time.perf_counter() - t0
+            print(f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} to the copy (goal <=2), "
+                  f"{export_s / read_all_write_one:.2f} to read 4 + write 1")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

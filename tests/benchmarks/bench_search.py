@@ -13,13 +13,14 @@ b. schedule: 8 simulated GPU workers (workers.count 8, gpus_per_worker 1; withou
    advertises logical GPUs) whose candidates sleep 1-3 s instead of evaluating, 48 trials through
    search.study.run_study. Makespan vs the ideal (sum of the sleeps / 8) and vs a generation-barrier
    schedule (dispatch 8, wait for all 8, repeat) computed on the same sleeps. Goal: within 10%.
-   The study loop has no hook for another worker class, so the script swaps
-   search.workers.CandidateWorker for SleepWorker (WorkerPool looks that name up when it builds its
-   actors). SleepWorker is a stand-in with the same constructor and run() signature; it holds a
-   start barrier so the makespan measures scheduling, not the staggered start of 8 Ray processes
+   run_study's worker_cls hook replaces CandidateWorker with SleepWorker, a stand-in with the same
+   constructor and run() signature; it holds a start barrier so the makespan measures scheduling, not the staggered start of 8 Ray processes
    on a small machine.
 c. quality: on the zoo, --trials trials of TPE and of random search for each of --seeds seeds,
    single objective = mean validation accuracy over the zoo's tasks; best value per study.
+   One worker by default (--quality-workers): then each study is a function of its seed and the
+   figures repeat exactly. With several workers TPE's proposals depend on which candidate finishes
+   first, so a rerun gives other numbers.
 
 The zoo is built (or reused) in REPO/.zoo/seed0; part b needs only a tiny model and tiny tasks.
 A script, not a test (pytest does not collect it).
@@ -62,11 +63,11 @@ def zoo_config(zoo: Any, folder: Path, name: str, *, n_trials: int, sampler: dic
     }
 
 
-def run(config_data: dict[str, Any]):
+def run(config_data: dict[str, Any], worker_cls: type | None = None):
     from search.config import config_from_dict
     from search.study import run_study
 
-    return run_study(config_from_dict(config_data), progress=False)
+    return run_study(config_from_dict(config_data), progress=False, worker_cls=worker_cls)
 
 
 def restart_ray() -> None:
@@ -177,7 +178,6 @@ def barrier_makespan(sleeps: list[float], machines: int) -> float:
 
 
 def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
-    import search.workers
     from search import records
     from tests.benchmarks.tiny import build_model, build_tasks
 
@@ -204,14 +204,9 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
         "workers": {"count": n_workers, "gpus_per_worker": 1},
         "baselines": False,
     }
-    original = search.workers.CandidateWorker
-    search.workers.CandidateWorker = SleepWorker  # WorkerPool wraps this name in ray.remote
-    try:
-        t_run = time.perf_counter()
-        run(data)
-        run_wall = time.perf_counter() - t_run
-    finally:
-        search.workers.CandidateWorker = original
+    t_run = time.perf_counter()
+    run(data, worker_cls=SleepWorker)
+    run_wall = time.perf_counter() - t_run
     recs = [r for _, r in sorted(records.read_trial_records(folder).items()) if r["state"] == "COMPLETE"]
     assert len(recs) == n_trials, f"expected {n_trials} complete trials, got {len(recs)}"
     sleeps = [r["metrics"]["bench/sleep"] for r in recs]  # in trial (= dispatch) order
@@ -252,7 +247,8 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
     from optuna.trial import TrialState
 
     print(f"\n== c. search quality: {args.trials} trials per study, seeds {list(range(args.seeds))}, "
-          f"limit {args.limit or 'none (full validation split)'}, baselines {'on' if args.baselines else 'off'}",
+          f"limit {args.limit or 'none (full validation split)'}, baselines {'on' if args.baselines else 'off'}, "
+          f"{args.quality_workers} worker{'s' if args.quality_workers > 1 else ''}",
           flush=True)
     restart_ray()
     t0 = time.perf_counter()
@@ -265,7 +261,8 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
             if sampler == "tpe":
                 cfg["n_startup_trials"] = args.startup
             study = run(zoo_config(zoo, scratch / f"quality-{sampler}-{seed}", f"quality-{sampler}-{seed}",
-                                   n_trials=args.trials, sampler=cfg, limit=args.limit, baselines=args.baselines))
+                                   n_trials=args.trials, sampler=cfg, limit=args.limit, baselines=args.baselines,
+                                   workers=args.quality_workers))
             done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
             best, curve = float("-inf"), []
             for t in done:
@@ -304,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler in part c")
     parser.add_argument("--startup", type=int, default=10, help="TPE's random start-up trials in part c")
     parser.add_argument("--baselines", action="store_true", help="enqueue the baselines in part c too")
+    parser.add_argument("--quality-workers", type=int, default=1,
+                        help="workers per study in part c (1: reproducible from the seed)")
     parser.add_argument("--keep", action="store_true", help="keep the study folders (printed)")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}

@@ -609,6 +609,7 @@ class ExportKillReport:
     partial_left: list[str] = field(default_factory=list)  # the temporary folder a SIGKILL cannot remove
     clean_export_s: float = 0.0
     clean_export_ok: bool = False
+    partial_after_clean: list[str] = field(default_factory=list)  # what the next export did not sweep
 
 
 def export_killed(big: Zoo, root: Path, *, clean: bool = True) -> ExportKillReport:
@@ -632,6 +633,7 @@ def export_killed(big: Zoo, root: Path, *, clean: bool = True) -> ExportKillRepo
     proc = start_basin(["export", str(folder), "--trial", str(number), "--out", str(target)], log)
     report.clean_export_ok = proc.wait(timeout=300) == 0 and (target / "config.json").is_file()
     report.clean_export_s = time.monotonic() - started
+    report.partial_after_clean = [p.name for p in partial()]
     return report
 
 
@@ -865,11 +867,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"two runners           exits {conc.rcs}; COMPLETE per runner {list(conc.by_runner.values())}; "
           f"{conc.complete} COMPLETE (budget {conc.budget}); integrity problems {len(conc.integrity)}; {conc.seconds:.0f} s")
     print(f"export killed         after {exp.killed_after_s:.1f} s: target exists {exp.target_exists}; "
-          f"partial folders left beside it {len(exp.partial_left)}; clean export ok {exp.clean_export_ok} ({exp.clean_export_s:.1f} s)")
+          f"partial folders left beside it {len(exp.partial_left)}; clean export ok {exp.clean_export_ok} ({exp.clean_export_s:.1f} s), "
+          f"partial folders left after it {len(exp.partial_after_clean)}")
     print(f"bad inputs tried      {len(results)}, handled {passed} (exit 2, one message naming the problem, nothing left)")
     ok = (not kills.lost and not kills.integrity and not kills.leaked and kills.final_rc == 0
           and kills.complete == kills.budget and faults.rc == 0 and not faults.unexpected and not faults.integrity
-          and conc.rcs == (0, 0) and not conc.integrity and not exp.target_exists and passed == len(results))
+          and conc.rcs == (0, 0) and not conc.integrity and conc.complete == conc.budget and not exp.target_exists
+          and not exp.partial_after_clean and passed == len(results))
     print("all good" if ok else "PROBLEMS above")
     return 0 if ok else 1
 
