@@ -59,7 +59,8 @@ class Checkpoint:
         self.path = resolve_model_dir(spec)
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise MergeError(f"model '{spec}' has no config.json in {self.path}: is it an HF model folder?")
+            raise MergeError(f"model '{spec}' has no config.json in {self.path}: give the folder that "
+                             "save_pretrained wrote (config.json and safetensors weights)")
         self.config: dict = json.loads(config_file.read_text())
         self.pickle = False
         self._handles: dict[Path, object] = {}

@@ -263,7 +263,7 @@ def read_yaml(path: str | Path, what: str = "recipe file") -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MergeError(f"{path} is not valid YAML: {exc}") from None
+        raise MergeError(f"{path} is not valid YAML; fix it where the parser points: {exc}") from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:

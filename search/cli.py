@@ -115,7 +115,8 @@ def _export(args: argparse.Namespace) -> int:
     config, study = load_study_folder(args.folder)
     if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":
         done = [t.number for t in study.trials if t.state.name == "COMPLETE"]
-        raise ConfigError(f"trial {args.trial} is not a complete trial of this study; complete trials: {done[:20]}{' ...' if len(done) > 20 else ''}")
+        raise ConfigError(f"trial {args.trial} is not a complete trial of this study; pick one of {done[:20]}"
+                          f"{' ...' if len(done) > 20 else ''} (`basin pareto {args.folder}` shows the best)")
     recipe = trial_recipe(config, study.trials[args.trial])
     if args.format == "mergekit":
         out = Path(args.out)

@@ -266,7 +266,8 @@ def _known_fields(loc: tuple) -> list[str]:
 
 def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives")
+        raise ConfigError(f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives "
+                          "(configs/demo.yaml is an example)")
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
@@ -285,9 +286,10 @@ def read_config_data(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML; fix it where the parser points: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives")
+        raise ConfigError(f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives "
+                          "(configs/demo.yaml is an example)")
     return data
 
 

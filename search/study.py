@@ -334,6 +334,9 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
                 continue
             free.remove(worker)
             in_flight[pool.submit(worker, recipe)] = Flight(trial, worker, params, recipe)
+        # bookkeeping once the workers are busy again, not between a result and the next dispatch
+        study.set_user_attr("elapsed_s", elapsed_before + time.perf_counter() - started)
+        bar.set_postfix_str(_postfix(s), refresh=True)
         if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
             break
         for ref in pool.wait(list(in_flight), timeout=POLL_S):
@@ -342,9 +345,7 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
             ok = _finish(s, flight, pool.result(ref))
             recent.append(ok)
             bar.update(1 if ok else 0)
-            bar.set_postfix_str(_postfix(s), refresh=True)
         _stop_overdue(s, pool, in_flight)
-        study.set_user_attr("elapsed_s", elapsed_before + time.perf_counter() - started)
     bar.close()
     if _failing(recent, cfg.workers.count):
         raise RuntimeError(f"stopped: the last {len(recent[-_window(cfg.workers.count):])} candidates all failed; "

@@ -758,7 +758,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              lambda e: e.config("different", study={"name": "night", "output_dir": str(e.study)}, space={"methods": ["ties"]})),
     BadInput("resume of a folder that is no study", ("not a study folder",), lambda e: ["resume", str(e.root / "configs")]),
     BadInput("bad --set override", ("key.sub=value",), lambda e: [*e.config("override"), "--set", "budget.n_trials"]),
-    BadInput("export of a trial that is not complete", ("not a complete trial", "complete trials"),
+    BadInput("export of a trial that is not complete", ("not a complete trial", "pick one of"),
              lambda e: ["export", str(e.study), "--trial", "999", "--out", str(e.out("export"))]),
     BadInput("status with an unreachable password URL", ("cannot be opened", "***"),
              lambda e: ["status", str(_password_study(e))], absent=(PASSWORD,)),
