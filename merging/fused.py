@@ -89,7 +89,10 @@ def _compiled_kernel():
     global _compiled
     if _compiled is None:
         # one compiled graph per variant; a search or a test run may use a few dozen of them
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # (the setting's older name is cache_size_limit)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
         _compiled = torch.compile(_kernel, dynamic=True, fullgraph=True)
     return _compiled
 
