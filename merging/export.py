@@ -110,8 +110,6 @@ def sweep_partials(out: Path) -> list[Path]:
             removed.append(folder)
     return removed
 
-    return True
-
 
 def shard_file_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -26,7 +26,6 @@ from torch import Tensor
 from merging.errors import unknown
 
 KERNELS = ("auto", "eager", "compiled")
-KEEP_RULES = ("all", "magnitude", "draw")
 
 
 def resolve_kernels(kernels: str, device: str | torch.device) -> str:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,7 @@ def _running_live(t: optuna.trial.FrozenTrial) -> bool:
     return not owner or owner.get("host") != socket.gethostname() or pid_alive(owner.get("pid"))
 
 
-def _claim(s: StudySetup, runner: dict[str, Any], budget_left: Any) -> optuna.trial.Trial | None:
+def _claim(s: StudySetup, runner: dict[str, Any], budget_left: Callable[[], bool]) -> optuna.trial.Trial | None:
     """Ask for the next trial if the budget allows one, recording its runner.
 
     Check and ask happen under the study folder's lock, so two runners on one machine cannot both

@@ -109,7 +109,8 @@ def test_export_reproduces_recorded_metrics(finished, tmp_path):
 def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
     root, _ = finished
     assert main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2
-    assert "complete trials" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a complete trial" in err and "pick one of" in err and "basin pareto" in err
     assert not (tmp_path / "x").exists()
 
 
