@@ -39,10 +39,13 @@ def all_finite(t: Tensor) -> bool:
 def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
     """|delta| at the ranks max(1, int(j / points * n)) for j = 0..points, largest first (float32, CPU)."""
     flat = delta.detach().reshape(-1).abs().float()
-    ordered = torch.sort(flat, descending=True).values
     n = flat.numel()
-    ranks = [max(1, int(j / points * n)) for j in range(points + 1)]  # int(d * n) in floats, as mergekit
-    return ordered[torch.tensor(ranks, device=ordered.device) - 1].cpu()
+    ranks = torch.tensor([max(1, int(j / points * n)) for j in range(points + 1)])  # int(d * n) in floats, as mergekit
+    if flat.device.type == "cpu":  # numpy's sort is about 10x faster than torch.sort on a CPU here
+        ascending = torch.from_numpy(np.sort(flat.numpy()))
+        return ascending[n - ranks]  # the rank-th largest
+    ordered = torch.sort(flat, descending=True).values
+    return ordered[ranks.to(ordered.device) - 1].cpu()
 
 
 class MagnitudeRanks:

@@ -99,7 +99,7 @@ def main() -> None:
         ref_s = timed(reference, args.repeats, args.device)
         print(f"reference (base + sum w*T, plain torch): {ref_s * 1000:.0f} ms per candidate")
         print(f"{'method':<16}{'eager ms':>10}{'ratio':>8}{'compiled ms':>13}{'ratio':>8}{'goal':>7}"
-              f"{'first compile s':>17}")
+              f"{'first call s':>14}")
         for method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
             r = recipe(method, base, models)
             row, first = [], 0.0
