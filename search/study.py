@@ -318,6 +318,7 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
     free, recent = list(range(cfg.workers.count))[::-1], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
+    finished: list = []
 
     def more() -> bool:
         return _budget_left(s, started, elapsed_before) and not _failing(recent, cfg.workers.count)
@@ -337,10 +338,12 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
             in_flight[pool.submit(worker, recipe)] = Flight(trial, worker, params, recipe)
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
         study.set_user_attr("elapsed_s", elapsed_before + time.perf_counter() - started)
-        bar.set_postfix_str(_postfix(s), refresh=True)
+        if finished:
+            bar.set_postfix_str(_postfix(s), refresh=True)
         if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
             break
-        for ref in pool.wait(list(in_flight), timeout=POLL_S):
+        finished = pool.wait(list(in_flight), timeout=POLL_S)
+        for ref in finished:
             flight = in_flight.pop(ref)
             free.append(flight.worker)
             ok = _finish(s, flight, pool.result(ref))
