@@ -502,3 +502,16 @@ def test_overflow_in_the_cast_to_float16_is_caught():
     merge_tensor(recipe, "x", scalars, inputs, torch.empty(4))  # float32 holds 1e5
     with pytest.raises(NonFiniteMergeError, match="'x'"):
         merge_tensor(recipe, "x", scalars, inputs, torch.empty(4, dtype=torch.float16))
+
+
+def test_all_finite_sees_nan_and_inf_and_survives_a_sum_that_overflows():
+    big = torch.full((8,), 3e38)  # finite entries whose float32 sum overflows to inf
+    assert methods.all_finite(big)
+    assert methods.all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(1000)
+        t[417] = bad
+        assert not methods.all_finite(t)
+    both = torch.tensor([1.0, float("inf"), float("-inf")])  # their sum is NaN, not inf
+    assert not methods.all_finite(both)
+    assert methods.all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # float16 sum overflows too
