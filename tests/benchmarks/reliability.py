@@ -207,6 +207,18 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> list[str]:
     return names
 
 
+def wait_runs(procs: list[subprocess.Popen], zoo: Any, timeout_s: float = 300) -> tuple[tuple[int, ...], list[str]]:
+    """Wait for `basin` runs to end; then put the zoo's fault hook back to "ok" and kill any run
+    still going. Returns (exit codes, processes that outlived their run)."""
+    leaked: list[str] = []
+    try:
+        return tuple(p.wait(timeout=timeout_s) for p in procs), leaked
+    finally:
+        zoo.set_mode("ok")
+        for p in procs:
+            leaked += kill_tree(p) if p.poll() is None else []
+
+
 def ray_exposure(pid: int) -> tuple[list[tuple[str, str]], set[str]]:
     """The listening sockets of a process tree (a `basin run` and its local Ray), and the node IP its
     Ray processes were started with."""
@@ -427,12 +439,8 @@ def kill_and_resume(zoo: Zoo, root: Path, *, kills: int = 10, n_trials: int = 60
         zoo.set_mode("sleep 0.005")
     procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)] if final_runners == 1 \
         else [start_basin(["run", str(config)], root / f"final-{i}.log") for i in range(final_runners)]
-    try:
-        report.final_rc = max(p.wait(timeout=300) for p in procs)
-    finally:
-        zoo.set_mode("ok")
-        for p in procs:
-            report.leaked += kill_tree(p) if p.poll() is None else []
+    rcs, leaked = wait_runs(procs, zoo)
+    report.final_rc, report.leaked = max(rcs), report.leaked + leaked
     final, final_recs = storage_view(folder), records_view(folder)
     report.final_by_runner = {p.pid: sum(t.state == "COMPLETE" and t.runner == p.pid for t in final) for p in procs}
     ever = [t for t in ever_complete.values()]
@@ -570,12 +578,7 @@ def concurrent_runners(zoo: Zoo, root: Path, *, n_trials: int = 16, pace_s: floa
     zoo.set_mode(f"sleep {pace_s}")
     procs = [start_basin(["run", str(config)], root / f"shared-{i}.log") for i in range(2)]
     report = ConcurrentReport(budget=n_trials)
-    try:
-        report.rcs = tuple(p.wait(timeout=300) for p in procs)
-    finally:
-        zoo.set_mode("ok")
-        for p in procs:
-            report.leaked += kill_tree(p) if p.poll() is None else []
+    report.rcs, report.leaked = wait_runs(procs, zoo)
     trials, recs = storage_view(folder), records_view(folder)
     report.by_runner = dict(Counter(t.runner for t in trials if t.state == "COMPLETE"))
     report.complete = sum(t.state == "COMPLETE" for t in trials)
