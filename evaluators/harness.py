@@ -7,9 +7,7 @@ lm-eval's own `simple_evaluate` on the same model, tasks and split (bootstrap of
 
 from __future__ import annotations
 
-import contextvars
 import difflib
-import functools
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -18,115 +16,17 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
+from evaluators import compat
+from evaluators.compat import disable_template_cache, enable_template_cache, template_cache_info
 from evaluators.protocol import EvalResult, EvaluatorError
+
+__all__ = ["HarnessEvaluator", "disable_template_cache", "enable_template_cache", "template_cache_info"]
 
 Split = Literal["validation", "test"]
 _SPLIT_FIELDS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 # simple_evaluate's default seeds; re-applied before every call so a call never depends on the last.
 _RANDOM_SEED, _NUMPY_SEED, _TORCH_SEED, _FEWSHOT_SEED = 0, 1234, 1234, 1234
-
-
-# --- lm-eval speed patch: compile each prompt template once -----------------------------------
-# lm-eval 0.4.x renders doc_to_text / doc_to_target / doc_to_choice / description / gen_prefix
-# through `lm_eval.utils.apply_template`, which calls `lm_eval.utils.env.from_string(template)`,
-# i.e. recompiles the same jinja source for every document on every evaluation. On tiny models
-# that was about half the evaluation time. We shadow `from_string` on that one Environment
-# instance with a memoised version (only for the plain one-argument call apply_template makes).
-# Rendering is untouched and a compiled Template renders the same for any doc, so scores are
-# identical; `disable_template_cache()` removes the shadow attribute, restoring lm-eval exactly.
-
-
-def enable_template_cache(maxsize: int = 1024) -> None:
-    """Memoise lm-eval's jinja template compilation (idempotent; process-wide)."""
-    from lm_eval import utils
-
-    env = utils.env
-    if "from_string" in vars(env):
-        return
-    compile_template = functools.lru_cache(maxsize=maxsize)(env.from_string)
-
-    def from_string(source: Any, globals: Any = None, template_class: Any = None) -> Any:
-        if globals is None and template_class is None and isinstance(source, str):
-            return compile_template(source)
-        return type(env).from_string(env, source, globals, template_class)
-
-    from_string.cache_info = compile_template.cache_info  # type: ignore[attr-defined]
-    env.from_string = from_string
-
-
-def disable_template_cache() -> None:
-    """Undo `enable_template_cache`: lm-eval compiles templates per document again."""
-    from lm_eval import utils
-
-    vars(utils.env).pop("from_string", None)
-
-
-def template_cache_info() -> Any:
-    """The memo's functools cache_info(), or None when the cache is not enabled."""
-    from lm_eval import utils
-
-    patched = vars(utils.env).get("from_string")
-    return patched.cache_info() if patched is not None else None
-
-
-# --- per-wrapper tokenization memo ---------------------------------------------------------------
-# Every call sends the same request strings through the same tokenizer, yet HFLM re-tokenizes them
-# each time (about half of what was left of the per-call overhead after the template cache). The
-# memo lives on our own HFLM instance only (an instance attribute shadowing its tok_encode), so a
-# new model or tokenizer gets a new wrapper and a fresh memo. Bounded; returns fresh lists.
-
-
-def _memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
-    encode = lm.tok_encode
-
-    @functools.lru_cache(maxsize=maxsize)
-    def cached(string: str, add_special_tokens: Any, left_truncate_len: Any) -> tuple[int, ...]:
-        ids = encode(
-            string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len
-        )
-        return tuple(ids)
-
-    def tok_encode(
-        string: Any, add_special_tokens: Any = None, left_truncate_len: Any = None, **kwargs: Any
-    ) -> Any:
-        if kwargs or not isinstance(string, str):
-            return encode(
-                string,
-                add_special_tokens=add_special_tokens,
-                left_truncate_len=left_truncate_len,
-                **kwargs,
-            )
-        return list(cached(string, add_special_tokens, left_truncate_len))
-
-    tok_encode.cache_info = cached.cache_info  # type: ignore[attr-defined]
-    lm.tok_encode = tok_encode
-
-
-# --- quiet repeated calls ---------------------------------------------------------------------
-# lm-eval passes `disable=` explicitly to most of its tqdm bars, so TQDM_DISABLE has no effect.
-# While `_QUIET` is set (only inside a non-verbose evaluator call) the bars in the modules below
-# are forced off; outside it they behave as lm-eval wrote them.
-_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("basin_lm_eval_quiet", default=False)
-_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
-
-
-def _gate_tqdm_bars() -> None:
-    import importlib
-
-    for name in _BAR_MODULES:
-        module = importlib.import_module(name)
-        original = getattr(module, "tqdm", None)
-        if original is None or getattr(original, "_basin_gated", False):
-            continue
-
-        def gated(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            if _QUIET.get():
-                kwargs["disable"] = True
-            return _original(*args, **kwargs)
-
-        gated._basin_gated = True  # type: ignore[attr-defined]
-        module.tqdm = gated
 
 
 @contextmanager
@@ -137,8 +37,8 @@ def _quiet(enabled: bool, level: int = logging.ERROR) -> Iterator[None]:
         return
     import datasets
 
-    _gate_tqdm_bars()
-    token = _QUIET.set(True)
+    compat.gate_tqdm_bars()
+    token = compat.QUIET.set(True)
     logger = logging.getLogger("lm_eval")
     saved_level = logger.level
     logger.setLevel(max(level, saved_level))
@@ -150,7 +50,7 @@ def _quiet(enabled: bool, level: int = logging.ERROR) -> Iterator[None]:
         if not bars_were_off:
             datasets.enable_progress_bars()
         logger.setLevel(saved_level)
-        _QUIET.reset(token)
+        compat.QUIET.reset(token)
 
 
 @contextmanager
@@ -249,16 +149,6 @@ def _select(n_docs: int, limit: int | None, sample_seed: int | None, name: str) 
     return random.Random(f"{sample_seed}:{name}").sample(range(n_docs), min(limit, n_docs))
 
 
-def _pin_docs(task: Any, split: Split, docs: list[Any]) -> None:
-    """Serve `docs` as the task's eval docs; lm-eval otherwise re-reads and re-processes them."""
-
-    def pinned() -> list[Any]:
-        return docs
-
-    # eval_docs is a property over test_docs()/validation_docs(); an instance attribute wins.
-    setattr(task, f"{split}_docs", pinned)
-
-
 def _check_count(value: int | None, what: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise EvaluatorError(f"{what} must be a positive int or None, got {value!r}")
@@ -281,8 +171,8 @@ class HarnessEvaluator:
         every call scores the same items, and the per-call `limit` of `evaluate` takes a prefix.
     num_fewshot: as simple_evaluate's (None: the task's own, else 0).
     metrics: report only these, as "<task>/<metric>" or a bare metric name for every task.
-    cache_templates: memoise lm-eval's jinja compilation (see `enable_template_cache`).
-    cache_tokens: memoise the wrapper's tokenization of request strings (see `_memoise_tok_encode`).
+    cache_templates: memoise lm-eval's jinja compilation (see `compat.enable_template_cache`).
+    cache_tokens: memoise the wrapper's tokenization of request strings (see `compat.memoise_tok_encode`).
     verbose: keep lm-eval's per-call progress bars and logs.
     """
 
@@ -322,6 +212,7 @@ class HarnessEvaluator:
         self.device = device
         self.verbose = verbose
         self.cache_tokens = cache_tokens
+        compat.check_lm_eval()
         if cache_templates:
             enable_template_cache()
 
@@ -332,7 +223,7 @@ class HarnessEvaluator:
             _force_split(name, task, split)
             all_docs = list(task.eval_docs)  # process_docs runs here, once
             ids = _select(len(all_docs), limit, sample_seed, name)
-            _pin_docs(task, split, [all_docs[i] for i in ids])
+            compat.pin_docs(task, split, [all_docs[i] for i in ids])
             self._item_ids[name] = tuple(ids)
             self._set_fewshot(task, num_fewshot)
         self._metric_filter = self._resolve_metrics(metrics)
@@ -465,7 +356,7 @@ class HarnessEvaluator:
                 device=str(model.device),
             )
         if self.cache_tokens:
-            _memoise_tok_encode(self._lm)
+            compat.memoise_tok_encode(self._lm)
         self._bound = (model, tokenizer)
         return self._lm
 

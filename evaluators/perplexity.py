@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ class PerplexityEvaluator:
         _check_limit(limit)
         self.window, self.batch_size, self.limit, self.name = window, batch_size, limit, name
         self._ids: tuple[Any, list[int]] | None = None  # (tokenizer, token ids), tokenized once
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        return (f"{self.name}/nll", f"{self.name}/ppl")
+
+    def higher_is_better(self, key: str) -> bool:
+        """Both metrics are lower-is-better."""
+        if key not in self.metric_keys:
+            close = difflib.get_close_matches(key, self.metric_keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise EvaluatorError(f"unknown metric {key!r}{hint} Known metrics: {', '.join(self.metric_keys)}.")
+        return False
 
     def _token_ids(self, tokenizer: Any) -> list[int]:
         if self._ids is None or self._ids[0] is not tokenizer:

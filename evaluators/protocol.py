@@ -48,8 +48,15 @@ class Evaluator(Protocol):
     limit: score only the first `limit` items of each task on this call (the same items every
         call); None scores every item the evaluator was built for.
     per_item: also return per-item scores (EvalResult.per_item).
+    metric_keys: every "<task>/<metric>" the evaluator can report, known before any model is scored.
+    higher_is_better: a metric's direction; an unknown key raises EvaluatorError naming the known ones.
     """
 
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False
     ) -> EvalResult: ...
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]: ...
+
+    def higher_is_better(self, key: str) -> bool: ...

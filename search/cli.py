@@ -43,7 +43,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from search.config import load_config
-    from search.study import run_study
+    from search.loop import run_study
     from search.summary import print_summary
 
     config = load_config(args.config, args.set)
@@ -56,8 +56,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from search.config import config_from_dict
+    from search.loop import run_study
     from search.records import CONFIG_FILE, read_config_snapshot
-    from search.study import run_study
     from search.summary import print_summary
 
     folder = Path(args.folder)
@@ -93,7 +93,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _pareto(args: argparse.Namespace) -> int:
     from search.pareto import pareto_table
-    from search.study import load_study_folder
+    from search.setup import load_study_folder
 
     _, study = load_study_folder(args.folder)
     print(pareto_table(study, top=args.top))
@@ -110,7 +110,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from merging import export_merge, to_mergekit
-    from search.study import load_study_folder, trial_recipe
+    from search.setup import load_study_folder, trial_recipe
 
     config, study = load_study_folder(args.folder)
     if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":
@@ -141,15 +141,15 @@ def _zoo(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from evaluators.zoo import build_zoo
-    from search.config import load_config
+    from search.demo import DEMO_ZOO, load_demo_config
+    from search.loop import run_study
     from search.pareto import pareto_table
     from search.report import write_report
-    from search.study import run_study
 
-    print("1/3 building the toy zoo (reused when already built)")
+    config = load_demo_config(args.out, args.set, zoo=DEMO_ZOO)  # a bad --set fails before the zoo is built
+    print(f"1/3 building the toy zoo in {DEMO_ZOO} (reused when already built)")
     build_zoo(DEMO_ZOO, seed=0, progress=not args.quiet)
-    print(f"2/3 running {DEMO_CONFIG}")
-    config = load_config(DEMO_CONFIG, ["study.output_dir=" + args.out] if args.out else args.set)
+    print(f"2/3 running the demo study into {config.study.folder}")
     if args.fresh and config.study.folder.exists():
         import shutil
 
@@ -161,10 +161,6 @@ def _demo(args: argparse.Namespace) -> int:
     report = write_report(config.study.folder, progress=not args.quiet)
     print(f"report: {report}")
     return 0
-
-
-DEMO_ZOO = ".zoo/seed0"
-DEMO_CONFIG = "configs/demo.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_zoo)
 
-    p = sub.add_parser("demo", help="build the zoo, run configs/demo.yaml, print the front, write the report")
+    p = sub.add_parser("demo", help="build the toy zoo, run the demo study (configs/demo.yaml), print the front, write the report")
     p.add_argument("--out", help="study folder (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
@@ -250,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import optuna
+
     args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # basin prints its own progress and summaries
     try:
         return args.func(args)
     except (MergeError, ConfigError, EvaluatorError) as exc:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evaluators.config import KINDS, EvaluatorSection
+
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
 Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
 Range = float | tuple[float, float]
@@ -48,6 +50,15 @@ class ModelsSection(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("a fine-tune is listed twice; list each once")
         return v
+
+    def resolved(self) -> ModelsSection:
+        """The same section with local model paths made absolute (workers may run elsewhere); hub ids unchanged."""
+        return self.model_copy(update={"base": _absolute(self.base), "finetunes": [_absolute(p) for p in self.finetunes]})
+
+
+def _absolute(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
 
 
 class SpaceSection(_Strict):
@@ -88,18 +99,6 @@ class SpaceSection(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-
-class EvaluatorSection(_Strict):
-    tasks: list[str] = Field(min_length=1)
-    include_path: str | list[str] | None = None
-    split: Literal["validation", "test"] = "validation"
-    report_split: Literal["validation", "test"] = "test"
-    limit: int | None = Field(default=None, ge=1)
-    sample_seed: int | None = None
-    batch_size: int = Field(default=16, ge=1)
-    num_fewshot: int | None = Field(default=None, ge=0)
-    builtin_tasks: bool = True
 
 
 class Objective(_Strict):
@@ -173,7 +172,9 @@ def cross_problems(data: dict) -> list[str]:
         return node
 
     problems = []
-    tasks = get("evaluator", "tasks")
+    kind = get("evaluator", "kind") or "harness"
+    tasks = {"harness": get("evaluator", "tasks"), "perplexity": [get("evaluator", "name") or "perplexity"]}.get(kind)
+    where = "evaluator.tasks" if kind == "harness" else "evaluator.name (the perplexity evaluator's task)"
     items = get("objectives", "items")
     if isinstance(tasks, list) and isinstance(items, list):
         for i, obj in enumerate(items):
@@ -181,7 +182,7 @@ def cross_problems(data: dict) -> list[str]:
             if isinstance(task, str) and task not in tasks:
                 close = difflib.get_close_matches(task, [str(t) for t in tasks], n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else "."
-                problems.append(f"objectives.items[{i}].task: '{task}' is not among evaluator.tasks{hint} Known: {', '.join(map(str, tasks))}")
+                problems.append(f"objectives.items[{i}].task: '{task}' is not among {where}{hint} Known: {', '.join(map(str, tasks))}")
     if get("objectives", "mode") == "pareto" and isinstance(items, list) and len(items) < 2:
         problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
     methods, finetunes = get("space", "methods"), get("models", "finetunes")
@@ -227,19 +228,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
+def _format_errors(exc: ValidationError, data: Any = None) -> list[str]:
     lines = []
     for err in exc.errors():
+        err["loc"] = _without_tags(err["loc"])
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             field_name = str(err["loc"][-1])
-            known = _known_fields(err["loc"][:-1])
+            known = _known_fields(err["loc"][:-1], data)
             close = difflib.get_close_matches(field_name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
             lines.append(f"{loc}: unknown key{hint} Known: {', '.join(known)}")
         elif err["type"] == "literal_error":
             lines.append(f"{loc}: {err.get('input')!r} is not allowed; {msg[0].lower() + msg[1:]}")
+        elif err["type"] == "evaluator_kind":
+            kind = err.get("input", {}).get("kind") if isinstance(err.get("input"), dict) else None
+            close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+            lines.append(f"{loc}.kind: unknown evaluator kind {kind!r}{hint} Known: {', '.join(KINDS)}")
         elif err["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
         elif err["type"] == "value_error":  # our own checks: one line per problem
@@ -250,10 +257,22 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return [f"  - {line}" for line in lines]
 
 
-def _known_fields(loc: tuple) -> list[str]:
+def _without_tags(loc: tuple) -> tuple:
+    """An error location without the evaluator kind pydantic inserts after `evaluator`."""
+    if len(loc) > 1 and loc[0] == "evaluator" and loc[1] in KINDS:
+        return (loc[0], *loc[2:])
+    return loc
+
+
+def _known_fields(loc: tuple, data: Any = None) -> list[str]:
     model: type[BaseModel] = StudyConfig
     for part in loc:
         if isinstance(part, int):
+            continue
+        if model is StudyConfig and part == "evaluator":
+            raw = data.get("evaluator") if isinstance(data, dict) else None
+            kind = raw.get("kind", "harness") if isinstance(raw, dict) else "harness"
+            model = KINDS.get(kind, KINDS["harness"])
             continue
         annotation = model.model_fields[str(part)].annotation
         inner = getattr(annotation, "__args__", (annotation,))
@@ -271,7 +290,7 @@ def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
-        lines = _format_errors(exc)
+        lines = _format_errors(exc, data)
         if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: add them
             lines += [f"  - {p}" for p in cross_problems(data)]
         n = len(lines)

@@ -27,14 +27,17 @@ def read_heldout(folder: Path, split: str) -> dict[int, dict[str, float]]:
 
 
 def score_heldout(folder: Path, spec: Any, recipes: dict[int, dict], split: str, progress: bool = True) -> dict[int, dict[str, float]]:
-    """Score the trials not yet scored on `split` with one in-process worker; returns all scores."""
+    """Score the trials not yet scored in the report role with one in-process worker; returns all scores.
+
+    `split` names what the report role scores (the evaluator section's label), and the folder they are kept in.
+    """
     from search.workers import CandidateWorker
 
     todo = {n: r for n, r in recipes.items() if not heldout_path(folder, split, n).is_file()}
     if todo:
         worker = CandidateWorker(spec)
         for number, recipe in tqdm(sorted(todo.items()), desc=f"scoring on {split}", disable=not progress):
-            result = worker.run(recipe, split=split)
+            result = worker.run(recipe, role="report")
             if "error" in result:
                 raise RuntimeError(f"trial {number} failed on the {split} split: {result['error']}")
             write_json_atomic(heldout_path(folder, split, number), {"metrics": result["metrics"]})

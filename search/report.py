@@ -15,41 +15,50 @@ import itertools
 import warnings
 from pathlib import Path
 
-import matplotlib
+import optuna
+import yaml
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial, TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-
-from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict  # noqa: E402
-from search.config import StudyConfig  # noqa: E402
-from search.heldout import score_heldout  # noqa: E402
-from search.pareto import front_and_baselines, objective_names  # noqa: E402
-from search.study import load_study_folder, trial_recipe, worker_spec  # noqa: E402
+from evaluators.config import has_report
+from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
+from search.compat import quiet_optuna
+from search.config import StudyConfig
+from search.heldout import score_heldout
+from search.pareto import front_and_baselines, objective_names
+from search.setup import load_study_folder, study_space, trial_recipe, worker_spec
 
 BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
 
 
-def _png(fig: plt.Figure, path: Path) -> str:
+def _png(fig: Figure, path: Path) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    if fig.canvas.manager is not None:  # a pyplot figure (Optuna's plots): let pyplot forget it
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     path.write_bytes(buf.getvalue())
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _signs(study: optuna.Study) -> list[float]:
+    """+1 for a maximised objective, -1 for a minimised one: signed values are larger-is-better."""
+    return [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
 
 
 def _values(trials: list[FrozenTrial], i: int) -> list[float]:
     return [t.values[i] for t in trials]
 
 
-def plot_front(study: optuna.Study, names: list[str]) -> plt.Figure:
+def plot_front(study: optuna.Study, names: list[str]) -> Figure:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front, baselines = front_and_baselines(study)
     pairs = list(itertools.combinations(range(len(names)), 2)) or [(0, 0)]
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 4.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(pairs):]:
         ax.set_visible(False)
     for ax, (i, j) in zip(axes.flat, pairs):
@@ -77,24 +86,23 @@ def plot_front(study: optuna.Study, names: list[str]) -> plt.Figure:
     return fig
 
 
-def plot_history(study: optuna.Study, names: list[str]) -> plt.Figure:
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for i, (name, direction) in enumerate(zip(names, study.directions)):
-        best, xs, ys = None, [], []
-        pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
-        for t in complete:
-            best = t.values[i] if best is None else pick(best, t.values[i])
-            xs.append(t.number)
-            ys.append(best)
-        ax.step(xs, ys, where="post", label=f"best {name}")
-        ax.scatter(xs, [t.values[i] for t in complete], s=8, alpha=0.4)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("value")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("History: best so far")
-    return fig
+def plot_history(study: optuna.Study, names: list[str]) -> Figure:
+    """Best score against trial number; for several objectives, the front's hypervolume against trial number."""
+    from optuna.visualization.matplotlib import plot_hypervolume_history, plot_optimization_history
+
+    if len(names) == 1:
+        ax = plot_optimization_history(study, target_name=names[0])
+        ax.set_title("History: best so far")
+        return ax.figure
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    reference = []  # a point just worse than every trial in each objective, as hypervolume needs
+    for i, sign in enumerate(_signs(study)):
+        values = [sign * t.values[i] for t in complete]
+        margin = max(0.05 * (max(values) - min(values)), 1e-6)
+        reference.append(sign * (min(values) - margin))
+    ax = plot_hypervolume_history(study, reference)
+    ax.set_title("History: hypervolume of the Pareto front")
+    return ax.figure
 
 
 def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
@@ -102,7 +110,7 @@ def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
     return [param.at(i / span, kind) for i in range(num_layers)]
 
 
-def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> plt.Figure:
+def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> Figure:
     rows: list[tuple[str, list[float]]] = []
     for name, m in zip(model_names, recipe.models):
         kinds = ["attn", "mlp"] if m.weight.attn is not None or m.weight.mlp is not None else ["other"]
@@ -111,7 +119,8 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
         for name, m in zip(model_names, recipe.models):
             kinds = ["attn", "mlp"] if m.density.attn is not None or m.density.mlp is not None else ["other"]
             rows += [(f"{name} density{'' if k == 'other' else ' ' + k}", _over_depth(m.density, k, num_layers)) for k in kinds]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
+    fig = Figure(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
+    ax = fig.subplots()
     image = ax.imshow([r[1] for r in rows], aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=8)
@@ -124,25 +133,25 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
     return fig
 
 
-def plot_importances(study: optuna.Study, names: list[str]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
+    """Parameter importances (fANOVA); for several objectives, for their mean, each signed so larger is better."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    signs = _signs(study)
+    target = None if len(names) == 1 else (lambda t: sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
     try:
-        # several objectives: rank by the mean of the objectives, each signed so larger is better;
-        # Optuna's evaluator ranks a custom target low-is-good, hence the minus
-        signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
-        target = None if len(names) == 1 else (lambda t: -sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
-        with warnings.catch_warnings():  # its "low target values" warning: the minus above is that
+        with warnings.catch_warnings():  # "importances ... to achieve low target values": the sign does not matter
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
-            imp = optuna.importance.get_param_importances(study, target=target)
+            ax = plot_param_importances(study, target=target,
+                                        target_name=names[0] if len(names) == 1 else "mean objective")
     except Exception as exc:  # too few trials, or a space with no common parameters
-        imp = {}
+        fig = Figure(figsize=(6.5, 3.8))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True, fontsize=9)
-    if imp:
-        items = sorted(imp.items(), key=lambda kv: kv[1])[-15:]
-        ax.barh([k for k, _ in items], [v for _, v in items], color="#00798c")
-        ax.set_xlabel("importance" + ("" if len(names) == 1 else " for the mean objective"))
-    ax.set_title("Parameter importances")
-    return fig
+        ax.set_axis_off()
+        return fig
+    ax.set_title("Parameter importances" + ("" if len(names) == 1 else " for the mean objective"))
+    return ax.figure
 
 
 def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
@@ -150,12 +159,14 @@ def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
         return study.trials[trial]
     if len(study.directions) == 1:
         return study.best_trial
-    return max(study.best_trials, key=lambda t: sum(t.values))
+    signs = _signs(study)  # the front's best mean, each objective signed by its direction
+    return max(study.best_trials, key=lambda t: sum(s * v for s, v in zip(signs, t.values)))
 
 
 def _table(config: StudyConfig, rows: list[tuple[str, FrozenTrial]], heldout: dict[int, dict[str, float]], split: str) -> str:
     keys = [o.key for o in config.objectives.items]
-    head = "".join(f"<th>{html.escape(k)}<br>{config.evaluator.split}</th><th>{html.escape(k)}<br>{split}</th>" for k in keys)
+    search = html.escape(config.evaluator.label("search"))
+    head = "".join(f"<th>{html.escape(k)}<br>{search}</th><th>{html.escape(k)}<br>{html.escape(split)}</th>" for k in keys)
     body = []
     for label, t in rows:
         cells = []
@@ -178,16 +189,14 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
     figures_dir.mkdir(exist_ok=True)
     chosen = _chosen(study, trial)
     recipe = trial_recipe(config, chosen)
-    from search.study import study_space
-
-    spec = worker_spec(config)
-    space = study_space(config, spec)
-    figs = {
-        "pareto": plot_front(study, names),
-        "history": plot_history(study, names),
-        "recipe": plot_recipe(recipe, space.num_layers, list(space.model_names), f"trial {chosen.number}: {recipe.method}"),
-        "importances": plot_importances(study, names),
-    }
+    space = study_space(config)
+    with quiet_optuna():
+        figs = {
+            "pareto": plot_front(study, names),
+            "history": plot_history(study, names),
+            "recipe": plot_recipe(recipe, space.num_layers, list(space.model_names), f"trial {chosen.number}: {recipe.method}"),
+            "importances": plot_importances(study, names),
+        }
     images = {name: _png(fig, figures_dir / f"{name}.png") for name, fig in figs.items()}
 
     front, baselines = front_and_baselines(study)
@@ -195,18 +204,20 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
     refs = [t for t in baselines if t.user_attrs["baseline"].startswith("alone:") or t.user_attrs["baseline"] == "uniform"]
     rows = [(f"{'Pareto' if len(study.directions) > 1 else 'best'} trial", t) for t in finalists]
     rows += [(t.user_attrs["baseline"], t) for t in refs]
-    split = config.evaluator.report_split
+    split = config.evaluator.label("report")
     heldout = {}
-    if score_heldout_split:
+    if score_heldout_split and has_report(config.evaluator):
         recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows}
-        heldout = score_heldout(folder, spec, recipes, split, progress=progress)
+        heldout = score_heldout(folder, worker_spec(config), recipes, split, progress=progress)
     table = _table(config, rows, heldout, split)
-    recipe_yaml = html.escape(__import__("yaml").safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    recipe_yaml = html.escape(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     sections = "".join(
         f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{images[key]}'>"
         for key, title in (("pareto", "Pareto front" if len(names) > 1 else "Scores"), ("history", "History"),
                            ("recipe", f"Chosen recipe (trial {chosen.number})"), ("importances", "Parameter importances"))
     )
+    search = html.escape(config.evaluator.label("search"))
+    no_heldout = "" if has_report(config.evaluator) else " This study names no held-out data (evaluator.report_text)."
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
@@ -217,8 +228,8 @@ td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}</style></
 <p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(', '.join(names))}
 ({config.objectives.mode}); sampler {config.sampler.name}.</p>
 <h2>Finalists against the parents</h2>
-<p>Scores on the search split ({config.evaluator.split}) and on the held-out split ({split}); a
-finalist that leads on {config.evaluator.split} but not on {split} has fitted the search set.</p>
+<p>Scores on the search split ({search}) and on the held-out split ({html.escape(split)}); a
+finalist that leads on {search} but not on {html.escape(split)} has fitted the search set.{no_heldout}</p>
 {table}{sections}
 <h2>Recipe of trial {chosen.number}</h2><pre>{recipe_yaml}</pre>
 <p>Export it: <code>basin export {html.escape(str(folder))} --trial {chosen.number} --out DIR</code></p>

@@ -43,7 +43,7 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
 
 
 def print_status(folder: Path) -> None:
-    from search.study import load_study_folder
+    from search.setup import load_study_folder
 
     config, study = load_study_folder(folder)
     trials = study.get_trials(deepcopy=False)

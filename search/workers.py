@@ -11,32 +11,25 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from evaluators import EvaluatorSection, Role, build_evaluator
 from merging import recipe_from_dict
+from search import compat
+from search.config import ModelsSection, SpaceSection
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to build itself; plain values, so Ray can ship it."""
+    """Everything a worker needs to build itself: frozen config sections, so Ray can ship them.
 
-    base: str
-    finetunes: tuple[str, ...]
-    dtype: str
-    device: str
-    allow_pickle: bool
-    trust_remote_code: bool
-    tasks: tuple[str, ...]
-    include_path: tuple[str, ...]
-    batch_size: int
-    limit: int | None
-    sample_seed: int | None
-    num_fewshot: int | None
-    builtin_tasks: bool
-    methods: tuple[str, ...]
-    seed: int
-    kernels: str = "auto"  # merge kernels: auto, eager or compiled (merging/fused.py)
+    Local paths in `models` and `evaluator` are absolute (search.setup.worker_spec makes them so).
+    """
+
+    models: ModelsSection
+    evaluator: EvaluatorSection
+    space: SpaceSection  # its methods and seed decide what each worker precomputes
     threads: int | None = None  # torch threads of a CPU worker
 
 
@@ -61,37 +54,32 @@ class CandidateWorker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec, self.index = spec, index
-        self.device = resolve_device(spec.device)
+        models = spec.models
+        self.device = resolve_device(models.device)
         t0 = time.perf_counter()
-        self.merger = ResidentMerger(spec.base, list(spec.finetunes), device=self.device, dtype=spec.dtype,
-                                     allow_pickle=spec.allow_pickle, kernels=spec.kernels)
-        self.merger.prepare(spec.methods, spec.seed)
-        self.model = load_live_model(spec.base, device=self.device, dtype=spec.dtype,
-                                     trust_remote_code=spec.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(spec.base)),
-                                                       trust_remote_code=spec.trust_remote_code)
+        self.merger = ResidentMerger(models.base, list(models.finetunes), device=self.device, dtype=models.dtype,
+                                     allow_pickle=models.allow_pickle, kernels=models.kernels)
+        self.merger.prepare(tuple(spec.space.methods), spec.space.seed)
+        self.model = load_live_model(models.base, device=self.device, dtype=models.dtype,
+                                     trust_remote_code=models.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(models.base)),
+                                                       trust_remote_code=models.trust_remote_code)
         self.evaluators: dict[str, Any] = {}
-        self.evaluator("validation")
+        self.evaluator("search")
         self.setup_s = time.perf_counter() - t0
 
-    def evaluator(self, split: str):
-        from evaluators import HarnessEvaluator
-
-        if split not in self.evaluators:
-            s = self.spec
-            self.evaluators[split] = HarnessEvaluator(
-                list(s.tasks), include_path=list(s.include_path) or None, split=split,  # type: ignore[arg-type]
-                batch_size=s.batch_size, limit=s.limit, sample_seed=s.sample_seed,
-                num_fewshot=s.num_fewshot, builtin_tasks=s.builtin_tasks,
-            )
-        return self.evaluators[split]
+    def evaluator(self, role: Role):
+        """The evaluator of a role ("search" or "report"), built on first use."""
+        if role not in self.evaluators:
+            self.evaluators[role] = build_evaluator(self.spec.evaluator, role)
+        return self.evaluators[role]
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": self.device, "setup_s": round(self.setup_s, 3)}
 
-    def run(self, recipe: dict[str, Any], split: str = "validation") -> dict[str, Any]:
-        """Merge `recipe` (its YAML form) into the live model and evaluate it on `split`."""
+    def run(self, recipe: dict[str, Any], role: Role = "search") -> dict[str, Any]:
+        """Merge `recipe` (its YAML form) into the live model and evaluate it for `role`."""
         import torch
 
         out: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}"}
@@ -101,7 +89,7 @@ class CandidateWorker:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
-            result = self.evaluator(split).evaluate(self.model, self.tokenizer)
+            result = self.evaluator(role).evaluate(self.model, self.tokenizer)
             t2 = time.perf_counter()
         except Exception as exc:  # a failed candidate fails its trial, never the worker
             if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -129,7 +117,7 @@ class WorkerPool:
             start_ray(address, count, gpus_per_worker)
         cpus = max(1, (os.cpu_count() or 1) // count) if gpus_per_worker == 0 else 1
         if gpus_per_worker == 0 and spec.threads is None:
-            spec = WorkerSpec(**{**asdict(spec), "threads": cpus})
+            spec = replace(spec, threads=cpus)
         self.spec = spec
         self._actor_cls = ray.remote(num_cpus=cpus if gpus_per_worker == 0 else 1, num_gpus=gpus_per_worker,
                                      max_restarts=-1, max_task_retries=0)(worker_cls or CandidateWorker)
@@ -161,8 +149,8 @@ class WorkerPool:
             return False
         return True
 
-    def submit(self, worker: int, recipe: dict[str, Any], split: str = "validation"):
-        ref = self.actors[worker].run.remote(recipe, split)
+    def submit(self, worker: int, recipe: dict[str, Any], role: Role = "search"):
+        ref = self.actors[worker].run.remote(recipe, role)
         self._owner[ref] = worker
         return ref
 
@@ -212,16 +200,5 @@ def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
         if not torch.cuda.is_available():
             # no GPU here: advertise logical GPUs so the schedule can still be exercised on a CPU machine
             resources["num_gpus"] = int(count * gpus_per_worker + 0.999)
-    # Ray turns _node_ip_address="127.0.0.1" into this machine's network address (it expects a
-    # cluster), and its servers (gcs, raylet, workers) then listen on every interface. With its
-    # cluster switch off while it starts, the node address stays 127.0.0.1 and they bind to
-    # loopback only. (The switch is read at call time by ray._private.services.get_node_ip_address.)
-    from ray._private import ray_constants
-
-    cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, count), **resources)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
+    compat.init_loopback_ray(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                             num_cpus=max(os.cpu_count() or 1, count), **resources)

@@ -24,11 +24,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-import search.study as study_mod
+import search.loop as loop_mod
 from search import records
+from search.budget import Budget, claim
 from search.config import config_from_dict, config_to_dict
+from search.loop import Flight, run_study
+from search.recovery import requeue_stale
+from search.setup import setup_study, study_space, worker_spec
 from search.space import baseline_params, suggest
-from search.study import Flight, requeue_stale, run_study, setup_study
 from tests.benchmarks.reliability import (
     FAULT_KINDS,
     LOOPBACK,
@@ -133,19 +136,24 @@ def test_a_torn_journal_tail_is_cut_and_the_study_goes_on(zoo, tmp_path, capsys)
 
 def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
     """Optuna's default lock (a symlink) outlives a SIGKILLed writer and makes the next run wait 30 s;
-    the flock the journal uses now is released by the kernel."""
+    the flock the journal uses now is released by the kernel the moment its holder dies."""
+    from filelock import Timeout
+
     folder = tmp_path / "lock"
     records.open_storage(folder, None)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from search.records import FlockLock, JOURNAL_LOCK\n"
-        f"FlockLock(Path({str(folder)!r}) / JOURNAL_LOCK).acquire(); print('held', flush=True); time.sleep(60)")],
+        "import sys, time; from pathlib import Path; from search.records import file_lock, JOURNAL_LOCK\n"
+        f"file_lock(Path({str(folder)!r}) / JOURNAL_LOCK).acquire(); print('held', flush=True); time.sleep(600)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
+    lock = records.file_lock(folder / records.JOURNAL_LOCK)
+    with pytest.raises(Timeout):  # held while its holder lives ...
+        lock.acquire(blocking=False)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    start = time.monotonic()
+    lock.acquire(blocking=False)  # ... and free once it is dead: no wait, no stale lock to break
+    lock.release()
     optuna.create_study(study_name="after", storage=records.open_storage(folder, None))
-    assert time.monotonic() - start < 5
 
 
 def test_the_config_snapshot_is_written_atomically(tmp_path, monkeypatch):
@@ -219,26 +227,26 @@ def test_the_budget_counts_the_running_trials_of_live_runners_only(zoo, tmp_path
     runner's trial (queued again on the next start) does not hold the budget."""
     s = setup(zoo, tmp_path / "budget", baselines=False, budget={"n_trials": 2})
     host, runner = socket.gethostname(), {"host": socket.gethostname(), "pid": os.getpid()}
-    left = lambda: study_mod._budget_left(s, time.perf_counter(), 0.0)  # noqa: E731
-    done = study_mod._claim(s, runner, left)
+    left = Budget(s.study, s.config.budget).left
+    done = claim(s.study, s.folder, runner, left)
     suggest(done, s.space)
     s.study.tell(done, [0.5, 0.5])
     other = _live_other_process()
     try:
         running = s.study.ask()
         running.set_user_attr("runner", {"host": host, "pid": other.pid})
-        assert study_mod._claim(s, runner, left) is None  # 1 COMPLETE + 1 running live = the budget
+        assert claim(s.study, s.folder, runner, left) is None  # 1 COMPLETE + 1 running live = the budget
     finally:
         other.kill()
         other.wait()
-    claimed = study_mod._claim(s, runner, left)  # its runner is gone: the budget has room again
+    claimed = claim(s.study, s.folder, runner, left)  # its runner is gone: the budget has room again
     assert claimed is not None and claimed.user_attrs["runner"] == runner
 
 
 def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(zoo, tmp_path):
     folder = tmp_path / "baselines"
     config = config_from_dict(study_config(zoo, folder))
-    baselines = baseline_params(study_mod.study_space(config, study_mod.worker_spec(config)))
+    baselines = baseline_params(study_space(config))
     # what a run killed after queuing two baselines leaves: the study, its first attrs, two baselines
     study = optuna.create_study(study_name="night", storage=records.open_storage(folder, None),
                                 directions=["maximize", "maximize"])
@@ -270,7 +278,7 @@ def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, m
         def shutdown(self):
             pass
 
-    monkeypatch.setattr(study_mod, "WorkerPool", InterruptedPool)
+    monkeypatch.setattr(loop_mod, "WorkerPool", InterruptedPool)
     config = config_from_dict(study_config(zoo, tmp_path / "interrupted", workers={"count": 2}))
     with pytest.raises(KeyboardInterrupt):
         run_study(config, progress=False)
@@ -288,7 +296,7 @@ def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_pat
     trial = s.study.ask()
     params = suggest(trial, s.space)
     result = {"metrics": {"toy_pair/acc": float("nan"), "toy_next/acc": 0.5}, "worker": "w", "merge_s": 0.0, "eval_s": 0.0}
-    assert study_mod._finish(s, Flight(trial, 0, params, {}), result) is False
+    assert loop_mod._finish(s, Flight(trial, 0, params, {}), result) is False
     assert s.study.trials[trial.number].state == TrialState.FAIL
     record = json.loads((tmp_path / "nan" / "trials" / f"{trial.number}.json").read_text())
     assert record["state"] == "FAIL" and "not finite" in record["error"]
@@ -299,9 +307,9 @@ def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_pat
 
 def test_remote_code_and_pickle_are_off_unless_turned_on(zoo, tmp_path):
     config = config_from_dict(study_config(zoo, tmp_path / "x"))
-    spec = study_mod.worker_spec(config)
+    spec = worker_spec(config)
     assert config.models.trust_remote_code is False and config.models.allow_pickle is False
-    assert spec.trust_remote_code is False and spec.allow_pickle is False
+    assert spec.models.trust_remote_code is False and spec.models.allow_pickle is False
     # the refusal of a pickle-only model in a config: tests/test_bad_input.py (real CLI, exit 2)
 
 

@@ -10,8 +10,9 @@ import yaml
 
 from search.cli import main
 from search.config import load_config
+from search.loop import run_study
 from search.pareto import dominates
-from search.study import load_study_folder, run_study
+from search.setup import load_study_folder
 from tests.benchmarks.tiny import build_model, build_tasks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 from search import records
 from search.cli import main
 from search.config import ConfigError, config_from_dict, load_config
+from search.loop import run_study
+from search.setup import load_study_folder, setup_study
 from search.space import suggest
-from search.study import load_study_folder, run_study, setup_study
 
 REPO = Path(__file__).resolve().parents[1]
 N_WORKERS = 2

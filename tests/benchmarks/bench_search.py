@@ -11,7 +11,7 @@ a. overhead: a short study on the toy zoo (2 CPU workers, real lm-eval). Per tri
    trials, leaving out each worker's first trial (a warm-up: first forward pass, lazy imports). Goal <= 10%.
 b. schedule: 8 simulated GPU workers (workers.count 8, gpus_per_worker 1; without CUDA, start_ray
    advertises logical GPUs) whose candidates sleep 1-3 s instead of evaluating, 96 trials through
-   search.study.run_study. Makespan vs the ideal (sum of the sleeps / 8) and vs a generation-barrier
+   search.loop.run_study. Makespan vs the ideal (sum of the sleeps / 8) and vs a generation-barrier
    schedule (dispatch 8, wait for all 8, repeat) computed on the same sleeps. Goal: within 10%.
    run_study's worker_cls hook replaces CandidateWorker with SleepWorker, a stand-in with the same
    constructor and run() signature; it holds a start barrier so the makespan measures scheduling, not the staggered start of 8 Ray processes
@@ -65,7 +65,7 @@ def zoo_config(zoo: Any, folder: Path, name: str, *, n_trials: int, sampler: dic
 
 def run(config_data: dict[str, Any], worker_cls: type | None = None):
     from search.config import config_from_dict
-    from search.study import run_study
+    from search.loop import run_study
 
     return run_study(config_from_dict(config_data), progress=False, worker_cls=worker_cls)
 

@@ -595,8 +595,8 @@ def concurrent_runners(zoo: Zoo, root: Path, *, n_trials: int = 16, pace_s: floa
 def study_with_one_trial(zoo: Zoo, folder: Path, **sections: Any) -> tuple[Path, int]:
     """A study folder holding one COMPLETE trial, made in-process without workers (for export)."""
     from search.config import config_from_dict
+    from search.setup import setup_study
     from search.space import suggest
-    from search.study import setup_study
 
     setup = setup_study(config_from_dict(study_config(zoo, folder, baselines=False, **sections)), resume=False)
     trial = setup.study.ask()
@@ -801,7 +801,7 @@ class BadInputResult:
 def run_bad_input(case: BadInput, env: BadInputEnv) -> BadInputResult:
     """Run one case through search.cli.main in this process (no worker may start: WorkerPool is
     replaced by one that fails the case)."""
-    import search.study
+    import search.loop
     from search.cli import main
 
     argv = case.argv(env)
@@ -814,14 +814,14 @@ def run_bad_input(case: BadInput, env: BadInputEnv) -> BadInputResult:
         def __init__(self, *a: Any, **k: Any) -> None:
             raise AssertionError(f"{case.name}: the study started; the bad input was not caught")
 
-    saved, search.study.WorkerPool = search.study.WorkerPool, NoWorkers
+    saved, search.loop.WorkerPool = search.loop.WorkerPool, NoWorkers
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(argv)
     except SystemExit as exc:  # argparse
         rc = exc.code
     finally:
-        search.study.WorkerPool = saved
+        search.loop.WorkerPool = saved
     leftovers = [str(p) for p in (env.root / "out").glob("*") if not before.get(p, False)] if (env.root / "out").exists() else []
     if (env.study / "config.yaml").read_text() != existing:
         leftovers.append(f"{env.study}/config.yaml changed")

@@ -1,0 +1,174 @@
+"""Every place basin reaches into lm-eval's internals, each checked against the version it was written for.
+
+basin is tested with lm-eval `TESTED_LM_EVAL` (pinned in pyproject.toml). Each patch below checks
+that the internal it relies on is there before it touches it. A speed patch whose internal is gone
+is skipped with one warning (scores stay lm-eval's own, only slower); a patch that decides which
+items are scored raises instead, since skipping it would score other items than the study asked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import inspect
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+TESTED_LM_EVAL = "0.4.13"
+_warned: set[str] = set()
+
+
+def lm_eval_version() -> str:
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_lm_eval() -> None:
+    """Warn once when the installed lm-eval is not the version these patches were checked against."""
+    found = lm_eval_version()
+    if found != TESTED_LM_EVAL and "version" not in _warned:
+        _warned.add("version")
+        warnings.warn(f"basin: lm-eval {found} is installed; basin is tested with lm-eval {TESTED_LM_EVAL} "
+                      f"(pyproject.toml pins it). Each patch checks what it touches, but scores are only "
+                      f"verified on {TESTED_LM_EVAL}.", RuntimeWarning, stacklevel=2)
+
+
+def _skip(patch: str, why: str) -> None:
+    """Warn once that a speed patch does not apply to the installed lm-eval."""
+    if patch in _warned:
+        return
+    _warned.add(patch)
+    warnings.warn(
+        f"basin: lm-eval {lm_eval_version()} {why}; the {patch} patch (written for lm-eval "
+        f"{TESTED_LM_EVAL}) is skipped: scores are unchanged, evaluation is slower. Install "
+        f"lm-eval=={TESTED_LM_EVAL} to get it back.", RuntimeWarning, stacklevel=3)
+
+
+# --- template cache ---------------------------------------------------------------------------
+# lm-eval renders doc_to_text / doc_to_target / doc_to_choice / description / gen_prefix through
+# `lm_eval.utils.apply_template`, which calls `lm_eval.utils.env.from_string(template)`, i.e.
+# recompiles the same jinja source for every document on every evaluation: on tiny models about
+# half the evaluation time. We shadow `from_string` on that one Environment instance with a
+# memoised version (only for the plain one-argument call apply_template makes). A compiled
+# Template renders the same for any doc, so scores are identical; `disable_template_cache()`
+# removes the shadow attribute, restoring lm-eval exactly.
+
+
+def enable_template_cache(maxsize: int = 1024) -> None:
+    """Memoise lm-eval's jinja template compilation (idempotent; process-wide)."""
+    from lm_eval import utils
+
+    env = getattr(utils, "env", None)
+    if env is None or not callable(getattr(env, "from_string", None)):
+        _skip("template cache", "has no jinja environment at lm_eval.utils.env")
+        return
+    if "from_string" in vars(env):
+        return
+    compile_template = functools.lru_cache(maxsize=maxsize)(env.from_string)
+
+    def from_string(source: Any, globals: Any = None, template_class: Any = None) -> Any:
+        if globals is None and template_class is None and isinstance(source, str):
+            return compile_template(source)
+        return type(env).from_string(env, source, globals, template_class)
+
+    from_string.cache_info = compile_template.cache_info  # type: ignore[attr-defined]
+    env.from_string = from_string
+
+
+def disable_template_cache() -> None:
+    """Undo `enable_template_cache`: lm-eval compiles templates per document again."""
+    from lm_eval import utils
+
+    env = getattr(utils, "env", None)
+    if env is not None:
+        vars(env).pop("from_string", None)
+
+
+def template_cache_info() -> Any:
+    """The memo's functools cache_info(), or None when the cache is not enabled."""
+    from lm_eval import utils
+
+    patched = vars(getattr(utils, "env", object())).get("from_string")
+    return patched.cache_info() if patched is not None else None
+
+
+# --- per-wrapper tokenization memo --------------------------------------------------------------
+# Every call sends the same request strings through the same tokenizer, yet HFLM re-tokenizes them
+# each time (about half of what was left of the per-call overhead after the template cache). The
+# memo lives on our own HFLM instance only (an instance attribute shadowing its tok_encode), so a
+# new model or tokenizer gets a new wrapper and a fresh memo. Bounded; returns fresh lists.
+
+_TOK_ENCODE_ARGS = ("string", "add_special_tokens", "left_truncate_len")
+
+
+def memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
+    """Memoise `lm.tok_encode` for plain string calls (the HFLM instance only)."""
+    encode = getattr(lm, "tok_encode", None)
+    params = tuple(inspect.signature(encode).parameters) if callable(encode) else ()
+    if params[: len(_TOK_ENCODE_ARGS)] != _TOK_ENCODE_ARGS:
+        _skip("tokenization memo", f"has HFLM.tok_encode{params or ' missing'}")
+        return
+
+    @functools.lru_cache(maxsize=maxsize)
+    def cached(string: str, add_special_tokens: Any, left_truncate_len: Any) -> tuple[int, ...]:
+        return tuple(encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len))
+
+    def tok_encode(string: Any, add_special_tokens: Any = None, left_truncate_len: Any = None, **kwargs: Any) -> Any:
+        if kwargs or not isinstance(string, str):
+            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
+        return list(cached(string, add_special_tokens, left_truncate_len))
+
+    tok_encode.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    lm.tok_encode = tok_encode
+
+
+# --- quiet repeated calls -------------------------------------------------------------------------
+# lm-eval passes `disable=` explicitly to most of its tqdm bars, so TQDM_DISABLE has no effect.
+# While `QUIET` is set (only inside a non-verbose evaluator call) the bars in the modules below
+# are forced off; outside it they behave as lm-eval wrote them. A module without a `tqdm` name
+# keeps its bars (nothing else changes).
+QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("basin_lm_eval_quiet", default=False)
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def gate_tqdm_bars() -> None:
+    """Make lm-eval's progress bars obey `QUIET` (idempotent)."""
+    for name in _BAR_MODULES:
+        module = importlib.import_module(name)
+        original = getattr(module, "tqdm", None)
+        if original is None or getattr(original, "_basin_gated", False):
+            continue
+
+        def gated(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if QUIET.get():
+                kwargs["disable"] = True
+            return _original(*args, **kwargs)
+
+        gated._basin_gated = True  # type: ignore[attr-defined]
+        module.tqdm = gated
+
+
+# --- the items a task scores -------------------------------------------------------------------------
+# lm-eval's `Task.eval_docs` is a property over `test_docs()` / `validation_docs()`, and it re-reads
+# and re-processes the dataset on every evaluation. An instance attribute named `<split>_docs`
+# shadows the method, so lm-eval scores exactly the documents we selected, processed once.
+
+
+def pin_docs(task: Any, split: str, docs: list[Any]) -> None:
+    """Serve `docs` as the task's eval docs for `split`."""
+    from evaluators.protocol import EvaluatorError
+
+    method = f"{split}_docs"
+    if not callable(getattr(type(task), method, None)) or not hasattr(type(task), "eval_docs"):
+        raise EvaluatorError(
+            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no {method}() / eval_docs to select "
+            f"items with; basin is tested with lm-eval {TESTED_LM_EVAL}: install lm-eval=={TESTED_LM_EVAL}")
+
+    def pinned() -> list[Any]:
+        return docs
+
+    setattr(task, method, pinned)

@@ -1,0 +1,125 @@
+"""The evaluator section of a study config, and the one place evaluators are built from it.
+
+`kind: harness` (the default) scores lm-eval tasks; `kind: perplexity` scores a text file. A study
+scores candidates in two roles: "search" (what the sampler sees) and "report" (held-out scores of
+the finalists). Each section says what each role scores; `build_evaluator` builds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from evaluators.protocol import Evaluator, EvaluatorError
+
+Role = Literal["search", "report"]
+ROLES: tuple[str, ...] = ("search", "report")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HarnessSection(_Section):
+    """lm-eval tasks (local yaml files or built-ins), scored on one split for search, another for reports."""
+
+    kind: Literal["harness"] = "harness"
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | list[str] | None = None
+    split: Literal["validation", "test"] = "validation"
+    report_split: Literal["validation", "test"] = "test"
+    limit: int | None = Field(default=None, ge=1)
+    sample_seed: int | None = None
+    batch_size: int = Field(default=16, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    builtin_tasks: bool = True
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def include_paths(self) -> list[str]:
+        include = self.include_path
+        return [include] if isinstance(include, str) else list(include or [])
+
+    def label(self, role: Role) -> str:
+        """What a role scores, as the report names it."""
+        return self.split if role == "search" else self.report_split
+
+    def resolved(self) -> HarnessSection:
+        """The same section with its local paths made absolute (workers may run elsewhere)."""
+        return self.model_copy(update={"include_path": [_absolute(p) for p in self.include_paths] or None})
+
+
+class PerplexitySection(_Section):
+    """Perplexity over fixed token windows of a text file: `text` for search, `report_text` held out."""
+
+    kind: Literal["perplexity"]
+    name: str = Field(default="perplexity", pattern=r"^[A-Za-z0-9_.-]+$")
+    text: str
+    report_text: str | None = None  # None: the report has no held-out scores
+    window: int = Field(default=256, ge=2)
+    batch_size: int = Field(default=8, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # windows per candidate
+
+    @property
+    def task_names(self) -> list[str]:
+        return [self.name]
+
+    def label(self, role: Role) -> str:
+        return Path(self.text).name if role == "search" else Path(self.report_text or "-").name
+
+    def resolved(self) -> PerplexitySection:
+        report = _absolute(self.report_text) if self.report_text else None
+        return self.model_copy(update={"text": _absolute(self.text), "report_text": report})
+
+
+def _kind(value: Any) -> str:
+    kind = value.get("kind", "harness") if isinstance(value, dict) else getattr(value, "kind", "harness")
+    return kind if kind in KINDS else "unknown"
+
+
+EvaluatorSection = Annotated[
+    Annotated[HarnessSection, Tag("harness")] | Annotated[PerplexitySection, Tag("perplexity")],
+    Discriminator(_kind, custom_error_type="evaluator_kind",
+                  custom_error_message="unknown evaluator kind; Known: harness, perplexity"),
+]
+KINDS: dict[str, type[_Section]] = {"harness": HarnessSection, "perplexity": PerplexitySection}
+
+
+def _absolute(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
+                    limit: int | None = None) -> Evaluator:
+    """The evaluator that scores `role` as `section` describes; `limit` overrides the section's."""
+    if role not in ROLES:
+        raise EvaluatorError(f"unknown role {role!r}; Known: {', '.join(ROLES)}")
+    if isinstance(section, HarnessSection):
+        from evaluators.harness import HarnessEvaluator
+
+        return HarnessEvaluator(
+            section.tasks, include_path=section.include_paths or None, split=section.label(role),
+            batch_size=section.batch_size, limit=limit or section.limit, sample_seed=section.sample_seed,
+            num_fewshot=section.num_fewshot, builtin_tasks=section.builtin_tasks,
+        )
+    if isinstance(section, PerplexitySection):
+        from evaluators.perplexity import PerplexityEvaluator
+
+        path = section.text if role == "search" else section.report_text
+        if path is None:
+            raise EvaluatorError("evaluator.report_text is not set: there is no held-out text to score; "
+                                 "give evaluator.report_text, or skip held-out scores (basin report --no-heldout)")
+        return PerplexityEvaluator(path, window=section.window, batch_size=section.batch_size,
+                                   limit=limit or section.limit, name=section.name)
+    raise EvaluatorError(f"not an evaluator section: {type(section).__name__}")
+
+
+def has_report(section: HarnessSection | PerplexitySection) -> bool:
+    """Whether the section names something held out for the report to score."""
+    return not isinstance(section, PerplexitySection) or section.report_text is not None

@@ -1,0 +1,50 @@
+"""The study's budget, shared by every runner of the study: trials and seconds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import records
+from search.config import BudgetSection
+from search.recovery import runner_alive
+
+
+class Budget:
+    """Time left, and fewer finished plus running trials (of every live runner) than n_trials."""
+
+    def __init__(self, study: optuna.Study, budget: BudgetSection) -> None:
+        self.study, self.budget = study, budget
+        self.started = time.perf_counter()
+        self.elapsed_before = float(study.user_attrs.get("elapsed_s", 0.0))
+
+    def elapsed_s(self) -> float:
+        """Seconds searched over all runs of the study, this one included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def left(self) -> bool:
+        if self.budget.timeout is not None and self.elapsed_s() >= self.budget.timeout:
+            return False
+        if self.budget.n_trials is None:
+            return True
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        return sum(t.state == TrialState.COMPLETE or runner_alive(t) for t in trials) < self.budget.n_trials
+
+
+def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callable[[], bool]) -> optuna.trial.Trial | None:
+    """Ask for the next trial if `more()` allows one, recording its runner.
+
+    Check and ask happen under the study folder's lock, so two runners on one machine cannot both
+    take the last trial of the budget. (Runners on several machines sharing one database storage
+    lock only their own folders: there the budget can be overshot by up to one trial per worker.)
+    """
+    with records.study_lock(folder):
+        if not more():
+            return None
+        trial = study.ask()
+        trial.set_user_attr("runner", runner)
+        return trial

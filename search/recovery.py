@@ -1,0 +1,79 @@
+"""After a crash: trials a dead run left RUNNING are failed and queued again; missing records are written.
+
+A trial belongs to the runner recorded in its `runner` user attr (host and pid). On this host a
+runner whose pid is gone is dead, and its trials are stale. (Runners on other hosts cannot be
+checked from here; their trials are left alone.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from merging.process import pid_alive
+from merging.recipe import recipe_to_dict
+from search import compat, records
+from search.space import SearchSpace, recipe_from_params
+
+OWNERLESS_GRACE_S = 5.0  # a live runner records itself on a trial milliseconds after asking for it
+
+
+def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> list[int]:
+    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params again.
+
+    A trial without a runner attr comes from a run that died between ask and recording itself, or
+    from a live runner recording itself right now: wait until such trials are `grace_s` old rather
+    than take a live runner's trial. A runner with this process's pid is a former run (a restarted
+    container reuses pids), since this run has asked for nothing yet.
+    """
+    host, me = socket.gethostname(), os.getpid()
+    while young := [_age_s(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if not t.user_attrs.get("runner") and _age_s(t) < grace_s]:
+        time.sleep(grace_s - min(young) + 0.1)
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("runner")
+        if owner and (owner.get("host") != host or (owner.get("pid") != me and pid_alive(owner.get("pid")))):
+            continue
+        fail_and_requeue(study, t, "the run was stopped while this trial ran; its params were queued again")
+        stale.append(t.number)
+    return stale
+
+
+def runner_alive(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a running trial has a live runner that will finish it (a dead runner's is requeued later)."""
+    owner = t.user_attrs.get("runner")
+    return not owner or owner.get("host") != socket.gethostname() or pid_alive(owner.get("pid"))
+
+
+def _age_s(t: optuna.trial.FrozenTrial) -> float:
+    return (dt.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else math.inf
+
+
+def fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str) -> None:
+    """Fail a trial that will not finish and queue its params again, as a retry linked by retry_of."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    compat.set_user_attr_of(study, frozen, "error", reason)
+    study.tell(frozen.number, state=TrialState.FAIL)
+    attrs = {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {"retry_of": frozen.number}
+    # the enqueued params: a baseline or retry asked but killed before its params were suggested
+    study.enqueue_trial({**compat.enqueued_params(frozen), **frozen.params}, user_attrs=attrs)
+
+
+def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
+    """Write the record of any finished trial that has none (a run killed between tell and write)."""
+    have = {int(p.stem) for p in (folder / "trials").glob("*.json")}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if t.number not in have:
+            try:
+                recipe = recipe_to_dict(recipe_from_params(t.params, space))
+            except Exception:  # a proposal that never became a recipe
+                recipe = None
+            records.write_trial_record(folder, records.trial_record(t, recipe, None, t.user_attrs.get("error")))

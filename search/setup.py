@@ -1,0 +1,185 @@
+"""Everything before the first candidate: checks, the study folder, storage, sampler, baselines.
+
+Also the way back into an existing study folder (status, pareto, report, export).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search import records
+from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
+from search.objectives import resolve_directions, study_directions
+from search.recovery import requeue_stale, sync_records
+from search.space import SearchSpace, baseline_params, build_space, recipe_from_params
+from search.workers import WorkerSpec
+
+
+@dataclass
+class StudySetup:
+    config: StudyConfig
+    folder: Path
+    study: optuna.Study
+    space: SearchSpace
+    directions: list[str]
+    spec: WorkerSpec
+
+
+def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = None if cfg.seed is None else cfg.seed + offset  # a resumed run must not replay its draws
+    if cfg.name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
+                                          group=True, constant_liar=True)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
+                                            warn_independent_sampling=False)
+    if cfg.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if cfg.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def worker_spec(config: StudyConfig) -> WorkerSpec:
+    """What every worker of this study builds: the config sections it needs, local paths made absolute."""
+    return WorkerSpec(models=config.models.resolved(), evaluator=config.evaluator.resolved(), space=config.space)
+
+
+def study_space(config: StudyConfig) -> SearchSpace:
+    """The study's search space, over the absolute model paths the workers use."""
+    from merging.checkpoint import resolve_model_dir
+
+    models = config.models.resolved()
+    space = build_space(config, resolve_model_dir(config.models.base))
+    return SearchSpace(**{**space.__dict__, "base": models.base, "model_paths": tuple(models.finetunes)})
+
+
+def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial):
+    """The MergeRecipe a finished trial scored, rebuilt from its stored params."""
+    return recipe_from_params(trial.params, study_space(config))
+
+
+def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
+    """Check the config against its models and tasks, then create or load the study.
+
+    Every check that can fail on bad input runs before the study folder is created, and a folder
+    this call created is removed again if setup fails, so a mistake leaves nothing half-made.
+    """
+    folder = config.study.folder
+    created = not folder.exists()
+    try:
+        _check_resumable(config, folder, resume)
+        directions = check_models_and_tasks(config)
+        space = study_space(config)
+        with records.study_lock(folder):  # runners starting at once set the study up one after the other
+            study = _open_study(config, folder, directions)
+            records.write_config_snapshot(folder, config_to_dict(config))
+            _enqueue_baselines(config, study, space)
+            requeue_stale(study)
+            sync_records(study, folder, space)
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return StudySetup(config, folder, study, space, directions, worker_spec(config))
+
+
+def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
+    if (folder / records.CONFIG_FILE).is_file():
+        # through the config model, so a snapshot from before a new default field compares equal
+        previous = config_to_dict(config_from_dict(records.read_config_snapshot(folder), str(folder)))
+        if _search_part(previous) != _search_part(config_to_dict(config)):
+            raise ConfigError(f"{folder} holds a study with a different config; resume it as it is with "
+                              f"`basin resume {folder}`, or choose another study.name / study.output_dir")
+    elif resume:
+        raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
+
+
+def check_models_and_tasks(config: StudyConfig) -> list[str]:
+    """Read the models' headers and load the task definitions; returns each objective's direction.
+
+    Incompatible models, unknown tasks and unknown metrics fail here, before any worker starts.
+    """
+    from evaluators import EvaluatorError, build_evaluator
+    from merging import Checkpoint, check_compatible
+
+    models = config.models.resolved()
+    check_compatible({p: Checkpoint(p, allow_pickle=models.allow_pickle) for p in (models.base, *models.finetunes)})
+    try:
+        probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)
+        flags = {o.key: probe.higher_is_better(o.key) for o in config.objectives.items}  # every metric, known
+    except EvaluatorError as exc:
+        raise ConfigError(f"evaluator: {exc}") from None
+    return resolve_directions(config.objectives, flags.__getitem__)
+
+
+def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> optuna.Study:
+    try:
+        storage = records.open_storage(folder, config.study.storage)
+        existing = _count_trials(storage, config.study.name)
+        study = optuna.create_study(
+            study_name=config.study.name, storage=storage, load_if_exists=True,
+            directions=study_directions(config.objectives, directions),
+            sampler=make_sampler(config.sampler, offset=existing),
+        )
+    except Exception as exc:
+        raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None
+    if "directions" not in study.user_attrs:
+        study.set_user_attr("directions", directions)
+        study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
+    return study
+
+
+def _enqueue_baselines(config: StudyConfig, study: optuna.Study, space: SearchSpace) -> None:
+    # Until the flag is set, not "no trials yet": a run killed halfway through enqueuing must
+    # not lose the remaining baselines (skip_if_exists leaves out those already queued or run).
+    if config.baselines and not study.user_attrs.get("baselines_enqueued"):
+        for name, params in baseline_params(space):
+            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        study.set_user_attr("baselines_enqueued", True)
+
+
+def storage_error(url: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"study.storage {records.redact(url)} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
+        "check the URL, that the server runs and its driver is installed, or leave study.storage "
+        "empty to use a journal file in the study folder"
+    )
+
+
+def _search_part(snapshot: dict) -> dict:
+    """The parts of a config that define the study (budget, workers and merge kernels may change on resume)."""
+    part = {k: v for k, v in snapshot.items() if k not in ("budget", "workers")}
+    part["study"] = {k: v for k, v in part.get("study", {}).items() if k != "output_dir"}
+    part["models"] = {k: v for k, v in part.get("models", {}).items() if k != "kernels"}
+    return part
+
+
+def _count_trials(storage: Any, name: str) -> int:
+    try:
+        return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
+
+
+def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
+    """The config and Optuna study of an existing study folder."""
+    folder = Path(folder)
+    try:
+        snapshot = records.read_config_snapshot(folder)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    config = config_from_dict(snapshot, str(folder / records.CONFIG_FILE))
+    try:
+        storage = records.open_storage(folder, config.study.storage)
+        return config, optuna.load_study(study_name=config.study.name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"{folder}: its storage holds no study named '{config.study.name}'; "
+                          f"was it moved? start it again with `basin run CONFIG`") from None
+    except Exception as exc:  # status, pareto, export: the same redacted message as run
+        raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None

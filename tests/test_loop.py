@@ -1,0 +1,71 @@
+"""The study loop's edges: proposals that never become recipes, the report's choice on a Pareto front,
+and the demo config built in code (real tiny Llama, real Ray, real Optuna storage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState, create_trial
+
+import search.loop as loop_mod
+from search.demo import demo_config, load_demo_config
+from search.report import _chosen
+from search.setup import load_study_folder
+from tests.benchmarks.tiny import write_text_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_looping(llama_set, tmp_path, monkeypatch):
+    """Such failures used to count toward neither the failure window nor the budget: the loop asked forever."""
+    def broken(params, space):
+        raise ValueError("this proposal cannot be merged")
+
+    monkeypatch.setattr(loop_mod, "recipe_from_params", broken)
+    folder = tmp_path / "broken"
+    config = {
+        "study": {"name": "broken", "output_dir": str(folder)},
+        "models": {"base": str(llama_set.base), "finetunes": [str(p) for p in llama_set.finetunes]},
+        "space": {"methods": ["task_arithmetic"], "weight": [0.0, 1.0]},
+        "evaluator": {"kind": "perplexity", "text": str(write_text_corpus(tmp_path / "t.txt")), "window": 16},
+        "objectives": {"items": [{"task": "perplexity", "metric": "nll"}]},
+        "budget": {"n_trials": 50},
+        "workers": {"count": 1},
+        "baselines": False,
+    }
+    from search.config import config_from_dict
+
+    with pytest.raises(RuntimeError, match="the last 10 candidates all failed"):
+        loop_mod.run_study(config_from_dict(config), progress=False)
+    _, study = load_study_folder(folder)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 10 and len(study.trials) == 10
+    assert all("this proposal cannot be merged" in t.user_attrs["error"] for t in failed)
+    assert sorted(int(p.stem) for p in (folder / "trials").glob("*.json")) == [t.number for t in failed]
+
+
+def test_the_report_picks_the_front_trial_best_on_the_mean_of_signed_objectives():
+    """With one objective minimised, the largest plain sum is the worst choice, not the best."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for values in ([0.9, 0.1], [0.95, 0.9], [0.5, 0.05]):
+        study.add_trial(create_trial(values=values, params={"x": 0.5}, distributions=dist))
+    assert {t.number for t in study.best_trials} == {0, 1, 2}
+    assert _chosen(study, None).number == 0  # 0.9 - 0.1 beats 0.95 - 0.9 and 0.5 - 0.05
+    assert _chosen(study, 1).number == 1
+
+
+def test_the_demo_config_is_built_in_code_and_equals_configs_demo_yaml():
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) == demo_config()
+
+
+def test_the_demo_keeps_both_its_folder_and_the_set_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout: nothing is read from configs/
+    config = load_demo_config(str(tmp_path / "mine"), ["budget.n_trials=3", "workers.count=1"])
+    assert config.study.folder == tmp_path / "mine"
+    assert (config.budget.n_trials, config.workers.count) == (3, 1)
+    assert config.models.base == ".zoo/seed0/base" and config.objectives.mode == "pareto"
