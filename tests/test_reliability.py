@@ -143,7 +143,7 @@ def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
     records.open_storage(folder, None)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from search.records import file_lock, JOURNAL_LOCK\n"
-        f"file_lock(Path({str(folder)!r}) / JOURNAL_LOCK).acquire(); print('held', flush=True); time.sleep(600)")],
+        f"lock = file_lock(Path({str(folder)!r}) / JOURNAL_LOCK); lock.acquire(); print('held', flush=True); time.sleep(600)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     lock = records.file_lock(folder / records.JOURNAL_LOCK)
