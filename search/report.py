@@ -86,23 +86,27 @@ def plot_front(study: optuna.Study, names: list[str]) -> Figure:
     return fig
 
 
+def _titled(ax, title: str) -> Figure:
+    """Optuna's figure with our title in place of Optuna's (which may sit at the left or the centre)."""
+    for loc in ("left", "center", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(title)
+    return ax.figure
+
+
 def plot_history(study: optuna.Study, names: list[str]) -> Figure:
     """Best score against trial number; for several objectives, the front's hypervolume against trial number."""
     from optuna.visualization.matplotlib import plot_hypervolume_history, plot_optimization_history
 
     if len(names) == 1:
-        ax = plot_optimization_history(study, target_name=names[0])
-        ax.set_title("History: best so far")
-        return ax.figure
+        return _titled(plot_optimization_history(study, target_name=names[0]), "History: best so far")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     reference = []  # a point just worse than every trial in each objective, as hypervolume needs
     for i, sign in enumerate(_signs(study)):
         values = [sign * t.values[i] for t in complete]
         margin = max(0.05 * (max(values) - min(values)), 1e-6)
         reference.append(sign * (min(values) - margin))
-    ax = plot_hypervolume_history(study, reference)
-    ax.set_title("History: hypervolume of the Pareto front")
-    return ax.figure
+    return _titled(plot_hypervolume_history(study, reference), "History: hypervolume of the Pareto front")
 
 
 def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
@@ -150,8 +154,7 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
         ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True, fontsize=9)
         ax.set_axis_off()
         return fig
-    ax.set_title("Parameter importances" + ("" if len(names) == 1 else " for the mean objective"))
-    return ax.figure
+    return _titled(ax, "Parameter importances" + ("" if len(names) == 1 else " for the mean objective"))
 
 
 def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
