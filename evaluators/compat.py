@@ -172,3 +172,49 @@ def pin_docs(task: Any, split: str, docs: list[Any]) -> None:
         return docs
 
     setattr(task, method, pinned)
+
+
+# --- task definitions without their data ------------------------------------------------------------
+# lm-eval builds every task object with its dataset: `TaskManager.load` constructs ConfigurableTask,
+# whose __init__ downloads and processes the data. To check names, splits and metrics before any
+# data is read (and where the data is on a hub this machine cannot reach), the task factory is
+# made to build `Definition`s instead: the same resolved configs (includes, group overrides, tags),
+# and the metric and filter names lm-eval would derive from them, without any dataset.
+
+
+def load_definitions(manager: Any, names: list[str]) -> dict[str, Any]:
+    """`manager.load(names)` with each leaf task a data-free `Definition` (groups as lm-eval builds them)."""
+    from unittest import mock
+
+    from evaluators.protocol import EvaluatorError
+
+    try:
+        from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY, is_higher_better
+        from lm_eval.api.task import ConfigurableTask, TaskConfig
+        from lm_eval.tasks import _factory
+    except ImportError as exc:
+        raise EvaluatorError(f"lm-eval {lm_eval_version()} lacks {exc.name}; basin reads task definitions "
+                             f"as lm-eval {TESTED_LM_EVAL} does: install lm-eval=={TESTED_LM_EVAL}") from None
+    if getattr(_factory, "ConfigurableTask", None) is not ConfigurableTask:
+        raise EvaluatorError(f"lm-eval {lm_eval_version()} builds tasks elsewhere than lm_eval.tasks._factory; "
+                             f"install lm-eval=={TESTED_LM_EVAL}")
+
+    class Definition(ConfigurableTask):
+        """A task's resolved config and what lm-eval derives from it, without the data."""
+
+        def __init__(self, config: dict[str, Any] | None = None, **_: Any) -> None:
+            self._config = TaskConfig(**(config or {}))
+            metrics = self._config.metric_list
+            if metrics is None:
+                self._directions = {m: bool(is_higher_better(m)) for m in DEFAULT_METRIC_REGISTRY[self._config.output_type]}
+            else:
+                self._directions = {m["metric"]: bool(m.get("higher_is_better", is_higher_better(m["metric"])))
+                                    for m in metrics}
+            filters = [f["name"] for f in self._config.filter_list or []] or ["none"]
+            self._filters = [type("Filter", (), {"name": name})() for name in filters]
+
+        def higher_is_better(self) -> dict[str, bool]:
+            return dict(self._directions)
+
+    with mock.patch.object(_factory, "ConfigurableTask", Definition):
+        return dict(manager.load(list(names)))

@@ -10,8 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
+from evaluators.carve import Carve
 from evaluators.protocol import Evaluator, EvaluatorError
 
 Role = Literal["search", "report"]
@@ -23,18 +32,42 @@ class _Section(BaseModel):
 
 
 class HarnessSection(_Section):
-    """lm-eval tasks (local yaml files or built-ins), scored on one split for search, another for reports."""
+    """lm-eval tasks (local yaml files or built-ins), scored on one split for search, another for reports.
+
+    With `holdout`, the one `split` is carved in two (evaluators/carve.py): the search scores one
+    part, the report the held-out other.
+    """
 
     kind: Literal["harness"] = "harness"
     tasks: list[str] = Field(min_length=1)
     include_path: str | list[str] | None = None
     split: Literal["validation", "test"] = "validation"
     report_split: Literal["validation", "test"] = "test"
+    holdout: float | None = Field(default=None, gt=0, lt=1)  # share of `split` held out for the report
+    holdout_seed: int = 0
     limit: int | None = Field(default=None, ge=1)
     sample_seed: int | None = None
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int | Literal["auto"] = 16  # auto: lm-eval finds the largest that fits
     num_fewshot: int | None = Field(default=None, ge=0)
+    apply_chat_template: bool | str = False  # a name picks one of the tokenizer's templates
+    fewshot_as_multiturn: bool = True
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] | None = None  # merged into every generative task's generation_kwargs
     builtin_tasks: bool = True
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"batch_size must be a positive number or 'auto'; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _carve_has_one_split(self) -> HarnessSection:
+        if self.holdout is not None and "report_split" in self.model_fields_set and self.report_split != self.split:
+            raise ValueError(f"with holdout, the report scores the held-out items of split '{self.split}'; "
+                             f"remove report_split '{self.report_split}' (or drop holdout to report on it)")
+        return self
 
     @property
     def task_names(self) -> list[str]:
@@ -46,8 +79,23 @@ class HarnessSection(_Section):
         return [include] if isinstance(include, str) else list(include or [])
 
     def label(self, role: Role) -> str:
-        """What a role scores, as the report names it."""
+        """What a role scores, as the report names it (also a folder name)."""
+        if self.holdout is not None:
+            return f"{self.split}-search" if role == "search" else f"{self.split}-holdout"
         return self.split if role == "search" else self.report_split
+
+    def carve(self, role: Role) -> Carve | None:
+        if self.holdout is None:
+            return None
+        return Carve(self.holdout, self.holdout_seed, "search" if role == "search" else "holdout")
+
+    def overlap(self) -> str | None:
+        """Why the report would score items the search saw, or None when it does not."""
+        if self.holdout is None and self.split == self.report_split:
+            return (f"evaluator.split and evaluator.report_split are both '{self.split}': the report scores the "
+                    "very items the search chose its recipes on, so its held-out scores are not held out; carve "
+                    "the split instead (evaluator.holdout: 0.3), or report on another split")
+        return None
 
     def resolved(self) -> HarnessSection:
         """The same section with its local paths made absolute (workers may run elsewhere)."""
@@ -71,6 +119,12 @@ class PerplexitySection(_Section):
 
     def label(self, role: Role) -> str:
         return Path(self.text).name if role == "search" else Path(self.report_text or "-").name
+
+    def overlap(self) -> str | None:
+        if self.report_text is not None and Path(self.report_text).resolve() == Path(self.text).resolve():
+            return ("evaluator.report_text is evaluator.text: the report scores the very text the search chose its "
+                    "recipes on; give a held-out text file")
+        return None
 
     def resolved(self) -> PerplexitySection:
         report = _absolute(self.report_text) if self.report_text else None
@@ -104,9 +158,13 @@ def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
         from evaluators.harness import HarnessEvaluator
 
         return HarnessEvaluator(
-            section.tasks, include_path=section.include_paths or None, split=section.label(role),
-            batch_size=section.batch_size, limit=limit or section.limit, sample_seed=section.sample_seed,
-            num_fewshot=section.num_fewshot, builtin_tasks=section.builtin_tasks,
+            section.tasks, include_path=section.include_paths or None,
+            split=section.split if role == "search" or section.holdout is not None else section.report_split,
+            carve=section.carve(role), batch_size=section.batch_size, limit=limit or section.limit,
+            sample_seed=section.sample_seed, num_fewshot=section.num_fewshot,
+            apply_chat_template=section.apply_chat_template, fewshot_as_multiturn=section.fewshot_as_multiturn,
+            system_instruction=section.system_instruction, gen_kwargs=section.gen_kwargs,
+            builtin_tasks=section.builtin_tasks,
         )
     if isinstance(section, PerplexitySection):
         from evaluators.perplexity import PerplexityEvaluator

@@ -12,11 +12,13 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
 from evaluators import compat
+from evaluators.carve import Carve
 from evaluators.compat import disable_template_cache, enable_template_cache, template_cache_info
 from evaluators.protocol import EvalResult, EvaluatorError
 
@@ -83,8 +85,8 @@ def _suggest(name: str, known: Sequence[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
 
 
-def _load_tasks(names: Sequence[str], include_path: list[str], builtins: bool) -> dict[str, Any]:
-    """Load the named tasks, indexing lm-eval's ~14,000 built-ins only if a name is not local."""
+def _task_manager(names: Sequence[str], include_path: list[str], builtins: bool) -> Any:
+    """A TaskManager that knows every name, indexing lm-eval's ~14,000 built-ins only if a name is not local."""
     from lm_eval.tasks import TaskManager
 
     if not include_path and not builtins:
@@ -106,7 +108,64 @@ def _load_tasks(names: Sequence[str], include_path: list[str], builtins: bool) -
             if not builtins:
                 where += " lm-eval's built-in tasks were not searched (builtin_tasks=False)."
             raise EvaluatorError(f"unknown task {name!r}{_suggest(name, manager.all_tasks)}{where}")
-    return dict(manager.load(list(names)))
+    return manager
+
+
+def _load_tasks(names: Sequence[str], include_path: list[str], builtins: bool) -> dict[str, Any]:
+    """Load the named tasks with their data."""
+    return dict(_task_manager(names, include_path, builtins).load(list(names)))
+
+
+def _metric_keys(task_dict: dict[str, Any]) -> tuple[str, ...]:
+    """Every "<task>/<metric>[,<filter>]" the loaded tasks (and their groups) report."""
+    keys = []
+    for name, task in task_dict["tasks"].items():
+        filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or ["none"]
+        keys += [_key(name, m, f) for f in filters for m in task.higher_is_better()]
+    leaf_metrics = {k.split("/", 1)[1] for k in keys}
+    keys += [f"{group}/{m}" for group in task_dict.get("groups", {}) for m in leaf_metrics]
+    return tuple(keys)
+
+
+def _direction(task_dict: dict[str, Any], key: str) -> bool:
+    """lm-eval's higher_is_better for "<task>/<metric>" (a group takes its first leaf task's)."""
+    keys = _metric_keys(task_dict)
+    if key not in keys:
+        raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, keys)} Known metrics: {', '.join(keys)}.")
+    task_name, metric = key.split("/", 1)
+    metric = metric.split(",", 1)[0]
+    tasks = task_dict["tasks"]
+    task = tasks.get(task_name) or next(iter(tasks.values()))
+    return bool(task.higher_is_better().get(metric, True))
+
+
+_LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+
+
+@dataclass(frozen=True)
+class TaskDefinitions:
+    """What the task definitions say, read without their data (evaluators/compat.py: load_definitions)."""
+
+    directions: dict[str, bool]  # the asked metric keys -> higher is better
+    hub_datasets: dict[str, str]  # task -> the hub dataset its data comes from (not a local file)
+
+
+def check_task_definitions(
+    tasks: Sequence[str], *, include_path: Sequence[str] = (), builtin_tasks: bool = True,
+    split: Split = "validation", metrics: Sequence[str] = (),
+) -> TaskDefinitions:
+    """Unknown tasks, a split a task lacks and unknown metrics raise EvaluatorError, with the messages
+    the evaluator itself gives, before any data is read."""
+    paths = [str(Path(p).expanduser().resolve()) for p in include_path]
+    with _quiet(True, level=logging.ERROR):
+        definitions = compat.load_definitions(_task_manager(list(tasks), paths, builtin_tasks), list(tasks))
+    hub = {}
+    for name, task in definitions["tasks"].items():
+        _check_split(name, task, split)
+        source = task.config.dataset_path
+        if source and source not in _LOCAL_LOADERS and not Path(str(source)).exists():
+            hub[name] = str(source)
+    return TaskDefinitions({key: _direction(definitions, key) for key in metrics}, hub)
 
 
 def _declared_splits(task: Any) -> dict[str, str]:
@@ -118,16 +177,21 @@ def _declared_splits(task: Any) -> dict[str, str]:
     }
 
 
-def _force_split(name: str, task: Any, split: Split) -> None:
-    """Make lm-eval score `split`; by itself it scores test_split whenever one is declared."""
+def _check_split(name: str, task: Any, split: Split) -> None:
     declared = _declared_splits(task)
     if split not in declared:
         available = ", ".join(f"{r} ({s!r})" for r, s in declared.items()) or "none"
+        other = [r for r in declared if r in ("validation", "test")]
         raise EvaluatorError(
             f"task {name!r} has no {split} split; its config declares: {available}. "
-            f"Choose split={'test' if split == 'validation' else 'validation'!r} or declare "
-            f"{_SPLIT_FIELDS[split]} in the task's yaml."
+            + (f"Choose split={other[0]!r} (with holdout: 0.3 to carve it into search and report items)"
+               if other else f"Declare {_SPLIT_FIELDS[split]} in the task's yaml") + "."
         )
+
+
+def _force_split(name: str, task: Any, split: Split) -> None:
+    """Make lm-eval score `split`; by itself it scores test_split whenever one is declared."""
+    _check_split(name, task, split)
     if split == "validation":
         # Exactly what lm-eval does for a task that declares no test split.
         task.set_config("test_split", None)
@@ -138,15 +202,15 @@ def _force_split(name: str, task: Any, split: Split) -> None:
             )
 
 
-def _select(n_docs: int, limit: int | None, sample_seed: int | None, name: str) -> list[int]:
-    """Item indices to score: all, the first `limit`, or `limit` drawn once from `sample_seed`."""
+def _select(items: Sequence[int], limit: int | None, sample_seed: int | None, name: str) -> list[int]:
+    """Item indices to score among `items`: all, the first `limit`, or `limit` drawn once from `sample_seed`."""
     if limit is None:
-        return list(range(n_docs))
+        return list(items)
     if sample_seed is None:
-        return list(range(min(limit, n_docs)))
+        return list(items[:limit])
     # Seeded by (seed, task) so a task's sample does not depend on which other tasks are listed;
     # kept in draw order so any prefix of it is itself a uniform sample.
-    return random.Random(f"{sample_seed}:{name}").sample(range(n_docs), min(limit, n_docs))
+    return random.Random(f"{sample_seed}:{name}").sample(items, min(limit, len(items)))
 
 
 def _check_count(value: int | None, what: str) -> None:
@@ -169,7 +233,11 @@ class HarnessEvaluator:
     limit: score only the first `limit` items of each task. With `sample_seed`, score instead
         `limit` items drawn at random once, at construction, from that seed (and the task name);
         every call scores the same items, and the per-call `limit` of `evaluate` takes a prefix.
+    carve: score one part of a seeded cut of the split (evaluators/carve.py) before `limit` applies.
     num_fewshot: as simple_evaluate's (None: the task's own, else 0).
+    apply_chat_template, fewshot_as_multiturn, system_instruction: as simple_evaluate's; the chat
+        template is the tokenizer's (a name picks one of several).
+    gen_kwargs: generation settings merged into every generate_until task's own, as simple_evaluate does.
     metrics: report only these, as "<task>/<metric>" or a bare metric name for every task.
     cache_templates: memoise lm-eval's jinja compilation (see `compat.enable_template_cache`).
     cache_tokens: memoise the wrapper's tokenization of request strings (see `compat.memoise_tok_encode`).
@@ -186,7 +254,12 @@ class HarnessEvaluator:
         device: str | None = None,
         limit: int | None = None,
         sample_seed: int | None = None,
+        carve: Carve | None = None,
         num_fewshot: int | None = None,
+        apply_chat_template: bool | str = False,
+        fewshot_as_multiturn: bool = True,
+        system_instruction: str | None = None,
+        gen_kwargs: dict[str, Any] | None = None,
         metrics: Sequence[str] | None = None,
         builtin_tasks: bool = True,
         cache_templates: bool = True,
@@ -207,8 +280,12 @@ class HarnessEvaluator:
             if not Path(path).is_dir():
                 raise EvaluatorError(f"include_path {path} is not a folder of task yaml files")
 
+        if batch_size != "auto":
+            _check_count(batch_size, "batch_size")
         self.split: Split = split
         self.batch_size = batch_size
+        self.chat = {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn,
+                     "system_instruction": system_instruction}
         self.device = device
         self.verbose = verbose
         self.cache_tokens = cache_tokens
@@ -219,13 +296,18 @@ class HarnessEvaluator:
         with _quiet(not verbose, level=logging.WARNING):  # keep warnings about task configs
             self._task_dict = _load_tasks(list(tasks), paths, builtin_tasks)
         self._item_ids: dict[str, tuple[int, ...]] = {}
+        self.split_sizes: dict[str, int] = {}  # items in each task's split, before carve and limit
         for name, task in self._task_dict["tasks"].items():
             _force_split(name, task, split)
             all_docs = list(task.eval_docs)  # process_docs runs here, once
-            ids = _select(len(all_docs), limit, sample_seed, name)
+            self.split_sizes[name] = len(all_docs)
+            items = carve.ids(len(all_docs), name) if carve else list(range(len(all_docs)))
+            ids = _select(items, limit, sample_seed, name)
             compat.pin_docs(task, split, [all_docs[i] for i in ids])
             self._item_ids[name] = tuple(ids)
             self._set_fewshot(task, num_fewshot)
+            if gen_kwargs and task.get_config("output_type") == "generate_until":
+                task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self._metric_filter = self._resolve_metrics(metrics)
         self._lm: Any = None
         self._bound: tuple[Any, Any] | None = None
@@ -244,27 +326,11 @@ class HarnessEvaluator:
     @property
     def metric_keys(self) -> tuple[str, ...]:
         """Every "<task>/<metric>" this evaluator can report (before any `metrics` filter)."""
-        keys = []
-        for name, task in self._task_dict["tasks"].items():
-            filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", [])] or [
-                "none"
-            ]
-            keys += [_key(name, m, f) for f in filters for m in task.higher_is_better()]
-        leaf_metrics = {k.split("/", 1)[1] for k in keys}
-        keys += [
-            f"{group}/{m}" for group in self._task_dict.get("groups", {}) for m in leaf_metrics
-        ]
-        return tuple(keys)
+        return _metric_keys(self._task_dict)
 
     def higher_is_better(self, key: str) -> bool:
         """lm-eval's direction for "<task>/<metric>" (a group takes its first leaf task's)."""
-        if key not in self.metric_keys:
-            raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, self.metric_keys)} Known metrics: {', '.join(self.metric_keys)}.")
-        task_name, metric = key.split("/", 1)
-        metric = metric.split(",", 1)[0]
-        tasks = self._task_dict["tasks"]
-        task = tasks.get(task_name) or next(iter(tasks.values()))
-        return bool(task.higher_is_better().get(metric, True))
+        return _direction(self._task_dict, key)
 
     def _resolve_metrics(self, metrics: Sequence[str] | None) -> frozenset[str] | None:
         if metrics is None:
@@ -320,8 +386,7 @@ class HarnessEvaluator:
                 bootstrap_iters=0,
                 log_samples=per_item,
                 write_out=False,
-                apply_chat_template=False,
-                fewshot_as_multiturn=True,
+                **self.chat,
             )
         if out is None:
             raise EvaluatorError("lm-eval returned no results (not rank 0 of a distributed run)")

@@ -27,6 +27,11 @@ _DTYPES = {
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` reads as a hub repo id (org/name) rather than a local path."""
+    return bool(_HUB_ID.match(spec)) and not Path(spec).expanduser().exists()
+
+
 def resolve_model_dir(spec: str) -> Path:
     """A local model folder, or the hub snapshot of a repo id (safetensors and small files only)."""
     path = Path(spec).expanduser()

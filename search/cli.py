@@ -82,12 +82,41 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """What `basin run` checks before any worker starts, except what needs a hub this machine cannot reach."""
+    from merging.checkpoint import is_hub_id
     from search.config import load_config
+    from search.setup import (
+        check_models,
+        check_models_and_tasks,
+        check_tasks,
+        unreachable_hub_models,
+    )
 
     config = load_config(args.config, args.set)
+    unchecked = []
+    hub_models = unreachable_hub_models(config)
+    if [m for m in hub_models if not is_hub_id(m)]:
+        check_models(config)  # a missing local folder: the same error as run
+    if hub_models:
+        unchecked.append(f"models {', '.join(hub_models)}: hub ids not in the local cache and not reachable "
+                         "from here; `basin run` downloads them (needs the hub and a token for gated models)")
+    tasks = check_tasks(config)
+    if tasks.hub_datasets:
+        by_dataset: dict[str, list[str]] = {}
+        for task, dataset in tasks.hub_datasets.items():
+            by_dataset.setdefault(dataset, []).append(task)
+        named = [f"{d} ({', '.join(t[:2])}{f' and {len(t) - 2} more' if len(t) > 2 else ''})" for d, t in by_dataset.items()]
+        unchecked.append(f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics were "
+                         "checked from their definitions, `basin run` downloads the data")
+    if not unchecked:
+        check_models_and_tasks(config)  # everything is here: the data too, exactly as run checks it
     n = len(config.models.finetunes)
     print(f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
           f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)")
+    if (overlap := config.evaluator.overlap()) is not None:
+        print(f"warning: {overlap}")
+    for line in unchecked:
+        print(f"not checked here: {line}")
     return 0
 
 
@@ -146,7 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
     from search.pareto import pareto_table
     from search.report import write_report
 
-    config = load_demo_config(args.out, args.set, zoo=DEMO_ZOO)  # a bad --set fails before the zoo is built
+    config = load_demo_config(args.out, args.set, zoo=DEMO_ZOO, generative=args.generative)  # fails before the build
     print(f"1/3 building the toy zoo in {DEMO_ZOO} (reused when already built)")
     build_zoo(DEMO_ZOO, seed=0, progress=not args.quiet)
     print(f"2/3 running the demo study into {config.study.folder}")
@@ -235,10 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study folder (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
+    p.add_argument("--generative", action="store_true",
+                   help="the generative demo: answers written by the model, exact match, a carved split")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("validate", help="check a config without loading any model")
+    p = sub.add_parser("validate", help="check a config, its models' headers and its tasks, as run does, before any run")
     p.add_argument("config", help="study config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_validate)

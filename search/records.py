@@ -5,6 +5,7 @@ results/<study>/
   journal.log        Optuna's journal storage (unless a storage URL is configured)
   .journal.lock      file lock held by the journal's writers; .setup.lock: held while a run sets up or claims a trial
   trials/<n>.json    params, recipe, metrics, objective values, timings, worker, error
+  carve.json         with evaluator.holdout: each task's search and held-out item indices
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from filelock import FileLock
 from search import compat
 
 CONFIG_FILE = "config.yaml"
+CARVE_FILE = "carve.json"
 JOURNAL_FILE = "journal.log"
 JOURNAL_LOCK = ".journal.lock"  # lock file of the journal's writers
 SETUP_LOCK = ".setup.lock"  # lock file of study setup and trial claims (a second file: two locks on one file block each other)
@@ -124,3 +126,33 @@ def read_config_snapshot(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a study folder (no {CONFIG_FILE}); give the folder `basin run` created")
     return yaml.safe_load(path.read_text())
+
+
+def write_carve(folder: Path, evaluator: Any, split_sizes: dict[str, int]) -> None:
+    """Record the carve of a study with evaluator.holdout, or check it against the recorded one.
+
+    The cut is a pure function of the seed, the task and its item count; a task whose item count
+    changed since the study began (another dataset revision) would cut differently, and the
+    held-out scores would no longer be held out: that refuses to run.
+    """
+    from evaluators.carve import carve_ids
+
+    if getattr(evaluator, "holdout", None) is None:
+        return
+    carve = {
+        "split": evaluator.split, "holdout": evaluator.holdout, "holdout_seed": evaluator.holdout_seed,
+        "tasks": {task: carve_ids(n, task, evaluator.holdout, evaluator.holdout_seed) for task, n in sorted(split_sizes.items())},
+    }
+    path = folder / CARVE_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != carve:
+            changed = sorted(t for t in {*recorded.get("tasks", {}), *carve["tasks"]}
+                             if recorded.get("tasks", {}).get(t) != carve["tasks"].get(t))
+            from search.config import ConfigError
+
+            raise ConfigError(f"{path}: the carve of {', '.join(changed) or 'the split'} differs from the one this study "
+                              "began with (the task's data changed?); its held-out items would no longer be held out. "
+                              "Restore the data the study began with, or start a new study")
+        return
+    write_json_atomic(path, carve)

@@ -221,12 +221,18 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
     )
     search = html.escape(config.evaluator.label("search"))
     no_heldout = "" if has_report(config.evaluator) else " This study names no held-out data (evaluator.report_text)."
+    if (overlap := config.evaluator.overlap()) is not None:
+        no_heldout += f"</p><p class='warning'><b>Warning:</b> {html.escape(overlap)}."
+    elif getattr(config.evaluator, "holdout", None) is not None:
+        no_heldout += (f" The held-out items are {config.evaluator.holdout:.0%} of {config.evaluator.split}, carved "
+                       "before the search began (carve.json); the search never scored them.")
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}</style></head><body>
+td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}
+.warning{{background:#fdecea;border:1px solid #d1495b;padding:.6em}}</style></head><body>
 <h1>basin report: {html.escape(config.study.name)}</h1>
 <p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(', '.join(names))}
 ({config.objectives.mode}); sampler {config.sampler.name}.</p>

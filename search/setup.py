@@ -6,6 +6,7 @@ Also the way back into an existing study folder (status, pareto, report, export)
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,12 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     created = not folder.exists()
     try:
         _check_resumable(config, folder, resume)
-        directions = check_models_and_tasks(config)
+        directions, split_sizes = check_models_and_tasks(config)
         space = study_space(config)
+        if (overlap := config.evaluator.overlap()) is not None:
+            print(f"basin: warning: {overlap}", file=sys.stderr)
         with records.study_lock(folder):  # runners starting at once set the study up one after the other
+            records.write_carve(folder, config.evaluator, split_sizes)
             study = _open_study(config, folder, directions)
             records.write_config_snapshot(folder, config_to_dict(config))
             _enqueue_baselines(config, study, space)
@@ -100,22 +104,70 @@ def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
 
 
-def check_models_and_tasks(config: StudyConfig) -> list[str]:
-    """Read the models' headers and load the task definitions; returns each objective's direction.
+def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, int]]:
+    """Read the models' headers, check the task definitions, then load the tasks' data; returns each
+    objective's direction and the number of items in each task's search split.
 
-    Incompatible models, unknown tasks and unknown metrics fail here, before any worker starts.
+    Incompatible models, unknown tasks, missing splits and unknown metrics fail here, before any
+    worker starts, with the messages `basin validate` gives.
     """
     from evaluators import EvaluatorError, build_evaluator
+
+    check_models(config)
+    directions = check_tasks(config).directions
+    try:
+        probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)  # the data, one item scored
+    except EvaluatorError as exc:
+        raise ConfigError(f"evaluator: {exc}") from None
+    return directions, dict(getattr(probe, "split_sizes", {}))
+
+
+def check_models(config: StudyConfig) -> None:
+    """Same architecture, tensor names, shapes and vocabulary, from the models' headers (no weights read)."""
     from merging import Checkpoint, check_compatible
 
     models = config.models.resolved()
     check_compatible({p: Checkpoint(p, allow_pickle=models.allow_pickle) for p in (models.base, *models.finetunes)})
+
+
+def unreachable_hub_models(config: StudyConfig) -> list[str]:
+    """The models named by a hub id that this machine can neither find locally nor fetch."""
+    from merging import MergeError
+    from merging.checkpoint import resolve_model_dir
+
+    models, out = config.models.resolved(), []
+    for spec in (models.base, *models.finetunes):
+        if not Path(spec).exists():
+            try:
+                resolve_model_dir(spec)
+            except MergeError:
+                out.append(spec)
+    return out
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    directions: list[str]  # each objective's, from the config or the metric's own
+    hub_datasets: dict[str, str]  # task -> the hub dataset its data comes from
+
+
+def check_tasks(config: StudyConfig) -> TaskCheck:
+    """The tasks' definitions, without their data: unknown tasks, a missing split, unknown metrics."""
+    from evaluators import EvaluatorError, HarnessSection, build_evaluator
+    from evaluators.harness import check_task_definitions
+
+    section, keys = config.evaluator.resolved(), [o.key for o in config.objectives.items]
     try:
-        probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)
-        flags = {o.key: probe.higher_is_better(o.key) for o in config.objectives.items}  # every metric, known
+        if isinstance(section, HarnessSection):
+            found = check_task_definitions(section.tasks, include_path=section.include_paths,
+                                           builtin_tasks=section.builtin_tasks, split=section.split, metrics=keys)
+            flags, hub = found.directions, found.hub_datasets
+        else:
+            probe = build_evaluator(section, "search")
+            flags, hub = {key: probe.higher_is_better(key) for key in keys}, {}
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
-    return resolve_directions(config.objectives, flags.__getitem__)
+    return TaskCheck(resolve_directions(config.objectives, flags.__getitem__), hub)
 
 
 def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> optuna.Study:

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -23,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _pins() -> dict[str, str]:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return {m[1]: m[2] for d in deps if (m := re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9.]+)", d))}
+    """The exact pins among pyproject.toml's dependencies ("name==version" strings)."""
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([0-9.]+)"', (REPO / "pyproject.toml").read_text()))
 
 
 def test_the_patched_libraries_are_pinned_to_the_versions_their_patches_were_checked_against():

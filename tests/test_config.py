@@ -289,21 +289,6 @@ def test_malformed_set_overrides(tmp_path, item, expected):
 # --- basin validate ------------------------------------------------------------------------------------
 
 
-def test_basin_validate_ok(tmp_path, capsys):
-    path = write(tmp_path, MINIMAL)
-    assert main(["validate", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert f"{path}: ok" in out
-    assert "'demo'" in out and "2 fine-tunes" in out and "tpe sampler" in out
-
-
-def test_basin_validate_with_set(tmp_path, capsys):
-    path = write(tmp_path, MINIMAL)
-    assert main(["validate", str(path), "--set", "sampler.name=random", "--set", "study.name=other"]) == 0
-    out = capsys.readouterr().out
-    assert "'other'" in out and "random sampler" in out
-
-
 def test_basin_validate_bad_config(tmp_path, capsys):
     path = write(tmp_path, edited(sampler={"name": "tpee"}, workers={"count": 0}))
     assert main(["validate", str(path)]) == 2

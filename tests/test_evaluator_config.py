@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evaluators import EvaluatorError, HarnessEvaluator, HarnessSection, PerplexityEvaluator, PerplexitySection
+from evaluators import (
+    EvaluatorError,
+    HarnessEvaluator,
+    HarnessSection,
+    PerplexityEvaluator,
+    PerplexitySection,
+)
 from evaluators.config import build_evaluator
 from search.cli import main
 from search.config import ConfigError, config_from_dict

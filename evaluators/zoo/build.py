@@ -436,9 +436,10 @@ def build_zoo(
     root = Path(out_dir).resolve()
     record = None if force else _reusable(root, seed, settings)
     if record is not None:
+        # Task files depend on the location and the skills only: refreshed (written where they
+        # differ) so that a moved zoo points at its new place and an older zoo gains new tasks.
+        write_task_files(root, root, list(record["finetunes"]))
         if Path(record["root"]) != root:
-            # Moved since it was built: only the absolute paths in the task yamls are stale.
-            write_task_files(root, root, list(record["finetunes"]))
             record["root"] = str(root)
             write_manifest(root, record)
         return zoo_from_manifest(root, record)

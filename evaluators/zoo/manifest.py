@@ -23,6 +23,11 @@ class Zoo:
     tasks: list[str]  # lm-eval task names, same order as finetunes
     heldout_text: Path  # plain text for perplexity
 
+    @property
+    def generative_tasks(self) -> list[str]:
+        """The generative (generate_until) task of each skill, same order as finetunes."""
+        return [f"{task}_gen" for task in self.tasks]
+
 
 def write_manifest(root: Path, record: dict) -> None:
     """Write zoo.json last, so its presence marks a finished build."""

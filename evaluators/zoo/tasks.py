@@ -1,4 +1,10 @@
-"""lm-eval task files for the zoo: jsonl data and one multiple-choice YAML per skill.
+"""lm-eval task files for the zoo: jsonl data, and per skill a multiple-choice and a generative YAML.
+
+``zoo_<skill>`` scores the answer among four choices (log-likelihood); ``zoo_<skill>_gen`` asks
+the model to write the answer (greedy, at most ``GEN_TOKENS`` new tokens, stopping where the next
+example's skill word would begin), keeps the first run of digits (regex + take_first filter, named
+``answer``) and scores it by exact match: metric ``exact_match,answer``. The generative task also
+measures whether a model knows where its answer ends, which single-skill fine-tunes often forget.
 
 Each task (``zoo_<skill>``) has separate ``validation`` and ``test`` splits of
 local jsonl files. lm-eval 0.4.13 scores ``test_split`` whenever a task defines
@@ -30,8 +36,16 @@ VALIDATION_GROUP = "zoo_validation"
 TEST_GROUP = "zoo_test"
 
 
+GEN_TOKENS = 4  # three answer digits and one to stop on
+GEN_FILTER = "answer"
+
+
 def task_name(skill: str) -> str:
     return f"zoo_{skill}"
+
+
+def generative_task_name(skill: str) -> str:
+    return f"zoo_{skill}_gen"
 
 
 def write_jsonl(path: Path, items: list[Item]) -> None:
@@ -71,6 +85,7 @@ def write_task_files(root: Path, final_root: Path, skills: list[str]) -> Path:
             "metadata": {"version": 1.0},
         }
         _write(tasks_dir / f"{task_name(skill)}.yaml", config)
+        _write(tasks_dir / f"{generative_task_name(skill)}.yaml", _generative(config, skill, skills))
     names = [task_name(s) for s in skills]
     aggregate = [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]
     _write(
@@ -96,5 +111,26 @@ def write_task_files(root: Path, final_root: Path, skills: list[str]) -> Path:
     return tasks_dir
 
 
+def _generative(config: dict, skill: str, skills: list[str]) -> dict:
+    """The generate_until form of a skill's multiple-choice task, over the same items."""
+    out = {k: v for k, v in config.items() if k not in ("output_type", "doc_to_choice", "doc_to_target", "metric_list")}
+    out.update({
+        "task": generative_task_name(skill),
+        "output_type": "generate_until",
+        "doc_to_target": "{{choices[label]}}",
+        "generation_kwargs": {"until": list(skills), "max_gen_toks": GEN_TOKENS, "do_sample": False},
+        "filter_list": [{"name": GEN_FILTER, "filter": [
+            {"function": "regex", "regex_pattern": "([0-9](?: [0-9])*)"}, {"function": "take_first"}]}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    })
+    return out
+
+
 def _write(path: Path, config: dict) -> None:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    """Write a task file unless it already holds this text (readers never see half a file)."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
