@@ -62,12 +62,17 @@ class HarnessSection(_Section):
             raise ValueError(f"batch_size must be a positive number or 'auto'; got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _carve_has_one_split(self) -> HarnessSection:
-        if self.holdout is not None and "report_split" in self.model_fields_set and self.report_split != self.split:
-            raise ValueError(f"with holdout, the report scores the held-out items of split '{self.split}'; "
-                             f"remove report_split '{self.report_split}' (or drop holdout to report on it)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _carve_has_one_split(cls, data: Any) -> Any:
+        """With holdout, both roles score `split`: report_split is `split` (given or not)."""
+        if isinstance(data, dict) and data.get("holdout") is not None:
+            split, report = data.get("split", "validation"), data.get("report_split")
+            if report is not None and report != split:
+                raise ValueError(f"with holdout, the report scores the held-out items of split '{split}'; "
+                                 f"remove report_split '{report}' (or drop holdout to report on it)")
+            data = {**data, "report_split": split}
+        return data
 
     @property
     def task_names(self) -> list[str]:

@@ -131,7 +131,9 @@ def _direction(task_dict: dict[str, Any], key: str) -> bool:
     """lm-eval's higher_is_better for "<task>/<metric>" (a group takes its first leaf task's)."""
     keys = _metric_keys(task_dict)
     if key not in keys:
-        raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, keys)} Known metrics: {', '.join(keys)}.")
+        same_task = [k for k in keys if k.split("/", 1)[0] == key.split("/", 1)[0]]
+        raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, same_task or keys)} "
+                             f"Known metrics: {', '.join(same_task or keys)}.")
     task_name, metric = key.split("/", 1)
     metric = metric.split(",", 1)[0]
     tasks = task_dict["tasks"]

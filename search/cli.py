@@ -98,8 +98,8 @@ def _validate(args: argparse.Namespace) -> int:
     if [m for m in hub_models if not is_hub_id(m)]:
         check_models(config)  # a missing local folder: the same error as run
     if hub_models:
-        unchecked.append(f"models {', '.join(hub_models)}: hub ids not in the local cache and not reachable "
-                         "from here; `basin run` downloads them (needs the hub and a token for gated models)")
+        unchecked.append(f"models {', '.join(hub_models)}: no such local folder, and as hub ids neither cached nor "
+                         "reachable from here; `basin run` downloads them (needs the hub, and a token for gated models)")
     tasks = check_tasks(config)
     if tasks.hub_datasets:
         by_dataset: dict[str, list[str]] = {}

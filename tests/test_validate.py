@@ -1,0 +1,126 @@
+"""`basin validate` checks what `basin run` checks before any worker starts (models' headers, task names,
+splits, metrics), with the same messages, and says what it could not check without the hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from search.cli import main
+from tests.benchmarks.tiny import build_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return build_tasks(tmp_path_factory.mktemp("tasks"), n_items=12)
+
+
+def config(llama_set, tasks, root: Path, **sections: Any) -> Path:
+    data: dict[str, Any] = {
+        "study": {"name": "check", "output_dir": str(root / "study")},
+        "models": {"base": str(llama_set.base), "finetunes": [str(p) for p in llama_set.finetunes]},
+        "space": {"methods": ["task_arithmetic"], "weight": [0.0, 1.0]},
+        "evaluator": {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False},
+        "objectives": {"items": [{"task": "toy_next", "metric": "acc"}]},
+        "workers": {"count": 1},
+    }
+    data.update(sections)
+    path = root / "check.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def both(path: Path, capsys) -> tuple[tuple[int, str], tuple[int, str]]:
+    """(exit code, stderr) of `basin validate` and of `basin run` on the same config."""
+    checked = main(["validate", str(path)]), capsys.readouterr().err
+    ran = main(["run", str(path), "--quiet"]), capsys.readouterr().err
+    return checked, ran
+
+
+def test_a_good_config_validates_with_nothing_left_unchecked(llama_set, tasks, tmp_path, capsys):
+    path = config(llama_set, tasks, tmp_path)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: ok" in out and "1 fine-tunes" not in out and "3 fine-tunes" in out
+    assert "not checked" not in out and "warning" not in out
+    assert not (tmp_path / "study").exists()  # validate creates nothing
+
+
+def test_an_unknown_metric_fails_validate_as_it_fails_run(llama_set, tasks, tmp_path, capsys):
+    path = config(llama_set, tasks, tmp_path, objectives={"items": [{"task": "toy_pair", "metric": "acc_nrom"}]})
+    (v_code, v_err), (r_code, r_err) = both(path, capsys)
+    assert v_code == r_code == 2 and v_err == r_err
+    assert "unknown metric 'toy_pair/acc_nrom'; did you mean 'toy_pair/acc_norm'" in v_err
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.slow
+def test_a_filtered_generative_metric_needs_its_filter_name(tmp_path, capsys):
+    """`exact_match` for a task whose filter is named `answer` used to pass validate and fail at run."""
+    from evaluators.zoo import build_zoo
+    from search.demo import demo_config
+
+    zoo = build_zoo(REPO / ".zoo" / "seed0", seed=0, progress=False)
+    data = demo_config(str(zoo.root), generative=True)
+    data["study"]["output_dir"] = str(tmp_path / "study")
+    data["objectives"]["items"][0]["metric"] = "exact_match"
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (v_code, v_err), (r_code, r_err) = both(path, capsys)
+    assert v_code == r_code == 2 and v_err == r_err
+    assert "did you mean 'zoo_add_gen/exact_match,answer'?" in v_err
+
+
+def test_a_task_without_the_asked_split_fails_and_points_at_the_carve(llama_set, tasks, tmp_path, capsys):
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    (only_test / "toy_next.yaml").write_text(yaml.safe_dump(tasks.config("toy_next", ("test",))))
+    path = config(llama_set, tasks, tmp_path, evaluator={"tasks": ["toy_next"], "include_path": str(only_test),
+                                                          "builtin_tasks": False})
+    (v_code, v_err), (r_code, r_err) = both(path, capsys)
+    assert v_code == r_code == 2 and v_err == r_err
+    assert "task 'toy_next' has no validation split" in v_err and "holdout: 0.3" in v_err
+
+
+def test_incompatible_models_fail_validate(llama_set, gpt2_set, tasks, tmp_path, capsys):
+    path = config(llama_set, tasks, tmp_path, models={"base": str(llama_set.base),
+                                                      "finetunes": [str(llama_set.finetunes[0]), str(gpt2_set.finetunes[0])]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("basin: error:") and "Traceback" not in err
+
+
+def test_search_items_that_are_the_report_items_are_flagged(llama_set, tasks, tmp_path, capsys):
+    path = config(llama_set, tasks, tmp_path, evaluator={"tasks": list(tasks.names), "include_path": str(tasks.folder),
+                                                          "builtin_tasks": False, "split": "test", "report_split": "test"})
+    assert main(["validate", str(path)]) == 0
+    assert "warning: evaluator.split and evaluator.report_split are both 'test'" in capsys.readouterr().out
+    carved = config(llama_set, tasks, tmp_path, evaluator={"tasks": list(tasks.names), "include_path": str(tasks.folder),
+                                                            "builtin_tasks": False, "split": "test", "holdout": 0.25})
+    assert main(["validate", str(carved)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = REPO / "configs" / "leaderboard-qwen2.5-7b.yaml"
+    assert main(["validate", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{path}: ok (pareto study")
+    unchecked = [line for line in lines if line.startswith("not checked here:")]
+    assert len(unchecked) == 2 and len(lines) == 3  # no warning: the test split is carved
+    assert "Qwen/Qwen2.5-7B-Instruct" in unchecked[0]
+    assert "openai/gsm8k (gsm8k)" in unchecked[1] and "cais/mmlu" in unchecked[1]
+    # a metric without its filter is still caught offline, from the task definitions
+    data = yaml.safe_load(path.read_text())
+    data["objectives"]["items"][0]["metric"] = "exact_match"
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(data))
+    assert main(["validate", str(tmp_path / "typo.yaml")]) == 2
+    assert "unknown metric 'gsm8k/exact_match'; did you mean" in capsys.readouterr().err
