@@ -26,12 +26,7 @@ def demo_config(zoo: str = DEMO_ZOO, *, generative: bool = False) -> dict[str, A
         return _generative_demo(zoo)
     return {
         "study": {"name": "demo"},
-        "models": {
-            "base": f"{zoo}/base",
-            "finetunes": [f"{zoo}/ft_{skill}" for skill in SKILLS],
-            "dtype": "float32",
-            "device": "auto",
-        },
+        "models": _models(zoo),
         "space": {
             "methods": ["ties", "dare_ties", "task_arithmetic"],
             "granularity": "model",
@@ -54,16 +49,16 @@ def demo_config(zoo: str = DEMO_ZOO, *, generative: bool = False) -> dict[str, A
     }
 
 
+def _models(zoo: str) -> dict[str, Any]:
+    return {"base": f"{zoo}/base", "finetunes": [f"{zoo}/ft_{skill}" for skill in SKILLS], "dtype": "float32",
+            "device": "auto"}
+
+
 def _generative_demo(zoo: str) -> dict[str, Any]:
     tasks = [f"zoo_{skill}_gen" for skill in SKILLS]
     return {
         "study": {"name": "demo-generative"},
-        "models": {
-            "base": f"{zoo}/base",
-            "finetunes": [f"{zoo}/ft_{skill}" for skill in SKILLS],
-            "dtype": "float32",
-            "device": "auto",
-        },
+        "models": _models(zoo),
         "space": {
             "methods": ["task_arithmetic", "ties"],
             "granularity": "model",

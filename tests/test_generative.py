@@ -128,3 +128,16 @@ def test_a_generative_carved_study_searches_reports_and_keeps_its_carve(zoo, tmp
     (folder / "carve.json").write_text(json.dumps(carve))
     with pytest.raises(ConfigError, match="the carve of zoo_add_gen differs"):
         setup_study(config, resume=True)
+
+
+def test_batch_size_auto_lets_lm_eval_pick_the_batch_and_scores_the_same(zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(zoo.finetunes["sort"]).eval()
+    tok = AutoTokenizer.from_pretrained(zoo.finetunes["sort"])
+    section = HarnessSection(tasks=["zoo_sort", "zoo_sort_gen"], include_path=str(zoo.tasks_dir), split="test",
+                             builtin_tasks=False, batch_size="auto")
+    auto = build_evaluator(section, "search")
+    fixed = build_evaluator(section.model_copy(update={"batch_size": 8}), "search")
+    assert auto.evaluate(model, tok).metrics == fixed.evaluate(model, tok).metrics
+    assert auto._lm.batch_sizes  # lm-eval measured a batch size for this model

@@ -69,3 +69,7 @@ def test_the_demo_keeps_both_its_folder_and_the_set_overrides(tmp_path, monkeypa
     assert config.study.folder == tmp_path / "mine"
     assert (config.budget.n_trials, config.workers.count) == (3, 1)
     assert config.models.base == ".zoo/seed0/base" and config.objectives.mode == "pareto"
+
+
+def test_the_generative_demo_config_is_built_in_code_and_equals_configs_demo_generative_yaml():
+    assert yaml.safe_load((REPO / "configs" / "demo-generative.yaml").read_text()) == demo_config(generative=True)
