@@ -127,10 +127,7 @@ def _generative(config: dict, skill: str, skills: list[str]) -> dict:
 
 
 def _write(path: Path, config: dict) -> None:
-    """Write a task file unless it already holds this text (readers never see half a file)."""
+    """Write a task file unless it already holds this text (a reused zoo is left as it is)."""
     text = yaml.safe_dump(config, sort_keys=False)
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
