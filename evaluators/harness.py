@@ -8,6 +8,7 @@ lm-eval's own `simple_evaluate` on the same model, tasks and split (bootstrap of
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -85,6 +86,18 @@ def _suggest(name: str, known: Sequence[str]) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
 
 
+@functools.cache
+def _builtin_manager() -> Any:
+    """lm-eval's index of its built-in tasks (several seconds to build), built once per process.
+
+    Only the built-ins are shared: their files ship with lm-eval and do not change while it runs,
+    unlike a user's include_path folder.
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
+
+
 def _task_manager(names: Sequence[str], include_path: list[str], builtins: bool) -> Any:
     """A TaskManager that knows every name, indexing lm-eval's ~14,000 built-ins only if a name is not local."""
     from lm_eval.tasks import TaskManager
@@ -94,8 +107,10 @@ def _task_manager(names: Sequence[str], include_path: list[str], builtins: bool)
     local = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if local is not None and (not builtins or all(n in local.all_tasks for n in names)):
         manager = local
+    elif include_path:
+        manager = TaskManager(include_path=include_path, include_defaults=True)
     else:
-        manager = TaskManager(include_path=include_path or None, include_defaults=True)
+        manager = _builtin_manager()
     for name in names:
         if name not in manager.all_tasks:
             local_names = local.all_tasks if local is not None else []
