@@ -66,6 +66,11 @@ def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorSc
                 f"every model's weight is 0 at tensor '{name}' and normalize is on, so the merge "
                 "divides by zero: give at least one model a non-zero weight there, or set normalize: false"
             )
+        if recipe.method == "linear" and recipe.normalize_ and abs(sum(weights)) < 1e-12:
+            raise MergeError(
+                f"the models' weights {list(weights)} sum to 0 at tensor '{name}' and linear with normalize "
+                "divides by that sum: give weights with a non-zero sum there, or set normalize: false"
+            )
         plan[name] = TensorScalars(
             weights=weights,
             densities=tuple(m.density.at(place.depth, place.kind) for m in recipe.models),

@@ -10,8 +10,13 @@ import yaml
 from merging.errors import MergeError
 from merging.recipe import USES_DENSITY, MergeRecipe, recipe_from_dict, recipe_to_dict
 
-_ATTN_FILTERS = ("attn", "attention")
+# mergekit filters are substrings of tensor names; these name every attention (MLP) tensor of the
+# supported families, as basin's attn (mlp) do. A narrower one (q_proj, up_proj) has no basin form.
+_ATTN_FILTERS = ("self_attn", "attn", "attention")
 _MLP_FILTERS = ("mlp", "ffn", "feed_forward")
+_PARAMETERS = ("lambda", "normalize", "rescale", "t")
+_IGNORED = {"int8_mask": "a memory option of mergekit's that leaves the merged weights as they are"}
+_MODEL_PARAMETERS = ("weight", "density")
 
 
 def _param_to_mergekit(value: Any) -> Any:
@@ -32,12 +37,14 @@ def _param_from_mergekit(value: Any, where: str) -> Any:
         flt = item.get("filter")
         if flt is None:
             out["default"] = item["value"]
-        elif any(f in str(flt) for f in _ATTN_FILTERS):
+        elif flt in _ATTN_FILTERS:
             out["attn"] = item["value"]
-        elif any(f in str(flt) for f in _MLP_FILTERS):
+        elif flt in _MLP_FILTERS:
             out["mlp"] = item["value"]
         else:
-            raise MergeError(f"{where}: mergekit filter '{flt}' has no basin equivalent; basin separates attention and MLP tensors only")
+            raise MergeError(f"{where}: mergekit filter '{flt}' has no basin equivalent: basin gives values to all "
+                             f"attention tensors ({' / '.join(_ATTN_FILTERS)}) or all MLP tensors "
+                             f"({' / '.join(_MLP_FILTERS)}); converting it would apply the value to other tensors too")
     return out
 
 
@@ -92,6 +99,10 @@ def from_mergekit(data: Any) -> MergeRecipe:
             if m.get("model") == base:
                 continue  # mergekit lists the base among the models at times; it is not a task vector
             p = m.get("parameters") or {}
+            if unknown := sorted(set(p) - set(_MODEL_PARAMETERS)):
+                raise MergeError(f"models[{i}].parameters: {', '.join(unknown)} has no basin equivalent for "
+                                 f"{method}; basin reads {', '.join(_MODEL_PARAMETERS)} per model, and dropping the "
+                                 "rest would merge something else than this file says")
             entry = {"path": m["model"]}
             for key in ("weight", "density"):
                 if key in p:
@@ -100,8 +111,11 @@ def from_mergekit(data: Any) -> MergeRecipe:
         ours = {"method": method, "models": models}
         if base is not None:
             ours["base"] = base
-    known = ("lambda", "normalize", "rescale", "t")
-    ours["parameters"] = {k: _param_from_mergekit(v, f"parameters.{k}") for k, v in params.items() if k in known}
+    if unknown := sorted(set(params) - set(_PARAMETERS) - set(_IGNORED)):
+        raise MergeError(f"parameters: {', '.join(unknown)} has no basin equivalent; basin reads "
+                         f"{', '.join(_PARAMETERS)} (and ignores {', '.join(_IGNORED)}: {_IGNORED['int8_mask']}), "
+                         "and dropping the rest would merge something else than this file says")
+    ours["parameters"] = {k: _param_from_mergekit(v, f"parameters.{k}") for k, v in params.items() if k in _PARAMETERS}
     if "dtype" in data:
         ours["dtype"] = data["dtype"]
     return recipe_from_dict(ours)

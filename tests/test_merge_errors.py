@@ -272,6 +272,17 @@ def test_all_weights_zero_under_normalize(tmp_path, capsys, llama_set):
     assert_refused(code, err, out, "weight is 0", "normalize")
 
 
+def test_linear_weights_summing_to_zero_under_normalize(tmp_path, capsys, llama_set):
+    """Used to raise a bare ZeroDivisionError from inside the merge."""
+    a, b = llama_set.finetunes[:2]
+    recipe = {"method": "linear", "models": [{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": -0.5}]}
+    code, err, out = run_merge(tmp_path, capsys, recipe)
+    assert_refused(code, err, out, "sum to 0", "normalize: false")
+    recipe["parameters"] = {"normalize": False}  # the way out the message names works
+    code, _, out = run_merge(tmp_path, capsys, recipe)
+    assert code == 0 and out.is_dir()
+
+
 def test_all_weights_zero_at_some_layers_under_normalize(tmp_path, capsys, llama_set):
     recipe = ties_recipe(llama_set.base, llama_set.finetunes[:2])
     for m in recipe["models"]:

@@ -483,6 +483,16 @@ def test_to_mergekit_dare_warns_about_seed():
             ["did you mean 'ties'"],
         ),
         ({"merge_method": "ties", "models": [{"model": "a"}]}, ["needs 'base'"]),
+        # parameters basin does not know are refused by name, not dropped
+        ({"merge_method": "della", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.1}},
+         ["parameters: epsilon has no basin equivalent"]),
+        ({"merge_method": "ties", "base_model": "b",
+          "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "gamma": 0.01}}]},
+         ["models[0].parameters: gamma has no basin equivalent"]),
+        # a filter narrower than all attention tensors is refused, not widened to all of them
+        ({"merge_method": "ties", "base_model": "b",
+          "models": [{"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}, {"value": 0.5}]}}]},
+         ["filter 'q_proj' has no basin equivalent", "other tensors too"]),
     ],
 )
 def test_from_mergekit_errors(data, words):
