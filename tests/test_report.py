@@ -12,7 +12,7 @@ from search.cli import main
 from search.config import load_config
 from search.pareto import dominates
 from search.study import load_study_folder, run_study
-from tests.benchmarks.tiny import build_model, build_tasks
+from tests.support.tiny import build_model, build_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
-from tests.benchmarks.tiny import build_model, build_tasks, task_config  # noqa: E402
+from tests.support.tiny import build_model, build_tasks, task_config  # noqa: E402
 
 BASIN = Path(sys.executable).with_name("basin")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
