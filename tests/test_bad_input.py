@@ -1,6 +1,6 @@
 """Bad input: every mistake in the catalogue gives one message naming the problem (and the way out),
 exit code 2, and leaves no half-created study folder. The catalogue lives in
-tests/benchmarks/reliability.py (the reliability script counts it too)."""
+tests/support/bad_inputs.py (the reliability script counts it too)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ import subprocess
 
 import pytest
 
-from tests.benchmarks.reliability import (
-    BAD_INPUTS,
-    BASIN,
-    ENV,
-    REPO,
-    BadInputEnv,
-    run_bad_input,
-    shared_zoo,
-)
+from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input
+from tests.support.fault_zoo import shared_fault_zoo
+from tests.support.runs import BASIN, ENV, REPO
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> BadInputEnv:
-    return BadInputEnv(shared_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad"))
+    return BadInputEnv(shared_fault_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad"))
 
 
 def test_the_catalogue_is_large_and_distinct():

@@ -1,7 +1,8 @@
 """Overnight reliability: what goes wrong at night must never lose finished work.
 
 The slow tests drive the real `basin` command in subprocesses (each starts its own local Ray) on
-tiny models, through the helpers of tests/benchmarks/reliability.py (which also prints the figures).
+tiny models, through the scenarios of tests/support/scenarios.py (tests/benchmarks/reliability.py
+prints their figures).
 The fast ones check the pieces in-process: the journal, stale trials, baselines, interrupts, security.
 """
 
@@ -29,22 +30,15 @@ from search import records
 from search.config import config_from_dict, config_to_dict
 from search.space import baseline_params, suggest
 from search.study import Flight, requeue_stale, run_study, setup_study
-from tests.benchmarks.reliability import (
-    FAULT_KINDS,
-    LOOPBACK,
-    REPO,
-    build_big_zoo,
-    export_killed,
-    kill_and_resume,
-    shared_zoo,
-    study_config,
-    worker_faults,
-)
+from tests.support.fault_zoo import build_big_zoo, shared_fault_zoo, study_config
+from tests.support.runs import LOOPBACK, REPO
+from tests.support.scenarios import FAULT_KINDS, export_killed, kill_and_resume, worker_faults
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return shared_zoo(tmp_path_factory.getbasetemp())
+    """Tiny models and tasks with a fault hook (tests/support/fault_zoo.py), not the toy zoo."""
+    return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
 def setup(zoo, folder: Path, **sections):
