@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input
 from tests.support.fault_zoo import shared_fault_zoo
-from tests.support.runs import BASIN, ENV, REPO
+from tests.support.runs import BASIN, ENV, HANG_S, REPO
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_bad_input_gives_one_message_exit_2_and_leaves_nothing(case, env):
 def test_a_pickle_only_model_is_refused_by_the_real_command_line(env):
     """The console script itself, on the security default: pickle loading stays off unless allowed."""
     case = next(c for c in BAD_INPUTS if c.name == "pickle-only model")
-    proc = subprocess.run([str(BASIN), *case.argv(env)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(BASIN), *case.argv(env)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("basin: error:") == 1 and "Traceback" not in proc.stderr
     assert "allow_pickle" in proc.stderr and "pickle" in proc.stderr

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -162,16 +161,26 @@ def _live_other_process():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
-def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path):
+def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path, monkeypatch):
     """Between ask and recording its runner, a live run's trial has no owner; a runner starting just
     then waits for the owner to appear instead of failing the trial."""
     s = setup(zoo, tmp_path / "young", baselines=False)
-    trial = s.study.ask()
     other = _live_other_process()
+    trial = s.study.ask()
+    real_sleep, waits = time.sleep, []
+
+    def owner_appears(seconds: float) -> None:  # the live runner records itself while the other waits
+        waits.append(seconds)
+        if len(waits) == 1:
+            trial.set_user_attr("runner", {"host": socket.gethostname(), "pid": other.pid})
+        real_sleep(0)
+
     try:
-        timer = threading.Timer(0.3, trial.set_user_attr, ("runner", {"host": socket.gethostname(), "pid": other.pid}))
-        timer.start()
-        assert requeue_stale(s.study, grace_s=1.5) == []
+        monkeypatch.setattr(time, "sleep", owner_appears)
+        # a grace far longer than the test: the wait ends because the owner appeared, not by time
+        assert requeue_stale(s.study, grace_s=600) == []
+        monkeypatch.undo()
+        assert waits, "requeue_stale did not wait for the ownerless trial"
         assert s.study.trials[trial.number].state == TrialState.RUNNING
     finally:
         other.kill()
@@ -192,8 +201,8 @@ def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
         alive.set_user_attr("runner", {"host": host, "pid": other.pid})
         elsewhere = s.study.ask()
         elsewhere.set_user_attr("runner", {"host": "another-host", "pid": 1})
-        time.sleep(0.3)
-        assert sorted(requeue_stale(s.study, grace_s=0.2)) == [ownerless.number, own_pid.number]
+        # grace 0: the ownerless trial counts as abandoned at once (its wait has its own test above)
+        assert sorted(requeue_stale(s.study, grace_s=0.0)) == [ownerless.number, own_pid.number]
     finally:
         other.kill()
         other.wait()

@@ -1,7 +1,7 @@
 """Tiny models and tasks for the reliability scenarios, with a fault hook inside lm-eval.
 
 The hooked tasks' doc_to_text obeys a control file, so a scenario can make the next evaluation
-raise, hang or go slowly, from outside the `basin` processes.
+raise, hang, hold until released, or go slowly, from outside the `basin` processes.
 """
 
 from __future__ import annotations
@@ -37,15 +37,18 @@ class FaultZoo:
         return self.hooked / "busy"
 
     def set_mode(self, mode: str) -> None:
-        """ok | raise (the next evaluation raises) | hang (evaluations block) | sleep S (per item)."""
+        """ok | raise (the next call raises) | hang (every call blocks) | hold (evaluations block,
+        loading a task does not) | sleep S (per item)."""
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(mode)
         os.replace(tmp, self.control)
 
 
-# The hook runs inside lm-eval, in the worker, once per item: it can fail, stall or pace a candidate.
+# The hook runs inside lm-eval, once per item: in the worker evaluating a candidate, and also where
+# a task is loaded (lm-eval renders one item then: the runner's setup and a starting worker).
 HOOKS = '''"""Fault injection for the reliability tests: doc_to_text obeys the file CONTROL."""
 import os
+import sys
 import time
 
 CONTROL = {control!r}
@@ -60,6 +63,23 @@ def _mode():
         return "ok"
 
 
+def _evaluating():
+    frame = sys._getframe(1)
+    while frame is not None:  # lm-eval renders the items of an evaluation in build_all_requests
+        if frame.f_code.co_name == "build_all_requests":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _block(mode):
+    with open(BUSY + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(BUSY + ".tmp", BUSY)
+    while _mode() == mode:
+        time.sleep(0.05)
+
+
 def doc_to_text(doc):
     mode = _mode()
     if mode == "raise":
@@ -68,12 +88,8 @@ def doc_to_text(doc):
             f.write("ok")
         os.replace(tmp, CONTROL)
         raise RuntimeError("injected evaluation failure")
-    if mode == "hang":
-        with open(BUSY + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(BUSY + ".tmp", BUSY)
-        while _mode() == "hang":
-            time.sleep(0.05)
+    if mode == "hang" or (mode == "hold" and _evaluating()):
+        _block(mode)
     elif mode.startswith("sleep "):
         time.sleep(float(mode.split()[1]))
     return doc["context"].strip()
@@ -102,7 +118,8 @@ def shared_fault_zoo(base: Path) -> FaultZoo:
     """build_fault_zoo into base/reliability-zoo once (test modules share it within a pytest session)."""
     root, done = base / "reliability-zoo", base / "reliability-zoo" / ".built"
     if done.exists():
-        return FaultZoo(root, root / "base", tuple(root / f"ft{i}" for i in range(3)), root / "tasks", root / "hooked", root / "loud")
+        return FaultZoo(root, root / "base", tuple(root / f"ft{i}" for i in range(3)), root / "tasks",
+                        root / "hooked", root / "loud")
     zoo = build_fault_zoo(root)
     done.touch()
     return zoo
@@ -120,7 +137,17 @@ def _loud_copy(model: Path, out: Path) -> Path:
     return out
 
 
-def study_config(zoo: FaultZoo, folder: Path, *, name: str = "night", hooked: bool = False, **sections: Any) -> dict:
+def build_big_zoo(root: Path) -> FaultZoo:
+    """Models large enough (~20 MB each) that an export lasts a moment."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = build_model(root / "base", seed=0, hidden=256, layers=8)
+    finetunes = tuple(build_model(root / f"ft{i}", seed=i + 1, hidden=256, layers=8) for i in range(3))
+    tasks = build_tasks(root / "tasks", n_items=4)
+    return FaultZoo(root, base, finetunes, tasks.folder, tasks.folder)
+
+
+def study_config(zoo: FaultZoo, folder: Path, *, name: str = "night", hooked: bool = False,
+                 **sections: Any) -> dict:
     """A study over the zoo (one CPU worker, two objectives); `sections` update whole sections."""
     data: dict[str, Any] = {
         "study": {"name": name, "output_dir": str(folder)},
@@ -141,15 +168,6 @@ def write_config(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def build_big_zoo(root: Path) -> FaultZoo:
-    """Models large enough (~20 MB each) that an export lasts a moment."""
-    root.mkdir(parents=True, exist_ok=True)
-    base = build_model(root / "base", seed=0, hidden=256, layers=8)
-    finetunes = tuple(build_model(root / f"ft{i}", seed=i + 1, hidden=256, layers=8) for i in range(3))
-    tasks = build_tasks(root / "tasks", n_items=4)
-    return FaultZoo(root, base, finetunes, tasks.folder, tasks.folder)
 
 
 def study_with_one_trial(zoo: FaultZoo, folder: Path, **sections: Any) -> tuple[Path, int]:

@@ -1,7 +1,9 @@
 """Reliability scenarios on the real command line: kills, worker faults, concurrent runners, export.
 
 Each drives `basin` in subprocesses on a FaultZoo and returns a report of what it saw; the tests
-assert on the reports and tests/benchmarks/reliability.py prints them.
+assert on the reports and tests/benchmarks/reliability.py prints them. Every step waits for an
+event (a journal line, a record, a file, a process exit), never for a fixed time, so a loaded
+machine makes a scenario slower, not wrong.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,17 +21,48 @@ from pathlib import Path
 from tests.support.fault_zoo import FaultZoo, study_config, study_with_one_trial, write_config
 from tests.support.runs import (
     COMPLETE_OP,
+    HANG_S,
     journal_text,
     kill_tree,
     process_alive,
     ray_exposure,
+    runner_mark,
     start_basin,
     tail,
     wait_for,
     wait_runs,
     worker_pid,
 )
-from tests.support.views import changed_complete, integrity_problems, records_view, storage_view
+from tests.support.views import (
+    TrialView,
+    changed_complete,
+    integrity_problems,
+    records_view,
+    storage_view,
+)
+
+
+def start_runners_together(zoo: FaultZoo, config: Path, folder: Path, logs: list[Path], *,
+                           then: str = "ok") -> list[subprocess.Popen]:
+    """`basin run CONFIG` once per log, every evaluation held until each run has asked for a trial;
+    then the hook is set to `then`. (Unheld, a run whose Ray starts first can spend the whole budget
+    before the other has a worker up, most of all on a busy machine.)"""
+    zoo.set_mode("hold")
+    procs = [start_basin(["run", str(config)], log) for log in logs]
+    text = journal_text(folder)  # (before they can ask: a pid may be that of an earlier run)
+    seen = [text.count(runner_mark(p.pid)) for p in procs]
+    try:
+        for proc, n, log in zip(procs, seen, logs):
+            wait_for(lambda p=proc, n=n: journal_text(folder).count(runner_mark(p.pid)) > n, proc,
+                     f"run {proc.pid} to ask for a trial", log, poll_s=0.2)
+    except BaseException:
+        for proc in procs:
+            kill_tree(proc)
+        raise
+    finally:
+        zoo.set_mode(then)
+    return procs
+
 
 # --- fault 1: SIGKILL `basin run` / `basin resume` at random moments --------------------------------------
 
@@ -57,8 +91,8 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
     let the last resume finish. Kill moments rotate through `moments`: early (a random time in
     `early_s` after the start: imports, setup, Ray starting), soon after this run asked its first
     trial (its worker is up), soon after it completed one (trials being told and recorded).
-    With final_runners=2 the study is finished by two `basin run` of its config at once, candidates
-    paced so that both take part."""
+    With final_runners=2 the study is finished by two `basin run` of its config at once, each
+    holding a trial before any candidate is scored, so that both take part."""
     rng, t0 = random.Random(seed), time.monotonic()
     folder, log = root / "study", root / "kills.log"
     config = write_config(root / "kills.yaml", study_config(zoo, folder, name="kills", hooked=True,
@@ -75,18 +109,19 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         ever_complete.update({t.number: t for t in before if t.state == "COMPLETE"})
         args = ["resume", str(folder)] if (folder / "config.yaml").is_file() else ["run", str(config)]
         proc = start_basin([*args, "--set", f"budget.n_trials={report.budget}"] if args[0] == "resume" else args, log)
-        started, pid_mark = time.monotonic(), f'"pid":{proc.pid}}}'
-        n_complete = journal_text(folder).count(COMPLETE_OP)
+        started, text = time.monotonic(), journal_text(folder)
+        n_asked, n_complete = text.count(runner_mark(proc.pid)), text.count(COMPLETE_OP)
         if mode == "early":
             delay = rng.uniform(*early_s)
-            alive = wait_for(lambda: time.monotonic() - started >= delay, proc, 60, "the kill moment", log)  # noqa: B023
+            alive = wait_for(lambda: time.monotonic() - started >= delay, proc, "the kill moment", log)  # noqa: B023
         elif mode == "asked":
-            alive = wait_for(lambda: pid_mark in journal_text(folder), proc, 180, "the first ask", log)  # noqa: B023
+            alive = wait_for(lambda: journal_text(folder).count(runner_mark(proc.pid)) > n_asked, proc,  # noqa: B023
+                             "the first ask", log)
             delay = rng.uniform(0.0, 2.0)
-            time.sleep(delay)
+            time.sleep(delay)  # a random moment after the event, not a wait for one
         else:
-            alive = wait_for(lambda: journal_text(folder).count(COMPLETE_OP) > n_complete, proc, 180,  # noqa: B023
-                          "the first completed trial", log)
+            alive = wait_for(lambda: journal_text(folder).count(COMPLETE_OP) > n_complete, proc,  # noqa: B023
+                             "the first completed trial", log)
             delay = rng.uniform(0.0, 1.0)
             time.sleep(delay)
         if not alive or proc.poll() is not None:  # it finished the budget before the kill: raise the budget
@@ -100,16 +135,19 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         say(f"kill {report.kills}: {report.moments[-1]}")
         after, after_recs = storage_view(folder), records_view(folder)
         report.lost += changed_complete(before, before_recs, after, after_recs)
-    if final_runners > 1:  # `basin run CONFIG` on an existing study resumes it; budget as raised above
-        write_config(config, study_config(zoo, folder, name="kills", hooked=True, budget={"n_trials": report.budget}))
-        zoo.set_mode("sleep 0.005")
-    procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)] if final_runners == 1 \
-        else [start_basin(["run", str(config)], root / f"final-{i}.log") for i in range(final_runners)]
-    rcs, leaked = wait_runs(procs, zoo)
+    try:
+        if final_runners == 1:
+            procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)]
+        else:  # `basin run CONFIG` on an existing study resumes it; budget as raised above
+            write_config(config, study_config(zoo, folder, name="kills", hooked=True, budget={"n_trials": report.budget}))
+            procs = start_runners_together(zoo, config, folder, [root / f"final-{i}.log" for i in range(final_runners)])
+        rcs, leaked = wait_runs(procs, folder)
+    finally:
+        zoo.set_mode("ok")
     report.final_rc, report.leaked = max(rcs), report.leaked + leaked
     final, final_recs = storage_view(folder), records_view(folder)
     report.final_by_runner = {p.pid: sum(t.state == "COMPLETE" and t.runner == p.pid for t in final) for p in procs}
-    ever = [t for t in ever_complete.values()]
+    ever: list[TrialView] = list(ever_complete.values())
     report.lost += changed_complete(ever, {}, final, final_recs)
     report.integrity = integrity_problems(final, final_recs)
     report.integrity += [f"trial {t.number} is still RUNNING" for t in final if t.state == "RUNNING"]
@@ -148,12 +186,13 @@ FAULT_KINDS = {  # error text -> kind
 # task_arithmetic draws can stop the study as "all failing".
 FAULT_SPACE = {"methods": ["linear", "task_arithmetic"], "weight": [0.5, 1.0], "lambda": [1.0e38, 3.0e38]}
 FAULT_SAMPLER = {"name": "random", "seed": 8}
+# The candidate time limit: only the candidate held on purpose may reach it, so it sits far above
+# what a candidate (well under a second here) takes on a loaded machine.
+CANDIDATE_TIMEOUT_S = 20.0
 
 
-def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: float = 4.0,
+def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: float = CANDIDATE_TIMEOUT_S,
                   say: Callable[[str], None] = lambda s: None) -> FaultReport:
-    from search.records import read_trial_records
-
     t0, folder, log = time.monotonic(), root / "faults", root / "faults.log"
     config = write_config(root / "faults.yaml", study_config(
         zoo, folder, name="faults", hooked=True, space=FAULT_SPACE, sampler=FAULT_SAMPLER, baselines=False,
@@ -170,43 +209,46 @@ def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: f
     def completed_by_another(pid: int) -> bool:  # a COMPLETE trial from a worker other than pid
         return any(r["state"] == "COMPLETE" and worker_pid(r["worker"]) != pid for r in records_view(folder).values())
 
+    def wait(predicate: Callable[[], bool], what: str) -> None:
+        wait_for(predicate, proc, what, log, poll_s=0.1)
+
     try:
         # a completed trial names its worker "host:pid/index": that pid is the one to kill later
-        wait_for(lambda: any(r["state"] == "COMPLETE" for r in records_view(folder).values()), proc, 240, "a first COMPLETE trial", log)
+        wait(lambda: any(r["state"] == "COMPLETE" for r in records_view(folder).values()), "a first COMPLETE trial")
         first = next(r for r in sorted(records_view(folder).values(), key=lambda r: r["number"]) if r["state"] == "COMPLETE")
         first_worker = worker_pid(first["worker"])
         report.listening, report.node_ips = ray_exposure(proc.pid)
         say(f"worker pid {first_worker}; the next evaluation raises")
         zoo.set_mode("raise")
-        wait_for(lambda: failed_with("injected evaluation failure"), proc, 60, "the raising evaluation", log)
+        wait(lambda: failed_with("injected evaluation failure"), "the raising evaluation")
         say("next: a worker SIGKILLed in the middle of a candidate")
         zoo.set_mode("hang")
-        wait_for(zoo.busy.exists, proc, 60, "a candidate in evaluation", log)
+        wait(zoo.busy.exists, "a candidate in evaluation")
         report.killed_pid = int(zoo.busy.read_text())
         assert report.killed_pid == first_worker, (report.killed_pid, first_worker)
         os.kill(first_worker, signal.SIGKILL)
         zoo.set_mode("ok")
         zoo.busy.unlink()
-        wait_for(lambda: failed_with("worker died"), proc, 60, "the dead worker's trial to fail", log)
+        wait(lambda: failed_with("worker died"), "the dead worker's trial to fail")
         # (the hook also runs while a worker loads its evaluator: wait for the new one to be at work)
-        wait_for(lambda: completed_by_another(first_worker), proc, 120, "a trial completed by the new worker", log)
+        wait(lambda: completed_by_another(first_worker), "a trial completed by the new worker")
         say("next: a candidate past workers.candidate_timeout")
         zoo.set_mode("hang")
-        wait_for(zoo.busy.exists, proc, 120, "a candidate on the new worker", log)
+        wait(zoo.busy.exists, "a candidate on the new worker")
         report.timed_out_pid = int(zoo.busy.read_text())
-        wait_for(lambda: not process_alive(report.timed_out_pid), proc, 10 * timeout_s, "the timeout to stop the worker", log)
+        wait(lambda: not process_alive(report.timed_out_pid), "the timeout to stop the worker")
         zoo.set_mode("ok")
-        wait_for(lambda: failed_with("candidate_timeout"), proc, 60, "the timed-out trial to fail", log)
-        wait_for(lambda: completed_by_another(first_worker) and any(
+        wait(lambda: failed_with("candidate_timeout"), "the timed-out trial to fail")
+        wait(lambda: completed_by_another(first_worker) and any(
             r["state"] == "COMPLETE" and worker_pid(r["worker"]) not in (first_worker, report.timed_out_pid)
-            for r in records_view(folder).values()), proc, 120, "a trial completed by the worker restarted after the timeout", log)
+            for r in records_view(folder).values()), "a trial completed by the worker restarted after the timeout")
         say("waiting for the study to finish its budget")
-        report.rc = proc.wait(timeout=240)
+        (report.rc,), _ = wait_runs([proc], folder)
     finally:
         zoo.set_mode("ok")
         if proc.poll() is None:
             kill_tree(proc)
-    recs = read_trial_records(folder)
+    recs = records_view(folder)
     for n, r in sorted(recs.items()):
         if r["state"] == "COMPLETE":
             report.workers.append(r["worker"])
@@ -236,15 +278,18 @@ class ConcurrentReport:
 
 
 def concurrent_runners(zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s: float = 0.01) -> ConcurrentReport:
-    """Two `basin run` of one config started together; candidates paced (pace_s per item) so that both
-    have their workers up before the budget is spent."""
+    """Two `basin run` of one config started together, both holding a trial before any candidate is
+    scored; then candidates paced (pace_s per item) so that their turns interleave."""
     t0, folder = time.monotonic(), root / "shared"
     config = write_config(root / "shared.yaml", study_config(zoo, folder, name="shared", hooked=True,
                                                                budget={"n_trials": n_trials}))
-    zoo.set_mode(f"sleep {pace_s}")
-    procs = [start_basin(["run", str(config)], root / f"shared-{i}.log") for i in range(2)]
     report = ConcurrentReport(budget=n_trials)
-    report.rcs, report.leaked = wait_runs(procs, zoo)
+    try:
+        procs = start_runners_together(zoo, config, folder, [root / f"shared-{i}.log" for i in range(2)],
+                                       then=f"sleep {pace_s}")
+        report.rcs, report.leaked = wait_runs(procs, folder)
+    finally:
+        zoo.set_mode("ok")
     trials, recs = storage_view(folder), records_view(folder)
     report.by_runner = dict(Counter(t.runner for t in trials if t.state == "COMPLETE"))
     report.complete = sum(t.state == "COMPLETE" for t in trials)
@@ -257,7 +302,6 @@ def concurrent_runners(zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s:
 
 
 # --- fault 4: `basin export` killed in the middle ------------------------------------------------------
-
 
 @dataclass
 class ExportKillReport:
@@ -278,8 +322,10 @@ def export_killed(big: FaultZoo, root: Path, *, clean: bool = True) -> ExportKil
     proc = start_basin(["export", str(folder), "--trial", str(number), "--out", str(target)], log)
     started = time.monotonic()
     partial = lambda: list(root.glob(f".{target.name}.partial-*"))  # noqa: E731
-    if wait_for(lambda: bool(partial()), proc, 120, "the export's partial folder", log):
-        time.sleep(0.05)
+    if wait_for(lambda: bool(partial()), proc, "the export's partial folder", log, poll_s=0.005):
+        # stopped the moment its partial folder is seen, so the kill lands while it is there
+        # however long the kill itself takes on a busy machine
+        os.killpg(proc.pid, signal.SIGSTOP)
     report.killed_after_s = time.monotonic() - started
     kill_tree(proc)
     report.target_exists = target.exists()
@@ -288,7 +334,7 @@ def export_killed(big: FaultZoo, root: Path, *, clean: bool = True) -> ExportKil
         return report
     started = time.monotonic()
     proc = start_basin(["export", str(folder), "--trial", str(number), "--out", str(target)], log)
-    report.clean_export_ok = proc.wait(timeout=300) == 0 and (target / "config.json").is_file()
+    report.clean_export_ok = proc.wait(timeout=HANG_S) == 0 and (target / "config.json").is_file()
     report.clean_export_s = time.monotonic() - started
     report.partial_after_clean = [p.name for p in partial()]
     return report

@@ -12,12 +12,13 @@ from pathlib import Path
 class TrialView:
     number: int
     state: str
-    params: str  # JSON, keys sorted (the fixed params of a trial not yet asked)
+    params: str  # JSON, keys sorted: its params, or the fixed params of an enqueued trial not yet suggested
     values: tuple | None
     baseline: str | None
     retry_of: int | None
     runner: int | None  # the pid of the run that asked it
     error: str | None
+    suggested: str  # JSON, keys sorted: the params it has in storage ({} when killed before suggest)
 
 
 def storage_view(folder: Path) -> list[TrialView]:
@@ -40,7 +41,7 @@ def storage_view(folder: Path) -> list[TrialView]:
         out.append(TrialView(t.number, t.state.name, json.dumps(params, sort_keys=True),
                              tuple(t.values) if t.values else None, t.user_attrs.get("baseline"),
                              t.user_attrs.get("retry_of"), (t.user_attrs.get("runner") or {}).get("pid"),
-                             t.user_attrs.get("error")))
+                             t.user_attrs.get("error"), json.dumps(t.params, sort_keys=True)))
     return out
 
 
@@ -92,7 +93,8 @@ def integrity_problems(trials: list[TrialView], recs: dict[int, dict]) -> list[s
     for t in trials:
         if t.state in ("COMPLETE", "FAIL"):
             r = recs.get(t.number)
-            if r is None or r["state"] != t.state or json.dumps(r["params"], sort_keys=True) != t.params \
+            # (the record holds what storage holds: no params for a trial killed between ask and suggest)
+            if r is None or r["state"] != t.state or json.dumps(r["params"], sort_keys=True) != t.suggested \
                     or (t.state == "COMPLETE" and tuple(r["values"]) != t.values):
                 problems.append(f"record of trial {t.number} disagrees with storage: {r} vs {t}")
     problems += [f"record {n} has no finished trial in storage" for n in recs
