@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input
+from tests.support.bad_inputs import BAD_INPUTS, BadInput, BadInputEnv, run_bad_input
 from tests.support.fault_zoo import shared_fault_zoo
 from tests.support.runs import BASIN, ENV, HANG_S, REPO
 
@@ -18,9 +18,12 @@ def env(tmp_path_factory) -> BadInputEnv:
     return BadInputEnv(shared_fault_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad"))
 
 
-def test_the_catalogue_is_large_and_distinct():
-    names = [c.name for c in BAD_INPUTS]
-    assert len(names) >= 15 and len(set(names)) == len(names)
+def test_the_valid_config_the_cases_change_gets_past_setup(env):
+    """Most cases change one thing in a valid config; unchanged, it reaches the workers, so each
+    refusal below comes from the case's own mistake."""
+    valid = BadInput("valid config", (), lambda e: e.config("valid"))
+    with pytest.raises(AssertionError, match="the study started"):
+        run_bad_input(valid, env)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name.replace(" ", "_") for c in BAD_INPUTS])

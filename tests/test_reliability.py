@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -300,12 +301,52 @@ def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_pat
 # --- security defaults -------------------------------------------------------------------------------
 
 
-def test_remote_code_and_pickle_are_off_unless_turned_on(zoo, tmp_path):
-    config = config_from_dict(study_config(zoo, tmp_path / "x"))
-    spec = study_mod.worker_spec(config)
-    assert config.models.trust_remote_code is False and config.models.allow_pickle is False
-    assert spec.trust_remote_code is False and spec.allow_pickle is False
-    # the refusal of a pickle-only model in a config: tests/test_bad_input.py (real CLI, exit 2)
+CUSTOM_CODE = """from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path({marker!r}).write_text("ran")
+
+
+class CustomConfig(LlamaConfig):
+    pass
+
+
+class CustomLlama(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code(zoo, tmp_path, monkeypatch):
+    """A base whose config.json maps the auto classes to a modeling file of its own: the worker of a
+    config that does not mention trust_remote_code loads the stock Llama class and the file never
+    runs; with trust_remote_code: true it runs (so the folder really carries code that would run).
+    (A pickle-only model under a config without allow_pickle: tests/test_bad_input.py, exit 2.)"""
+    import transformers.dynamic_module_utils as dynamic
+
+    from merging import load_live_model
+    from search.workers import CandidateWorker
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    base, marker = tmp_path / "custom", tmp_path / "custom-code-ran"
+    shutil.copytree(zoo.base, base)
+    (base / "custom_llama.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    hf_config = json.loads((base / "config.json").read_text())
+    hf_config["auto_map"] = {"AutoConfig": "custom_llama.CustomConfig",
+                             "AutoModelForCausalLM": "custom_llama.CustomLlama"}
+    (base / "config.json").write_text(json.dumps(hf_config))
+
+    data = study_config(zoo, tmp_path / "study", models={"base": str(base)})
+    assert "trust_remote_code" not in data["models"]
+    worker = CandidateWorker(study_mod.worker_spec(config_from_dict(data)))
+    assert type(worker.model).__name__ == "LlamaForCausalLM"
+    assert not marker.exists()
+
+    trusted = config_from_dict(study_config(zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True}))
+    spec = study_mod.worker_spec(trusted)
+    assert type(load_live_model(spec.base, trust_remote_code=spec.trust_remote_code)).__name__ == "CustomLlama"
+    assert marker.exists()
 
 
 def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):
