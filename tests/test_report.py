@@ -46,6 +46,7 @@ def test_dominance():
     assert dominates([0.5, 1], [1, 1], ["minimize", "maximize"])
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_pareto_table_lists_front_and_baselines(finished, capsys):
     root, _ = finished
     assert main(["pareto", str(root / "results")]) == 0
@@ -65,6 +66,7 @@ def test_pareto_table_lists_front_and_baselines(finished, capsys):
             assert ("dominated by" in row) == beaten
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_report_is_self_contained_with_real_images(finished):
     root, _ = finished
     assert main(["report", str(root / "results"), "--quiet"]) == 0
@@ -83,6 +85,7 @@ def test_report_is_self_contained_with_real_images(finished):
     assert len(heldout) >= 4  # the finalists plus three fine-tunes alone and the average
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_export_reproduces_recorded_metrics(finished, tmp_path):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -106,6 +109,7 @@ def test_export_reproduces_recorded_metrics(finished, tmp_path):
     assert yaml.safe_load(mergekit.read_text())["merge_method"] == trial.params["method"]
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
     root, _ = finished
     assert main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2

@@ -14,7 +14,9 @@ from evaluators.zoo.build import write_task_data
 # The fixed merge documented in evaluators/zoo/build.py: B + 0.5 * sum_k (M_k - B).
 MERGE_LAMBDA = 0.5
 
-# the `zoo` fixture (built once into the test cache, then reused) is in conftest.py
+# the `zoo` fixture (built once into the test cache, then reused) is in conftest.py; its first
+# build takes a minute or more, and most of these tests run lm-eval over every zoo model
+pytestmark = pytest.mark.slow
 
 
 def _jsonl(path: Path) -> list[dict]:
