@@ -1,13 +1,20 @@
 # Two commands on a fresh machine: `make demo` runs the demo study, `make test` runs the tests.
 # Both create .venv on first use; torch is installed first and pinned so pip takes the CPU build
 # where one is provided instead of a multi-GB CUDA build.
+#
+# Tests:
+#   make test       ruff, then the whole suite (what CI runs, via .ci/run); prints the 15 slowest tests.
+#   make test-fast  ruff, then the tests not marked slow (no Ray study, no toy zoo, no torch.compile):
+#                   the quick loop while developing, under 3 minutes on a 2-core machine.
+# The suite keeps the toy zoo it builds in $BASIN_TEST_CACHE (default ~/.cache/basin-tests), not in
+# the checkout; .zoo/ is the demo's.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean-venv
+.PHONY: venv test test-fast demo lint clean-venv
 
 venv: $(STAMP)
 
@@ -20,7 +27,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/basin demo

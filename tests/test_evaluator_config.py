@@ -20,7 +20,7 @@ from evaluators.config import build_evaluator
 from search.cli import main
 from search.config import ConfigError, config_from_dict
 from search.setup import load_study_folder, worker_spec
-from tests.benchmarks.tiny import build_tasks, write_text_corpus
+from tests.support.tiny import build_tasks, write_text_corpus
 
 
 def study_data(llama_set, folder: Path, evaluator: dict, objective: dict, **extra) -> dict:

@@ -17,7 +17,7 @@ import yaml
 
 from evaluators import EvalResult, Evaluator, EvaluatorError, HarnessEvaluator, PerplexityEvaluator
 from evaluators.harness import disable_template_cache, enable_template_cache, template_cache_info
-from tests.benchmarks.tiny import (
+from tests.support.tiny import (
     TinyTasks,
     build_model,
     build_tasks,

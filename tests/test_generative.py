@@ -15,20 +15,12 @@ from search.config import ConfigError
 from search.demo import load_demo_config
 from search.setup import load_study_folder, setup_study
 
-REPO = Path(__file__).resolve().parents[1]
 GEN = ["zoo_sort_gen", "zoo_add_gen"]
 # A chat template that renders every message's text in turn: the system instruction lands in the
 # prompt, so a test sees whether it was passed through.
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    from evaluators.zoo import build_zoo
-
-    return build_zoo(REPO / ".zoo" / "seed0", seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")

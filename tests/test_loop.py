@@ -14,7 +14,7 @@ import search.loop as loop_mod
 from search.demo import demo_config, load_demo_config
 from search.report import _chosen
 from search.setup import load_study_folder
-from tests.benchmarks.tiny import write_text_corpus
+from tests.support.tiny import write_text_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

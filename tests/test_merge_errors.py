@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from merging import MergeError, export_merge, recipe_from_dict
 from search.cli import main
+from tests.support.tiny import build_model_set, llama_config
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -66,19 +67,7 @@ def assert_refused(code: int, err: str, out: Path, *words: str) -> None:
 
 
 def test_shape_mismatch(tmp_path, capsys, llama_set):
-    from conftest import VOCAB, build_model_set
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(hidden=48, intermediate=64, positions=64)
     wide = build_model_set(tmp_path / "wide", config, n_finetunes=0).base
     recipe = ties_recipe(llama_set.base, [llama_set.finetunes[0], wide])
     code, err, out = run_merge(tmp_path, capsys, recipe)

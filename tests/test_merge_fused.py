@@ -46,6 +46,7 @@ def compiled_live(llama_set, gpt2_set):
     return out
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
 @pytest.mark.parametrize("case", FAMILY)
 @pytest.mark.parametrize("which", SETS)
 def test_compiled_resident_merge_matches_the_reference_and_the_compiled_export_bit_for_bit(
@@ -63,6 +64,7 @@ def test_compiled_resident_merge_matches_the_reference_and_the_compiled_export_b
     assert_close_dicts(resident, reference_merge(data))
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
 @pytest.mark.parametrize("keep", ["all", "magnitude", "draw"])
 @pytest.mark.parametrize("consensus", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
@@ -94,6 +96,7 @@ def test_the_kernel_computes_what_combine_computes(keep, consensus, normalize):
         torch.testing.assert_close(out, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
 def test_a_non_finite_compiled_merge_is_refused(llama_set, compiled_live):
     merger, live = compiled_live["llama"]
     data = recipe_data("ties", llama_set, with_base=True)
@@ -110,6 +113,7 @@ def test_kernels_setting():
         resolve_kernels("compile", "cpu")
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and transformers
 def test_without_a_compiler_it_warns_once_and_merges_eagerly(tmp_path):
     """A machine without a C++ compiler: the merge still happens, with eager ops and one warning."""
     script = (

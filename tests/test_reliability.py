@@ -1,7 +1,8 @@
 """Overnight reliability: what goes wrong at night must never lose finished work.
 
 The slow tests drive the real `basin` command in subprocesses (each starts its own local Ray) on
-tiny models, through the helpers of tests/benchmarks/reliability.py (which also prints the figures).
+tiny models, through the scenarios of tests/support/scenarios.py (tests/benchmarks/reliability.py
+prints their figures).
 The fast ones check the pieces in-process: the journal, stale trials, baselines, interrupts, security.
 """
 
@@ -11,11 +12,11 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,22 +33,15 @@ from search.loop import Flight, run_study
 from search.recovery import requeue_stale
 from search.setup import setup_study, study_space, worker_spec
 from search.space import baseline_params, suggest
-from tests.benchmarks.reliability import (
-    FAULT_KINDS,
-    LOOPBACK,
-    REPO,
-    build_big_zoo,
-    export_killed,
-    kill_and_resume,
-    shared_zoo,
-    study_config,
-    worker_faults,
-)
+from tests.support.fault_zoo import build_big_zoo, shared_fault_zoo, study_config
+from tests.support.runs import LOOPBACK, REPO
+from tests.support.scenarios import FAULT_KINDS, export_killed, kill_and_resume, worker_faults
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return shared_zoo(tmp_path_factory.getbasetemp())
+    """Tiny models and tasks with a fault hook (tests/support/fault_zoo.py), not the toy zoo."""
+    return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
 def setup(zoo, folder: Path, **sections):
@@ -176,16 +170,26 @@ def _live_other_process():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
-def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path):
+def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path, monkeypatch):
     """Between ask and recording its runner, a live run's trial has no owner; a runner starting just
     then waits for the owner to appear instead of failing the trial."""
     s = setup(zoo, tmp_path / "young", baselines=False)
-    trial = s.study.ask()
     other = _live_other_process()
+    trial = s.study.ask()
+    real_sleep, waits = time.sleep, []
+
+    def owner_appears(seconds: float) -> None:  # the live runner records itself while the other waits
+        waits.append(seconds)
+        if len(waits) == 1:
+            trial.set_user_attr("runner", {"host": socket.gethostname(), "pid": other.pid})
+        real_sleep(0)
+
     try:
-        timer = threading.Timer(0.3, trial.set_user_attr, ("runner", {"host": socket.gethostname(), "pid": other.pid}))
-        timer.start()
-        assert requeue_stale(s.study, grace_s=1.5) == []
+        monkeypatch.setattr(time, "sleep", owner_appears)
+        # a grace far longer than the test: the wait ends because the owner appeared, not by time
+        assert requeue_stale(s.study, grace_s=600) == []
+        monkeypatch.undo()
+        assert waits, "requeue_stale did not wait for the ownerless trial"
         assert s.study.trials[trial.number].state == TrialState.RUNNING
     finally:
         other.kill()
@@ -206,8 +210,8 @@ def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
         alive.set_user_attr("runner", {"host": host, "pid": other.pid})
         elsewhere = s.study.ask()
         elsewhere.set_user_attr("runner", {"host": "another-host", "pid": 1})
-        time.sleep(0.3)
-        assert sorted(requeue_stale(s.study, grace_s=0.2)) == [ownerless.number, own_pid.number]
+        # grace 0: the ownerless trial counts as abandoned at once (its wait has its own test above)
+        assert sorted(requeue_stale(s.study, grace_s=0.0)) == [ownerless.number, own_pid.number]
     finally:
         other.kill()
         other.wait()
@@ -305,12 +309,52 @@ def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_pat
 # --- security defaults -------------------------------------------------------------------------------
 
 
-def test_remote_code_and_pickle_are_off_unless_turned_on(zoo, tmp_path):
-    config = config_from_dict(study_config(zoo, tmp_path / "x"))
-    spec = worker_spec(config)
-    assert config.models.trust_remote_code is False and config.models.allow_pickle is False
-    assert spec.models.trust_remote_code is False and spec.models.allow_pickle is False
-    # the refusal of a pickle-only model in a config: tests/test_bad_input.py (real CLI, exit 2)
+CUSTOM_CODE = """from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path({marker!r}).write_text("ran")
+
+
+class CustomConfig(LlamaConfig):
+    pass
+
+
+class CustomLlama(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code(zoo, tmp_path, monkeypatch):
+    """A base whose config.json maps the auto classes to a modeling file of its own: the worker of a
+    config that does not mention trust_remote_code loads the stock Llama class and the file never
+    runs; with trust_remote_code: true it runs (so the folder really carries code that would run).
+    (A pickle-only model under a config without allow_pickle: tests/test_bad_input.py, exit 2.)"""
+    import transformers.dynamic_module_utils as dynamic
+
+    from merging import load_live_model
+    from search.workers import CandidateWorker
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    base, marker = tmp_path / "custom", tmp_path / "custom-code-ran"
+    shutil.copytree(zoo.base, base)
+    (base / "custom_llama.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    hf_config = json.loads((base / "config.json").read_text())
+    hf_config["auto_map"] = {"AutoConfig": "custom_llama.CustomConfig",
+                             "AutoModelForCausalLM": "custom_llama.CustomLlama"}
+    (base / "config.json").write_text(json.dumps(hf_config))
+
+    data = study_config(zoo, tmp_path / "study", models={"base": str(base)})
+    assert "trust_remote_code" not in data["models"]
+    worker = CandidateWorker(worker_spec(config_from_dict(data)))
+    assert type(worker.model).__name__ == "LlamaForCausalLM"
+    assert not marker.exists()
+
+    trusted = config_from_dict(study_config(zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True}))
+    spec = worker_spec(trusted)
+    assert type(load_live_model(spec.models.base, trust_remote_code=spec.models.trust_remote_code)).__name__ == "CustomLlama"
+    assert marker.exists()
 
 
 def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):

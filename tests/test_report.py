@@ -13,7 +13,7 @@ from search.config import load_config
 from search.loop import run_study
 from search.pareto import dominates
 from search.setup import load_study_folder
-from tests.benchmarks.tiny import build_model, build_tasks
+from tests.support.tiny import build_model, build_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,7 @@ def test_dominance():
     assert dominates([0.5, 1], [1, 1], ["minimize", "maximize"])
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_pareto_table_lists_front_and_baselines(finished, capsys):
     root, _ = finished
     assert main(["pareto", str(root / "results")]) == 0
@@ -66,6 +67,7 @@ def test_pareto_table_lists_front_and_baselines(finished, capsys):
             assert ("dominated by" in row) == beaten
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_report_is_self_contained_with_real_images(finished):
     root, _ = finished
     assert main(["report", str(root / "results"), "--quiet"]) == 0
@@ -84,6 +86,7 @@ def test_report_is_self_contained_with_real_images(finished):
     assert len(heldout) >= 4  # the finalists plus three fine-tunes alone and the average
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_export_reproduces_recorded_metrics(finished, tmp_path):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -107,6 +110,7 @@ def test_export_reproduces_recorded_metrics(finished, tmp_path):
     assert yaml.safe_load(mergekit.read_text())["merge_method"] == trial.params["method"]
 
 
+@pytest.mark.slow  # the finished study: a real Ray study
 def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
     root, _ = finished
     assert main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2

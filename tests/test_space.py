@@ -32,7 +32,7 @@ from search.space import (
     recipe_from_params,
     suggest,
 )
-from tests.benchmarks.tiny import build_model
+from tests.support.tiny import build_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")

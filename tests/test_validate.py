@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from search.cli import main
-from tests.benchmarks.tiny import build_tasks
+from tests.support.tiny import build_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,12 +60,10 @@ def test_an_unknown_metric_fails_validate_as_it_fails_run(llama_set, tasks, tmp_
 
 
 @pytest.mark.slow
-def test_a_filtered_generative_metric_needs_its_filter_name(tmp_path, capsys):
+def test_a_filtered_generative_metric_needs_its_filter_name(zoo, tmp_path, capsys):
     """`exact_match` for a task whose filter is named `answer` used to pass validate and fail at run."""
-    from evaluators.zoo import build_zoo
     from search.demo import demo_config
 
-    zoo = build_zoo(REPO / ".zoo" / "seed0", seed=0, progress=False)
     data = demo_config(str(zoo.root), generative=True)
     data["study"]["output_dir"] = str(tmp_path / "study")
     data["objectives"]["items"][0]["metric"] = "exact_match"

@@ -63,6 +63,7 @@ from .manifest import (
 )
 from .skills import SKILLS, Skill, mixture_text, split_items, vocabulary
 from .tasks import data_files, task_name, write_jsonl, write_task_files
+from .tokenizer import save_tokenizer, word_level_tokenizer
 
 # The fixed merge documented above: task arithmetic B + MERGE_LAMBDA * sum_k T_k.
 MERGE_LAMBDA = 0.5
@@ -127,26 +128,8 @@ class Settings:
 
 
 def make_tokenizer():
-    """A word-level HF tokenizer over the synthetic language (tokens are space separated).
-
-    No model_max_length: the perplexity evaluator tokenizes the whole held-out
-    text at once, and lm-eval reads the context size from the model config.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(vocabulary())}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="right",
-    )
+    """A word-level HF tokenizer over the synthetic language (tokens are space separated)."""
+    return word_level_tokenizer(vocabulary())
 
 
 def make_config(settings: Settings, tokenizer):
@@ -395,13 +378,7 @@ def _build_into(tmp: Path, final: Path, seed: int, settings: Settings, progress:
 
 def _save(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    # transformers 5 records its own class name (TokenizersBackend), which 4.x
-    # cannot resolve; PreTrainedTokenizerFast loads in both.
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    save_tokenizer(tokenizer, folder)
 
 
 def _reusable(root: Path, seed: int, settings: Settings) -> dict | None:

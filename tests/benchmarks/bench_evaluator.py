@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         disable_template_cache,
         enable_template_cache,
     )
-    from tests.benchmarks.tiny import build_model, build_tasks
+    from tests.support.tiny import build_model, build_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -179,7 +179,7 @@ def barrier_makespan(sleeps: list[float], machines: int) -> float:
 
 def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
     from search import records
-    from tests.benchmarks.tiny import build_model, build_tasks
+    from tests.support.tiny import build_model, build_tasks
 
     n_workers, n_trials = args.schedule_workers, args.schedule_trials
     print(f"\n== b. scheduling: {n_workers} simulated GPU workers, {n_trials} trials sleeping "

@@ -1,4 +1,4 @@
-"""Tiny offline fixtures: a random Llama with a word-level tokenizer, and local lm-eval tasks."""
+"""Tiny offline fixtures: random Llama / GPT-2 models with a word-level tokenizer, local lm-eval tasks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from evaluators.zoo.tokenizer import save_tokenizer as _save_tokenizer
+from evaluators.zoo.tokenizer import word_level_tokenizer
+
 VOCAB: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "=") + tuple(f"w{i}" for i in range(59))
 WORDS: tuple[str, ...] = VOCAB[5:]
 TASKS: tuple[str, ...] = ("toy_next", "toy_pair")
 SPLITS: tuple[str, ...] = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    base: Path
+    finetunes: list[Path]
 
 
 @dataclass(frozen=True)
@@ -27,47 +38,83 @@ class TinyTasks:
         return task_config(name, {s: self.data_files[name][s] for s in splits})
 
 
+# --- models ------------------------------------------------------------------------------------------
+
+
 def save_tokenizer(folder: Path) -> None:
     """Save a real word-level HF tokenizer over VOCAB that AutoTokenizer loads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    tok.save_pretrained(folder)
+    _save_tokenizer(word_level_tokenizer(VOCAB), folder)
 
 
-def build_model(folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a random LlamaForCausalLM (hidden 32, 2 layers) and its tokenizer into `folder`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(*, hidden: int = 32, layers: int = 2, intermediate: int | None = None,
+                 positions: int = 128):
+    """A LlamaConfig over VOCAB: 4 heads, 2 key-value heads, untied embeddings."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         tie_word_embeddings=False,
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
     )
+
+
+def gpt2_config():
+    """A GPT2Config over VOCAB: hidden 32, 2 layers, 4 heads (tied embeddings, as GPT-2 has)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=len(VOCAB), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                      bos_token_id=2, eos_token_id=3)
+
+
+def build_model(folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random LlamaForCausalLM (hidden 32, 2 layers) and its tokenizer into `folder`."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(hidden=hidden, layers=layers))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
+
+
+def _perturbed(model: torch.nn.Module, seed: int, scale: float) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: value + scale * torch.randn(value.shape, generator=gen) * value.std().clamp(min=1e-3)
+        for name, value in model.state_dict().items()
+    }
+
+
+def build_model_set(root: Path, config, n_finetunes: int) -> ModelSet:
+    """Save a random base and perturbed 'fine-tunes' of it (safetensors HF folders) under `root`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    folders = []
+    for i in range(n_finetunes + 1):
+        folder = root / ("base" if i == 0 else f"ft{i}")
+        if i:
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(_perturbed(base, seed=100 + i, scale=0.05))
+        else:
+            model = base
+        model.save_pretrained(folder)
+        save_tokenizer(folder)
+        folders.append(folder)
+    return ModelSet(base=folders[0], finetunes=folders[1:])
+
+
+# --- tasks and text ----------------------------------------------------------------------------------
 
 
 def _items(task: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
