@@ -119,7 +119,12 @@ def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # the toy zoo
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(config, capsys):
+def test_shipped_configs_validate(config, zoo, tmp_path, monkeypatch, capsys):
+    # the demo configs name the zoo at .zoo/seed0 of the working folder, where `make demo` builds it
+    (tmp_path / ".zoo").mkdir()
+    (tmp_path / ".zoo" / "seed0").symlink_to(zoo.root)
+    monkeypatch.chdir(tmp_path)
     assert main(["validate", str(config)]) == 0
     assert "ok" in capsys.readouterr().out
