@@ -137,6 +137,7 @@ class BudgetSection(_Strict):
 class WorkersSection(_Strict):
     count: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0)  # 0: CPU workers, torch threads split between them
+    threads: int | None = Field(default=None, ge=1)  # torch threads per worker; None: a CPU worker's share of the cores but one
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
     candidate_timeout: float | None = Field(default=None, gt=0)  # seconds before a candidate is failed
 

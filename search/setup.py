@@ -48,7 +48,8 @@ def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSa
 
 def worker_spec(config: StudyConfig) -> WorkerSpec:
     """What every worker of this study builds: the config sections it needs, local paths made absolute."""
-    return WorkerSpec(models=config.models.resolved(), evaluator=config.evaluator.resolved(), space=config.space)
+    return WorkerSpec(models=config.models.resolved(), evaluator=config.evaluator.resolved(), space=config.space,
+                      threads=config.workers.threads)
 
 
 def study_space(config: StudyConfig) -> SearchSpace:

@@ -3,6 +3,15 @@
 The actor does the per-candidate work (merge in place, evaluate) and returns plain dicts; a failure
 inside a candidate comes back as {"error": ...}. A worker process that dies is restarted by Ray and
 its candidate reported failed by the pool.
+
+CPU workers share the machine with whatever else runs on it (a browser, a second study, the
+report), so they split its cores but one between them instead of each taking all of them, and
+their OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE) instead of spinning. Spinning is
+what made them collapse: Ray sets OMP_NUM_THREADS for an actor, OpenMP's default policy then spins
+at every barrier, and when another process holds one of the cores each of a forward pass's many
+small parallel regions waits for a thread the scheduler has put behind it. On a 2-core machine
+beside one busy process, a two-thread worker took 10.8 s per candidate where the evaluator takes
+0.24 s in-process on a quiet machine; now 0.29 s (tests/benchmarks/bench_worker.py).
 """
 
 from __future__ import annotations
@@ -31,6 +40,37 @@ class WorkerSpec:
     evaluator: EvaluatorSection
     space: SpaceSection  # its methods and seed decide what each worker precomputes
     threads: int | None = None  # torch threads of a CPU worker
+
+
+def cpu_slots() -> int:
+    """Cores this process may run on: its affinity mask (as taskset or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(count: int, cores: int | None = None) -> int:
+    """Torch threads for each of `count` CPU workers: the cores (default: this process's) but one,
+    split between them, at least one each.
+
+    The core left over keeps the driver, Ray's own processes and the rest of the machine from
+    sharing a core with a worker's threads.
+    """
+    return max(1, ((cores or cpu_slots()) - 1) // count)
+
+
+def worker_env(threads: int | None) -> dict[str, str]:
+    """The environment a worker process starts with (it must be set before torch loads OpenMP).
+
+    Idle OpenMP threads sleep rather than spin, thread pools match the worker's share of the
+    cores, and the tokenizer does not start threads of its own. A variable the user set wins.
+    """
+    env = {name: os.environ.get(name, default)
+           for name, default in (("OMP_WAIT_POLICY", "PASSIVE"), ("TOKENIZERS_PARALLELISM", "false"))}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
 def resolve_device(device: str) -> str:
@@ -75,8 +115,11 @@ class CandidateWorker:
         return self.evaluators[role]
 
     def info(self) -> dict[str, Any]:
+        import torch
+
         return {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": self.device, "setup_s": round(self.setup_s, 3)}
+                "device": self.device, "setup_s": round(self.setup_s, 3), "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def run(self, recipe: dict[str, Any], role: Role = "search") -> dict[str, Any]:
         """Merge `recipe` (its YAML form) into the live model and evaluate it for `role`."""
@@ -106,21 +149,24 @@ class WorkerPool:
     """`count` Ray actors; submit a recipe to a free one, wait for any to finish.
 
     `worker_cls` (default CandidateWorker) is the actor class: same constructor, `info` and `run`.
+    A CPU worker gets `spec.threads` torch threads (default: its share of the cores) and as many
+    Ray CPUs; `env` replaces `worker_env(threads)` as the variables its process starts with.
     """
 
     def __init__(self, spec: WorkerSpec, count: int, *, gpus_per_worker: float = 0, address: str | None = None,
-                 worker_cls: type | None = None) -> None:
+                 worker_cls: type | None = None, env: dict[str, str] | None = None) -> None:
         import ray
 
         self._ray = ray
-        if not ray.is_initialized():
-            start_ray(address, count, gpus_per_worker)
-        cpus = max(1, (os.cpu_count() or 1) // count) if gpus_per_worker == 0 else 1
         if gpus_per_worker == 0 and spec.threads is None:
-            spec = replace(spec, threads=cpus)
+            spec = replace(spec, threads=cpu_threads(count))
         self.spec = spec
-        self._actor_cls = ray.remote(num_cpus=cpus if gpus_per_worker == 0 else 1, num_gpus=gpus_per_worker,
-                                     max_restarts=-1, max_task_retries=0)(worker_cls or CandidateWorker)
+        cpus = spec.threads if gpus_per_worker == 0 else 1
+        if not ray.is_initialized():
+            start_ray(address, count, gpus_per_worker, cpus=count * cpus)
+        self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=0,
+                                     runtime_env={"env_vars": worker_env(spec.threads) if env is None else env},
+                                     )(worker_cls or CandidateWorker)
         self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
         # Ray refuses calls to a worker it is restarting (ActorUnavailableError, at once), so a
         # candidate sent to a worker that just died would fail too, and the next, and the next. A
@@ -185,8 +231,11 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or ["no detail"])[0][:200]
 
 
-def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
-    """Join a cluster at `address`, or start a private local one that listens on localhost only."""
+def start_ray(address: str | None, count: int, gpus_per_worker: float, cpus: int = 1) -> None:
+    """Join a cluster at `address`, or start a private local one that listens on localhost only.
+
+    The local one advertises the machine's cores, or `cpus` (what the workers ask for) if more.
+    """
     import ray
 
     if address:
@@ -201,4 +250,4 @@ def start_ray(address: str | None, count: int, gpus_per_worker: float) -> None:
             # no GPU here: advertise logical GPUs so the schedule can still be exercised on a CPU machine
             resources["num_gpus"] = int(count * gpus_per_worker + 0.999)
     compat.init_loopback_ray(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                             num_cpus=max(os.cpu_count() or 1, count), **resources)
+                             num_cpus=max(cpu_slots(), count, cpus), **resources)

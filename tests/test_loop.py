@@ -73,3 +73,22 @@ def test_the_demo_keeps_both_its_folder_and_the_set_overrides(tmp_path, monkeypa
 
 def test_the_generative_demo_config_is_built_in_code_and_equals_configs_demo_generative_yaml():
     assert yaml.safe_load((REPO / "configs" / "demo-generative.yaml").read_text()) == demo_config(generative=True)
+
+
+def test_cpu_workers_split_the_cores_but_one_between_them():
+    from search.workers import cpu_threads
+
+    assert [cpu_threads(n, cores=16) for n in (1, 2, 4, 8, 16, 32)] == [15, 7, 3, 1, 1, 1]
+    assert [cpu_threads(n, cores=2) for n in (1, 2, 3)] == [1, 1, 1]
+    assert cpu_threads(1, cores=1) == 1
+
+
+def test_a_cpu_worker_process_waits_passively_unless_the_user_chose_a_policy(monkeypatch):
+    from search.workers import worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    assert worker_env(3) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+                             "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert worker_env(None) == {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "false"}

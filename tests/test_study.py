@@ -317,3 +317,28 @@ def test_a_study_where_every_candidate_fails_stops_with_a_clear_error(zoo, ray_s
     assert all(t.state == TrialState.FAIL for t in trials)  # nothing left RUNNING
     errors = {json.loads(p.read_text())["error"].split(":")[0] for p in (folder / "trials").glob("*.json")}
     assert errors == {"NonFiniteMergeError"}
+
+
+def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(zoo, ray_session, tmp_path, monkeypatch):
+    """What a worker's own process reports: torch threads from its share of the cores (or
+    workers.threads) and OpenMP's passive wait policy, or the one the user set."""
+    from search.setup import worker_spec
+    from search.workers import WorkerPool, cpu_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config = config_from_dict(study_dict(zoo, tmp_path / "threads"))
+    pool = WorkerPool(worker_spec(config), N_WORKERS)
+    try:
+        infos = pool.ready()
+    finally:
+        pool.shutdown()
+    assert [(i["threads"], i["omp_wait_policy"]) for i in infos] == [(cpu_threads(N_WORKERS), "PASSIVE")] * N_WORKERS
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    config = config_from_dict(study_dict(zoo, tmp_path / "threads", workers={"count": 1, "threads": 2}))
+    pool = WorkerPool(worker_spec(config), 1)
+    try:
+        (info,) = pool.ready()
+    finally:
+        pool.shutdown()
+    assert (info["threads"], info["omp_wait_policy"]) == (2, "ACTIVE")
