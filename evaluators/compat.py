@@ -174,6 +174,33 @@ def pin_docs(task: Any, split: str, docs: list[Any]) -> None:
     setattr(task, method, pinned)
 
 
+def fewshot_per_item(task: Any, seed: int) -> None:
+    """Draw each item's few-shot examples from a seed of its own (the seed and the item's content).
+
+    lm-eval draws them from one generator in the order the items are built, so an item's examples
+    depend on which items came before it in the call. Scored in slices (multi-fidelity rungs), an
+    item must get the same prompt whichever slice it is in.
+    """
+    import json
+
+    from evaluators.protocol import EvaluatorError
+
+    original = getattr(task, "fewshot_context", None)
+    if original is None or not hasattr(getattr(task, "sampler", None), "set_rnd"):
+        raise EvaluatorError(
+            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no fewshot_context / sampler.set_rnd to "
+            f"seed few-shot examples per item with; basin is tested with lm-eval {TESTED_LM_EVAL}: "
+            f"install lm-eval=={TESTED_LM_EVAL}, or score these tasks zero-shot (num_fewshot: 0)")
+
+    @functools.wraps(original)
+    def seeded(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        key = json.dumps(doc, sort_keys=True, default=str)
+        task.sampler.set_rnd(f"{seed}:{key}")  # random.Random seeds a str through SHA-512: stable
+        return original(doc, *args, **kwargs)
+
+    task.fewshot_context = seeded
+
+
 # --- task definitions without their data ------------------------------------------------------------
 # lm-eval builds every task object with its dataset: `TaskManager.load` constructs ConfigurableTask,
 # whose __init__ downloads and processes the data. To check names, splits and metrics before any

@@ -155,8 +155,11 @@ def _absolute(path: str) -> str:
 
 
 def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
-                    limit: int | None = None) -> Evaluator:
-    """The evaluator that scores `role` as `section` describes; `limit` overrides the section's."""
+                    limit: int | None = None, order_seed: int | None = None) -> Evaluator:
+    """The evaluator that scores `role` as `section` describes; `limit` overrides the section's.
+
+    order_seed: the items in a seeded order that slices can be scored from (multi-fidelity; harness only).
+    """
     if role not in ROLES:
         raise EvaluatorError(f"unknown role {role!r}; Known: {', '.join(ROLES)}")
     if isinstance(section, HarnessSection):
@@ -165,7 +168,7 @@ def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
         return HarnessEvaluator(
             section.tasks, include_path=section.include_paths or None,
             split=section.split if role == "search" or section.holdout is not None else section.report_split,
-            carve=section.carve(role), batch_size=section.batch_size, limit=limit or section.limit,
+            carve=section.carve(role), order_seed=order_seed, batch_size=section.batch_size, limit=limit or section.limit,
             sample_seed=section.sample_seed, num_fewshot=section.num_fewshot,
             apply_chat_template=section.apply_chat_template, fewshot_as_multiturn=section.fewshot_as_multiturn,
             system_instruction=section.system_instruction, gen_kwargs=section.gen_kwargs,
@@ -173,6 +176,9 @@ def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
         )
     if isinstance(section, PerplexitySection):
         from evaluators.perplexity import PerplexityEvaluator
+
+        if order_seed is not None:
+            raise EvaluatorError("multi-fidelity (order_seed) scores lm-eval items; the perplexity evaluator has none")
 
         path = section.text if role == "search" else section.report_text
         if path is None:

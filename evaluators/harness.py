@@ -251,6 +251,10 @@ class HarnessEvaluator:
         `limit` items drawn at random once, at construction, from that seed (and the task name);
         every call scores the same items, and the per-call `limit` of `evaluate` takes a prefix.
     carve: score one part of a seeded cut of the split (evaluators/carve.py) before `limit` applies.
+    order_seed: put each task's items in an order drawn from this seed (and the task name), so that
+        any prefix is a uniform sample, and let `evaluate(items=...)` score a slice of that order
+        (multi-fidelity rungs); each item's few-shot examples are then drawn from a seed of its own,
+        so an item scores the same in whichever slice it comes.
     num_fewshot: as simple_evaluate's (None: the task's own, else 0).
     apply_chat_template, fewshot_as_multiturn, system_instruction: as simple_evaluate's; the chat
         template is the tokenizer's (a name picks one of several).
@@ -272,6 +276,7 @@ class HarnessEvaluator:
         limit: int | None = None,
         sample_seed: int | None = None,
         carve: Carve | None = None,
+        order_seed: int | None = None,
         num_fewshot: int | None = None,
         apply_chat_template: bool | str = False,
         fewshot_as_multiturn: bool = True,
@@ -313,6 +318,8 @@ class HarnessEvaluator:
         with _quiet(not verbose, level=logging.WARNING):  # keep warnings about task configs
             self._task_dict = _load_tasks(list(tasks), paths, builtin_tasks)
         self._item_ids: dict[str, tuple[int, ...]] = {}
+        self._docs: dict[str, list[Any]] = {}
+        self.order_seed = order_seed
         self.split_sizes: dict[str, int] = {}  # items in each task's split, before carve and limit
         for name, task in self._task_dict["tasks"].items():
             _force_split(name, task, split)
@@ -320,9 +327,14 @@ class HarnessEvaluator:
             self.split_sizes[name] = len(all_docs)
             items = carve.ids(len(all_docs), name) if carve else list(range(len(all_docs)))
             ids = _select(items, limit, sample_seed, name)
-            compat.pin_docs(task, split, [all_docs[i] for i in ids])
+            if order_seed is not None:
+                random.Random(f"order:{order_seed}:{name}").shuffle(ids)
+            self._docs[name] = [all_docs[i] for i in ids]
+            compat.pin_docs(task, split, self._docs[name])
             self._item_ids[name] = tuple(ids)
             self._set_fewshot(task, num_fewshot)
+            if order_seed is not None and task.get_config("num_fewshot"):
+                compat.fewshot_per_item(task, order_seed)
             if gen_kwargs and task.get_config("output_type") == "generate_until":
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self._metric_filter = self._resolve_metrics(metrics)
@@ -375,27 +387,78 @@ class HarnessEvaluator:
         return tuple(self._task_dict["tasks"])
 
     @property
+    def item_counts(self) -> dict[str, int]:
+        """Per task, the number of items scored (after carve and limit)."""
+        return {name: len(ids) for name, ids in self._item_ids.items()}
+
+    def check_item_means(self, keys: Sequence[str]) -> None:
+        """Each key must be a task's mean of per-item scores, which slices of items can add up to."""
+        from lm_eval.api.metrics import mean
+
+        tasks = self._task_dict["tasks"]
+        for key in keys:
+            task_name, metric = key.split("/", 1)
+            task = tasks.get(task_name)
+            why = None
+            if task is None:
+                why = "is a group's metric, aggregated over its tasks"
+            else:
+                aggregate = task.aggregation().get(metric.split(",", 1)[0])
+                if aggregate is not mean:
+                    why = f"is aggregated by {getattr(aggregate, '__name__', aggregate)}, not as a mean of per-item scores"
+            if why:
+                raise EvaluatorError(
+                    f"fidelity scores items in rungs and adds up per-item scores, but {key!r} {why}; name "
+                    "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section")
+
+    @property
     def item_ids(self) -> dict[str, tuple[int, ...]]:
         """Per task, the split's item indices scored, in per-item order."""
         return dict(self._item_ids)
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False
+        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False,
+        items: tuple[int, int] | None = None,
     ) -> EvalResult:
-        """Score `model` as its weights are now (call again after changing them in place)."""
+        """Score `model` as its weights are now (call again after changing them in place).
+
+        items: (start, stop) scores only that slice of each task's items (needs `order_seed`); the
+            metrics are then the slice's own, and per-item scores come with them.
+        """
+        _check_count(limit, "limit")
+        if items is None:
+            return self._evaluate(model, tokenizer, limit, per_item)
+        start, stop = items
+        if self.order_seed is None or not 0 <= start < stop:
+            raise EvaluatorError(f"items=(start, stop) needs order_seed and 0 <= start < stop; got {items!r}")
+        sliced = {name: docs[start:stop] for name, docs in self._docs.items()}
+        tasks = self._task_dict["tasks"]
+        try:
+            for name, docs in sliced.items():
+                compat.pin_docs(tasks[name], self.split, docs)
+            return self._evaluate(model, tokenizer, limit, True, skip={n for n, d in sliced.items() if not d})
+        finally:
+            for name, docs in self._docs.items():
+                compat.pin_docs(tasks[name], self.split, docs)
+
+    def _evaluate(
+        self, model: Any, tokenizer: Any, limit: int | None, per_item: bool, skip: set[str] = frozenset()
+    ) -> EvalResult:
         import torch
         from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
-        _check_count(limit, "limit")
+        task_dict = self._task_dict
+        if skip:  # tasks with no items in the slice (fewer items than the slice starts at)
+            task_dict = {**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n not in skip}}
         lm = self._wrap(model, tokenizer)
         if model.training:
             model.eval()
-        for task in self._task_dict["tasks"].values():
+        for task in task_dict["tasks"].values():
             task.set_fewshot_seed(seed=_FEWSHOT_SEED)  # else the fewshot draw moves on every call
         with torch.no_grad(), _quiet(not self.verbose), _seeded():
             out = lm_eval_evaluate(
                 lm=lm,
-                task_dict=self._task_dict,
+                task_dict=task_dict,
                 limit=limit,
                 # lm-eval caches keyed on requests, not weights: both stay off.
                 cache_requests=False,

@@ -15,7 +15,8 @@ from search.recovery import runner_alive
 
 
 class Budget:
-    """Time left, and fewer finished plus running trials (of every live runner) than n_trials."""
+    """Time left, fewer finished (complete or pruned) plus running trials (of every live runner) than
+    n_trials, and fewer items scored than `items`."""
 
     def __init__(self, study: optuna.Study, budget: BudgetSection) -> None:
         self.study, self.budget = study, budget
@@ -26,13 +27,19 @@ class Budget:
         """Seconds searched over all runs of the study, this one included."""
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def items_spent(self) -> int:
+        """Evaluation items scored by every trial so far (multi-fidelity trials record theirs)."""
+        return sum(int(t.user_attrs.get("items", 0)) for t in self.study.get_trials(deepcopy=False))
+
     def left(self) -> bool:
         if self.budget.timeout is not None and self.elapsed_s() >= self.budget.timeout:
             return False
+        if self.budget.items is not None and self.items_spent() >= self.budget.items:
+            return False
         if self.budget.n_trials is None:
             return True
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        return sum(t.state == TrialState.COMPLETE or runner_alive(t) for t in trials) < self.budget.n_trials
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+        return sum(t.state != TrialState.RUNNING or runner_alive(t) for t in trials) < self.budget.n_trials
 
 
 def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callable[[], bool]) -> optuna.trial.Trial | None:

@@ -124,14 +124,31 @@ class SamplerSection(_Strict):
 
 
 class BudgetSection(_Strict):
-    n_trials: int | None = Field(default=50, ge=1)
+    n_trials: int | None = Field(default=50, ge=1)  # candidates finished (scored to the end or pruned)
     timeout: float | None = Field(default=None, gt=0)  # seconds of search, over all runs
+    items: int | None = Field(default=None, ge=1)  # evaluation items scored, over all trials and tasks
 
     @model_validator(mode="after")
     def _some_budget(self) -> BudgetSection:
-        if self.n_trials is None and self.timeout is None:
-            raise ValueError("give n_trials, timeout or both: a study needs a budget to end")
+        if self.n_trials is None and self.timeout is None and self.items is None:
+            raise ValueError("give n_trials, timeout or items: a study needs a budget to end")
         return self
+
+
+class FidelitySection(_Strict):
+    """Multi-fidelity search (search/fidelity.py): candidates scored on growing item rungs, most stopped early."""
+
+    rungs: list[int] = Field(min_length=1)  # items per task of each rung before the full search set
+    keep: float = Field(default=0.33, gt=0, le=1)  # single objective: share of candidates promoted at a rung
+    margin: float = Field(default=1.0, ge=0)  # Pareto: dominated by more than this many standard errors
+    seed: int = 0  # the items' order, hence which items each rung holds
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"rungs must be positive item counts in increasing order, such as [32, 128]; got {v}")
+        return v
 
 
 class WorkersSection(_Strict):
@@ -151,6 +168,7 @@ class StudyConfig(_Strict):
     sampler: SamplerSection = SamplerSection()
     budget: BudgetSection = BudgetSection()
     workers: WorkersSection = WorkersSection()
+    fidelity: FidelitySection | None = None  # None: every candidate scored on every search item
     baselines: bool = True
 
     @model_validator(mode="after")
@@ -186,6 +204,9 @@ def cross_problems(data: dict) -> list[str]:
                 problems.append(f"objectives.items[{i}].task: '{task}' is not among {where}{hint} Known: {', '.join(map(str, tasks))}")
     if get("objectives", "mode") == "pareto" and isinstance(items, list) and len(items) < 2:
         problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
+    if get("fidelity") is not None and kind != "harness":
+        problems.append(f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has none. "
+                        "Remove the fidelity section, or use evaluator.kind: harness")
     methods, finetunes = get("space", "methods"), get("models", "finetunes")
     if isinstance(methods, list) and "slerp" in methods and isinstance(finetunes, list) and len(finetunes) != 2:
         problems.append(f"space.methods: slerp merges exactly two fine-tunes; this config has {len(finetunes)}")

@@ -3,7 +3,9 @@
     setup -> [claim -> suggest -> dispatch] ... wait for any -> tell -> record -> dispatch the next
 
 There is no generation barrier: as soon as a worker finishes, its result is told and it gets
-the next candidate.
+the next candidate. With multi-fidelity (search/fidelity.py) a candidate's result at a rung is
+either the last (told), a stop (told PRUNED), or a promotion: the same worker, still holding the
+merged weights, scores the next rung's items.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from merging.recipe import recipe_to_dict
-from search import compat, records
+from search import compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
 from search.objectives import objective_values
@@ -39,6 +41,10 @@ class Flight:
     params: dict[str, Any]
     recipe: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
+    rung: int = 0  # multi-fidelity: the rung being scored
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+    pruned: bool = False
 
 
 def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = True,
@@ -67,7 +73,7 @@ def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = Tru
 def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progress: bool) -> None:
     study, cfg = s.study, s.config
     budget = Budget(study, cfg.budget)
-    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -83,7 +89,7 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
                 recent.append(False)  # a proposal that fails every time must end the study, not loop
                 continue
             free.remove(worker)
-            in_flight[pool.submit(worker, flight.recipe)] = flight
+            in_flight[pool.submit(worker, flight.recipe, items=_first_rung(s), rung=s.rungs is not None)] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
         study.set_user_attr("elapsed_s", budget.elapsed_s())
         if finished:
@@ -92,9 +98,12 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
             break
         finished = pool.wait(list(in_flight), timeout=POLL_S)
         for ref in finished:
-            flight = in_flight.pop(ref)
+            flight, result = in_flight.pop(ref), pool.result(ref)
+            if fidelity.go_on(s, flight, result):  # on to the next rung, on the worker that holds it
+                in_flight[pool.more(flight.worker, s.rungs[flight.rung])] = flight
+                continue
             free.append(flight.worker)
-            ok = _finish(s, flight, pool.result(ref))
+            ok = _finish(s, flight, result)
             recent.append(ok)
             bar.update(1 if ok else 0)
         _stop_overdue(s, pool, in_flight)
@@ -116,6 +125,10 @@ def _propose(s: StudySetup, trial: optuna.trial.Trial, worker: int) -> Flight | 
         records.write_trial_record(s.folder, records.trial_record(trial, None, None, error))
         return None
     return Flight(trial, worker, params, recipe)
+
+
+def _first_rung(s: StudySetup) -> int | None:
+    return s.rungs[0] if s.rungs is not None else None
 
 
 def _window(workers: int) -> int:
@@ -155,15 +168,23 @@ def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
             if not all(math.isfinite(v) for v in values):
                 error, values = f"the objective values {values} are not finite (NaN or inf): the candidate is broken", None
     trial.set_user_attr("worker", result.get("worker"))
+    state = None
     if error is None:
+        fidelity.note_items(trial, result, flight.rung)
+        if s.rungs is None:
+            trial.set_user_attr("items", sum(s.sizes.values()))
         trial.set_user_attr("metrics", result["metrics"])
-        trial.set_user_attr("merge_s", result["merge_s"])
-        trial.set_user_attr("eval_s", result["eval_s"])
-        s.study.tell(trial, values)
+        trial.set_user_attr("merge_s", flight.merge_s + result["merge_s"])
+        trial.set_user_attr("eval_s", flight.eval_s + result["eval_s"])
+        if flight.pruned:  # single objective: told with its last reported value; Pareto: without values
+            state = "PRUNED"
+            s.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            s.study.tell(trial, values)
     else:
         trial.set_user_attr("error", error)
         s.study.tell(trial, state=TrialState.FAIL)
-    record = records.trial_record(trial, flight.recipe, wall, error, result.get("traceback"))
+    record = records.trial_record(trial, flight.recipe, wall, error, result.get("traceback"), state)
     record["values"] = values
     records.write_trial_record(s.folder, record)
     return error is None
@@ -171,10 +192,13 @@ def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
 
 def _postfix(s: StudySetup) -> str:
     trials = s.study.get_trials(deepcopy=False)
-    failed = sum(t.state == TrialState.FAIL for t in trials)
+    failed = f"failed={sum(t.state == TrialState.FAIL for t in trials)}"
+    if s.rungs is not None:
+        items, pruned = fidelity.spent(trials)
+        failed += f" pruned={pruned} items={items}"
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        return f"failed={failed}"
+        return failed
     if len(s.directions) == 1 or s.config.objectives.mode == "single":
-        return f"failed={failed} best={s.study.best_value:.4f}"
-    return f"failed={failed} front={len(s.study.best_trials)}"
+        return f"{failed} best={s.study.best_value:.4f}"
+    return f"{failed} front={len(s.study.best_trials)}"

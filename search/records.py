@@ -50,14 +50,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def trial_record(t: Any, recipe: dict | None, wall: float | None, error: str | None,
-                 traceback: str | None = None) -> dict[str, Any]:
-    """The JSON record of a finished trial (a Trial or FrozenTrial, with its user attrs set)."""
+                 traceback: str | None = None, state: str | None = None) -> dict[str, Any]:
+    """The JSON record of a finished trial (a Trial or FrozenTrial, with its user attrs set).
+
+    state: COMPLETE or FAIL (by `error`) unless given (PRUNED). With multi-fidelity, `rung` is the
+    last rung the trial was scored on and `items` the items it scored per task.
+    """
     attrs = t.user_attrs
     return {
-        "number": t.number, "state": "COMPLETE" if error is None else "FAIL", "baseline": attrs.get("baseline"),
+        "number": t.number, "state": state or ("COMPLETE" if error is None else "FAIL"), "baseline": attrs.get("baseline"),
         "retry_of": attrs.get("retry_of"), "params": t.params, "recipe": recipe, "metrics": attrs.get("metrics"),
         "values": getattr(t, "values", None), "merge_s": attrs.get("merge_s"), "eval_s": attrs.get("eval_s"),
         "wall_s": wall, "worker": attrs.get("worker"), "error": error, "traceback": traceback,
+        "rung": attrs.get("rung"), "items": attrs.get("items_per_task"),
     }
 
 

@@ -27,6 +27,7 @@ from search.config import StudyConfig
 from search.heldout import score_heldout
 from search.pareto import front_and_baselines, objective_names
 from search.setup import load_study_folder, study_space, trial_recipe, worker_spec
+from search.summary import items_line
 
 BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
 
@@ -107,6 +108,34 @@ def plot_history(study: optuna.Study, names: list[str]) -> Figure:
         margin = max(0.05 * (max(values) - min(values)), 1e-6)
         reference.append(sign * (min(values) - margin))
     return _titled(plot_hypervolume_history(study, reference), "History: hypervolume of the Pareto front")
+
+
+def plot_items(study: optuna.Study, names: list[str]) -> Figure:
+    """Each objective's best complete score against the items scored so far (multi-fidelity's cost axis)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()), key=lambda t: t.number)
+    signs, spent = _signs(study), 0
+    lines: list[list[tuple[int, float]]] = [[] for _ in names]
+    best: list[float | None] = [None] * len(names)
+    for t in trials:
+        spent += int(t.user_attrs.get("items", 0))
+        if t.state != TrialState.COMPLETE:
+            continue
+        for i, sign in enumerate(signs):
+            if best[i] is None or sign * t.values[i] > sign * best[i]:
+                best[i] = t.values[i]
+                lines[i].append((spent, best[i]))
+    for name, points in zip(names, lines):
+        if points:
+            points.append((spent, points[-1][1]))
+            ax.step([p[0] for p in points], [p[1] for p in points], where="post", label=name)
+    ax.set_xlabel("items scored (all trials, all tasks)")
+    ax.set_ylabel("best score on the whole search set")
+    ax.set_title("Best score against items spent")
+    if len(names) > 1:
+        ax.legend(fontsize="small")
+    return fig
 
 
 def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
@@ -200,6 +229,8 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
             "recipe": plot_recipe(recipe, space.num_layers, list(space.model_names), f"trial {chosen.number}: {recipe.method}"),
             "importances": plot_importances(study, names),
         }
+        if config.fidelity is not None:
+            figs["items"] = plot_items(study, names)
     images = {name: _png(fig, figures_dir / f"{name}.png") for name, fig in figs.items()}
 
     front, baselines = front_and_baselines(study)
@@ -217,7 +248,9 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
     sections = "".join(
         f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{images[key]}'>"
         for key, title in (("pareto", "Pareto front" if len(names) > 1 else "Scores"), ("history", "History"),
+                           ("items", "Best score against items spent"),
                            ("recipe", f"Chosen recipe (trial {chosen.number})"), ("importances", "Parameter importances"))
+        if key in images
     )
     search = html.escape(config.evaluator.label("search"))
     no_heldout = "" if has_report(config.evaluator) else " This study names no held-out data (evaluator.report_text)."
@@ -228,6 +261,12 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
                        "before the search began (carve.json); the search never scored them.")
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    if config.fidelity is not None:
+        spent = items_line(study, study.get_trials(deepcopy=False))
+        no_heldout += (f"</p><p>Multi-fidelity: {n_pruned} candidates were stopped early (PRUNED) on rungs of "
+                       f"{', '.join(map(str, config.fidelity.rungs))} items per task; {html.escape(spent or '')}. "
+                       "Every finalist was scored on the whole search set.")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}

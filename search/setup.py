@@ -15,6 +15,7 @@ import optuna
 
 from search import records
 from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
+from search.fidelity import make_pruner, rung_items
 from search.objectives import resolve_directions, study_directions
 from search.recovery import requeue_stale, sync_records
 from search.space import SearchSpace, baseline_params, build_space, recipe_from_params
@@ -29,6 +30,8 @@ class StudySetup:
     space: SearchSpace
     directions: list[str]
     spec: WorkerSpec
+    sizes: dict[str, int]  # search items per task (after carve and limit)
+    rungs: list[int | None] | None  # multi-fidelity: items per task of each rung (None: all); None when off
 
 
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -49,7 +52,8 @@ def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSa
 def worker_spec(config: StudyConfig) -> WorkerSpec:
     """What every worker of this study builds: the config sections it needs, local paths made absolute."""
     return WorkerSpec(models=config.models.resolved(), evaluator=config.evaluator.resolved(), space=config.space,
-                      threads=config.workers.threads)
+                      threads=config.workers.threads,
+                      fidelity_seed=config.fidelity.seed if config.fidelity is not None else None)
 
 
 def study_space(config: StudyConfig) -> SearchSpace:
@@ -77,6 +81,7 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     try:
         _check_resumable(config, folder, resume)
         directions, split_sizes = check_models_and_tasks(config)
+        sizes = search_sizes(config, split_sizes)
         space = study_space(config)
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
@@ -84,6 +89,8 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
             records.write_carve(folder, config.evaluator, split_sizes)
             study = _open_study(config, folder, directions)
             records.write_config_snapshot(folder, config_to_dict(config))
+            if study.user_attrs.get("search_items") != sizes:
+                study.set_user_attr("search_items", sizes)
             _enqueue_baselines(config, study, space)
             requeue_stale(study)
             sync_records(study, folder, space)
@@ -91,7 +98,19 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    return StudySetup(config, folder, study, space, directions, worker_spec(config))
+    rungs = rung_items(config.fidelity, sizes) if config.fidelity is not None else None
+    return StudySetup(config, folder, study, space, directions, worker_spec(config), sizes, rungs)
+
+
+def search_sizes(config: StudyConfig, split_sizes: dict[str, int]) -> dict[str, int]:
+    """Items per task the search scores: the split, carved, then limited."""
+    section = config.evaluator
+    carve = getattr(section, "carve", lambda role: None)("search")
+    out = {}
+    for task, n in split_sizes.items():
+        n = len(carve.ids(n, task)) if carve is not None else n
+        out[task] = min(n, section.limit) if section.limit else n
+    return out
 
 
 def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
@@ -118,6 +137,8 @@ def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, in
     directions = check_tasks(config).directions
     try:
         probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)  # the data, one item scored
+        if config.fidelity is not None:
+            probe.check_item_means([o.key for o in config.objectives.items])
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
     return directions, dict(getattr(probe, "split_sizes", {}))
@@ -178,7 +199,7 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         study = optuna.create_study(
             study_name=config.study.name, storage=storage, load_if_exists=True,
             directions=study_directions(config.objectives, directions),
-            sampler=make_sampler(config.sampler, offset=existing),
+            sampler=make_sampler(config.sampler, offset=existing), pruner=make_pruner(config.fidelity),
         )
     except Exception as exc:
         raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None

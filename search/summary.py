@@ -26,8 +26,11 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    print(f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, {len(failed)} failed, "
-          f"{_duration(float(study.user_attrs.get('elapsed_s', 0.0)))} searched")
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    print(f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, {f'{pruned} pruned, ' if pruned else ''}"
+          f"{len(failed)} failed, {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))} searched")
+    if pruned and (line := items_line(study, trials)) is not None:
+        print(line)
     if not complete:
         return
     baselines = [t for t in complete if t.user_attrs.get("baseline")]
@@ -42,17 +45,33 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
             print(f"  {_describe(t)}")
 
 
+def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """Items scored against what the same finished trials would have cost on every search item."""
+    sizes = study.user_attrs.get("search_items")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if not sizes or not finished:
+        return None
+    spent = sum(int(t.user_attrs.get("items", 0)) for t in trials)
+    full = len(finished) * sum(sizes.values())
+    return (f"items scored {spent:,}; on every search item these {len(finished)} trials would have "
+            f"scored {full:,} ({spent / full:.0%} of it spent)")
+
+
 def print_status(folder: Path) -> None:
     from search.setup import load_study_folder
 
     config, study = load_study_folder(folder)
     trials = study.get_trials(deepcopy=False)
-    counts = {state: sum(t.state == state for t in trials) for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
+    counts = {state: sum(t.state == state for t in trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
     budget = config.budget.n_trials
     storage = redact(config.study.storage) if config.study.storage else f"{folder}/journal.log"
     print(f"study '{config.study.name}' ({config.objectives.mode}, storage {storage})")
-    print(f"  done {counts[TrialState.COMPLETE]}{f' of {budget}' if budget else ''}, failed {counts[TrialState.FAIL]}, "
-          f"running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}")
+    pruned = f" (pruned {counts[TrialState.PRUNED]})" if config.fidelity is not None else ""
+    print(f"  done {counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]}{f' of {budget}' if budget else ''}{pruned}, "
+          f"failed {counts[TrialState.FAIL]}, running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}")
+    if (line := items_line(study, trials)) is not None:
+        print(f"  {line}")
     print(f"  elapsed {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))}")
     if counts[TrialState.COMPLETE]:
         if len(study.directions) == 1:

@@ -40,6 +40,7 @@ class WorkerSpec:
     evaluator: EvaluatorSection
     space: SpaceSection  # its methods and seed decide what each worker precomputes
     threads: int | None = None  # torch threads of a CPU worker
+    fidelity_seed: int | None = None  # multi-fidelity: the search items' order (search/fidelity.py)
 
 
 def cpu_slots() -> int:
@@ -105,13 +106,15 @@ class CandidateWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(models.base)),
                                                        trust_remote_code=models.trust_remote_code)
         self.evaluators: dict[str, Any] = {}
+        self._held: dict[str, Any] | None = None  # multi-fidelity: the candidate's per-item scores so far
         self.evaluator("search")
         self.setup_s = time.perf_counter() - t0
 
     def evaluator(self, role: Role):
         """The evaluator of a role ("search" or "report"), built on first use."""
         if role not in self.evaluators:
-            self.evaluators[role] = build_evaluator(self.spec.evaluator, role)
+            seed = self.spec.fidelity_seed if role == "search" else None
+            self.evaluators[role] = build_evaluator(self.spec.evaluator, role, order_seed=seed)
         return self.evaluators[role]
 
     def info(self) -> dict[str, Any]:
@@ -121,27 +124,81 @@ class CandidateWorker:
                 "device": self.device, "setup_s": round(self.setup_s, 3), "threads": torch.get_num_threads(),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
-    def run(self, recipe: dict[str, Any], role: Role = "search") -> dict[str, Any]:
-        """Merge `recipe` (its YAML form) into the live model and evaluate it for `role`."""
-        import torch
+    def run(self, recipe: dict[str, Any], role: Role = "search", items: int | None = None,
+            rung: bool = False) -> dict[str, Any]:
+        """Merge `recipe` (its YAML form) into the live model and evaluate it for `role`.
 
-        out: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}"}
+        rung: multi-fidelity's first rung: score the first `items` of each task's search items
+        (None: all) and hold the candidate, so that `more` scores further items of it.
+        """
+        out = self._out()
+        self._held = None
         try:
             t0 = time.perf_counter()
             self.merger.apply(recipe_from_dict(recipe), self.model)
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            self._sync()
             t1 = time.perf_counter()
-            result = self.evaluator(role).evaluate(self.model, self.tokenizer)
+            if rung:
+                self._held = {"scored": 0, "scores": {}, "flags": {}}
+                out.update(self._score(items))
+            else:
+                result = self.evaluator(role).evaluate(self.model, self.tokenizer)
+                out.update(metrics=result.metrics, higher_is_better=result.higher_is_better)
             t2 = time.perf_counter()
         except Exception as exc:  # a failed candidate fails its trial, never the worker
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            out["error"] = f"{type(exc).__name__}: {exc}"
-            out["traceback"] = traceback.format_exc(limit=8)
-            return out
-        out.update(metrics=result.metrics, higher_is_better=result.higher_is_better,
-                   merge_s=t1 - t0, eval_s=t2 - t1)
+            return self._failed(out, exc)
+        out.update(merge_s=t1 - t0, eval_s=t2 - t1)
+        return out
+
+    def more(self, items: int | None) -> dict[str, Any]:
+        """The held candidate (see `run`) scored up to `items` of each task (None: all), reusing the
+        per-item scores it has; no second merge."""
+        out = self._out()
+        try:
+            if self._held is None:
+                raise RuntimeError("this worker holds no candidate to score further (it was restarted or moved on)")
+            t0 = time.perf_counter()
+            out.update(self._score(items))
+            out.update(merge_s=0.0, eval_s=time.perf_counter() - t0)
+        except Exception as exc:
+            return self._failed(out, exc)
+        return out
+
+    def _score(self, items: int | None) -> dict[str, Any]:
+        """Score the held candidate's items from where it stopped up to `items` per task; its metrics
+        are the means of every per-item score it has."""
+        evaluator, held = self.evaluator("search"), self._held
+        counts = evaluator.item_counts
+        stop = max(counts.values()) if items is None else min(items, max(counts.values()))
+        if stop > held["scored"]:
+            result = evaluator.evaluate(self.model, self.tokenizer, items=(held["scored"], stop))
+            for key, values in (result.per_item or {}).items():
+                held["scores"].setdefault(key, []).extend(values)
+            held["flags"].update(result.higher_is_better)
+            held["scored"] = stop
+        scores = held["scores"]
+        return {"metrics": {k: sum(v) / len(v) for k, v in scores.items()},
+                "higher_is_better": {k: held["flags"][k] for k in scores},
+                "item_scores": {k: list(v) for k, v in scores.items()},
+                "items": {task: min(stop, n) for task, n in counts.items()}, "stop": stop}
+
+    def _out(self) -> dict[str, Any]:
+        return {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}"}
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _failed(self, out: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        self._held = None
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc(limit=8)
         return out
 
 
@@ -195,8 +252,16 @@ class WorkerPool:
             return False
         return True
 
-    def submit(self, worker: int, recipe: dict[str, Any], role: Role = "search"):
-        ref = self.actors[worker].run.remote(recipe, role)
+    def submit(self, worker: int, recipe: dict[str, Any], role: Role = "search", *, items: int | None = None,
+               rung: bool = False):
+        """Send a candidate to a worker (see CandidateWorker.run); returns its ref."""
+        ref = self.actors[worker].run.remote(recipe, role, items, rung)
+        self._owner[ref] = worker
+        return ref
+
+    def more(self, worker: int, items: int | None):
+        """Score the worker's held candidate on more items (CandidateWorker.more); returns its ref."""
+        ref = self.actors[worker].more.remote(items)
         self._owner[ref] = worker
         return ref
 
