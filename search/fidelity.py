@@ -38,7 +38,8 @@ class KeepBestPruner(optuna.pruners.BasePruner):
     """Prune unless the trial's value at its last rung is among the best `keep` share reported there.
 
     With n trials at a rung (the trial included), the best max(1, ceil(keep * n)) go on, so the
-    first trial at a rung always does. Baselines are never pruned.
+    first trial at a rung always does; among equal values the earlier trial ranks first.
+    Baselines are never pruned.
     """
 
     def __init__(self, keep: float) -> None:
@@ -51,11 +52,13 @@ class KeepBestPruner(optuna.pruners.BasePruner):
         if step is None or trial.user_attrs.get("baseline"):
             return False
         value = trial.intermediate_values[step]
-        peers = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=PEERS)
+        peers = [(t.number, t.intermediate_values[step]) for t in study.get_trials(deepcopy=False, states=PEERS)
                  if step in t.intermediate_values]
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        better = sum(sign * (v - value) > 0 for v in peers)
-        return better >= max(1, math.ceil(self.keep * len(peers)))
+        # ahead: better, or as good and there first (scores on a few items tie often; a tie
+        # promoting every tied candidate would promote far more than `keep`)
+        ahead = sum(sign * (v - value) > 0 or (v == value and n < trial.number) for n, v in peers)
+        return ahead >= max(1, math.ceil(self.keep * len(peers)))
 
 
 def make_pruner(fidelity: FidelitySection | None) -> optuna.pruners.BasePruner | None:

@@ -70,10 +70,12 @@ def fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optu
 def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
     """Write the record of any finished trial that has none (a run killed between tell and write)."""
     have = {int(p.stem) for p in (folder / "trials").glob("*.json")}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
         if t.number not in have:
             try:
                 recipe = recipe_to_dict(recipe_from_params(t.params, space))
             except Exception:  # a proposal that never became a recipe
                 recipe = None
-            records.write_trial_record(folder, records.trial_record(t, recipe, None, t.user_attrs.get("error")))
+            record = records.trial_record(t, recipe, None, t.user_attrs.get("error"),
+                                          state="PRUNED" if t.state == TrialState.PRUNED else None)
+            records.write_trial_record(folder, record)

@@ -407,3 +407,18 @@ def test_status_shows_a_storage_url_without_its_password(zoo, tmp_path, monkeypa
         print_status(folder)
     assert "postgresql://basin:***@db.example/studies" in out.getvalue() and secret not in out.getvalue()
     # the same URL unreachable: tests/test_bad_input.py ("status with an unreachable password URL")
+
+
+@pytest.mark.slow
+def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(zoo, tmp_path):
+    """SIGKILL a multi-fidelity `basin run`/`resume` just after a rung's value is stored (the candidate
+    held between rungs), and during start-up; each resume fails and requeues the trial it held, and
+    the study finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
+    from tests.support.scenarios import MF_RUNGS
+
+    r = kill_and_resume(zoo, tmp_path, kills=3, n_trials=14, moments=("rung", "early", "rung"),
+                        early_s=(0.5, 6.0), fidelity=MF_RUNGS)
+    assert r.kills == 3 and sum(m.startswith("rung") for m in r.moments) == 2
+    assert r.leaked == [] and r.lost == [] and r.integrity == []
+    assert r.final_rc == 0 and r.complete == r.budget
+    assert r.requeued >= 2  # each kill between rungs left its held trial RUNNING

@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:  # run as a script
 from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input  # noqa: E402
 from tests.support.fault_zoo import build_big_zoo, build_fault_zoo  # noqa: E402
 from tests.support.scenarios import (  # noqa: E402
+    MF_RUNGS,
     concurrent_runners,
     export_killed,
     kill_and_resume,
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'ok ' if not r.problems else 'BAD'} {r.case.name}: {message[:150]}" + (f"  <- {r.problems}" if r.problems else ""))
         print(f"kill -9 of basin run/resume, {args.kills} times")
         kills = kill_and_resume(zoo, root / "kills", kills=args.kills, seed=args.seed, say=say)
+        print(f"kill -9 of a multi-fidelity study (rungs {MF_RUNGS['rungs']}), {args.kills} times, between rungs too")
+        mf = kill_and_resume(zoo, root / "kills-mf", kills=args.kills, seed=args.seed, fidelity=MF_RUNGS,
+                             moments=("early", "rung", "asked", "rung", "completing"), say=say)
         print("worker faults")
         faults = worker_faults(zoo, root / "faults", say=say)
         print("two runners at once")
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"requeued after kills  {kills.requeued} trials failed as stopped and queued again")
     print(f"budget                {kills.complete} COMPLETE of {kills.budget} (final resume exit {kills.final_rc}), {kills.seconds:.0f} s")
     print(f"leaked processes      {len(kills.leaked)}{'  ' + ', '.join(kills.leaked) if kills.leaked else ''}")
+    print(f"multi-fidelity kills  {mf.kills} ({sum(m.startswith('rung') for m in mf.moments)} between rungs); trials lost "
+          f"{len(mf.lost)}; integrity problems {len(mf.integrity)}; requeued {mf.requeued}; "
+          f"{mf.complete} finished of {mf.budget} ({mf.pruned} of them PRUNED), exit {mf.final_rc}, {mf.seconds:.0f} s")
     print(f"worker faults         {', '.join(f'{k}: trials {v}' for k, v in sorted(faults.errors.items()))}; "
           f"unexpected failures {len(faults.unexpected)}; {faults.complete}/{faults.budget} COMPLETE, exit {faults.rc}, {faults.seconds:.0f} s")
     print(f"two runners           exits {conc.rcs}; COMPLETE per runner {list(conc.by_runner.values())}; "
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"partial folders left after it {len(exp.partial_after_clean)}")
     print(f"bad inputs tried      {len(results)}, handled {passed} (exit 2, one message naming the problem, nothing left)")
     ok = (not kills.lost and not kills.integrity and not kills.leaked and kills.final_rc == 0
-          and kills.complete == kills.budget and faults.rc == 0 and not faults.unexpected and not faults.integrity
+          and kills.complete == kills.budget and not mf.lost and not mf.integrity and not mf.leaked
+          and mf.final_rc == 0 and mf.complete == mf.budget and faults.rc == 0 and not faults.unexpected and not faults.integrity
           and conc.rcs == (0, 0) and not conc.integrity and conc.complete == conc.budget and not exp.target_exists
           and not exp.partial_after_clean and passed == len(results))
     print("all good" if ok else "PROBLEMS above")

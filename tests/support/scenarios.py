@@ -22,6 +22,7 @@ from tests.support.fault_zoo import FaultZoo, study_config, study_with_one_trial
 from tests.support.runs import (
     COMPLETE_OP,
     HANG_S,
+    RUNG_OP,
     journal_text,
     kill_tree,
     process_alive,
@@ -34,6 +35,7 @@ from tests.support.runs import (
     worker_pid,
 )
 from tests.support.views import (
+    DONE,
     TrialView,
     changed_complete,
     integrity_problems,
@@ -74,7 +76,8 @@ class KillReport:
     leaked: list[str] = field(default_factory=list)  # processes alive after kill_tree
     integrity: list[str] = field(default_factory=list)
     requeued: int = 0  # trials failed as stopped and queued again
-    complete: int = 0
+    complete: int = 0  # COMPLETE or PRUNED
+    pruned: int = 0
     budget: int = 0
     final_rc: int | None = None  # of the last run (the worst of them, with final_runners=2)
     final_by_runner: dict[int, int] = field(default_factory=dict)  # COMPLETE trials per final runner
@@ -84,19 +87,27 @@ class KillReport:
 ALL_MOMENTS = ("early", "asked", "completing")
 
 
+MF_OBJECTIVES = {"mode": "single", "items": [{"task": "toy_pair", "weight": 0.5}, {"task": "toy_next", "weight": 0.5}]}
+MF_RUNGS = {"rungs": [8, 16]}  # of the fault zoo's 30 items per task
+
+
 def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int = 60, seed: int = 0,
                     moments: tuple[str, ...] = ALL_MOMENTS, early_s: tuple[float, float] = (0.5, 8.0),
-                    final_runners: int = 1, say: Callable[[str], None] = lambda s: None) -> KillReport:
+                    final_runners: int = 1, fidelity: dict | None = None,
+                    say: Callable[[str], None] = lambda s: None) -> KillReport:
     """Start the study, SIGKILL it (and its Ray) at a random moment, resume, ... `kills` times, then
     let the last resume finish. Kill moments rotate through `moments`: early (a random time in
     `early_s` after the start: imports, setup, Ray starting), soon after this run asked its first
     trial (its worker is up), soon after it completed one (trials being told and recorded).
     With final_runners=2 the study is finished by two `basin run` of its config at once, each
-    holding a trial before any candidate is scored, so that both take part."""
+    holding a trial before any candidate is scored, so that both take part. With `fidelity` the
+    study is a single-objective multi-fidelity one (kills land between rungs too), and PRUNED
+    trials count as finished."""
     rng, t0 = random.Random(seed), time.monotonic()
     folder, log = root / "study", root / "kills.log"
+    extra = {} if fidelity is None else {"fidelity": fidelity, "objectives": MF_OBJECTIVES}
     config = write_config(root / "kills.yaml", study_config(zoo, folder, name="kills", hooked=True,
-                                                            budget={"n_trials": n_trials}))
+                                                            budget={"n_trials": n_trials}, **extra))
     zoo.set_mode("ok")
     report, ever_complete = KillReport(budget=n_trials), {}
     attempt = 0
@@ -106,7 +117,7 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         if attempt > 2 * kills + 5:
             raise RuntimeError(f"only {report.kills} kills in {attempt} attempts\n{tail(log)}")
         before, before_recs = storage_view(folder), records_view(folder)
-        ever_complete.update({t.number: t for t in before if t.state == "COMPLETE"})
+        ever_complete.update({t.number: t for t in before if t.state in DONE})
         args = ["resume", str(folder)] if (folder / "config.yaml").is_file() else ["run", str(config)]
         proc = start_basin([*args, "--set", f"budget.n_trials={report.budget}"] if args[0] == "resume" else args, log)
         started, text = time.monotonic(), journal_text(folder)
@@ -119,6 +130,11 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
                              "the first ask", log)
             delay = rng.uniform(0.0, 2.0)
             time.sleep(delay)  # a random moment after the event, not a wait for one
+        elif mode == "rung":  # multi-fidelity: just after a rung's value, the candidate between rungs
+            n_rungs = text.count(RUNG_OP)
+            alive = wait_for(lambda: journal_text(folder).count(RUNG_OP) > n_rungs, proc,  # noqa: B023
+                             "a rung's value", log)
+            delay = 0.0
         else:
             alive = wait_for(lambda: journal_text(folder).count(COMPLETE_OP) > n_complete, proc,  # noqa: B023
                              "the first completed trial", log)
@@ -139,20 +155,22 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         if final_runners == 1:
             procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)]
         else:  # `basin run CONFIG` on an existing study resumes it; budget as raised above
-            write_config(config, study_config(zoo, folder, name="kills", hooked=True, budget={"n_trials": report.budget}))
+            write_config(config, study_config(zoo, folder, name="kills", hooked=True, budget={"n_trials": report.budget},
+                                              **extra))
             procs = start_runners_together(zoo, config, folder, [root / f"final-{i}.log" for i in range(final_runners)])
         rcs, leaked = wait_runs(procs, folder)
     finally:
         zoo.set_mode("ok")
     report.final_rc, report.leaked = max(rcs), report.leaked + leaked
     final, final_recs = storage_view(folder), records_view(folder)
-    report.final_by_runner = {p.pid: sum(t.state == "COMPLETE" and t.runner == p.pid for t in final) for p in procs}
+    report.final_by_runner = {p.pid: sum(t.state in DONE and t.runner == p.pid for t in final) for p in procs}
     ever: list[TrialView] = list(ever_complete.values())
     report.lost += changed_complete(ever, {}, final, final_recs)
     report.integrity = integrity_problems(final, final_recs)
     report.integrity += [f"trial {t.number} is still RUNNING" for t in final if t.state == "RUNNING"]
     report.requeued = sum(t.state == "FAIL" and "queued again" in (t.error or "") for t in final)
-    report.complete = sum(t.state == "COMPLETE" for t in final)
+    report.complete = sum(t.state in DONE for t in final)
+    report.pruned = sum(t.state == "PRUNED" for t in final)
     report.seconds = time.monotonic() - t0
     return report
 

@@ -21,6 +21,9 @@ class TrialView:
     suggested: str  # JSON, keys sorted: the params it has in storage ({} when killed before suggest)
 
 
+DONE = ("COMPLETE", "PRUNED")  # finished trials that count toward the budget
+
+
 def storage_view(folder: Path) -> list[TrialView]:
     """Every trial in the study's storage, in number order ([] before the study exists)."""
     import optuna
@@ -53,12 +56,12 @@ def records_view(folder: Path) -> dict[int, dict]:
 
 def changed_complete(before: list[TrialView], before_records: dict[int, dict], after: list[TrialView],
                      after_records: dict[int, dict]) -> list[str]:
-    """COMPLETE trials (storage or record) before that are missing or different after."""
+    """COMPLETE (or PRUNED) trials (storage or record) before that are missing or different after."""
     now = {t.number: t for t in after}
-    problems = [f"trial {t.number} was COMPLETE and is now {now.get(t.number)}"
-                for t in before if t.state == "COMPLETE" and now.get(t.number) != t]
-    problems += [f"record {n} was COMPLETE and is now {after_records.get(n)}"
-                 for n, r in before_records.items() if r["state"] == "COMPLETE" and after_records.get(n) != r]
+    problems = [f"trial {t.number} was {t.state} and is now {now.get(t.number)}"
+                for t in before if t.state in DONE and now.get(t.number) != t]
+    problems += [f"record {n} was {r['state']} and is now {after_records.get(n)}"
+                 for n, r in before_records.items() if r["state"] in DONE and after_records.get(n) != r]
     return problems
 
 
@@ -70,10 +73,10 @@ def integrity_problems(trials: list[TrialView], recs: dict[int, dict]) -> list[s
     if len(set(numbers)) != len(numbers) or numbers != list(range(len(numbers))):
         problems.append(f"trial numbers are not 0..n-1 used once: {numbers}")
     by_number = {t.number: t for t in trials}
-    complete = [t for t in trials if t.state == "COMPLETE"]
+    complete = [t for t in trials if t.state in DONE]
     for params, n in Counter(t.params for t in complete).items():
         if n > 1:
-            problems.append(f"{n} COMPLETE trials share params {params}: "
+            problems.append(f"{n} COMPLETE or PRUNED trials share params {params}: "
                             f"{[(t.number, t.retry_of) for t in complete if t.params == params]}")
     retries = Counter(t.retry_of for t in trials if t.retry_of is not None)
     for target, n in retries.items():
@@ -91,12 +94,12 @@ def integrity_problems(trials: list[TrialView], recs: dict[int, dict]) -> list[s
             if retry is not None and retry.baseline != t.baseline:
                 problems.append(f"retry {retry.number} lost the baseline name of trial {t.number}")
     for t in trials:
-        if t.state in ("COMPLETE", "FAIL"):
+        if t.state in (*DONE, "FAIL"):
             r = recs.get(t.number)
             # (the record holds what storage holds: no params for a trial killed between ask and suggest)
             if r is None or r["state"] != t.state or json.dumps(r["params"], sort_keys=True) != t.suggested \
-                    or (t.state == "COMPLETE" and tuple(r["values"]) != t.values):
+                    or (t.state in DONE and t.values is not None and tuple(r["values"]) != t.values):
                 problems.append(f"record of trial {t.number} disagrees with storage: {r} vs {t}")
     problems += [f"record {n} has no finished trial in storage" for n in recs
-                 if n not in by_number or by_number[n].state not in ("COMPLETE", "FAIL")]
+                 if n not in by_number or by_number[n].state not in (*DONE, "FAIL")]
     return problems

@@ -1,0 +1,139 @@
+"""Multi-fidelity against full-fidelity search on the toy zoo: items spent to reach the same best.
+
+For each zoo seed, two single-objective studies (the mean accuracy of the four skills, TPE with one
+seed, one worker so both runs are repeatable) get the same budget counted in evaluation items:
+  full   every candidate scored on every search item;
+  multi  fidelity rungs (default 16 and 48 items per task, keep 0.33), the rest on the full set.
+It prints, per seed, the best full-search-set score found against items spent, and checks:
+  reach  multi reaches full's final best (within 0.005) with at most a third of full's items;
+  equal  at equal items (the whole budget) multi's best is at least full's;
+and the wall-clock ratio (merges and per-call set-up are paid per candidate, not per item).
+
+    .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] [--rungs 16 48]
+
+Zoos other than the cached seed 0 are built on first use (a few minutes each). A script, not a
+test (pytest does not collect it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+CHECKPOINTS = (1 / 6, 1 / 3, 1 / 2, 1.0)  # shares of the budget at which the curves are printed
+
+
+def study_dict(zoo: Any, folder: Path, items: int, fidelity: dict[str, Any] | None) -> dict[str, Any]:
+    tasks = list(zoo.tasks)
+    data = {
+        "study": {"name": "bench", "output_dir": str(folder)},
+        "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
+        "space": {"methods": ["ties", "dare_ties", "task_arithmetic"], "weight": [0.0, 1.0],
+                  "density": [0.2, 1.0], "lambda": [0.3, 1.5]},
+        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "builtin_tasks": False, "batch_size": 64},
+        "objectives": {"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]},
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 10},
+        "budget": {"n_trials": None, "items": items},
+        "workers": {"count": 1},
+    }
+    if fidelity is not None:
+        data["fidelity"] = fidelity
+    return data
+
+
+def curve(study: Any) -> list[tuple[int, float, float]]:
+    """(items spent so far, best complete value so far, seconds since the first trial began) after
+    each finished trial, in the order they finished."""
+    from optuna.trial import TrialState
+
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.datetime_complete), key=lambda t: t.datetime_complete)
+    began = min(t.datetime_start for t in trials)
+    out, spent, best = [], 0, float("-inf")
+    for t in trials:
+        spent += int(t.user_attrs.get("items", 0))
+        if t.state == TrialState.COMPLETE:
+            best = max(best, t.value)
+        out.append((spent, best, (t.datetime_complete - began).total_seconds()))
+    return out
+
+
+def best_at(points: list[tuple[int, float, float]], items: float) -> float:
+    return max([b for s, b, _ in points if s <= items], default=float("-inf"))
+
+
+def to_reach(points: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """(items, seconds) spent when the best first reached `target`."""
+    return next(((s, w) for s, b, w in points if b >= target), None)
+
+
+def run(zoo: Any, items: int, fidelity: dict[str, Any] | None) -> tuple[list[tuple[int, float, float]], float, int, int]:
+    from optuna.trial import TrialState
+
+    from search.config import config_from_dict
+    from search.loop import run_study
+
+    with tempfile.TemporaryDirectory(prefix="basin-bench-fidelity-") as tmp:
+        start = time.perf_counter()
+        study = run_study(config_from_dict(study_dict(zoo, Path(tmp) / "study", items, fidelity)), progress=False)
+        wall = time.perf_counter() - start
+        trials = study.get_trials(deepcopy=False)
+        return curve(study), wall, len(trials), sum(t.state == TrialState.PRUNED for t in trials)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--trials", type=int, default=60, help="the budget: this many full-fidelity candidates' items")
+    parser.add_argument("--rungs", type=int, nargs="+", default=[16, 48])
+    parser.add_argument("--keep", type=float, default=0.33)
+    parser.add_argument("--cache", type=Path,
+                        default=Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"))
+    args = parser.parse_args()
+
+    import optuna
+
+    from evaluators import HarnessEvaluator
+    from evaluators.zoo import build_zoo
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fidelity = {"rungs": args.rungs, "keep": args.keep}
+    print(f"budget: {args.trials} full-fidelity candidates' items; multi-fidelity rungs {args.rungs}, keep {args.keep}")
+    ok = True
+    for seed in args.seeds:
+        zoo = build_zoo(args.cache / "zoo" / f"seed{seed}", seed=seed)
+        sizes = HarnessEvaluator(list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False).item_counts
+        budget = args.trials * sum(sizes.values())
+        full, full_wall, full_n, _ = run(zoo, budget, None)
+        multi, multi_wall, multi_n, pruned = run(zoo, budget, fidelity)
+        final = full[-1][1]
+        reach, own = to_reach(multi, final - 0.005), to_reach(full, final)
+        print(f"\nzoo seed {seed}: search items per task {sizes}; budget {budget:,} items")
+        print(f"  full : {full_n} candidates, {full_wall:.0f} s")
+        print(f"  multi: {multi_n} candidates ({pruned} pruned), {multi_wall:.0f} s "
+              f"(wall-clock {multi_wall / full_wall:.2f}x full's for the same items)")
+        print("  best full-search-set score against items spent:")
+        print("    items        full     multi")
+        for share in CHECKPOINTS:
+            spent = share * budget
+            print(f"    {spent:10,.0f}  {best_at(full, spent):.4f}   {best_at(multi, spent):.4f}")
+        reached = reach is not None and reach[0] <= budget / 3
+        equal = multi[-1][1] >= final
+        ok &= reached and equal
+        print(f"  full found its final best {final:.4f} after {own[0]:,} items ({own[0] / budget:.2f} of them), {own[1]:.0f} s")
+        where = (f"{reach[0]:,} items, {reach[0] / budget:.2f} of full's, {reach[1]:.0f} s ({reach[1] / full_wall:.2f}x "
+                 "full's whole run)") if reach is not None else "never"
+        print(f"  reach: multi reached {final:.4f} - 0.005 after {where}: {'met' if reached else 'MISSED'} (goal <= 0.33)")
+        print(f"  equal: at equal items multi {multi[-1][1]:.4f} vs full {final:.4f}: {'met' if equal else 'MISSED'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Multi-fidelity search: item slices that add up to a full evaluation, promotion on the worker that
+holds the candidate, the keep-best pruner, the Pareto rule, studies that prune, and resume between
+rungs (real zoo models, real lm-eval, real Optuna storage, real Ray)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from evaluators import HarnessEvaluator
+from search import records
+from search.cli import main
+from search.config import ConfigError, config_from_dict
+from search.fidelity import ITEM_SCORES, KeepBestPruner, dominated, pareto_go_on, rung_items
+from search.loop import run_study
+from search.setup import load_study_folder, setup_study
+from search.space import suggest
+
+RUNGS = [12, 36]
+
+
+def _model(zoo):
+    from transformers import AutoTokenizer
+
+    from merging import load_live_model
+
+    return load_live_model(zoo.base, device="cpu", dtype="float32"), AutoTokenizer.from_pretrained(str(zoo.base))
+
+
+def _study(zoo, folder: Path, *, mode: str = "single", tasks: list[str] | None = None, **sections: Any) -> dict:
+    tasks = tasks or list(zoo.tasks)
+    objectives = ({"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]} if mode == "single"
+                  else {"mode": "pareto", "items": [{"task": t} for t in tasks]})
+    data = {
+        "study": {"name": "mf", "output_dir": str(folder)},
+        "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
+        "space": {"methods": ["task_arithmetic", "ties"], "lambda": [0.3, 1.5]},
+        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "builtin_tasks": False, "batch_size": 64},
+        "objectives": objectives,
+        "sampler": {"name": "tpe" if mode == "single" else "nsga2", "seed": 0},
+        "budget": {"n_trials": 16},
+        "workers": {"count": 2},
+        "fidelity": {"rungs": RUNGS},
+    }
+    data.update(sections)
+    return data
+
+
+# --- items in slices ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fewshot", [None, 2])
+def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
+    """Scored in three slices, every item gets the score it gets in one full call, few-shot prompts
+    included (each item draws its examples from a seed of its own)."""
+    model, tok = _model(zoo)
+    tasks = list(zoo.tasks[:2])
+    ev = HarnessEvaluator(tasks, include_path=zoo.tasks_dir, batch_size=32, builtin_tasks=False,
+                          order_seed=3, num_fewshot=fewshot)
+    assert all(list(ids) != sorted(ids) for ids in ev.item_ids.values()), "the order is drawn, not the file's"
+    full = ev.evaluate(model, tok, per_item=True)
+    parts = [ev.evaluate(model, tok, items=span) for span in ((0, RUNGS[0]), (RUNGS[0], RUNGS[1]), (RUNGS[1], 10**6))]
+    for key, scores in full.per_item.items():
+        joined = [v for part in parts for v in part.per_item[key]]
+        assert joined == list(scores)
+        assert sum(joined) / len(joined) == full.metrics[key]
+    assert ev.evaluate(model, tok).metrics == full.metrics  # the full order is back after the slices
+
+
+def test_slices_need_an_order_and_objectives_that_are_per_item_means(zoo):
+    ev = HarnessEvaluator(list(zoo.tasks[:1]), include_path=zoo.tasks_dir, builtin_tasks=False, limit=4)
+    with pytest.raises(Exception, match="needs order_seed"):
+        ev.evaluate(None, None, items=(0, 2))
+    ev.check_item_means([f"{zoo.tasks[0]}/acc"])
+
+
+def test_fidelity_refuses_an_evaluator_without_items_and_rungs_out_of_order(zoo, tmp_path):
+    with pytest.raises(ConfigError, match="rungs must be positive item counts in increasing order"):
+        config_from_dict(_study(zoo, tmp_path / "a", fidelity={"rungs": [64, 16]}))
+    perplexity = {"kind": "perplexity", "text": str(zoo.heldout_text)}
+    with pytest.raises(ConfigError, match="the perplexity evaluator has none"):
+        config_from_dict(_study(zoo, tmp_path / "b", evaluator=perplexity,
+                                objectives={"items": [{"task": "perplexity", "metric": "perplexity"}]}))
+
+
+def test_rungs_past_the_search_set_collapse_into_the_last():
+    from search.config import FidelitySection
+
+    assert rung_items(FidelitySection(rungs=[16, 64, 256]), {"a": 100, "b": 40}) == [16, 64, None]
+    assert rung_items(FidelitySection(rungs=[16]), {"a": 10}) == [None]
+
+
+# --- promotion on the worker ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp_path):
+    from dataclasses import replace
+
+    from search.setup import worker_spec
+    from search.workers import CandidateWorker
+
+    spec = worker_spec(config_from_dict(_study(zoo, tmp_path / "w")))
+    assert spec.fidelity_seed == 0
+    recipe = {"method": "task_arithmetic", "base": str(zoo.base), "parameters": {"lambda": 0.8},
+              "models": [{"path": str(p), "weight": 0.5} for p in zoo.finetunes.values()]}
+    worker = CandidateWorker(spec)
+    first = worker.run(recipe, items=RUNGS[0], rung=True)
+    assert first["merge_s"] > 0 and set(first["items"].values()) == {RUNGS[0]}
+    second = worker.more(RUNGS[1])
+    assert second["merge_s"] == 0.0 and set(second["items"].values()) == {RUNGS[1]}
+    for key, scores in first["item_scores"].items():
+        assert second["item_scores"][key][: RUNGS[0]] == scores  # kept, not scored again
+    last = worker.more(None)
+
+    whole = CandidateWorker(replace(spec, fidelity_seed=None)).run(recipe)
+    assert last["items"] == {t: n for t, n in whole_counts(zoo).items()}
+    assert last["metrics"].keys() == whole["metrics"].keys()
+    for key, value in whole["metrics"].items():
+        assert last["metrics"][key] == pytest.approx(value, abs=1e-12)
+
+    assert "error" in CandidateWorker(spec).more(RUNGS[1])  # a fresh worker holds nothing to go on with
+
+
+def whole_counts(zoo) -> dict[str, int]:
+    ev = HarnessEvaluator(list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False)
+    return ev.item_counts
+
+
+# --- the rules -------------------------------------------------------------------------------------------
+
+
+def _with_rung(study: optuna.Study, value: float, step: int = 12, **attrs: Any) -> None:
+    study.add_trial(create_trial(state=TrialState.PRUNED, value=value, intermediate_values={step: value},
+                                 params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, user_attrs=attrs))
+
+
+def test_the_keep_best_pruner_promotes_the_best_share_at_each_rung():
+    study = optuna.create_study(direction="maximize", pruner=KeepBestPruner(0.5))
+    for value in (0.2, 0.4, 0.6):
+        _with_rung(study, value)
+
+    def decide(value: float, step: int = 12, baseline: bool = False) -> bool:
+        trial = study.ask()
+        if baseline:
+            trial.set_user_attr("baseline", "uniform")
+        trial.report(value, step)
+        pruned = trial.should_prune()
+        study.tell(trial, state=TrialState.FAIL)  # out of the peers of the next call
+        return pruned
+
+    # four at the rung: the best ceil(0.5 * 4) = 2 go on
+    assert decide(0.7) is False and decide(0.5) is False
+    assert decide(0.3) is True
+    assert decide(0.1, baseline=True) is False  # baselines always go on
+    assert decide(0.1, step=36) is False  # first at its rung
+    ties = optuna.create_study(direction="maximize", pruner=KeepBestPruner(0.5))
+    for _ in range(4):
+        _with_rung(ties, 0.5)
+    trial = ties.ask()
+    trial.report(0.5, 12)
+    assert trial.should_prune() is True  # four earlier trials as good: they rank first
+    minimize = optuna.create_study(direction="minimize", pruner=KeepBestPruner(0.34))
+    for value in (0.2, 0.4):
+        _with_rung(minimize, value)
+    trial = minimize.ask()
+    trial.report(0.1, 12)
+    assert trial.should_prune() is False
+
+
+def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
+    mine = {"a": [0, 1, 0, 1, 0, 1, 0, 0], "b": [0, 0, 1, 0, 0, 0, 1, 0]}
+    clearly = {"a": [1, 1, 1, 1, 1, 1, 1, 1], "b": [1, 1, 1, 1, 1, 1, 1, 1]}
+    one_item = {"a": [1, 1, 0, 1, 0, 1, 0, 0], "b": [1, 0, 1, 0, 0, 0, 1, 0]}
+    worse_on_b = {"a": [1, 1, 1, 1, 1, 1, 1, 1], "b": [0, 0, 0, 0, 0, 0, 0, 0]}
+    keys, up = ["a", "b"], [1.0, 1.0]
+    assert dominated(mine, clearly, keys, up, 8, margin=1.0)
+    assert not dominated(mine, one_item, keys, up, 8, margin=1.0)  # one item better: within the noise
+    assert dominated(mine, one_item, keys, up, 8, margin=0.0)
+    assert not dominated(mine, worse_on_b, keys, up, 8, margin=0.0)
+    assert not dominated(clearly, mine, keys, up, 8, margin=0.0)
+    assert dominated(clearly, mine, keys, [-1.0, -1.0], 8, margin=1.0)  # minimised objectives
+    assert not dominated(mine, clearly, keys, up, 0, margin=0.0)
+
+
+def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
+    config = config_from_dict(_study(zoo, tmp_path / "p", mode="pareto", tasks=list(zoo.tasks[:2])))
+    keys = [o.key for o in config.objectives.items]
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    strong = {keys[0]: [1.0] * 12, keys[1]: [1.0] * 12}
+    weak = {keys[0]: [0.0, 1.0] * 6, keys[1]: [1.0, 0.0] * 6}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[1.0, 1.0], params={"x": 0.5},
+                                 distributions={"x": FloatDistribution(0, 1)},
+                                 user_attrs={ITEM_SCORES: strong, "rung_stop": 12}))
+    trial = study.ask()
+    assert not pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
+    assert pareto_go_on(study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0)  # no peer got there
+    trial.set_user_attr("baseline", "uniform")
+    assert pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
+
+
+# --- studies -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_single_objective_study_prunes_most_candidates_on_the_first_rungs(zoo, tmp_path, capsys):
+    folder = tmp_path / "single"
+    study = run_study(config_from_dict(_study(zoo, folder)), progress=False)
+    trials = study.get_trials(deepcopy=False)
+    full = sum(whole_counts(zoo).values())
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(pruned) + len(complete) == 16 and pruned
+    assert all(t.user_attrs.get("baseline") for t in trials[:7]) and all(t.state == TrialState.COMPLETE for t in trials[:7])
+    recs = records.read_trial_records(folder)
+    for t in pruned:
+        last = max(t.intermediate_values)
+        assert t.value == t.intermediate_values[last] and t.user_attrs["rung"] < 2
+        assert t.user_attrs["items"] == sum(min(last, n) for n in whole_counts(zoo).values()) < full
+        assert recs[t.number]["state"] == "PRUNED" and recs[t.number]["rung"] == t.user_attrs["rung"]
+    for t in complete:
+        assert t.user_attrs["rung"] == 2 and t.user_attrs["items"] == full
+        assert sorted(t.intermediate_values) == RUNGS
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    spent = sum(t.user_attrs["items"] for t in trials)
+    assert f"(pruned {len(pruned)})" in out and f"items scored {spent:,}" in out and f"scored {16 * full:,}" in out
+    assert main(["report", str(folder), "--quiet", "--no-heldout"]) == 0
+    assert (folder / "figures" / "items.png").is_file()
+    assert "stopped early (PRUNED)" in (folder / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_an_items_budget_stops_the_study_once_its_items_are_spent(zoo, tmp_path):
+    full = sum(whole_counts(zoo).values())
+    budget = 3 * full
+    study = run_study(config_from_dict(_study(zoo, tmp_path / "items", budget={"n_trials": None, "items": budget},
+                                              baselines=False)), progress=False)
+    trials = study.get_trials(deepcopy=False)
+    spent = sum(t.user_attrs["items"] for t in trials)
+    # claims stop once the items are spent; what was in flight then (one candidate per worker) finishes
+    assert budget <= spent < budget + 2 * full
+
+
+@pytest.mark.slow
+def test_a_pareto_study_stops_only_dominated_candidates(zoo, tmp_path):
+    folder = tmp_path / "pareto"
+    data = _study(zoo, folder, mode="pareto", tasks=list(zoo.tasks[:2]), fidelity={"rungs": RUNGS, "margin": 0.0})
+    config = config_from_dict(data)
+    study = run_study(config, progress=False)
+    keys = [o.key for o in config.objectives.items]
+    trials = study.get_trials(deepcopy=False)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 16
+    for t in trials:
+        if t.state != TrialState.PRUNED:
+            continue
+        stop = t.user_attrs["rung_stop"]
+        peers = [o for o in trials if o.number != t.number and o.user_attrs.get("rung_stop", 0) >= stop
+                 and o.user_attrs.get(ITEM_SCORES)]
+        assert any(dominated(t.user_attrs[ITEM_SCORES], o.user_attrs[ITEM_SCORES], keys, [1.0, 1.0], stop, 0.0)
+                   for o in peers), f"trial {t.number} was stopped without a trial dominating it"
+    assert study.best_trials and all(t.state == TrialState.COMPLETE for t in study.best_trials)
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_rungs_resumes_with_nothing_counted_twice(zoo, tmp_path):
+    """A runner dies while its candidate is between rungs: the resume fails and requeues that trial,
+    its items stay counted once, and the budget ends with exactly n_trials finished."""
+    folder = tmp_path / "killed"
+    config = config_from_dict(_study(zoo, folder, budget={"n_trials": 9}))
+    run_study(config, progress=False)
+
+    setup = setup_study(load_study_folder(folder)[0], resume=True)
+    killed = setup.study.ask()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    killed.set_user_attr("runner", {"host": socket.gethostname(), "pid": proc.pid})
+    params = suggest(killed, setup.space)
+    killed.report(0.5, step=RUNGS[0])
+    killed.set_user_attr("items", 4 * RUNGS[0])
+    killed.set_user_attr("rung", 0)
+
+    config = config_from_dict(_study(zoo, folder, budget={"n_trials": 13}))
+    study = run_study(config, resume=True, progress=False)
+    trials = study.get_trials(deepcopy=False)
+    assert len({t.number for t in trials}) == len(trials)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 13
+    dead = next(t for t in trials if t.number == killed.number)
+    assert dead.state == TrialState.FAIL
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == killed.number)
+    assert retry.params == params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert min(retry.intermediate_values) == RUNGS[0]  # scored again from the first rung, on its own count
+    recs = records.read_trial_records(folder)
+    assert {n for n, r in recs.items() if r["state"] in ("COMPLETE", "PRUNED")} == {
+        t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
