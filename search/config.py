@@ -139,7 +139,7 @@ class FidelitySection(_Strict):
     """Multi-fidelity search (search/fidelity.py): candidates scored on growing item rungs, most stopped early."""
 
     rungs: list[int] = Field(min_length=1)  # items per task of each rung before the full search set
-    keep: float = Field(default=0.33, gt=0, le=1)  # single objective: share of candidates promoted at a rung
+    keep: float = Field(default=0.2, gt=0, le=1)  # single objective: share of candidates promoted at a rung
     margin: float = Field(default=1.0, ge=0)  # Pareto: dominated by more than this many standard errors
     seed: int = 0  # the items' order, hence which items each rung holds
 

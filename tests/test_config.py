@@ -166,7 +166,7 @@ def test_unknown_key_inside_a_list_item_gets_did_you_mean(tmp_path):
         ({"space": {"group_size": 0}}, "space.group_size"),
         ({"space": {"anchors": 1}}, "space.anchors"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials"),
-        ({"budget": {"n_trials": None}}, "give n_trials, timeout or both"),
+        ({"budget": {"n_trials": None}}, "give n_trials, timeout or items"),
         ({"budget": {"timeout": 0}}, "budget.timeout"),
         ({"workers": {"count": 0}}, "workers.count"),
         ({"workers": {"gpus_per_worker": -1}}, "workers.gpus_per_worker"),

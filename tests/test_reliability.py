@@ -272,7 +272,7 @@ def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, m
         def available(self, worker):
             return True
 
-        def submit(self, worker, recipe):
+        def submit(self, worker, recipe, role="search", **rung):
             self.refs += 1
             return self.refs
 

@@ -3,13 +3,13 @@
 For each zoo seed, two single-objective studies (the mean accuracy of the four skills, TPE with one
 seed, one worker so both runs are repeatable) get the same budget counted in evaluation items:
   full   every candidate scored on every search item;
-  multi  fidelity rungs (default 16 and 48 items per task, keep 0.33), the rest on the full set.
+  multi  fidelity rungs (default 24 and 72 items per task, keep 0.2), the rest on the full set.
 It prints, per seed, the best full-search-set score found against items spent, and checks:
   reach  multi reaches full's final best (within 0.005) with at most a third of full's items;
   equal  at equal items (the whole budget) multi's best is at least full's;
 and the wall-clock ratio (merges and per-call set-up are paid per candidate, not per item).
 
-    .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] [--rungs 16 48]
+    .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] [--rungs 24 72] [--keep 0.2]
 
 Zoos other than the cached seed 0 are built on first use (a few minutes each). A script, not a
 test (pytest does not collect it).
@@ -92,8 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=60, help="the budget: this many full-fidelity candidates' items")
-    parser.add_argument("--rungs", type=int, nargs="+", default=[16, 48])
-    parser.add_argument("--keep", type=float, default=0.33)
+    parser.add_argument("--rungs", type=int, nargs="+", default=[24, 72])
+    parser.add_argument("--keep", type=float, default=0.2)
     parser.add_argument("--cache", type=Path,
                         default=Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"))
     args = parser.parse_args()

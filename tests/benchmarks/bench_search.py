@@ -146,7 +146,7 @@ class SleepWorker:
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid()}
 
-    def run(self, recipe: dict[str, Any], split: str = "validation") -> dict[str, Any]:
+    def run(self, recipe: dict[str, Any], role: str = "search", items: int | None = None, rung: bool = False) -> dict[str, Any]:
         import hashlib
         import json as _json
         import random
@@ -157,7 +157,7 @@ class SleepWorker:
         rng = random.Random(seed)
         sleep = rng.uniform(self.LOW, self.HIGH)
         _time.sleep(sleep)
-        metrics = {f"{task}/acc": rng.random() for task in self.spec.tasks}
+        metrics = {f"{task}/acc": rng.random() for task in self.spec.evaluator.task_names}
         metrics.update({"bench/start": start, "bench/end": _time.time(), "bench/sleep": sleep})
         return {"worker": f"sleep:{os.getpid()}/{self.index}", "metrics": metrics,
                 "higher_is_better": {k: True for k in metrics}, "merge_s": 0.0, "eval_s": sleep}

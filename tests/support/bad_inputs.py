@@ -95,7 +95,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              lambda e: e.config("zero_workers", workers={"count": 0})),
     BadInput("unknown merge method", ("space.methods", "tie", "'ties'"),
              lambda e: e.config("method", space={"methods": ["tie"]})),
-    BadInput("no budget", ("give n_trials, timeout or both",), lambda e: e.config("no_budget", budget={"n_trials": None})),
+    BadInput("no budget", ("give n_trials, timeout or items",), lambda e: e.config("no_budget", budget={"n_trials": None})),
     BadInput("bad study name", ("study.name", "pattern"), lambda e: e.config("name", study={"name": "a/b"})),
     BadInput("fine-tune listed twice", ("listed twice",),
              lambda e: e.config("twice", models=_models(e, finetunes=[e.zoo.finetunes[0]] * 2))),
