@@ -62,14 +62,15 @@ def _absolute(path: str) -> str:
 
 
 class SpaceSection(_Strict):
-    methods: list[Method] = Field(default_factory=lambda: ["ties"], min_length=1)
+    # Default: task arithmetic with lambda searched, the method found reliably above the base (README)
+    methods: list[Method] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
     granularity: Literal["model", "group", "anchors"] = "model"
     group_size: int = Field(default=1, ge=1)  # layers per group, for granularity: group
     anchors: int = Field(default=3, ge=2)  # depths interpolated linearly, for granularity: anchors
     split_attn_mlp: bool = False
     weight: Range = (0.0, 1.0)
     density: Range = (0.1, 1.0)
-    lam: Range = Field(default=1.0, alias="lambda")
+    lam: Range = Field(default=(0.3, 1.5), alias="lambda")
     t: Range = (0.0, 1.0)
     normalize: bool | None = None  # None: each method's default
     seed: int = 0  # DARE's draws; fixed so candidates share random numbers

@@ -51,7 +51,8 @@ def test_minimal_config_passes_with_documented_defaults(tmp_path):
     assert isinstance(config, StudyConfig)
     assert config.study.name == "demo"
     assert config.study.folder == Path("results") / "demo"
-    assert config.space.methods == ["ties"] and config.space.granularity == "model"
+    assert config.space.methods == ["task_arithmetic"] and config.space.lam == (0.3, 1.5)  # searched, not fixed at 1
+    assert config.space.granularity == "model"
     assert config.objectives.mode == "single"
     assert config.sampler.name == "tpe"
     assert config.budget.n_trials == 50
@@ -207,7 +208,7 @@ def test_slerp_needs_exactly_two_finetunes(tmp_path):
     "space",
     [
         {"methods": ["ties"], "weight": 1.0, "density": 0.5, "lambda": 1.0},
-        {"methods": ["task_arithmetic"], "weight": 0.5},  # lambda fixed by default
+        {"methods": ["task_arithmetic"], "weight": 0.5, "lambda": 1.0},
         {"methods": ["linear"], "weight": 0.5},
         {"methods": ["slerp"], "t": 0.5},
     ],

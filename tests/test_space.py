@@ -139,7 +139,7 @@ def test_single_method_is_not_a_parameter_and_fixed_values_are_returned(tmp_path
 
 
 def test_granularity_model(tmp_path):
-    space = make_space(tmp_path, {"methods": ["ties"], "granularity": "model"}, num_layers=5)
+    space = make_space(tmp_path, {"methods": ["ties"], "granularity": "model", "lambda": 1.0}, num_layers=5)
     assert space.slots == ("",)
     assert space.names("weight", "ft_a") == ["weight.ft_a"]
     params = suggest(FixedTrial({"weight.ft_a": 0.1, "weight.ft_b": 0.2, "density.ft_a": 0.3, "density.ft_b": 0.4}), space)
@@ -149,7 +149,7 @@ def test_granularity_model(tmp_path):
 
 
 def test_granularity_group_one_value_per_layer(tmp_path):
-    space = make_space(tmp_path, {"methods": ["ties"], "granularity": "group", "group_size": 2}, num_layers=5)
+    space = make_space(tmp_path, {"methods": ["ties"], "granularity": "group", "group_size": 2, "lambda": 1.0}, num_layers=5)
     assert space.slots == ("g0", "g1", "g2")  # ceil(5 / 2)
     assert space.names("weight", "ft_a") == ["weight.ft_a.g0", "weight.ft_a.g1", "weight.ft_a.g2"]
     assert space.names("density", "ft_b") == ["density.ft_b.g0", "density.ft_b.g1", "density.ft_b.g2"]
@@ -163,7 +163,7 @@ def test_granularity_group_one_value_per_layer(tmp_path):
 
 
 def test_granularity_anchors(tmp_path):
-    space = make_space(tmp_path, {"methods": ["task_arithmetic"], "granularity": "anchors", "anchors": 3}, num_layers=6)
+    space = make_space(tmp_path, {"methods": ["task_arithmetic"], "granularity": "anchors", "anchors": 3, "lambda": 1.0}, num_layers=6)
     assert space.slots == ("a0", "a1", "a2")
     assert space.names("weight", "ft_b") == ["weight.ft_b.a0", "weight.ft_b.a1", "weight.ft_b.a2"]
     values = {f"weight.{m}.a{j}": 0.1 * (j + 1) for m in ("ft_a", "ft_b") for j in range(3)}
