@@ -392,24 +392,60 @@ class HarnessEvaluator:
         return {name: len(ids) for name, ids in self._item_ids.items()}
 
     def check_item_means(self, keys: Sequence[str]) -> None:
-        """Each key must be a task's mean of per-item scores, which slices of items can add up to."""
+        """Each key must add up from per-item scores: a task's mean of per-item scores, or a group's
+        mean of such task metrics (as mmlu aggregates its subjects)."""
         from lm_eval.api.metrics import mean
 
-        tasks = self._task_dict["tasks"]
+        tasks, groups = self._task_dict["tasks"], self._group_means()
         for key in keys:
             task_name, metric = key.split("/", 1)
-            task = tasks.get(task_name)
+            leaves = [key]
             why = None
-            if task is None:
-                why = "is a group's metric, aggregated over its tasks"
-            else:
-                aggregate = task.aggregation().get(metric.split(",", 1)[0])
-                if aggregate is not mean:
-                    why = f"is aggregated by {getattr(aggregate, '__name__', aggregate)}, not as a mean of per-item scores"
+            if task_name not in tasks:
+                leaves = groups.get(key, ([], True))[0]
+                if not leaves:
+                    why = "is a group's metric that lm-eval does not aggregate as a mean of its tasks'"
+            for leaf in leaves:
+                leaf_task, leaf_metric = leaf.split("/", 1)
+                aggregate = tasks[leaf_task].aggregation().get(leaf_metric.split(",", 1)[0])
+                if aggregate is not mean and why is None:
+                    why = (f"is aggregated by {getattr(aggregate, '__name__', aggregate)}"
+                           f"{f' in task {leaf_task!r}' if leaf != key else ''}, not as a mean of per-item scores")
             if why:
                 raise EvaluatorError(
                     f"fidelity scores items in rungs and adds up per-item scores, but {key!r} {why}; name "
                     "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section")
+
+    def _group_means(self) -> dict[str, tuple[list[str], bool]]:
+        """Every group key lm-eval aggregates as a mean: its leaf tasks' keys and weight_by_size."""
+        out = {}
+        leaf_keys = [k for k in _metric_keys({"tasks": self._task_dict["tasks"]})]
+        for name, group in self._task_dict.get("groups", {}).items():
+            leaves = [t.task_name for t in group.get_all_tasks()]
+            for agg in getattr(group, "aggregate_metric_list", None) or []:
+                if agg.aggregation != "mean":
+                    continue
+                filters = agg.filter_list or sorted({k.split(",", 1)[1] if "," in k else "none" for k in leaf_keys
+                                                     if k.split("/", 1)[1].split(",", 1)[0] == agg.metric})
+                for filter_name in filters:
+                    out[_key(name, agg.metric, filter_name)] = ([_key(t, agg.metric, filter_name) for t in leaves],
+                                                                bool(agg.weight_by_size))
+        return out
+
+    def item_metrics(self, scores: dict[str, Sequence[float]]) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
+        """Metrics from the per-item scores of the leaf tasks, as lm-eval computes them: each task's
+        mean, and each group's aggregate of those. With them, each key's per-item scores as one list
+        per leaf task (a task key: its own; a group key: its tasks', in order)."""
+        metrics = {k: sum(v) / len(v) for k, v in scores.items() if v}
+        parts = {k: [list(v)] for k, v in scores.items()}
+        for key, (leaves, by_size) in self._group_means().items():
+            have = [leaf for leaf in leaves if leaf in metrics]
+            if not have:
+                continue
+            sizes = [len(scores[leaf]) if by_size else 1 for leaf in have]
+            metrics[key] = sum(metrics[leaf] * n for leaf, n in zip(have, sizes)) / sum(sizes)
+            parts[key] = [list(scores[leaf]) for leaf in have]
+        return metrics, parts
 
     @property
     def item_ids(self) -> dict[str, tuple[int, ...]]:

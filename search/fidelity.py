@@ -31,7 +31,7 @@ from search.config import FidelitySection, ObjectivesSection
 from search.objectives import objective_values
 
 PEERS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-ITEM_SCORES = "item_scores"  # user attr: per objective, the per-item scores of the items up to the last rung
+ITEM_SCORES = "item_scores"  # user attr: per objective, its per-item scores (one list per task) up to the last rung
 
 
 class KeepBestPruner(optuna.pruners.BasePruner):
@@ -76,12 +76,19 @@ def items_at(stop: int | None, sizes: dict[str, int]) -> int:
     return sum(n if stop is None else min(stop, n) for n in sizes.values())
 
 
-def dominated(mine: dict[str, Sequence[float]], theirs: dict[str, Sequence[float]], keys: Sequence[str],
-              signs: Sequence[float], n: int, margin: float) -> bool:
+Parts = dict[str, Sequence[Sequence[float]]]  # per key, per-item scores in one list per task (a group's: several)
+
+
+def _rung(parts: Sequence[Sequence[float]], n: int) -> list[float]:
+    """A key's per-item scores on a rung: the first n items of each of its tasks."""
+    return [v for part in parts for v in part[:n]]
+
+
+def dominated(mine: Parts, theirs: Parts, keys: Sequence[str], signs: Sequence[float], n: int, margin: float) -> bool:
     """Whether `theirs` beats `mine` on every objective, on the first n items of each task, by more
     than `margin` standard errors of the mean paired per-item difference (and by more than 0)."""
     for key, sign in zip(keys, signs):
-        a, b = list(mine[key][:n]), list(theirs[key][:n])
+        a, b = _rung(mine[key], n), _rung(theirs[key], n)
         if not a or len(a) != len(b):
             return False
         diffs = [sign * (y - x) for x, y in zip(a, b)]
@@ -92,7 +99,7 @@ def dominated(mine: dict[str, Sequence[float]], theirs: dict[str, Sequence[float
     return True
 
 
-def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: dict[str, Sequence[float]], stop: int,
+def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: Parts, stop: int,
                  objectives: ObjectivesSection, directions: Sequence[str], margin: float) -> bool:
     """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more than the noise."""
     if trial.user_attrs.get("baseline"):
@@ -108,9 +115,9 @@ def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: dict[st
     return True
 
 
-def kept_scores(scores: dict[str, Sequence[float]], keys: Sequence[str], up_to: int) -> dict[str, list[float]]:
+def kept_scores(scores: Parts, keys: Sequence[str], up_to: int) -> dict[str, list[list[float]]]:
     """The per-item scores stored with a trial for later comparisons: the objectives', up to the last rung."""
-    return {k: [round(float(v), 6) for v in scores[k][:up_to]] for k in keys if k in scores}
+    return {k: [[round(float(v), 6) for v in part[:up_to]] for part in scores[k]] for k in keys if k in scores}
 
 
 def note_items(trial: optuna.trial.Trial, result: dict[str, Any], rung: int) -> None:

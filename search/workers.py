@@ -176,10 +176,9 @@ class CandidateWorker:
                 held["scores"].setdefault(key, []).extend(values)
             held["flags"].update(result.higher_is_better)
             held["scored"] = stop
-        scores = held["scores"]
-        return {"metrics": {k: sum(v) / len(v) for k, v in scores.items()},
-                "higher_is_better": {k: held["flags"][k] for k in scores},
-                "item_scores": {k: list(v) for k, v in scores.items()},
+        metrics, parts = evaluator.item_metrics(held["scores"])
+        flags = {k: held["flags"][k] if k in held["flags"] else evaluator.higher_is_better(k) for k in metrics}
+        return {"metrics": metrics, "higher_is_better": flags, "item_scores": parts,
                 "items": {task: min(stop, n) for task, n in counts.items()}, "stop": stop}
 
     def _out(self) -> dict[str, Any]:

@@ -118,8 +118,8 @@ def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp
     assert first["merge_s"] > 0 and set(first["items"].values()) == {RUNGS[0]}
     second = worker.more(RUNGS[1])
     assert second["merge_s"] == 0.0 and set(second["items"].values()) == {RUNGS[1]}
-    for key, scores in first["item_scores"].items():
-        assert second["item_scores"][key][: RUNGS[0]] == scores  # kept, not scored again
+    for key, (scores,) in first["item_scores"].items():
+        assert second["item_scores"][key][0][: RUNGS[0]] == scores  # kept, not scored again
     last = worker.more(None)
 
     whole = CandidateWorker(replace(spec, fidelity_seed=None)).run(recipe)
@@ -178,10 +178,10 @@ def test_the_keep_best_pruner_promotes_the_best_share_at_each_rung():
 
 
 def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
-    mine = {"a": [0, 1, 0, 1, 0, 1, 0, 0], "b": [0, 0, 1, 0, 0, 0, 1, 0]}
-    clearly = {"a": [1, 1, 1, 1, 1, 1, 1, 1], "b": [1, 1, 1, 1, 1, 1, 1, 1]}
-    one_item = {"a": [1, 1, 0, 1, 0, 1, 0, 0], "b": [1, 0, 1, 0, 0, 0, 1, 0]}
-    worse_on_b = {"a": [1, 1, 1, 1, 1, 1, 1, 1], "b": [0, 0, 0, 0, 0, 0, 0, 0]}
+    mine = {"a": [[0, 1, 0, 1, 0, 1, 0, 0]], "b": [[0, 0, 1, 0, 0, 0, 1, 0]]}
+    clearly = {"a": [[1, 1, 1, 1, 1, 1, 1, 1]], "b": [[1, 1, 1, 1], [1, 1, 1, 1]]}  # b: a group of two tasks
+    one_item = {"a": [[1, 1, 0, 1, 0, 1, 0, 0]], "b": [[1, 0, 1, 0, 0, 0, 1, 0]]}
+    worse_on_b = {"a": [[1, 1, 1, 1, 1, 1, 1, 1]], "b": [[0, 0, 0, 0, 0, 0, 0, 0]]}
     keys, up = ["a", "b"], [1.0, 1.0]
     assert dominated(mine, clearly, keys, up, 8, margin=1.0)
     assert not dominated(mine, one_item, keys, up, 8, margin=1.0)  # one item better: within the noise
@@ -190,14 +190,16 @@ def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
     assert not dominated(clearly, mine, keys, up, 8, margin=0.0)
     assert dominated(clearly, mine, keys, [-1.0, -1.0], 8, margin=1.0)  # minimised objectives
     assert not dominated(mine, clearly, keys, up, 0, margin=0.0)
+    # on a rung of 4 items per task: a's first 4 against b's 4 + 4 (b's other layout is its own group)
+    assert not dominated(mine, clearly, keys, up, 4, margin=0.0)  # 8 items of b on one side, 4 on the other
 
 
 def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
     config = config_from_dict(_study(zoo, tmp_path / "p", mode="pareto", tasks=list(zoo.tasks[:2])))
     keys = [o.key for o in config.objectives.items]
     study = optuna.create_study(directions=["maximize", "maximize"])
-    strong = {keys[0]: [1.0] * 12, keys[1]: [1.0] * 12}
-    weak = {keys[0]: [0.0, 1.0] * 6, keys[1]: [1.0, 0.0] * 6}
+    strong = {keys[0]: [[1.0] * 12], keys[1]: [[1.0] * 12]}
+    weak = {keys[0]: [[0.0, 1.0] * 6], keys[1]: [[1.0, 0.0] * 6]}
     study.add_trial(create_trial(state=TrialState.COMPLETE, values=[1.0, 1.0], params={"x": 0.5},
                                  distributions={"x": FloatDistribution(0, 1)},
                                  user_attrs={ITEM_SCORES: strong, "rung_stop": 12}))
@@ -302,3 +304,26 @@ def test_a_run_killed_between_rungs_resumes_with_nothing_counted_twice(zoo, tmp_
     recs = records.read_trial_records(folder)
     assert {n for n, r in recs.items() if r["state"] in ("COMPLETE", "PRUNED")} == {
         t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by_size", [True, False])
+def test_a_groups_metric_adds_up_from_its_tasks_items_as_lm_eval_aggregates_it(zoo, tmp_path, by_size):
+    """A group (as mmlu groups its subjects) scored in slices: its metric from the per-item scores
+    equals lm-eval's own aggregate of a full call, weighted by size or not."""
+    tasks = list(zoo.tasks[:2])
+    (tmp_path / "group.yaml").write_text(
+        f"group: zoo_pair\ntask: [{', '.join(tasks)}]\naggregate_metric_list:\n"
+        f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n")
+    model, tok = _model(zoo)
+    ev = HarnessEvaluator(["zoo_pair"], include_path=[zoo.tasks_dir, tmp_path], batch_size=32, builtin_tasks=False,
+                          order_seed=1)
+    ev.check_item_means(["zoo_pair/acc"])
+    full = ev.evaluate(model, tok)
+    scores: dict[str, list[float]] = {}
+    for span in ((0, RUNGS[0]), (RUNGS[0], 10**6)):
+        for key, values in ev.evaluate(model, tok, items=span).per_item.items():
+            scores.setdefault(key, []).extend(values)
+    metrics, parts = ev.item_metrics(scores)
+    assert metrics["zoo_pair/acc"] == pytest.approx(full.metrics["zoo_pair/acc"], abs=1e-12)
+    assert [len(p) for p in parts["zoo_pair/acc"]] == [ev.item_counts[t] for t in tasks]
