@@ -42,14 +42,15 @@ class Budget:
         return sum(t.state != TrialState.RUNNING or runner_alive(t) for t in trials) < self.budget.n_trials
 
 
-def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callable[[], bool]) -> optuna.trial.Trial | None:
+def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callable[[], bool],
+          storage: str | None = None) -> optuna.trial.Trial | None:
     """Ask for the next trial if `more()` allows one, recording its runner.
 
-    Check and ask happen under the study folder's lock, so two runners on one machine cannot both
-    take the last trial of the budget. (Runners on several machines sharing one database storage
-    lock only their own folders: there the budget can be overshot by up to one trial per worker.)
+    Check and ask happen under the runners' lock (records.study_lock: the study folder's, and with
+    a PostgreSQL `storage` an advisory lock in the database), so two runners, on one machine or on
+    several, cannot both take the last trial of the budget.
     """
-    with records.study_lock(folder):
+    with records.study_lock(folder, storage, study.study_name):
         if not more():
             return None
         trial = study.ask()

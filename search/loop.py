@@ -84,7 +84,7 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
         while ((worker := next((w for w in free if pool.available(w)), None)) is not None
-               and (trial := claim(study, s.folder, runner, more)) is not None):
+               and (trial := claim(study, s.folder, runner, more, cfg.study.storage)) is not None):
             if (flight := _propose(s, trial, worker)) is None:
                 recent.append(False)  # a proposal that fails every time must end the study, not loop
                 continue

@@ -11,6 +11,7 @@ results/<study>/
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -100,11 +101,47 @@ def file_lock(path: Path) -> FileLock:
 
 
 @contextlib.contextmanager
-def study_lock(folder: Path) -> Iterator[None]:
-    """Hold the study folder's lock: concurrent runners set the study up (and claim trials) one at a time."""
+def study_lock(folder: Path, storage: str | None = None, name: str = "") -> Iterator[None]:
+    """Hold the lock runners of a study share: they set the study up (and claim trials) one at a time.
+
+    Runners on one machine share the study folder's lock. With a PostgreSQL storage the lock is
+    also a transaction-scoped advisory lock in the database, keyed by the study name, so runners
+    on different machines (each with its own folder) take turns too.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / SETUP_LOCK):
+    with file_lock(folder / SETUP_LOCK), _database_lock(storage, name):
         yield
+
+
+@contextlib.contextmanager
+def _database_lock(storage: str | None, name: str) -> Iterator[None]:
+    engine = _lock_engine(storage) if storage and "://" in storage else None
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import hashlib
+
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(f"basin:{name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn, conn.begin():  # released when the transaction ends, or the connection drops
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
+
+
+@functools.cache
+def _lock_engine(url: str):
+    import sqlalchemy
+
+    if not url.startswith(("postgresql", "postgres")):
+        return None
+    return sqlalchemy.create_engine(storage_url(url), poolclass=sqlalchemy.pool.NullPool)
+
+
+def storage_url(configured: str) -> str:
+    """The storage URL with environment variables expanded: `postgresql+psycopg://basin:${BASIN_DB_PASSWORD}@db/basin`
+    keeps the password out of the config and of the study folder's snapshot of it."""
+    return os.path.expandvars(configured)
 
 
 def open_storage(folder: Path, configured: str | None):
@@ -112,7 +149,7 @@ def open_storage(folder: Path, configured: str | None):
     import optuna
 
     if configured:
-        return optuna.storages.get_storage(configured) if "://" in configured else configured
+        return optuna.storages.get_storage(storage_url(configured)) if "://" in configured else configured
     folder.mkdir(parents=True, exist_ok=True)
     journal, lock = folder / JOURNAL_FILE, file_lock(folder / JOURNAL_LOCK)
     if journal.exists() and (dropped := compat.repair_torn_tail(journal, lock)):

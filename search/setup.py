@@ -85,7 +85,10 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         space = study_space(config)
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
-        with records.study_lock(folder):  # runners starting at once set the study up one after the other
+        if config.study.storage:  # a wrong URL or password fails here, with its message, before any lock
+            _reach_storage(config.study.storage)
+        # runners starting at once (here or, with a database, anywhere) set the study up one after the other
+        with records.study_lock(folder, config.study.storage, config.study.name):
             records.write_carve(folder, config.evaluator, split_sizes)
             study = _open_study(config, folder, directions)
             records.write_config_snapshot(folder, config_to_dict(config))
@@ -190,6 +193,13 @@ def check_tasks(config: StudyConfig) -> TaskCheck:
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
     return TaskCheck(resolve_directions(config.objectives, flags.__getitem__), hub)
+
+
+def _reach_storage(url: str) -> None:
+    try:
+        records.open_storage(Path("."), url)
+    except Exception as exc:
+        raise storage_error(url, exc) from None
 
 
 def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> optuna.Study:

@@ -1,0 +1,107 @@
+"""Several runners, one study, through a real PostgreSQL server started by the test (tests/support/postgres.py).
+
+Each `basin run` has its own study folder and its own local Ray, as runners on different machines
+would; only the database is shared.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import optuna
+import pytest
+
+from search import records
+from tests.support.fault_zoo import shared_fault_zoo, study_config, write_config
+from tests.support.postgres import postgres_server
+from tests.support.runs import start_basin, tail, wait_for, wait_runs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server():
+    with postgres_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return shared_fault_zoo(tmp_path_factory.getbasetemp())
+
+
+def _runner_pids(url: str, name: str) -> Counter:
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return Counter()
+    return Counter((t.user_attrs.get("runner") or {}).get("pid") for t in study.get_trials(deepcopy=False))
+
+
+def test_two_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo, server, tmp_path):
+    """Together they finish exactly n_trials COMPLETE trials, no number twice, baselines queued
+    once, and every trial's record is in the folder of the runner that ran it."""
+    n_trials, name, url = 14, "shared-pg", server.url()
+    folders = [tmp_path / f"host{i}" for i in range(2)]
+    configs = [write_config(tmp_path / f"host{i}.yaml",
+                            study_config(zoo, folders[i], name=name, hooked=True, budget={"n_trials": n_trials},
+                                         study={"name": name, "output_dir": str(folders[i]), "storage": url}))
+               for i in range(2)]
+    logs = [tmp_path / f"host{i}.log" for i in range(2)]
+    zoo.set_mode("hold")  # evaluations wait until both runners hold a trial, so both take part
+    try:
+        procs = [start_basin(["run", str(c)], log) for c, log in zip(configs, logs)]
+        for proc, log in zip(procs, logs):
+            wait_for(lambda p=proc: _runner_pids(url, name)[p.pid] > 0, proc, f"run {proc.pid} to ask", log, poll_s=0.2)
+        zoo.set_mode("sleep 0.01")
+        rcs, leaked = wait_runs(procs, folders[0])
+    finally:
+        zoo.set_mode("ok")
+    assert rcs == (0, 0), tail(logs[0]) + tail(logs[1])
+    assert leaked == []
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == n_trials
+    baselines = Counter(t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline"))
+    assert baselines and set(baselines.values()) == {1}
+    by_pid = {p.pid: folder for p, folder in zip(procs, folders)}
+    per_runner = Counter(t.user_attrs["runner"]["pid"] for t in complete)
+    assert set(per_runner) == set(by_pid), f"both runners take part: {per_runner}"
+    for t in complete:
+        own = by_pid[t.user_attrs["runner"]["pid"]]
+        other = next(f for f in folders if f != own)
+        assert records.read_trial_records(own)[t.number]["values"] == list(t.values)
+        assert t.number not in records.read_trial_records(other)
+    for log in logs:
+        assert server.password not in log.read_text()
+
+
+def test_a_wrong_password_is_refused_without_printing_it(zoo, server, tmp_path, capsys):
+    from search.cli import main
+
+    wrong = server.url().replace(server.password, "not-the-pw-123")
+    config = write_config(tmp_path / "bad.yaml", study_config(
+        zoo, tmp_path / "bad", study={"name": "bad", "output_dir": str(tmp_path / "bad"), "storage": wrong}))
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be opened" in err and "password authentication failed" in err
+    assert "not-the-pw-123" not in err and "***" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_password_from_the_environment_stays_out_of_the_study_folder(zoo, server, tmp_path, monkeypatch):
+    from search.config import config_from_dict
+    from search.setup import load_study_folder, setup_study
+
+    monkeypatch.setenv("BASIN_TEST_PG_PASSWORD", server.password)
+    url = server.url().replace(server.password, "${BASIN_TEST_PG_PASSWORD}")
+    folder = tmp_path / "env"
+    setup = setup_study(config_from_dict(study_config(zoo, folder, study={"name": "env", "output_dir": str(folder),
+                                                                         "storage": url})), resume=False)
+    assert setup.study.get_trials(deepcopy=False)  # the baselines, queued in the database
+    snapshot = (folder / records.CONFIG_FILE).read_text()
+    assert "${BASIN_TEST_PG_PASSWORD}" in snapshot and server.password not in snapshot
+    _, again = load_study_folder(folder)  # status, report and export reopen it the same way
+    assert len(again.get_trials(deepcopy=False)) == len(setup.study.get_trials(deepcopy=False))
