@@ -396,7 +396,7 @@ class HarnessEvaluator:
         mean of such task metrics (as mmlu aggregates its subjects)."""
         from lm_eval.api.metrics import mean
 
-        tasks, groups = self._task_dict["tasks"], self._group_means()
+        tasks, groups = self._task_dict["tasks"], self._group_means
         for key in keys:
             task_name, metric = key.split("/", 1)
             leaves = [key]
@@ -416,10 +416,11 @@ class HarnessEvaluator:
                     f"fidelity scores items in rungs and adds up per-item scores, but {key!r} {why}; name "
                     "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section")
 
+    @functools.cached_property
     def _group_means(self) -> dict[str, tuple[list[str], bool]]:
         """Every group key lm-eval aggregates as a mean: its leaf tasks' keys and weight_by_size."""
         out = {}
-        leaf_keys = [k for k in _metric_keys({"tasks": self._task_dict["tasks"]})]
+        leaf_keys = _metric_keys({"tasks": self._task_dict["tasks"]})
         for name, group in self._task_dict.get("groups", {}).items():
             leaves = [t.task_name for t in group.get_all_tasks()]
             for agg in getattr(group, "aggregate_metric_list", None) or []:
@@ -438,7 +439,7 @@ class HarnessEvaluator:
         per leaf task (a task key: its own; a group key: its tasks', in order)."""
         metrics = {k: sum(v) / len(v) for k, v in scores.items() if v}
         parts = {k: [list(v)] for k, v in scores.items()}
-        for key, (leaves, by_size) in self._group_means().items():
+        for key, (leaves, by_size) in self._group_means.items():
             have = [leaf for leaf in leaves if leaf in metrics]
             if not have:
                 continue

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import records
+from search import fidelity, records
 from search.config import BudgetSection
 from search.recovery import runner_alive
 
@@ -29,7 +29,7 @@ class Budget:
 
     def items_spent(self) -> int:
         """Evaluation items scored by every trial so far (multi-fidelity trials record theirs)."""
-        return sum(int(t.user_attrs.get("items", 0)) for t in self.study.get_trials(deepcopy=False))
+        return fidelity.spent(self.study.get_trials(deepcopy=False))[0]
 
     def left(self) -> bool:
         if self.budget.timeout is not None and self.elapsed_s() >= self.budget.timeout:

@@ -71,11 +71,6 @@ def rung_items(fidelity: FidelitySection, sizes: dict[str, int]) -> list[int | N
     return [n for n in fidelity.rungs if n < full] + [None]
 
 
-def items_at(stop: int | None, sizes: dict[str, int]) -> int:
-    """Items scored over all tasks when each task is scored up to `stop` (None: all)."""
-    return sum(n if stop is None else min(stop, n) for n in sizes.values())
-
-
 Parts = dict[str, Sequence[Sequence[float]]]  # per key, per-item scores in one list per task (a group's: several)
 
 
@@ -170,7 +165,3 @@ def trial_items(trial: FrozenTrial | optuna.trial.Trial) -> int:
 def spent(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
     """(items scored, trials pruned) over `trials`."""
     return sum(trial_items(t) for t in trials), sum(t.state == TrialState.PRUNED for t in trials)
-
-
-def describe(result: dict[str, Any]) -> str:
-    return ", ".join(f"{t}: {n}" for t, n in sorted(result.get("items", {}).items()))

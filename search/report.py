@@ -24,6 +24,7 @@ from evaluators.config import has_report
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search.compat import quiet_optuna
 from search.config import StudyConfig
+from search.fidelity import trial_items
 from search.heldout import score_heldout
 from search.pareto import front_and_baselines, objective_names
 from search.setup import load_study_folder, study_space, trial_recipe, worker_spec
@@ -119,7 +120,7 @@ def plot_items(study: optuna.Study, names: list[str]) -> Figure:
     lines: list[list[tuple[int, float]]] = [[] for _ in names]
     best: list[float | None] = [None] * len(names)
     for t in trials:
-        spent += int(t.user_attrs.get("items", 0))
+        spent += trial_items(t)
         if t.state != TrialState.COMPLETE:
             continue
         for i, sign in enumerate(signs):

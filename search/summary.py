@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from search import fidelity
 from search.records import redact
 
 
@@ -51,7 +52,7 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if not sizes or not finished:
         return None
-    spent = sum(int(t.user_attrs.get("items", 0)) for t in trials)
+    spent, _ = fidelity.spent(trials)
     full = len(finished) * sum(sizes.values())
     return (f"items scored {spent:,}; on every search item these {len(finished)} trials would have "
             f"scored {full:,} ({spent / full:.0%} of it spent)")
