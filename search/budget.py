@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import fidelity, records
+from search import compat, fidelity, records
 from search.config import BudgetSection
 from search.recovery import runner_alive
 
@@ -54,5 +54,6 @@ def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callab
         if not more():
             return None
         trial = study.ask()
+        compat.record_heartbeat(study, trial)  # at once: a trial never heard from is never found silent
         trial.set_user_attr("runner", runner)
         return trial

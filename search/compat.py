@@ -50,6 +50,36 @@ def set_user_attr_of(study: Any, trial: Any, key: str, value: Any) -> None:
     storage.set_trial_user_attr(trial_id, key, value)
 
 
+def record_heartbeat(study: Any, trial: Any) -> None:
+    """Record a running trial's heartbeat in a storage that keeps them (Optuna's RDBStorage).
+
+    Optuna records heartbeats itself only inside `study.optimize`; an ask-and-tell loop must do it
+    through the study's storage (the private `Study._storage` and `Trial._trial_id`).
+    """
+    storage = getattr(study, "_storage", None)
+    if storage is None or not _heartbeat_on(storage):
+        return
+    trial_id = getattr(trial, "_trial_id", None)
+    if trial_id is None or not hasattr(storage, "record_heartbeat"):
+        raise _missing("optuna", "Study._storage.record_heartbeat / Trial._trial_id")
+    storage.record_heartbeat(trial_id)
+
+
+def stale_trials(study: Any) -> list[int]:
+    """Numbers of the running trials whose heartbeat is older than the storage's grace period."""
+    storage = getattr(study, "_storage", None)
+    if storage is None or not _heartbeat_on(storage):
+        return []
+    if not hasattr(storage, "_get_stale_trial_ids"):
+        raise _missing("optuna", "Study._storage._get_stale_trial_ids")
+    ids = set(storage._get_stale_trial_ids(study._study_id))
+    return [t.number for t in study.get_trials(deepcopy=False) if t._trial_id in ids]
+
+
+def _heartbeat_on(storage: Any) -> bool:
+    return getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
 def enqueued_params(trial: Any) -> dict[str, Any]:
     """The params an enqueued trial was queued with (Optuna keeps them in system attrs).
 

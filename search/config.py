@@ -29,6 +29,9 @@ class StudySection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder-safe study name")
     output_dir: str | None = None  # default results/<name>
     storage: str | None = None  # default: Optuna's journal file in output_dir
+    # database storages: seconds between a running trial's heartbeats; a trial silent for twice
+    # that (its runner died, on any host) is failed and queued again by any runner of the study
+    heartbeat_s: int = Field(default=60, ge=1)
 
     @property
     def folder(self) -> Path:

@@ -26,7 +26,7 @@ from search import compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
 from search.objectives import objective_values
-from search.recovery import fail_and_requeue
+from search.recovery import Heartbeat, fail_and_requeue
 from search.setup import StudySetup, setup_study
 from search.space import recipe_from_params, suggest
 from search.workers import WorkerPool
@@ -77,6 +77,8 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
+    heartbeat = Heartbeat(study, cfg.study.heartbeat_s,
+                          lambda: records.study_lock(s.folder, cfg.study.storage, cfg.study.name))
 
     def more() -> bool:
         return budget.left() and not _failing(recent, cfg.workers.count)
@@ -91,6 +93,7 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
             free.remove(worker)
             in_flight[pool.submit(worker, flight.recipe, items=_first_rung(s), rung=s.rungs is not None)] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
+        heartbeat.beat([f.trial for f in in_flight.values()])
         study.set_user_attr("elapsed_s", budget.elapsed_s())
         if finished:
             bar.set_postfix_str(_postfix(s), refresh=True)
@@ -152,7 +155,15 @@ def _stop_overdue(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight])
 
 
 def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
-    """Tell Optuna and write the trial's record; True when the candidate completed."""
+    """Tell Optuna and write the trial's record; True when the candidate completed. A trial another
+    runner failed meanwhile (found silent; its retry runs instead) is left as that runner left it."""
+    try:
+        return _tell(s, flight, result)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
     trial, cfg = flight.trial, s.config
     wall = time.perf_counter() - flight.started
     error = result.get("error")
@@ -178,12 +189,14 @@ def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
         trial.set_user_attr("eval_s", flight.eval_s + result["eval_s"])
         if flight.pruned:  # single objective: told with its last reported value; Pareto: without values
             state = "PRUNED"
-            s.study.tell(trial, state=TrialState.PRUNED)
+            told = s.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
-            s.study.tell(trial, values)
+            told = s.study.tell(trial, values, skip_if_finished=True)
     else:
         trial.set_user_attr("error", error)
-        s.study.tell(trial, state=TrialState.FAIL)
+        told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
+        return False  # another runner found it silent and failed it (its retry runs instead): no record
     record = records.trial_record(trial, flight.recipe, wall, error, result.get("traceback"), state)
     record["values"] = values
     records.write_trial_record(s.folder, record)

@@ -144,12 +144,23 @@ def storage_url(configured: str) -> str:
     return os.path.expandvars(configured)
 
 
-def open_storage(folder: Path, configured: str | None):
-    """Optuna storage: the configured URL, or a journal file in the study folder (no server)."""
+RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
+
+
+def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None = None):
+    """Optuna storage: the configured URL, or a journal file in the study folder (no server).
+
+    A database URL opens with Optuna's heartbeat every `heartbeat_s` seconds (grace: twice that).
+    """
     import optuna
 
     if configured:
-        return optuna.storages.get_storage(storage_url(configured)) if "://" in configured else configured
+        url = storage_url(configured)
+        if "://" not in url:
+            return configured
+        if heartbeat_s and url.split(":", 1)[0].split("+", 1)[0] in RDB_SCHEMES:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+        return optuna.storages.get_storage(url)
     folder.mkdir(parents=True, exist_ok=True)
     journal, lock = folder / JOURNAL_FILE, file_lock(folder / JOURNAL_LOCK)
     if journal.exists() and (dropped := compat.repair_torn_tail(journal, lock)):

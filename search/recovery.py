@@ -1,8 +1,9 @@
 """After a crash: trials a dead run left RUNNING are failed and queued again; missing records are written.
 
 A trial belongs to the runner recorded in its `runner` user attr (host and pid). On this host a
-runner whose pid is gone is dead, and its trials are stale. (Runners on other hosts cannot be
-checked from here; their trials are left alone.)
+runner whose pid is gone is dead, and its trials are stale. With a database storage, running
+trials also send heartbeats (Optuna's, recorded by `Heartbeat`): one silent past the grace period
+is stale whatever host ran it, and any runner of the study fails and requeues it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -33,6 +35,7 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
     than take a live runner's trial. A runner with this process's pid is a former run (a restarted
     container reuses pids), since this run has asked for nothing yet.
     """
+    requeue_silent(study)
     host, me = socket.gethostname(), os.getpid()
     while young := [_age_s(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                     if not t.user_attrs.get("runner") and _age_s(t) < grace_s]:
@@ -45,6 +48,39 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
         fail_and_requeue(study, t, "the run was stopped while this trial ran; its params were queued again")
         stale.append(t.number)
     return stale
+
+
+def requeue_silent(study: optuna.Study, mine: set[int] = frozenset()) -> list[int]:
+    """Running trials whose heartbeat went silent past the grace period (a runner that died on any
+    host): fail them and queue their params again. Call it under the runners' lock (records.study_lock),
+    so two runners cannot requeue one trial twice. `mine`: this runner's trials, alive whatever the clock says."""
+    stale = [n for n in compat.stale_trials(study) if n not in mine]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in stale:
+            fail_and_requeue(study, t, "its runner sent no heartbeat for longer than the grace period (it died or lost "
+                                       "the database); its params were queued again")
+    return stale
+
+
+class Heartbeat:
+    """This runner's running trials send heartbeats; silent trials of other runners are requeued.
+
+    Beats every half `interval` (Optuna's grace period is twice the interval), from the study loop.
+    """
+
+    def __init__(self, study: optuna.Study, interval_s: float, lock: Any) -> None:
+        self.study, self.interval_s, self.lock, self.last = study, interval_s, lock, -math.inf
+
+    def beat(self, trials: list[optuna.trial.Trial]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s / 2:
+            return
+        self.last = now
+        for trial in trials:
+            compat.record_heartbeat(self.study, trial)
+        if compat.stale_trials(self.study):
+            with self.lock():
+                requeue_silent(self.study, {t.number for t in trials})
 
 
 def runner_alive(t: optuna.trial.FrozenTrial) -> bool:

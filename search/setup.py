@@ -204,7 +204,7 @@ def _reach_storage(url: str) -> None:
 
 def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> optuna.Study:
     try:
-        storage = records.open_storage(folder, config.study.storage)
+        storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         existing = _count_trials(storage, config.study.name)
         study = optuna.create_study(
             study_name=config.study.name, storage=storage, load_if_exists=True,
@@ -260,7 +260,7 @@ def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
         raise ConfigError(str(exc)) from None
     config = config_from_dict(snapshot, str(folder / records.CONFIG_FILE))
     try:
-        storage = records.open_storage(folder, config.study.storage)
+        storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         return config, optuna.load_study(study_name=config.study.name, storage=storage)
     except KeyError:
         raise ConfigError(f"{folder}: its storage holds no study named '{config.study.name}'; "

@@ -105,3 +105,42 @@ def test_a_password_from_the_environment_stays_out_of_the_study_folder(zoo, serv
     assert "${BASIN_TEST_PG_PASSWORD}" in snapshot and server.password not in snapshot
     _, again = load_study_folder(folder)  # status, report and export reopen it the same way
     assert len(again.get_trials(deepcopy=False)) == len(setup.study.get_trials(deepcopy=False))
+
+
+def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(zoo, server, tmp_path):
+    """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder, finds
+    the trial's heartbeat silent past the grace period (2 x heartbeat_s), fails it and queues its
+    params again once, and finishes the budget. Nothing here depends on A's host or pid."""
+    from tests.support.runs import kill_tree
+
+    n_trials, name, url = 12, "silent-pg", server.url()
+    folders = [tmp_path / f"host{i}" for i in range(2)]
+    configs = [write_config(tmp_path / f"host{i}.yaml",
+                            study_config(zoo, folders[i], name=name, hooked=True, budget={"n_trials": n_trials},
+                                         study={"name": name, "output_dir": str(folders[i]), "storage": url,
+                                                "heartbeat_s": 2}))
+               for i in range(2)]
+    logs = [tmp_path / f"host{i}.log" for i in range(2)]
+    zoo.set_mode("hold")
+    try:
+        procs = [start_basin(["run", str(c)], log) for c, log in zip(configs, logs)]
+        for proc, log in zip(procs, logs):
+            wait_for(lambda p=proc: _runner_pids(url, name)[p.pid] > 0, proc, f"run {proc.pid} to ask", log, poll_s=0.2)
+        study = optuna.load_study(study_name=name, storage=url)
+        held = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if t.user_attrs.get("runner", {}).get("pid") == procs[0].pid]
+        assert held
+        assert kill_tree(procs[0]) == []
+        zoo.set_mode("sleep 0.02")
+        rcs, leaked = wait_runs(procs[1:], folders[1])
+    finally:
+        zoo.set_mode("ok")
+    assert rcs == (0,), tail(logs[1])
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == n_trials
+    for number in held:
+        dead = trials[number]
+        assert dead.state == optuna.trial.TrialState.FAIL and "no heartbeat" in dead.user_attrs["error"]
+        assert sum(t.user_attrs.get("retry_of") == number for t in trials) == 1
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
