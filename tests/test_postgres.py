@@ -144,3 +144,16 @@ def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(
         assert dead.state == optuna.trial.TrialState.FAIL and "no heartbeat" in dead.user_attrs["error"]
         assert sum(t.user_attrs.get("retry_of") == number for t in trials) == 1
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_status_of_a_postgres_study_shows_its_url_without_the_password(zoo, server, tmp_path, capsys):
+    from search.cli import main
+    from search.config import config_from_dict
+    from search.setup import setup_study
+
+    folder = tmp_path / "status"
+    setup_study(config_from_dict(study_config(zoo, folder, study={"name": "status", "output_dir": str(folder),
+                                                                  "storage": server.url()})), resume=False)
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert server.url(with_password=False).replace("basin@", "basin:***@") in out and server.password not in out

@@ -8,8 +8,6 @@ The fast ones check the pieces in-process: the journal, stale trials, baselines,
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -389,24 +387,6 @@ def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):
 ])
 def test_storage_urls_are_printed_without_passwords(url, shown):
     assert records.redact(url) == shown
-
-
-def test_status_shows_a_storage_url_without_its_password(zoo, tmp_path, monkeypatch):
-    from search.summary import print_status
-
-    folder, secret = tmp_path / "pg", "s3cr3t-Pa55"
-    data = study_config(zoo, folder, name="pg")
-    data["study"]["storage"] = f"postgresql://basin:{secret}@db.example/studies"
-    folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(data))
-    storage = optuna.storages.InMemoryStorage()
-    optuna.create_study(study_name="pg", storage=storage, directions=["maximize", "maximize"])
-    monkeypatch.setattr(records, "open_storage", lambda folder, url: storage)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_status(folder)
-    assert "postgresql://basin:***@db.example/studies" in out.getvalue() and secret not in out.getvalue()
-    # the same URL unreachable: tests/test_bad_input.py ("status with an unreachable password URL")
 
 
 @pytest.mark.slow
