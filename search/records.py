@@ -115,10 +115,10 @@ def study_lock(folder: Path, storage: str | None = None, name: str = "") -> Iter
 
 @contextlib.contextmanager
 def _database_lock(storage: str | None, name: str) -> Iterator[None]:
-    engine = _lock_engine(storage) if storage and "://" in storage else None
-    if engine is None or engine.dialect.name != "postgresql":
+    if not storage or _scheme(storage) not in ("postgresql", "postgres"):
         yield
         return
+    engine = _lock_engine(storage)
     import hashlib
 
     from sqlalchemy import text
@@ -133,8 +133,6 @@ def _database_lock(storage: str | None, name: str) -> Iterator[None]:
 def _lock_engine(url: str):
     import sqlalchemy
 
-    if not url.startswith(("postgresql", "postgres")):
-        return None
     return sqlalchemy.create_engine(storage_url(url), poolclass=sqlalchemy.pool.NullPool)
 
 
@@ -145,6 +143,11 @@ def storage_url(configured: str) -> str:
 
 
 RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
+
+
+def _scheme(url: str) -> str:
+    """The database of a storage URL without its driver: postgresql+psycopg://... -> postgresql ('' if none)."""
+    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
 
 
 def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None = None):
@@ -158,7 +161,7 @@ def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None =
         url = storage_url(configured)
         if "://" not in url:
             return configured
-        if heartbeat_s and url.split(":", 1)[0].split("+", 1)[0] in RDB_SCHEMES:
+        if heartbeat_s and _scheme(url) in RDB_SCHEMES:
             return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
         return optuna.storages.get_storage(url)
     folder.mkdir(parents=True, exist_ok=True)
