@@ -152,6 +152,7 @@ def go_on(s: Any, flight: Any, result: dict[str, Any]) -> bool:
         flight.pruned = True
         return False
     flight.rung += 1
+    trial.set_user_attr("promoted_to", s.rungs[flight.rung])  # items per task it is now scored to (None: all)
     flight.merge_s += result["merge_s"]
     flight.eval_s += result["eval_s"]
     return True

@@ -229,8 +229,9 @@ def test_a_single_objective_study_prunes_most_candidates_on_the_first_rungs(zoo,
         assert t.value == t.intermediate_values[last] and t.user_attrs["rung"] < 2
         assert t.user_attrs["items"] == sum(min(last, n) for n in whole_counts(zoo).values()) < full
         assert recs[t.number]["state"] == "PRUNED" and recs[t.number]["rung"] == t.user_attrs["rung"]
+        assert t.user_attrs.get("promoted_to") == (None if t.user_attrs["rung"] == 0 else RUNGS[1])
     for t in complete:
-        assert t.user_attrs["rung"] == 2 and t.user_attrs["items"] == full
+        assert t.user_attrs["rung"] == 2 and t.user_attrs["items"] == full and t.user_attrs["promoted_to"] is None
         assert sorted(t.intermediate_values) == RUNGS
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out

@@ -391,9 +391,9 @@ def test_storage_urls_are_printed_without_passwords(url, shown):
 
 @pytest.mark.slow
 def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(zoo, tmp_path):
-    """SIGKILL a multi-fidelity `basin run`/`resume` just after a rung's value is stored (the candidate
-    held between rungs), and during start-up; each resume fails and requeues the trial it held, and
-    the study finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
+    """SIGKILL a multi-fidelity `basin run`/`resume` just after a candidate is promoted (held between
+    rungs), and during start-up; each resume fails and requeues the trials it held, and the study
+    finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
     from tests.support.scenarios import MF_RUNGS
 
     r = kill_and_resume(zoo, tmp_path, kills=3, n_trials=14, moments=("rung", "early", "rung"),
@@ -401,4 +401,4 @@ def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(zoo, tmp_
     assert r.kills == 3 and sum(m.startswith("rung") for m in r.moments) == 2
     assert r.leaked == [] and r.lost == [] and r.integrity == []
     assert r.final_rc == 0 and r.complete == r.budget
-    assert r.requeued >= 2  # each kill between rungs left its held trial RUNNING
+    assert r.held_between_rungs >= 1 and r.not_requeued == [] and r.requeued >= len(set(r.held))

@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"requeued after kills  {kills.requeued} trials failed as stopped and queued again")
     print(f"budget                {kills.complete} COMPLETE of {kills.budget} (final resume exit {kills.final_rc}), {kills.seconds:.0f} s")
     print(f"leaked processes      {len(kills.leaked)}{'  ' + ', '.join(kills.leaked) if kills.leaked else ''}")
-    print(f"multi-fidelity kills  {mf.kills} ({sum(m.startswith('rung') for m in mf.moments)} between rungs); trials lost "
-          f"{len(mf.lost)}; integrity problems {len(mf.integrity)}; requeued {mf.requeued}; "
+    print(f"multi-fidelity kills  {mf.kills} ({sum(m.startswith('rung') for m in mf.moments)} just after a promotion, "
+          f"{mf.held_between_rungs} of them holding a candidate between rungs); trials lost {len(mf.lost)}; integrity "
+          f"problems {len(mf.integrity)}; requeued {mf.requeued} (held at a kill and not requeued: {len(mf.not_requeued)}); "
           f"{mf.complete} finished of {mf.budget} ({mf.pruned} of them PRUNED), exit {mf.final_rc}, {mf.seconds:.0f} s")
     print(f"worker faults         {', '.join(f'{k}: trials {v}' for k, v in sorted(faults.errors.items()))}; "
           f"unexpected failures {len(faults.unexpected)}; {faults.complete}/{faults.budget} COMPLETE, exit {faults.rc}, {faults.seconds:.0f} s")

@@ -22,7 +22,7 @@ BASIN = Path(sys.executable).with_name("basin")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 COMPLETE_OP = '"state":1,'  # a journal line that sets a trial COMPLETE (TrialState.COMPLETE == 1)
-RUNG_OP = '{"op_code":7,'  # a journal line that reports a rung's value (set_trial_intermediate_value)
+PROMOTED_OP = '{"promoted_to":'  # a journal line that marks a candidate promoted to its next rung
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 HANG_S = 900.0  # no single step of a scenario takes this long unless something hangs
 POLL_S = 0.05

@@ -22,7 +22,7 @@ from tests.support.fault_zoo import FaultZoo, study_config, study_with_one_trial
 from tests.support.runs import (
     COMPLETE_OP,
     HANG_S,
-    RUNG_OP,
+    PROMOTED_OP,
     journal_text,
     kill_tree,
     process_alive,
@@ -76,6 +76,9 @@ class KillReport:
     leaked: list[str] = field(default_factory=list)  # processes alive after kill_tree
     integrity: list[str] = field(default_factory=list)
     requeued: int = 0  # trials failed as stopped and queued again
+    held: list[int] = field(default_factory=list)  # trials RUNNING right after a kill
+    held_between_rungs: int = 0  # "rung" kills that left a candidate RUNNING with a rung's value reported
+    not_requeued: list[int] = field(default_factory=list)  # held trials not failed and queued again in the end
     complete: int = 0  # COMPLETE or PRUNED
     pruned: int = 0
     budget: int = 0
@@ -130,10 +133,10 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
                              "the first ask", log)
             delay = rng.uniform(0.0, 2.0)
             time.sleep(delay)  # a random moment after the event, not a wait for one
-        elif mode == "rung":  # multi-fidelity: just after a rung's value, the candidate between rungs
-            n_rungs = text.count(RUNG_OP)
-            alive = wait_for(lambda: journal_text(folder).count(RUNG_OP) > n_rungs, proc,  # noqa: B023
-                             "a rung's value", log)
+        elif mode == "rung":  # multi-fidelity: just after a promotion, the candidate held between rungs
+            n_promoted = text.count(PROMOTED_OP)
+            alive = wait_for(lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted, proc,  # noqa: B023
+                             "a promotion", log)
             delay = 0.0
         else:
             alive = wait_for(lambda: journal_text(folder).count(COMPLETE_OP) > n_complete, proc,  # noqa: B023
@@ -151,6 +154,8 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         say(f"kill {report.kills}: {report.moments[-1]}")
         after, after_recs = storage_view(folder), records_view(folder)
         report.lost += changed_complete(before, before_recs, after, after_recs)
+        report.held += [t.number for t in after if t.state == "RUNNING"]
+        report.held_between_rungs += mode == "rung" and any(t.state == "RUNNING" and t.rungs for t in after)
     try:
         if final_runners == 1:
             procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)]
@@ -168,7 +173,9 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
     report.lost += changed_complete(ever, {}, final, final_recs)
     report.integrity = integrity_problems(final, final_recs)
     report.integrity += [f"trial {t.number} is still RUNNING" for t in final if t.state == "RUNNING"]
-    report.requeued = sum(t.state == "FAIL" and "queued again" in (t.error or "") for t in final)
+    requeued = {t.number for t in final if t.state == "FAIL" and "queued again" in (t.error or "")}
+    report.requeued = len(requeued)
+    report.not_requeued = [n for n in report.held if n not in requeued]
     report.complete = sum(t.state in DONE for t in final)
     report.pruned = sum(t.state == "PRUNED" for t in final)
     report.seconds = time.monotonic() - t0

@@ -19,6 +19,7 @@ class TrialView:
     runner: int | None  # the pid of the run that asked it
     error: str | None
     suggested: str  # JSON, keys sorted: the params it has in storage ({} when killed before suggest)
+    rungs: int = 0  # multi-fidelity: rung values reported
 
 
 DONE = ("COMPLETE", "PRUNED")  # finished trials that count toward the budget
@@ -44,7 +45,8 @@ def storage_view(folder: Path) -> list[TrialView]:
         out.append(TrialView(t.number, t.state.name, json.dumps(params, sort_keys=True),
                              tuple(t.values) if t.values else None, t.user_attrs.get("baseline"),
                              t.user_attrs.get("retry_of"), (t.user_attrs.get("runner") or {}).get("pid"),
-                             t.user_attrs.get("error"), json.dumps(t.params, sort_keys=True)))
+                             t.user_attrs.get("error"), json.dumps(t.params, sort_keys=True),
+                             len(t.intermediate_values)))
     return out
 
 
