@@ -81,6 +81,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach(args: argparse.Namespace) -> int:
+    from search.attach import attach
+
+    folder, written = attach(args.url, args.study, Path(args.out or Path("results") / args.study))
+    print(f"study '{args.study}' attached in {folder} ({written} trial records written); now `basin status {folder}`, "
+          f"`basin pareto`, `report`, `export`, or `basin resume {folder}` to run one more runner here")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     """What `basin run` checks before any worker starts, except what needs a hub this machine cannot reach."""
     from merging.checkpoint import is_hub_id
@@ -230,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="trials done, failed, running; best so far; elapsed")
     p.add_argument("folder", help="the study folder")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("attach", help="make a study folder here for a study kept in a database (runs on other machines)")
+    p.add_argument("url", help="the study's storage URL; a password only as ${VAR} (in single quotes)")
+    p.add_argument("--study", required=True, help="the study's name")
+    p.add_argument("--out", help="the folder to write (default results/<study>); run attach again to refresh it")
+    p.set_defaults(func=_attach)
 
     p = sub.add_parser("pareto", help="the Pareto front (or top trials) with the baselines")
     p.add_argument("folder", help="the study folder")

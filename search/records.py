@@ -90,6 +90,12 @@ def redact(url: str) -> str:
     return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
 
 
+def literal_password(url: str) -> bool:
+    """Whether a storage URL spells out a password (rather than naming an environment variable, ${VAR})."""
+    found = re.findall(r"://[^:/@\s]*:(\S*)@", url) + re.findall(r"(?i)password=([^&\s]*)", url)
+    return any(p and not re.fullmatch(r"\$\{\w+\}|\$\w+", p) for p in found)
+
+
 def file_lock(path: Path) -> FileLock:
     """An exclusive lock on a lock file, usable as Optuna's journal lock.
 

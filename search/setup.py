@@ -56,12 +56,14 @@ def worker_spec(config: StudyConfig) -> WorkerSpec:
                       fidelity_seed=config.fidelity.seed if config.fidelity is not None else None)
 
 
-def study_space(config: StudyConfig) -> SearchSpace:
-    """The study's search space, over the absolute model paths the workers use."""
+def study_space(config: StudyConfig, num_layers: int | None = None) -> SearchSpace:
+    """The study's search space, over the absolute model paths the workers use. The layer count
+    comes from the base model's config unless given (the study stores it: NUM_LAYERS_ATTR)."""
     from merging.checkpoint import resolve_model_dir
 
     models = config.models.resolved()
-    space = build_space(config, resolve_model_dir(config.models.base))
+    base_dir = None if num_layers is not None else resolve_model_dir(config.models.base)
+    space = build_space(config, base_dir, num_layers)
     return SearchSpace(**{**space.__dict__, "base": models.base, "model_paths": tuple(models.finetunes)})
 
 
@@ -94,6 +96,10 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
             records.write_config_snapshot(folder, config_to_dict(config))
             if study.user_attrs.get("search_items") != sizes:
                 study.set_user_attr("search_items", sizes)
+            if study.user_attrs.get(SPLIT_SIZES_ATTR) != split_sizes:
+                study.set_user_attr(SPLIT_SIZES_ATTR, split_sizes)
+            if study.user_attrs.get(NUM_LAYERS_ATTR) != space.num_layers:
+                study.set_user_attr(NUM_LAYERS_ATTR, space.num_layers)
             _enqueue_baselines(config, study, space)
             requeue_stale(study)
             sync_records(study, folder, space)
@@ -216,7 +222,36 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
     if "directions" not in study.user_attrs:
         study.set_user_attr("directions", directions)
         study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
+    _check_same_study(config, study)
     return study
+
+
+CONFIG_ATTR = "config"  # the study's config, kept in its storage: `basin attach` rebuilds a study folder from it
+SPLIT_SIZES_ATTR = "split_sizes"  # items per task of the search split before carving (the carve's input)
+NUM_LAYERS_ATTR = "num_layers"  # of the base model: the search space's depth, without the models at hand
+
+
+def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
+    """The first runner stores its config in the study; a runner joining it later (from any machine,
+    with its own folder) must search the same space on the same models and tasks."""
+    mine = config_to_dict(config)
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, mine)
+        return
+    theirs, ours = _shared_part(config_to_dict(config_from_dict(stored))), _shared_part(mine)
+    if theirs != ours:
+        differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
+        raise ConfigError(f"study '{config.study.name}' in its storage was created with a different config (it differs "
+                          f"in: {', '.join(differ)}); join it with the config it was created with (`basin attach` "
+                          "writes it into a study folder here), or choose another study.name")
+
+
+def _shared_part(snapshot: dict) -> dict:
+    """What every runner of one study must agree on: its search part, less where each runner keeps it."""
+    part = _search_part(snapshot)
+    part["study"] = {k: v for k, v in part["study"].items() if k not in ("storage", "heartbeat_s")}
+    return part
 
 
 def _enqueue_baselines(config: StudyConfig, study: optuna.Study, space: SearchSpace) -> None:

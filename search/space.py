@@ -75,13 +75,15 @@ def num_layers_of(model_dir: str | Path) -> int:
     raise ValueError(f"{model_dir}/config.json names no layer count (num_hidden_layers or n_layer)")
 
 
-def build_space(config: StudyConfig, base_dir: str | Path) -> SearchSpace:
+def build_space(config: StudyConfig, base_dir: str | Path | None, num_layers: int | None = None) -> SearchSpace:
+    """The space over the config's models; the layer count is read from the base's config in
+    `base_dir` unless given."""
     return SearchSpace(
         config=config.space,
         base=config.models.base,
         model_paths=tuple(config.models.finetunes),
         model_names=_model_names(config.models.finetunes),
-        num_layers=num_layers_of(base_dir),
+        num_layers=num_layers if num_layers is not None else num_layers_of(base_dir),
         dtype=config.models.dtype,
     )
 

@@ -157,3 +157,80 @@ def test_status_of_a_postgres_study_shows_its_url_without_the_password(zoo, serv
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out
     assert server.url(with_password=False).replace("basin@", "basin:***@") in out and server.password not in out
+
+
+def _run_one(zoo, tmp_path, server, name: str, n_trials: int, **sections):
+    folder = tmp_path / "runner"
+    config = write_config(tmp_path / "runner.yaml", study_config(
+        zoo, folder, name=name, budget={"n_trials": n_trials},
+        study={"name": name, "output_dir": str(folder), "storage": server.url()}, **sections))
+    log = tmp_path / "runner.log"
+    rcs, leaked = wait_runs([start_basin(["run", str(config)], log)], folder)
+    assert rcs == (0,) and leaked == [], tail(log)
+    return folder, config
+
+
+def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_exports_the_same_model(
+        zoo, server, tmp_path, monkeypatch, capsys):
+    """A folder rebuilt from the database alone (`basin attach`) gives the runner's records, its
+    front and a bit-identical export, and its config keeps the password out."""
+    from safetensors.torch import load_file
+
+    from search.cli import main
+
+    runner, _ = _run_one(zoo, tmp_path, server, "attached", 6)
+    monkeypatch.setenv("BASIN_TEST_PG_PASSWORD", server.password)
+    url = server.url().replace(server.password, "${BASIN_TEST_PG_PASSWORD}")
+    here = tmp_path / "laptop"
+    assert main(["attach", url, "--study", "attached", "--out", str(here)]) == 0
+    assert "6 trial records written" in capsys.readouterr().out
+    snapshot = (here / records.CONFIG_FILE).read_text()
+    assert "${BASIN_TEST_PG_PASSWORD}" in snapshot and server.password not in snapshot
+    theirs, ours = records.read_trial_records(runner), records.read_trial_records(here)
+    assert set(ours) == set(theirs)
+    for n, rec in theirs.items():
+        for key in ("state", "params", "recipe", "metrics", "values", "worker", "baseline"):
+            assert ours[n][key] == rec[key], (n, key)
+    assert main(["status", str(here)]) == 0 and main(["pareto", str(runner)]) == 0
+    status_and_front_there = capsys.readouterr().out
+    assert main(["pareto", str(here)]) == 0
+    assert capsys.readouterr().out in status_and_front_there  # the same front, whichever folder shows it
+    assert main(["report", str(here), "--no-heldout", "--quiet"]) == 0 and (here / "report.html").is_file()
+    best = max(theirs.values(), key=lambda r: sum(r["values"]))["number"]
+    for folder in (runner, here):
+        assert main(["export", str(folder), "--trial", str(best), "--out", str(folder / "model"), "--quiet"]) == 0
+    a, b = load_file(runner / "model" / "model.safetensors"), load_file(here / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert main(["attach", url, "--study", "attached", "--out", str(here)]) == 0  # again: nothing new to write
+    assert "0 trial records written" in capsys.readouterr().out
+
+
+def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothing(zoo, server, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from search.cli import main
+
+    out = tmp_path / "nothing"
+    assert main(["attach", server.url(), "--study", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a password" in err and "${BASIN_DB_PASSWORD}" in err and server.password not in err
+    monkeypatch.setenv("PW", server.password)
+    assert main(["attach", server.url().replace(server.password, "${PW}"), "--study", "no-such", "--out", str(out)]) == 2
+    assert "no study named 'no-such'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_runner_with_another_config_cannot_join_the_study(zoo, server, tmp_path, capsys):
+    """Each runner has its own folder, so only the database can tell that a second runner's config
+    would search another space under the same study name."""
+    from search.cli import main
+
+    _run_one(zoo, tmp_path, server, "one-space", 2, baselines=False)
+    other = tmp_path / "other"
+    config = write_config(tmp_path / "other.yaml", study_config(
+        zoo, other, name="one-space", budget={"n_trials": 4}, baselines=False,
+        space={"methods": ["ties"], "lambda": [0.5, 1.5]},
+        study={"name": "one-space", "output_dir": str(other), "storage": server.url()}))
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "created with a different config (it differs in: space)" in err and server.password not in err
+    assert not other.exists()
