@@ -26,7 +26,7 @@ from search import compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
 from search.objectives import objective_values
-from search.recovery import Heartbeat, fail_and_requeue
+from search.recovery import Heartbeat, fail_and_requeue, queue_again
 from search.setup import StudySetup, setup_study
 from search.space import recipe_from_params, suggest
 from search.workers import WorkerPool
@@ -179,6 +179,11 @@ def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
             if not all(math.isfinite(v) for v in values):
                 error, values = f"the objective values {values} are not finite (NaN or inf): the candidate is broken", None
     trial.set_user_attr("worker", result.get("worker"))
+    if result.get("node"):
+        trial.set_user_attr("node", result["node"])  # the Ray node it ran on
+    retry = error is not None and _retry_lost(trial, result)
+    if retry:
+        error += "; its params were queued again, to run once more on a worker that lives"
     state = None
     if error is None:
         fidelity.note_items(trial, result, flight.rung)
@@ -197,10 +202,19 @@ def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
         told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
         return False  # another runner found it silent and failed it (its retry runs instead): no record
+    if retry:
+        queue_again(s.study, told, lost_worker_retry=True)
     record = records.trial_record(trial, flight.recipe, wall, error, result.get("traceback"), state)
     record["values"] = values
     records.write_trial_record(s.folder, record)
     return error is None
+
+
+def _retry_lost(trial: optuna.trial.Trial, result: dict[str, Any]) -> bool:
+    """A candidate whose worker died (a lost node, a killed process) runs once more elsewhere; not one
+    stopped for its time limit, nor the retry of one whose worker died (the candidate may be the cause)."""
+    attrs = trial.user_attrs
+    return bool(result.get("worker_lost")) and not attrs.get("timed_out") and not attrs.get("lost_worker_retry")
 
 
 def _postfix(s: StudySetup) -> str:

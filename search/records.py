@@ -62,7 +62,7 @@ def trial_record(t: Any, recipe: dict | None, wall: float | None, error: str | N
         "number": t.number, "state": state or ("COMPLETE" if error is None else "FAIL"), "baseline": attrs.get("baseline"),
         "retry_of": attrs.get("retry_of"), "params": t.params, "recipe": recipe, "metrics": attrs.get("metrics"),
         "values": getattr(t, "values", None), "merge_s": attrs.get("merge_s"), "eval_s": attrs.get("eval_s"),
-        "wall_s": wall, "worker": attrs.get("worker"), "error": error, "traceback": traceback,
+        "wall_s": wall, "worker": attrs.get("worker"), "node": attrs.get("node"), "error": error, "traceback": traceback,
         "rung": attrs.get("rung"), "items": attrs.get("items_per_task"),
     }
 

@@ -98,7 +98,12 @@ def fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optu
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
     compat.set_user_attr_of(study, frozen, "error", reason)
     study.tell(frozen.number, state=TrialState.FAIL)
-    attrs = {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {"retry_of": frozen.number}
+    queue_again(study, frozen)
+
+
+def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **attrs: Any) -> None:
+    """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline name)."""
+    attrs |= {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {"retry_of": frozen.number}
     # the enqueued params: a baseline or retry asked but killed before its params were suggested
     study.enqueue_trial({**compat.enqueued_params(frozen), **frozen.params}, user_attrs=attrs)
 

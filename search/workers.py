@@ -182,7 +182,7 @@ class CandidateWorker:
                 "items": {task: min(stop, n) for task, n in counts.items()}, "stop": stop}
 
     def _out(self) -> dict[str, Any]:
-        return {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}"}
+        return {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}", "node": _ray_node()}
 
     def _sync(self) -> None:
         import torch
@@ -220,8 +220,11 @@ class WorkerPool:
         cpus = spec.threads if gpus_per_worker == 0 else 1
         if not ray.is_initialized():
             start_ray(address, count, gpus_per_worker, cpus=count * cpus)
+        # On a cluster, workers go to as many nodes as have room (a node lost takes fewer with it);
+        # a worker restarted after its node died waits until some node has room for it.
         self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=0,
                                      runtime_env={"env_vars": worker_env(spec.threads) if env is None else env},
+                                     scheduling_strategy="SPREAD" if address else "DEFAULT",
                                      )(worker_cls or CandidateWorker)
         self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
         # Ray refuses calls to a worker it is restarting (ActorUnavailableError, at once), so a
@@ -279,7 +282,8 @@ class WorkerPool:
         except self._ray.exceptions.RayError as exc:
             if worker is not None:  # Ray restarts it; no candidate for it until it is back
                 self._probes[worker] = self._probe(worker)
-            return {"error": f"worker died during the candidate ({type(exc).__name__}: {_first_line(exc)}); Ray restarts it"}
+            return {"error": f"worker died during the candidate ({type(exc).__name__}: {_first_line(exc)}); Ray restarts it",
+                    "worker_lost": True}
 
     def restart(self, worker: int) -> None:
         """Kill a worker (e.g. one past its time limit); Ray starts a fresh one in its place."""
@@ -289,6 +293,16 @@ class WorkerPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor, no_restart=True)
+
+
+def _ray_node() -> str | None:
+    """The Ray node this process runs on (its id), or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # no Ray here, or no runtime context: placement is not known
+        return None
 
 
 def _first_line(exc: Exception) -> str:

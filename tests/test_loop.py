@@ -92,3 +92,18 @@ def test_a_cpu_worker_process_waits_passively_unless_the_user_chose_a_policy(mon
                              "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert worker_env(None) == {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_a_candidate_whose_worker_died_runs_once_more_unless_it_timed_out_or_is_such_a_retry_already():
+    study = optuna.create_study()
+    lost = {"error": "worker died during the candidate", "worker_lost": True}
+    first, timed_out = study.ask(), study.ask()
+    timed_out.set_user_attr("timed_out", True)
+    assert loop_mod._retry_lost(first, lost)
+    assert not loop_mod._retry_lost(first, {"error": "ValueError: a broken merge"})
+    assert not loop_mod._retry_lost(timed_out, lost)
+    study.tell(first, state=TrialState.FAIL)
+    loop_mod.queue_again(study, study.trials[first.number], lost_worker_retry=True)
+    retry = study.ask()
+    assert retry.user_attrs == {"retry_of": first.number, "lost_worker_retry": True}
+    assert not loop_mod._retry_lost(retry, lost)  # the candidate itself may kill its worker: not a third time

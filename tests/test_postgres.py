@@ -203,6 +203,17 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert main(["attach", url, "--study", "attached", "--out", str(here)]) == 0  # again: nothing new to write
     assert "0 trial records written" in capsys.readouterr().out
+    # a machine without the models (paths that exist only on the runners) attaches and reads the study too
+    study = optuna.load_study(study_name="attached", storage=server.url())
+    stored = study.user_attrs["config"]
+    study.set_user_attr("config", {**stored, "models": {**stored["models"], "base": "/runners/only/base",
+                                                        "finetunes": [f"/runners/only/ft{i}" for i in range(3)]}})
+    laptop = tmp_path / "no-models"
+    assert main(["attach", url, "--study", "attached", "--out", str(laptop)]) == 0
+    assert main(["status", str(laptop)]) == 0 and main(["pareto", str(laptop)]) == 0
+    out = capsys.readouterr().out
+    assert "6 trial records written" in out and "done 6 of 6" in out
+    assert records.read_trial_records(laptop)[best]["values"] == theirs[best]["values"]
 
 
 def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothing(zoo, server, tmp_path, capsys,

@@ -20,7 +20,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 BASIN = Path(sys.executable).with_name("basin")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+       "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 COMPLETE_OP = '"state":1,'  # a journal line that sets a trial COMPLETE (TrialState.COMPLETE == 1)
 PROMOTED_OP = '{"promoted_to":'  # a journal line that marks a candidate promoted to its next rung
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
