@@ -6,15 +6,14 @@ would; only the database is shared.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import optuna
 import pytest
 
 from search import records
 from tests.support.fault_zoo import shared_fault_zoo, study_config, write_config
+from tests.support.many_machines import shared_study, silent_runner
 from tests.support.postgres import postgres_server
-from tests.support.runs import start_basin, tail, wait_for, wait_runs
+from tests.support.runs import start_basin, tail, wait_runs
 
 pytestmark = pytest.mark.slow
 
@@ -30,51 +29,15 @@ def zoo(tmp_path_factory):
     return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
-def _runner_pids(url: str, name: str) -> Counter:
-    try:
-        study = optuna.load_study(study_name=name, storage=url)
-    except KeyError:
-        return Counter()
-    return Counter((t.user_attrs.get("runner") or {}).get("pid") for t in study.get_trials(deepcopy=False))
-
-
 def test_two_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo, server, tmp_path):
     """Together they finish exactly n_trials COMPLETE trials, no number twice, baselines queued
     once, and every trial's record is in the folder of the runner that ran it."""
-    n_trials, name, url = 14, "shared-pg", server.url()
-    folders = [tmp_path / f"host{i}" for i in range(2)]
-    configs = [write_config(tmp_path / f"host{i}.yaml",
-                            study_config(zoo, folders[i], name=name, hooked=True, budget={"n_trials": n_trials},
-                                         study={"name": name, "output_dir": str(folders[i]), "storage": url}))
-               for i in range(2)]
-    logs = [tmp_path / f"host{i}.log" for i in range(2)]
-    zoo.set_mode("hold")  # evaluations wait until both runners hold a trial, so both take part
-    try:
-        procs = [start_basin(["run", str(c)], log) for c, log in zip(configs, logs)]
-        for proc, log in zip(procs, logs):
-            wait_for(lambda p=proc: _runner_pids(url, name)[p.pid] > 0, proc, f"run {proc.pid} to ask", log, poll_s=0.2)
-        zoo.set_mode("sleep 0.01")
-        rcs, leaked = wait_runs(procs, folders[0])
-    finally:
-        zoo.set_mode("ok")
-    assert rcs == (0, 0), tail(logs[0]) + tail(logs[1])
-    assert leaked == []
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    numbers = [t.number for t in trials]
-    assert numbers == list(range(len(trials)))
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == n_trials
-    baselines = Counter(t.user_attrs.get("baseline") for t in trials if t.user_attrs.get("baseline"))
-    assert baselines and set(baselines.values()) == {1}
-    by_pid = {p.pid: folder for p, folder in zip(procs, folders)}
-    per_runner = Counter(t.user_attrs["runner"]["pid"] for t in complete)
-    assert set(per_runner) == set(by_pid), f"both runners take part: {per_runner}"
-    for t in complete:
-        own = by_pid[t.user_attrs["runner"]["pid"]]
-        other = next(f for f in folders if f != own)
-        assert records.read_trial_records(own)[t.number]["values"] == list(t.values)
-        assert t.number not in records.read_trial_records(other)
-    for log in logs:
+    r = shared_study(zoo, tmp_path, server.url(), hosts=2, n_trials=14)
+    assert r.rcs == (0, 0) and r.leaked == [], r.integrity
+    assert r.numbers_ok and r.complete == r.budget and r.overshoot == 0
+    assert len(r.by_runner) == 2, f"both runners take part: {r.by_runner}"
+    assert r.duplicates == [] and r.records_elsewhere == [] and r.integrity == []
+    for log in tmp_path.glob("host*.log"):
         assert server.password not in log.read_text()
 
 
@@ -111,39 +74,11 @@ def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(
     """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder, finds
     the trial's heartbeat silent past the grace period (2 x heartbeat_s), fails it and queues its
     params again once, and finishes the budget. Nothing here depends on A's host or pid."""
-    from tests.support.runs import kill_tree
-
-    n_trials, name, url = 12, "silent-pg", server.url()
-    folders = [tmp_path / f"host{i}" for i in range(2)]
-    configs = [write_config(tmp_path / f"host{i}.yaml",
-                            study_config(zoo, folders[i], name=name, hooked=True, budget={"n_trials": n_trials},
-                                         study={"name": name, "output_dir": str(folders[i]), "storage": url,
-                                                "heartbeat_s": 2}))
-               for i in range(2)]
-    logs = [tmp_path / f"host{i}.log" for i in range(2)]
-    zoo.set_mode("hold")
-    try:
-        procs = [start_basin(["run", str(c)], log) for c, log in zip(configs, logs)]
-        for proc, log in zip(procs, logs):
-            wait_for(lambda p=proc: _runner_pids(url, name)[p.pid] > 0, proc, f"run {proc.pid} to ask", log, poll_s=0.2)
-        study = optuna.load_study(study_name=name, storage=url)
-        held = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                if t.user_attrs.get("runner", {}).get("pid") == procs[0].pid]
-        assert held
-        assert kill_tree(procs[0]) == []
-        zoo.set_mode("sleep 0.02")
-        rcs, leaked = wait_runs(procs[1:], folders[1])
-    finally:
-        zoo.set_mode("ok")
-    assert rcs == (0,), tail(logs[1])
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    assert [t.number for t in trials] == list(range(len(trials)))
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == n_trials
-    for number in held:
-        dead = trials[number]
-        assert dead.state == optuna.trial.TrialState.FAIL and "no heartbeat" in dead.user_attrs["error"]
-        assert sum(t.user_attrs.get("retry_of") == number for t in trials) == 1
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    r = silent_runner(zoo, tmp_path, server.url(), heartbeat_s=2, n_trials=12)
+    assert r.rc == 0 and r.held and r.not_silent == []
+    assert r.numbers_ok and r.complete == r.budget and r.running_left == 0
+    assert set(r.retries.values()) == {1}
+    assert len(r.requeue_s) == len(r.held) and all(s >= r.grace_s for s in r.requeue_s)  # never within the grace period
 
 
 def test_status_of_a_postgres_study_shows_its_url_without_the_password(zoo, server, tmp_path, capsys):

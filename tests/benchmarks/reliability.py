@@ -1,7 +1,9 @@
-"""Overnight reliability of `basin`: kills, worker faults, concurrent runners and bad input.
+"""Overnight reliability of `basin`: kills, worker faults, concurrent runners, many machines and bad input.
 
 Everything here drives the real command line in subprocesses (each `basin run` starts its own
-local Ray), on tiny real models and local lm-eval tasks, and prints the figures:
+local Ray, or joins a real two-node Ray cluster), on tiny real models and local lm-eval tasks,
+with a real PostgreSQL server for the runners on separate "hosts" (own folder, own Ray), and
+prints the figures:
 
     .venv/bin/python tests/benchmarks/reliability.py [--kills 10] [--keep DIR]
 
@@ -24,6 +26,8 @@ if str(REPO) not in sys.path:  # run as a script
 
 from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input  # noqa: E402
 from tests.support.fault_zoo import build_big_zoo, build_fault_zoo  # noqa: E402
+from tests.support.many_machines import node_loss, shared_study, silent_runner  # noqa: E402
+from tests.support.postgres import postgres_server  # noqa: E402
 from tests.support.scenarios import (  # noqa: E402
     MF_RUNGS,
     concurrent_runners,
@@ -60,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         conc = concurrent_runners(zoo, root / "concurrent")
         print("kill -9 of basin export")
         exp = export_killed(build_big_zoo(root / "big"), root / "export")
+        print("many machines: runners on their own folders and Rays sharing a PostgreSQL study")
+        with postgres_server() as server:
+            shared = [shared_study(zoo, root / f"pg-{h}", server.url(), hosts=h, name=f"pg-{h}") for h in (2, 3)]
+            silent = silent_runner(zoo, root / "pg-silent", server.url(), heartbeat_s=2)
+        print("many machines: a two-node Ray cluster losing a node")
+        lost = node_loss(zoo, root / "cluster")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -82,12 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export killed         after {exp.killed_after_s:.1f} s: target exists {exp.target_exists}; "
           f"partial folders left beside it {len(exp.partial_left)}; clean export ok {exp.clean_export_ok} ({exp.clean_export_s:.1f} s), "
           f"partial folders left after it {len(exp.partial_after_clean)}")
+    for r in shared:
+        print(f"runners x hosts       {r.hosts} x {r.hosts} on one PostgreSQL study: exits {r.rcs}; COMPLETE per runner "
+              f"{sorted(r.by_runner.values())}; {r.complete} COMPLETE of budget {r.budget} (overshoot {r.overshoot}); "
+              f"duplicates {len(r.duplicates)}; records outside their runner's folder {len(r.records_elsewhere)}; "
+              f"integrity problems {len(r.integrity)}; {r.seconds:.0f} s")
+    print(f"runner killed         held trials {silent.held}; requeued by the other runner "
+          f"{', '.join(f'{s:.1f} s' for s in silent.requeue_s)} after their last heartbeat (grace period "
+          f"{silent.grace_s:.0f} s, heartbeat every {silent.heartbeat_s} s); retries {list(silent.retries.values())}; "
+          f"{silent.complete} COMPLETE of {silent.budget}, exit {silent.rc}; {silent.seconds:.0f} s")
+    print(f"node lost             nodes with trials before {sorted(lost.nodes_before)}; failed {len(lost.failed)} "
+          f"(retried on {sorted(set(map(str, lost.retried_on.values())))}); trials after the loss on "
+          f"{dict(lost.after_on)}; {lost.complete} COMPLETE of {lost.budget}, exit {lost.rc}; integrity problems "
+          f"{len(lost.integrity)}; {lost.seconds:.0f} s")
     print(f"bad inputs tried      {len(results)}, handled {passed} (exit 2, one message naming the problem, nothing left)")
     ok = (not kills.lost and not kills.integrity and not kills.leaked and kills.final_rc == 0
           and kills.complete == kills.budget and not mf.lost and not mf.integrity and not mf.leaked
           and mf.final_rc == 0 and mf.complete == mf.budget and faults.rc == 0 and not faults.unexpected and not faults.integrity
           and conc.rcs == (0, 0) and not conc.integrity and conc.complete == conc.budget and not exp.target_exists
-          and not exp.partial_after_clean and passed == len(results))
+          and not exp.partial_after_clean and passed == len(results)
+          and all(r.rcs == (0,) * r.hosts and r.overshoot == 0 and not r.duplicates and not r.records_elsewhere
+                  and not r.integrity for r in shared)
+          and silent.rc == 0 and not silent.not_silent and all(s >= silent.grace_s for s in silent.requeue_s)
+          and lost.rc == 0 and not lost.integrity and len(lost.failed) == 1 and lost.complete == lost.budget)
     print("all good" if ok else "PROBLEMS above")
     return 0 if ok else 1
 
