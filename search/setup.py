@@ -248,9 +248,12 @@ def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
 
 
 def _shared_part(snapshot: dict) -> dict:
-    """What every runner of one study must agree on: its search part, less where each runner keeps it."""
+    """What every runner of one study must agree on: its search part, less what is each runner's own
+    (where it keeps the study, its device, its evaluation batch size)."""
     part = _search_part(snapshot)
     part["study"] = {k: v for k, v in part["study"].items() if k not in ("storage", "heartbeat_s")}
+    part["models"] = {k: v for k, v in part["models"].items() if k != "device"}
+    part["evaluator"] = {k: v for k, v in part.get("evaluator", {}).items() if k != "batch_size"}
     return part
 
 

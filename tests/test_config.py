@@ -303,3 +303,24 @@ def test_basin_validate_bad_config(tmp_path, capsys):
 def test_basin_validate_missing_file(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     assert "basin: error: config file not found" in capsys.readouterr().err
+
+
+def test_runners_of_one_study_may_differ_in_their_resources_but_not_in_what_they_search():
+    """The first runner stores its config in the study; the next (any machine, any folder) is checked against it."""
+    import optuna
+
+    from search.config import config_from_dict
+    from search.setup import _check_same_study
+
+    study = optuna.create_study()
+    _check_same_study(config_from_dict(MINIMAL), study)
+    assert study.user_attrs["config"]["space"]["methods"] == ["task_arithmetic"]
+    own = edited(models={**MINIMAL["models"], "device": "cuda:1"}, evaluator={**MINIMAL["evaluator"], "batch_size": 4},
+                 study={"name": "demo", "output_dir": "elsewhere", "storage": "postgresql://db/x", "heartbeat_s": 5},
+                 budget={"n_trials": 500}, workers={"count": 8, "gpus_per_worker": 1})
+    _check_same_study(config_from_dict(own), study)
+    for other, differs in ((edited(space={"methods": ["ties"]}), "space"),
+                           (edited(evaluator={**MINIMAL["evaluator"], "limit": 50}), "evaluator"),
+                           (edited(models={**MINIMAL["models"], "dtype": "bfloat16"}), "models")):
+        with pytest.raises(ConfigError, match=rf"created with a different config \(it differs in: {differs}\)"):
+            _check_same_study(config_from_dict(other), study)
