@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None =
         if "://" not in url:
             return configured
         if heartbeat_s and _scheme(url) in RDB_SCHEMES:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; basin tests the version it pins
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
         return optuna.storages.get_storage(url)
     folder.mkdir(parents=True, exist_ok=True)
     journal, lock = folder / JOURNAL_FILE, file_lock(folder / JOURNAL_LOCK)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ class StudySetup:
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = None if cfg.seed is None else cfg.seed + offset  # a resumed run must not replay its draws
     if cfg.name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
-                                          group=True, constant_liar=True)
+        with warnings.catch_warnings():  # multivariate/group/constant_liar are "experimental" in Optuna; basin pins it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
+                                              group=True, constant_liar=True)
     if cfg.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
                                             warn_independent_sampling=False)
