@@ -124,6 +124,15 @@ def _validate(args: argparse.Namespace) -> int:
           f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)")
     if (overlap := config.evaluator.overlap()) is not None:
         print(f"warning: {overlap}")
+    if not hub_models:
+        from search.memory import check_fits, gpu_capacity, memory_plan
+
+        plan = memory_plan(config, *gpu_capacity(config))
+        device = config.models.device if config.workers.gpus_per_worker == 0 or config.models.device != "auto" else "cuda"
+        print(f"memory plan of each worker ({config.models.dtype} on {device}):")
+        print("\n".join(plan.lines()))
+        if (warning := check_fits(plan)) is not None:
+            print(f"warning: {warning}")
     for line in unchecked:
         print(f"not checked here: {line}")
     return 0

@@ -161,6 +161,7 @@ class WorkersSection(_Strict):
     threads: int | None = Field(default=None, ge=1)  # torch threads per worker; None: a CPU worker's share of the cores but one
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
     candidate_timeout: float | None = Field(default=None, gt=0)  # seconds before a candidate is failed
+    gpu_memory_gib: float | None = Field(default=None, gt=0)  # each worker's GPU; validate and run check the memory plan
 
 
 class StudyConfig(_Strict):

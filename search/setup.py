@@ -86,6 +86,7 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     try:
         _check_resumable(config, folder, resume)
         directions, split_sizes = check_models_and_tasks(config)
+        _check_memory(config)
         sizes = search_sizes(config, split_sizes)
         space = study_space(config)
         if (overlap := config.evaluator.overlap()) is not None:
@@ -154,6 +155,17 @@ def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, in
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
     return directions, dict(getattr(probe, "split_sizes", {}))
+
+
+def _check_memory(config: StudyConfig) -> None:
+    """Refuse a study whose workers cannot hold their models on the GPU they have (when that is known)."""
+    from search.memory import check_fits, gpu_capacity, memory_plan
+
+    capacity, source = gpu_capacity(config)
+    if capacity is None or unreachable_hub_models(config):
+        return
+    if (warning := check_fits(memory_plan(config, capacity, source))) is not None:
+        print(f"basin: warning: {warning}", file=sys.stderr)
 
 
 def check_models(config: StudyConfig) -> None:

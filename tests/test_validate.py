@@ -122,3 +122,40 @@ def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(tmp_p
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(data))
     assert main(["validate", str(tmp_path / "typo.yaml")]) == 2
     assert "unknown metric 'gsm8k/exact_match'; did you mean" in capsys.readouterr().err
+
+
+def test_validate_prints_each_workers_memory_plan_from_the_headers(llama_set, tasks, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from search.config import load_config
+    from search.memory import GiB, memory_plan
+
+    path = config(llama_set, tasks, tmp_path, space={"methods": ["ties", "dare_ties"], "weight": [0.0, 1.0]})
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    params = sum(t.numel() for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point())
+    plan = dict(memory_plan(load_config(str(path))).fixed)
+    assert plan["base"] == plan["live model"] == 4 * params  # float32
+    assert plan["task vectors (3 fine-tunes)"] == 3 * 4 * params
+    assert plan["DARE keep draws (1 byte per entry, 3 fine-tunes)"] == 3 * params
+    assert "memory plan of each worker (float32 on auto)" in out
+    for what in ("base", "task vectors (3 fine-tunes)", "TIES magnitude tables", "DARE keep draws", "evaluation estimate"):
+        assert what in out
+    assert f"{4 * params / GiB:8.2f} GiB" in out
+
+
+def test_a_plan_that_cannot_fit_the_named_gpu_is_refused_and_one_that_barely_fits_is_warned(
+        llama_set, tasks, tmp_path, capsys):
+    from search.config import load_config
+    from search.memory import GiB, memory_plan
+
+    path = config(llama_set, tasks, tmp_path, workers={"count": 1, "gpu_memory_gib": 1e-6})
+    (v_code, v_err), (r_code, r_err) = both(path, capsys)
+    assert v_code == r_code == 2
+    assert "one worker needs" in v_err and "more than the 0.0 GiB of its GPU (workers.gpu_memory_gib: 1e-06)" in v_err
+    assert "the largest part is task vectors (3 fine-tunes)" in r_err and not (tmp_path / "study").exists()
+    plan = memory_plan(load_config(str(path)))
+    between = (plan.fixed_bytes + plan.total_bytes) / 2 / GiB
+    path = config(llama_set, tasks, tmp_path, workers={"count": 1, "gpu_memory_gib": between})
+    assert main(["validate", str(path)]) == 0
+    assert "warning: with evaluation the plan is" in capsys.readouterr().out

@@ -1,0 +1,131 @@
+"""Each worker's memory plan, from the models' headers: what `basin validate` prints and checks.
+
+A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
+the live model candidates are written into, what the search's methods precompute (TIES magnitude
+tables; DARE's keep draws, one byte per entry per fine-tune), the scratch of one tensor's merge,
+and what evaluation needs on top (logits and their log-softmax for a batch, the KV cache). The
+first five are fixed by the model set; the last grows with the batch and the sequence length, so it
+is an estimate at EVAL_TOKENS tokens per sequence.
+
+A plan whose fixed part exceeds the GPU cannot run at any batch size and is refused; one whose
+estimate exceeds it gets a warning (lower evaluator.batch_size, or use `auto`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from merging.methods import TABLE_POINTS
+from search.config import ConfigError, StudyConfig
+
+EVAL_TOKENS = 1024  # tokens per sequence in the evaluation estimate (prompt and answer of a typical item)
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    fixed: list[tuple[str, int]]  # (what, bytes) held for the whole study
+    evaluation: tuple[str, int]  # the estimate on top, while a candidate is scored
+    capacity: int | None = None  # bytes of the GPU it must fit, when known
+    capacity_from: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(b for _, b in self.fixed)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.evaluation[1]
+
+    def lines(self) -> list[str]:
+        rows = [*self.fixed, self.evaluation]
+        width = max(len(what) for what, _ in rows)
+        out = [f"  {what:<{width}}  {b / GiB:8.2f} GiB" for what, b in rows]
+        out.append(f"  {'total':<{width}}  {self.total_bytes / GiB:8.2f} GiB"
+                   + (f" of {self.capacity / GiB:.1f} GiB ({self.capacity_from})" if self.capacity else ""))
+        return out + [f"  {note}" for note in self.notes]
+
+
+def memory_plan(config: StudyConfig, capacity: int | None = None, capacity_from: str = "") -> MemoryPlan:
+    """The plan of one worker of this study (local model folders or cached hub models)."""
+    from merging import Checkpoint
+    from merging.checkpoint import resolve_model_dir
+
+    models = config.models
+    base = Checkpoint(models.base, allow_pickle=models.allow_pickle)
+    floats = [n for n in base.names if base.dtype(n).is_floating_point]
+    sizes = [_numel(base.shape(n)) for n in floats]
+    params, n_ft, width = sum(sizes), len(models.finetunes), BYTES[models.dtype]
+    model_bytes = params * width
+    fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
+             ("live model", model_bytes)]
+    methods = set(config.space.methods)
+    if "ties" in methods:
+        fixed.append(("TIES magnitude tables", n_ft * len(floats) * (TABLE_POINTS + 1) * 4))
+    if methods & {"dare_linear", "dare_ties"}:
+        fixed.append((f"DARE keep draws (1 byte per entry, {n_ft} fine-tunes)", n_ft * params))
+    fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
+    shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
+    batch = config.evaluator.batch_size if isinstance(getattr(config.evaluator, "batch_size", 1), int) else 1
+    evaluation = _evaluation(shape, batch, width)
+    notes = []
+    if getattr(config.evaluator, "batch_size", None) == "auto":
+        notes.append("evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the largest batch that fits")
+    return MemoryPlan(fixed, evaluation, capacity, capacity_from, notes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _evaluation(shape: dict, batch: int, width: int) -> tuple[str, int]:
+    """Logits (model dtype) and their float32 log-softmax for a batch, plus the KV cache."""
+    shape = shape.get("text_config", shape)  # multimodal configs keep the language model's shape apart
+    vocab = shape.get("vocab_size", 0)
+    layers = shape.get("num_hidden_layers") or shape.get("n_layer") or 0
+    hidden = shape.get("hidden_size") or shape.get("n_embd") or 0
+    heads = shape.get("num_attention_heads") or shape.get("n_head") or 1
+    kv_heads = shape.get("num_key_value_heads") or heads
+    head_dim = shape.get("head_dim") or hidden // heads
+    tokens = batch * EVAL_TOKENS
+    logits = tokens * vocab * (width + 4)
+    cache = 2 * layers * tokens * kv_heads * head_dim * width
+    return f"evaluation estimate (batch {batch} x {EVAL_TOKENS} tokens: logits, KV cache)", logits + cache
+
+
+def check_fits(plan: MemoryPlan) -> str | None:
+    """Refuse a plan whose fixed part cannot fit its GPU; return a warning when only the estimate does not."""
+    if plan.capacity is None:
+        return None
+    if plan.fixed_bytes > plan.capacity:
+        biggest = max(plan.fixed, key=lambda row: row[1])
+        raise ConfigError(
+            f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more than the "
+            f"{plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the largest part is {biggest[0]} "
+            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, drop the dare methods "
+            "from space.methods, or a GPU with more memory")
+    if plan.total_bytes > plan.capacity:
+        return (f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "
+                f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size (or set it to auto)")
+    return None
+
+
+def gpu_capacity(config: StudyConfig) -> tuple[int | None, str]:
+    """The memory each worker's GPU has: workers.gpu_memory_gib, else this machine's first GPU when
+    the workers use GPUs, else unknown."""
+    if config.workers.gpu_memory_gib is not None:
+        return int(config.workers.gpu_memory_gib * GiB), f"workers.gpu_memory_gib: {config.workers.gpu_memory_gib:g}"
+    if config.workers.gpus_per_worker > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            share = props.total_memory * min(1.0, config.workers.gpus_per_worker)
+            return int(share), f"{props.name} here" + (f", {config.workers.gpus_per_worker:g} of it" if share < props.total_memory else "")
+    return None, ""
