@@ -36,7 +36,7 @@ class StudySetup:
 
 
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = None if cfg.seed is None else cfg.seed + offset  # a resumed run must not replay its draws
+    seed = None if cfg.seed is None else cfg.seed + offset  # a resumed or second run must not replay draws
     if cfg.name == "tpe":
         with warnings.catch_warnings():  # multivariate/group/constant_liar are "experimental" in Optuna; basin pins it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -230,8 +230,14 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         study = optuna.create_study(
             study_name=config.study.name, storage=storage, load_if_exists=True,
             directions=study_directions(config.objectives, directions),
-            sampler=make_sampler(config.sampler, offset=existing), pruner=make_pruner(config.fidelity),
+            sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(config.fidelity),
         )
+        # Every run of the study (first, resumed, or one more runner) draws from its own stream: runners
+        # that open the study while it holds the same trials (the baselines, say) would otherwise
+        # propose the same params. Under the runners' lock, so no two runs get the same number.
+        runs = int(study.user_attrs.get(RUNS_ATTR, 0))
+        study.set_user_attr(RUNS_ATTR, runs + 1)
+        study.sampler = make_sampler(config.sampler, offset=existing + runs * 1_000_003)
     except Exception as exc:
         raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None
     if "directions" not in study.user_attrs:
@@ -241,6 +247,7 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
     return study
 
 
+RUNS_ATTR = "runs_started"  # runs that opened the study: each one's sampler seed differs
 CONFIG_ATTR = "config"  # the study's config, kept in its storage: `basin attach` rebuilds a study folder from it
 SPLIT_SIZES_ATTR = "split_sizes"  # items per task of the search split before carving (the carve's input)
 NUM_LAYERS_ATTR = "num_layers"  # of the base model: the search space's depth, without the models at hand

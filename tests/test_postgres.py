@@ -29,13 +29,14 @@ def zoo(tmp_path_factory):
     return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
-def test_two_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo, server, tmp_path):
-    """Together they finish exactly n_trials COMPLETE trials, no number twice, baselines queued
-    once, and every trial's record is in the folder of the runner that ran it."""
-    r = shared_study(zoo, tmp_path, server.url(), hosts=2, n_trials=14)
-    assert r.rcs == (0, 0) and r.leaked == [], r.integrity
+def test_three_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo, server, tmp_path):
+    """Together they finish exactly n_trials COMPLETE trials, no number twice, no params proposed
+    twice (two runners opening the study at the same trial count once drew the same params),
+    baselines queued once, and every trial's record is in the folder of the runner that ran it."""
+    r = shared_study(zoo, tmp_path, server.url(), hosts=3, n_trials=14)
+    assert r.rcs == (0, 0, 0) and r.leaked == [], r.integrity
     assert r.numbers_ok and r.complete == r.budget and r.overshoot == 0
-    assert len(r.by_runner) == 2, f"both runners take part: {r.by_runner}"
+    assert len(r.by_runner) == 3, f"every runner takes part: {r.by_runner}"
     assert r.duplicates == [] and r.records_elsewhere == [] and r.integrity == []
     for log in tmp_path.glob("host*.log"):
         assert server.password not in log.read_text()
