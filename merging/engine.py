@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from merging import fused, methods
+from merging.catalog import Method, method_spec
 from merging.errors import MergeError
 from merging.layers import LayerMap
 from merging.recipe import MergeRecipe
@@ -21,6 +22,8 @@ from merging.recipe import MergeRecipe
 # GPU one launch per tensor is cheaper.
 CPU_CHUNK = 1 << 20
 GPU_CHUNK = 1 << 28
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_KEEP_ALL = (-1.0, -1)  # a lower magnitude bound every entry passes
 
 
 class NonFiniteMergeError(MergeError):
@@ -35,38 +38,41 @@ class TensorScalars:
     densities: tuple[float, ...]
     lam: float
     t: float
+    gammas: tuple[float, ...] = ()
+    epsilons: tuple[float, ...] = ()
 
 
 @dataclass
 class TensorInputs:
-    """What one tensor's merge reads: the reference tensor, task vectors and their precomputed aids."""
+    """What one tensor's merge reads: the reference tensor, the task vectors, and for magnitude keep
+    rules each task vector's magnitude order (built here when not given)."""
 
     base: Tensor
     deltas: list[Tensor]
-    tables: list[Tensor | methods.MagnitudeRanks] | None = None  # magnitude tables, for TIES
-    draws: list[Tensor] | None = None  # DARE bytes, for dare_*
+    orders: list[methods.MagnitudeOrder] | None = None
 
 
 def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorScalars]:
     """Per-tensor scalars for every tensor; checks per-layer lists and zero weights up front."""
     params = [("parameters.lambda", recipe.lam), ("parameters.t", recipe.t)]
     for i, m in enumerate(recipe.models):
-        params += [(f"models[{i}].weight", m.weight), (f"models[{i}].density", m.density)]
+        params += [(f"models[{i}].{key}", getattr(m, key)) for key in ("weight", "density", "gamma", "epsilon")]
     for where, param in params:
         if param.max_anchors() > layer_map.num_layers:
             raise MergeError(
                 f"{where} has {param.max_anchors()} values over depth but the model has "
                 f"{layer_map.num_layers} layers: give at most one value per layer (fewer are interpolated)"
             )
+    spec = method_spec(recipe.method)
     plan = {}
     for name, place in layer_map.places.items():
         weights = tuple(m.weight.at(place.depth, place.kind) for m in recipe.models)
-        if recipe.method != "slerp" and recipe.normalize_ and all(w == 0.0 for w in weights):
+        if spec.uses("weight") and recipe.normalize_ and all(w == 0.0 for w in weights):
             raise MergeError(
                 f"every model's weight is 0 at tensor '{name}' and normalize is on, so the merge "
                 "divides by zero: give at least one model a non-zero weight there, or set normalize: false"
             )
-        if recipe.method == "linear" and recipe.normalize_ and abs(sum(weights)) < 1e-12:
+        if spec.family == "linear" and recipe.normalize_ and abs(sum(weights)) < 1e-12:
             raise MergeError(
                 f"the models' weights {list(weights)} sum to 0 at tensor '{name}' and linear with normalize "
                 "divides by that sum: give weights with a non-zero sum there, or set normalize: false"
@@ -76,6 +82,8 @@ def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorSc
             densities=tuple(m.density.at(place.depth, place.kind) for m in recipe.models),
             lam=recipe.lam.at(place.depth, place.kind),
             t=recipe.t.at(place.depth, place.kind),
+            gammas=tuple(m.gamma.at(place.depth, place.kind) for m in recipe.models),
+            epsilons=tuple(m.epsilon.at(place.depth, place.kind) for m in recipe.models),
         )
     return plan
 
@@ -90,7 +98,7 @@ def merge_tensor(
     family; see merging.fused). linear and slerp always run eagerly.
     """
     try:
-        _merge_into(recipe, s, x, out, check_finite, kernels == "compiled")
+        _merge_into(recipe, name, s, x, out, check_finite, kernels == "compiled")
     except NonFiniteMergeError:
         raise NonFiniteMergeError(
             f"the merged tensor '{name}' contains NaN or inf; lower the weights or lambda of this recipe"
@@ -104,65 +112,103 @@ def merge_tensor(
         ) from None
 
 
-def _merge_into(recipe: MergeRecipe, s: TensorScalars, x: TensorInputs, out: Tensor, check_finite: bool,
+def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, check_finite: bool,
                 compiled: bool) -> None:
-    method = recipe.method
+    spec = method_spec(recipe.method)
     with torch.no_grad():
-        if method == "slerp":
+        if spec.family == "slerp":
             a = x.base.float() + x.deltas[0].float()
             b = x.base.float() + x.deltas[1].float()
-            result = methods.slerp(a, b, s.t)
-            out.copy_(result)
+            out.copy_(methods.slerp(a, b, s.t))
             _finite(out, check_finite)  # after the cast: float16 can overflow where float32 did not
             return
-        active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing
         chunk = GPU_CHUNK if out.device.type == "cuda" else CPU_CHUNK
-        flat_out = out.view(-1)
-        flat_base = x.base.reshape(-1)
-        flat_deltas = [x.deltas[k].reshape(-1) for k in active]
-        weights = [s.weights[k] for k in active]
-        thresholds = cutoffs = None
-        scales = [1.0] * len(active)
-        if method == "ties":
-            assert x.tables is not None, "TIES needs magnitude tables"
-            thresholds = [methods.magnitude_threshold(x.tables[k], s.densities[k]) for k in active]
-        elif method in ("dare_linear", "dare_ties"):
-            assert x.draws is not None, "DARE needs its draws"
-            cut = [methods.dare_cutoff(s.densities[k]) for k in active]
-            cutoffs = [c for c, _ in cut]
-            if recipe.rescale_:
-                scales = [1.0 / p for _, p in cut]
-            flat_draws = [x.draws[k].reshape(-1) for k in active]
-        consensus = method in ("ties", "dare_ties")
-        for start in range(0, flat_out.numel(), chunk):
-            stop = min(start + chunk, flat_out.numel())
-            if compiled and method != "linear":  # one kernel: mask, elect, mix, cast, check
-                finite = fused.combine_into(
-                    flat_out[start:stop], flat_base[start:stop], [d[start:stop] for d in flat_deltas], weights,
-                    keep="magnitude" if thresholds is not None else "draw" if cutoffs is not None else "all",
-                    cuts=thresholds or cutoffs or [], draws=[dr[start:stop] for dr in flat_draws] if cutoffs else None,
-                    scales=scales, consensus=consensus, normalize=recipe.normalize_, lam=s.lam, compiled=True,
-                )
-                if check_finite and not finite:
-                    raise NonFiniteMergeError("non-finite values in a merged tensor")
-                continue
-            base = flat_base[start:stop].float()
-            deltas = [d[start:stop].float() for d in flat_deltas]
-            if method == "linear":
-                result = methods.linear(base, deltas, weights, normalize=recipe.normalize_)
-            else:
-                if thresholds is not None:
-                    keep = [d.abs() >= thr for d, thr in zip(deltas, thresholds)]
-                elif cutoffs is not None:  # a cutoff of 256 keeps every byte (and overflows uint8)
-                    keep = [None if c >= methods.DARE_LEVELS else dr[start:stop] < c for dr, c in zip(flat_draws, cutoffs)]
-                else:
-                    keep = [None] * len(deltas)
-                result = methods.combine(
-                    base, deltas, weights, keep=keep, scales=scales, consensus=consensus,
-                    normalize=recipe.normalize_, lam=s.lam,
-                )
-            flat_out[start:stop].copy_(result)
-            _finite(flat_out[start:stop], check_finite)  # after the cast, as above
+        flat_out, flat_base = out.view(-1), x.base.reshape(-1)
+        if spec.family == "linear":
+            active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing
+            weights = [s.weights[k] for k in active]
+            for start in range(0, flat_out.numel(), chunk):
+                stop = min(start + chunk, flat_out.numel())
+                deltas = [x.deltas[k].reshape(-1)[start:stop].float() for k in active]
+                result = methods.linear(flat_base[start:stop].float(), deltas, weights, normalize=recipe.normalize_)
+                flat_out[start:stop].copy_(result)
+                _finite(flat_out[start:stop], check_finite)  # after the cast, as above
+            return
+        _task_vectors(recipe, spec, name, s, x, out, chunk, check_finite, compiled)
+
+
+def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, chunk: int,
+                  check_finite: bool, compiled: bool) -> None:
+    """The task-vector family (and model_stock, task arithmetic with its own weights) in chunks."""
+    if spec.family == "model_stock":
+        ratio = methods.model_stock_ratio(x.deltas)
+        active, weights, keep, lam, normalize = list(range(len(x.deltas))), [ratio / len(x.deltas)] * len(x.deltas), "all", 1.0, False
+    else:
+        active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing
+        weights, keep, lam, normalize = [s.weights[k] for k in active], spec.keep, s.lam, recipe.normalize_
+    n, dev = out.numel(), out.device
+    scales = [1.0] * len(active)
+    lower, upper = [_KEEP_ALL] * len(active), [methods.NO_UPPER] * len(active)
+    probs, spread = [1.0] * len(active), [0.0] * len(active)
+    if keep in ("magnitude", "outliers"):
+        orders = x.orders or [methods.MagnitudeOrder(d, table=False) for d in x.deltas]
+        for j, k in enumerate(active):
+            kept = methods.kept_range(keep, n, s.densities[k], s.gammas[k] if s.gammas else 0.0)
+            if kept is not None:
+                lower[j], upper[j] = orders[k].bounds(kept)
+        if all(b == _KEEP_ALL for b in lower) and all(b == methods.NO_UPPER for b in upper):
+            keep = "all"  # density 1 everywhere: nothing to rank
+    elif keep == "random":
+        probs = [min(1.0, s.densities[k]) for k in active]
+        if recipe.rescale_:
+            scales = [1.0 / float(torch.tensor(p, dtype=torch.float32)) for p in probs]  # the applied probability
+        if all(p >= 1.0 for p in probs):
+            keep = "all"
+    elif keep == "della":
+        for j, k in enumerate(active):
+            if s.densities[k] < 1.0:  # density 1 keeps everything, as mergekit
+                probs[j], spread[j] = s.densities[k] - s.epsilons[k], 2.0 * s.epsilons[k]
+        if all(p >= 1.0 for p in probs):
+            keep = "all"
+    if spec.consensus:
+        coeffs = [w * sc for w, sc in zip(weights, scales)]
+    else:
+        divisor = float(sum(weights)) if normalize else 1.0
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+        coeffs = [lam * w * sc / divisor for w, sc in zip(weights, scales)]
+    if any(abs(c) > _FLOAT32_MAX for c in coeffs):
+        raise RuntimeError("coefficients overflow float32")  # reported by merge_tensor with the weights
+    f32 = dict(dtype=torch.float32, device=dev)
+    i64 = dict(dtype=torch.int64, device=dev)
+    keys = [methods.draw_keys(recipe.seed, k, name) for k in active] if keep in ("random", "della") else [(0, 0, 0)] * len(active)
+    fixed = dict(
+        coeffs=torch.tensor(coeffs, **f32), lower_v=torch.tensor([b[0] for b in lower], **f32),
+        lower_i=torch.tensor([b[1] for b in lower], **i64), upper_v=torch.tensor([b[0] for b in upper], **f32),
+        upper_i=torch.tensor([b[1] for b in upper], **i64), probs=torch.tensor(probs, **f32),
+        spread=torch.tensor(spread, **f32), keys=torch.tensor(keys, **i64),
+        signs=torch.tensor([1.0 if w > 0 else -1.0 for w in weights], **f32),
+        weights=torch.tensor(weights, **f32), lam=torch.tensor(lam, **f32),
+    )
+    static = dict(keep=keep, consensus=spec.consensus, normalize=normalize, rescale=recipe.rescale_,
+                  check=compiled and check_finite)
+    flat_out, flat_base = out.view(-1), x.base.reshape(-1)
+    flat_deltas = [x.deltas[k].reshape(-1) for k in active]
+    if keep == "della":  # ranks are taken within rows: chunks hold whole rows
+        width = out.shape[-1] if out.dim() > 1 else n
+        chunk = max(width, chunk // width * width)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        ranks = [methods.row_ranks(d[start:stop].view(-1, width)).view(-1) for d in flat_deltas] if keep == "della" else []
+        finite = fused.run_chunk(
+            flat_out[start:stop], flat_base[start:stop], [d[start:stop] for d in flat_deltas],
+            torch.tensor(start, **i64), fixed["coeffs"], fixed["lower_v"], fixed["lower_i"], fixed["upper_v"],
+            fixed["upper_i"], fixed["probs"], fixed["spread"], fixed["keys"], ranks, fixed["signs"], fixed["weights"],
+            fixed["lam"], compiled=compiled, **static,
+        )
+        if finite is None:
+            _finite(flat_out[start:stop], check_finite)  # after the cast: float16 can overflow where float32 did not
+        elif check_finite and not finite:
+            raise NonFiniteMergeError("non-finite values in a merged tensor")
 
 
 def _finite(t: Tensor, check: bool) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merging import methods
 from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
 from merging.engine import TensorInputs, TensorScalars, merge_tensor, plan_scalars
 from merging.errors import MergeError
@@ -122,11 +121,7 @@ def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars
         return ref.read(spec.name)
     base = ref.read(spec.name, device=device, dtype=spec.dtype)
     deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
-    inputs = TensorInputs(base=base, deltas=deltas)
-    if recipe.method == "ties":
-        inputs.tables = [methods.MagnitudeRanks(d) for d in deltas]
-    elif recipe.method.startswith("dare"):
-        inputs.draws = [methods.dare_draws(spec.shape, recipe.seed, k, spec.name).to(device) for k in range(len(models))]
+    inputs = TensorInputs(base=base, deltas=deltas)  # magnitude bounds are selected exactly, no tables
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
     merge_tensor(recipe, spec.name, plan[spec.name], inputs, result, kernels=kernels)
     return result

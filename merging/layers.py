@@ -44,6 +44,13 @@ class LayerMap:
         return self.places[name]
 
 
+def at_top(name: str) -> bool:
+    """Whether a tensor name (or a mergekit filter naming one) is the final norm or the head: the
+    tensors basin places at depth 1."""
+    probe = name if name.endswith(".") else name + "."
+    return bool(_HEAD.search(probe) or _FINAL_NORM.search(probe)) and not _LAYER.search(probe)
+
+
 def _kind(name: str) -> str:
     if _LAYER_NORM.search(name):
         return "other"

@@ -1,16 +1,20 @@
-"""Merge math: pure functions on tensors, with mergekit's semantics.
+"""Merge math: pure functions on tensors, with mergekit's semantics where mergekit has the method.
 
-Every method is expressed on a base tensor B and task vectors T_k = M_k - B. TIES and DARE are one
-generalized task-arithmetic routine (`combine`) with switches: which entries each task vector keeps
-(by magnitude, at random, or all), whether a sign is elected per entry, whether the mix is normalized.
+The task-vector family (task_arithmetic, ties, dare_*, breadcrumbs*, della*) is one routine,
+`task_vector_chunk`: every task vector T_k = M_k - B is sparsified by a keep rule, optionally a sign
+is elected per entry, and B + lambda * mix is written out. The same function runs eagerly or
+compiled (merging/fused.py), so the two paths cannot drift apart.
 
-Two choices made here, both deterministic and shared by the search and the export paths:
-- TIES thresholds come from a table of each task vector's magnitudes at ranks int(j/1000 * n);
-  a density on that 0.001 grid keeps exactly mergekit's int(density * n) largest entries
-  (ties at the threshold aside), a density between grid points interpolates the threshold.
-- DARE draws one byte per entry from a seed derived from (recipe seed, model index, tensor name):
-  an entry survives when its byte < round(density * 256), so keep probabilities are multiples of
-  1/256; survivors are divided by that keep probability (the DARE paper's rescale, not an L1 match).
+Recipes mean exactly what they say:
+- magnitude keep rules rank entries by |T| (largest first) and, among equal magnitudes, by position
+  (lowest first), so TIES keeps exactly max(1, int(d*n)) entries and breadcrumbs exactly int(d*n)
+  after setting aside int(gamma*n), for any density. mergekit keeps the same counts; where
+  magnitudes tie at the boundary it keeps whichever its (unstable) sort puts first;
+- random keep rules (DARE, DELLA) keep an entry when its uniform draw u < p. u comes from a
+  counter-based hash of (seed, model, tensor, position), 24 bits: the same on every device, for any
+  chunking, and nothing is stored. A density d keeps with probability d (to 2^-24); survivors are
+  divided by their keep probability when rescale is on (the papers' rescale; mergekit matches the
+  L1 norm instead).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-TABLE_POINTS = 1000
-DARE_LEVELS = 256
+TABLE_POINTS = 1000  # magnitude bounds precomputed at densities j / TABLE_POINTS
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # below 2**31: a product with a 32-bit value fits in int64 without wrapping
 
 
 def all_finite(t: Tensor) -> bool:
@@ -36,128 +41,176 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def magnitude_table(delta: Tensor, points: int = TABLE_POINTS) -> Tensor:
-    """|delta| at the ranks max(1, int(j / points * n)) for j = 0..points, largest first (float32, CPU)."""
-    flat = delta.detach().reshape(-1).abs().float()
-    n = flat.numel()
-    ranks = torch.tensor([max(1, int(j / points * n)) for j in range(points + 1)])  # int(d * n) in floats, as mergekit
-    if flat.device.type == "cpu":  # numpy's sort is about 10x faster than torch.sort on a CPU here
-        ascending = torch.from_numpy(np.sort(flat.numpy()))
-        return ascending[n - ranks]  # the rank-th largest
-    ordered = torch.sort(flat, descending=True).values
-    return ordered[ranks.to(ordered.device) - 1].cpu()
+# --- magnitude ranks -----------------------------------------------------------------------------
+
+NONE_KEPT = (math.inf, -1)  # a lower bound no finite entry passes
+NO_UPPER = (math.inf, -1)  # an upper bound every finite entry passes
 
 
-class MagnitudeRanks:
-    """The entries of `magnitude_table(delta)` computed on demand by selection, not a full sort:
-    the export needs one or two of them per tensor, the resident path all of them once.
-
-    On a CPU numpy's introselect does the selection (about 9x faster than torch.kthvalue here);
-    an order statistic is exact whichever algorithm finds it.
-    """
-
-    def __init__(self, delta: Tensor, points: int = TABLE_POINTS) -> None:
-        self._abs = delta.detach().reshape(-1).abs().float()
-        self._points = points
-
-    def numel(self) -> int:
-        return self._points + 1
-
-    def __getitem__(self, j: int) -> float:
-        n = self._abs.numel()
-        rank = max(1, int(j / self._points * n))  # the rank-th largest = the (n - rank)-th smallest, from 0
-        if self._abs.device.type == "cpu":
-            return float(np.partition(self._abs.numpy(), n - rank)[n - rank])
-        return float(torch.kthvalue(self._abs, n - rank + 1).values)
+def kept_range(keep: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
+    """(skip, count): the entries at positions skip .. skip + count - 1 of the magnitude order are
+    kept; None keeps every entry (density 1, as mergekit)."""
+    if density >= 1.0:
+        return None
+    if keep == "magnitude":  # mergekit's magnitude: at least one entry survives
+        return 0, max(1, int(density * n))
+    target, top = int(density * n), int(gamma * n)  # mergekit's magnitude_outliers
+    bottom = max(0, n - target - top)
+    return n - bottom - target, target
 
 
-def magnitude_threshold(table: Tensor | MagnitudeRanks, density: float) -> float:
-    """The magnitude at or above which an entry is kept for this density."""
-    points = table.numel() - 1
-    pos = round(density * points, 9)
-    lo = min(int(pos), points - 1)
-    frac = pos - lo
-    low = float(table[lo])
-    if frac == 0.0:  # a density on the table's grid: one rank, no interpolation
-        return low
-    high = float(table[lo + 1])
-    return low + (high - low) * frac
+def order_bound(absval: Tensor, position: int) -> tuple[float, int]:
+    """(magnitude, index) of the entry at `position` (from 0) when the flat float32 `absval` is
+    ordered by magnitude, largest first, then by index, lowest first."""
+    n = absval.numel()
+    if absval.device.type == "cpu":  # numpy's introselect: about 9x faster than torch.kthvalue here
+        a = absval.numpy()
+        value = float(np.partition(a, n - 1 - position)[n - 1 - position])
+        greater = int(np.count_nonzero(a > value))
+        index = int(np.flatnonzero(a == value)[position - greater])
+        return value, index
+    value = float(torch.kthvalue(absval, n - position).values)
+    greater = int((absval > value).sum())
+    index = int(torch.nonzero(absval == value)[position - greater])
+    return value, index
 
 
-def dare_seed(seed: int, model_index: int, name: str) -> int:
-    """A stable 63-bit seed for one model's tensor, the same on every machine and run."""
-    digest = hashlib.blake2b(f"{seed}:{model_index}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+class MagnitudeOrder:
+    """Bounds of the magnitude order of one task vector: precomputed at the TIES densities of the
+    0.001 grid (one sort, for a worker that merges many candidates), any other position selected
+    exactly when asked."""
 
-
-def dare_draws(shape: Sequence[int], seed: int, model_index: int, name: str) -> Tensor:
-    """One uniform byte per entry, drawn on the CPU so every device gets the same draws."""
-    gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, model_index, name))
-    return torch.randint(0, DARE_LEVELS, tuple(shape), dtype=torch.uint8, generator=gen)
-
-
-def dare_cutoff(density: float) -> tuple[int, float]:
-    """(byte cutoff, keep probability) for a DARE density; at least one level survives."""
-    cutoff = min(DARE_LEVELS, max(1, round(density * DARE_LEVELS)))
-    return cutoff, cutoff / DARE_LEVELS
-
-
-def combine(
-    base: Tensor,
-    deltas: Sequence[Tensor],
-    weights: Sequence[float],
-    *,
-    keep: Sequence[Tensor | None],
-    scales: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    lam: float,
-) -> Tensor:
-    """Generalized task arithmetic: B + lam * mix of the kept, scaled and weighted task vectors.
-
-    keep[k] is a boolean mask of the entries task vector k keeps (None keeps all); scales[k]
-    multiplies the survivors (DARE's rescale). With consensus, a sign is elected per entry from
-    the sum of the weighted vectors (zero counts as +) and only agreeing, non-zero entries are
-    mixed; normalize divides by the sum of the weights that took part (a zero divisor counts as 1).
-    """
-    if not deltas:
-        return base.clone()
-    # Fused ops (add_ with alpha, addcmul_) keep the number of passes over the tensor small.
-    if not consensus:
-        divisor = float(sum(weights)) if normalize else 1.0
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-        out = base.clone()
-        for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
-            coeff = lam * w * scale / divisor
-            if mask is None:
-                out.add_(delta, alpha=coeff)
+    def __init__(self, delta: Tensor, *, table: bool, points: int = TABLE_POINTS) -> None:
+        self._delta = delta
+        self.n = delta.numel()
+        self._table: dict[int, tuple[float, int]] = {}
+        if table:
+            absval = delta.detach().reshape(-1).abs().float()
+            positions = sorted({max(1, int(j / points * self.n)) - 1 for j in range(points + 1)})
+            if absval.device.type == "cpu":
+                a = absval.numpy()
+                order = np.argsort(-a, kind="stable")[positions]
+                values = a[order]
+                self._table = {p: (float(v), int(i)) for p, v, i in zip(positions, values, order)}
             else:
-                out.addcmul_(delta, mask, value=coeff)
-        return out
-    # Sign election: the sum of the kept, scaled, weighted vectors; zero counts as +.
-    total = torch.zeros_like(base)
-    for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
-        if mask is None:
-            total.add_(delta, alpha=w * scale)
-        else:
-            total.addcmul_(delta, mask, value=w * scale)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-    mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base) if normalize else None
-    for delta, w, mask, scale in zip(deltas, weights, keep, scales, strict=True):
-        aligned = delta * elected  # > 0 where delta's sign is the elected one, for w > 0
-        agree = aligned > 0 if w > 0 else aligned < 0
-        if mask is not None:
-            agree &= mask
-        mixed.addcmul_(delta, agree, value=w * scale)
-        if divisor is not None:
-            divisor.add_(agree, alpha=w)
-    if divisor is not None:
-        mixed /= divisor.masked_fill_(divisor == 0, 1.0)
-    if lam != 1.0:
-        mixed *= lam
-    return mixed.add_(base)
+                values, order = torch.sort(absval, descending=True, stable=True)
+                pos = torch.tensor(positions, device=absval.device)
+                self._table = {p: (float(v), int(i)) for p, v, i in
+                               zip(positions, values[pos].tolist(), order[pos].tolist())}
 
+    def table_bytes(self) -> int:
+        return 16 * len(self._table)
+
+    def bound(self, position: int) -> tuple[float, int]:
+        if position in self._table:
+            return self._table[position]
+        return order_bound(self._delta.detach().reshape(-1).abs().float(), position)
+
+    def bounds(self, kept: tuple[int, int]) -> tuple[tuple[float, int], tuple[float, int]]:
+        """(lower, upper) bounds for a kept range: keep |x| above lower (ties: index at most its
+        index) and below upper (ties: index above its index)."""
+        skip, count = kept
+        lower = self.bound(skip + count - 1) if count > 0 else NONE_KEPT
+        upper = self.bound(skip - 1) if skip > 0 else NO_UPPER
+        return lower, upper
+
+
+# --- random draws --------------------------------------------------------------------------------
+
+def draw_keys(seed: int, model_index: int, name: str) -> tuple[int, int, int]:
+    """Three 32-bit keys for one model's tensor, the same on every machine and run."""
+    digest = hashlib.blake2b(f"{seed}:{model_index}:{name}".encode(), digest_size=12).digest()
+    return tuple(int.from_bytes(digest[i:i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    return (x >> 16) ^ x
+
+
+def uniform(index: Tensor, keys: Tensor) -> Tensor:
+    """A float32 uniform in [0, 1) with 24 bits for each int64 position in `index`, keyed by three
+    32-bit `keys` (an int64 tensor): integer arithmetic only, so every device draws the same."""
+    x = _mix32((index & _M32) ^ keys[0])
+    x = _mix32(x ^ (index >> 32) ^ keys[1])
+    x = _mix32(x ^ keys[2])
+    return (x >> 8).float() * (2.0 ** -24)
+
+
+def row_ranks(delta: Tensor) -> Tensor:
+    """Each entry's rank of magnitude within its row, scaled to [0, 1] (0: smallest), float32, as
+    DELLA's keep probabilities use it; rows are the last dimension (a 1-D tensor is one row).
+    Equal magnitudes are ranked by position."""
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+    width = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    steps = torch.arange(width, dtype=torch.float32, device=rows.device).expand_as(ranks)
+    ranks.scatter_(1, order, steps)
+    return ranks.div_(max(width - 1, 1)).reshape(delta.shape)
+
+
+# --- the task-vector family ----------------------------------------------------------------------
+
+def task_vector_chunk(
+    out: Tensor, base: Tensor, deltas: list[Tensor], start: Tensor, coeffs: Tensor, lower_v: Tensor,
+    lower_i: Tensor, upper_v: Tensor, upper_i: Tensor, probs: Tensor, spread: Tensor, keys: Tensor,
+    ranks: list[Tensor], signs: Tensor, weights: Tensor, lam: Tensor,
+    keep: str, consensus: bool, normalize: bool, rescale: bool, check: bool,
+) -> Tensor | None:
+    """Write one flat chunk of a task-vector merge into `out`; with `check`, return whether it is all
+    finite after the cast to out's dtype.
+
+    Per task vector k: coeffs[k] is its factor (lam * w * scale / divisor without sign election,
+    w * scale with it); lower/upper bounds (magnitude, index) its magnitude keep rule; probs[k] its
+    keep probability (random) or d - epsilon (della) with spread[k] = 2 * epsilon; keys[k] its three
+    draw keys; ranks[k] its row ranks (della); signs[k] the sign of w_k; weights[k] w_k, for the
+    disjoint mean's divisor. `start` is the chunk's flat offset in the tensor (draws and tie-breaks
+    see positions in the whole tensor).
+    """
+    b = base.float()
+    index = torch.arange(b.numel(), device=b.device, dtype=torch.int64) + start if keep != "all" else None
+    kept = []
+    for k, delta in enumerate(deltas):
+        d = delta.float()
+        if keep in ("magnitude", "outliers"):
+            a = d.abs()
+            mask = (a > lower_v[k]) | ((a == lower_v[k]) & (index <= lower_i[k]))
+            if keep == "outliers":
+                mask = mask & ((a < upper_v[k]) | ((a == upper_v[k]) & (index > upper_i[k])))
+            d = torch.where(mask, d, 0.0)
+        elif keep == "random":
+            d = torch.where(uniform(index, keys[k]) < probs[k], d, 0.0)
+        elif keep == "della":
+            p = (probs[k] + spread[k] * ranks[k]).clamp(0.0, 1.0)
+            survive = uniform(index, keys[k]) < p
+            d = torch.where(survive, d / p if rescale else d, 0.0)
+        kept.append(d)
+    if not consensus:
+        result = b.clone()
+        for k, d in enumerate(kept):
+            result.add_(d * coeffs[k])
+    else:
+        total = torch.zeros_like(b)
+        for k, d in enumerate(kept):
+            total.add_(d * coeffs[k])
+        elected = torch.where(total >= 0, 1.0, -1.0)  # zero counts as +
+        mixed = torch.zeros_like(b)
+        divisor = torch.zeros_like(b) if normalize else None
+        for k, d in enumerate(kept):
+            agree = (d * elected) * signs[k] > 0  # the weighted entry has the elected sign
+            mixed.add_(torch.where(agree, d, 0.0) * coeffs[k])
+            if divisor is not None:
+                divisor.add_(agree * weights[k])
+        if divisor is not None:
+            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+        result = mixed.mul_(lam).add_(b)
+    out.copy_(result)
+    return torch.isfinite(out).all() if check else None
+
+
+# --- the other families --------------------------------------------------------------------------
 
 def linear(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:
     """sum_k w_k M_k (divided by sum_k w_k when normalize), with M_k = base + deltas[k]."""
@@ -186,3 +239,20 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float 
     s = math.sin(theta)
     wa, wb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
     return (a.float() * wa).add_(b.float(), alpha=wb)
+
+
+def model_stock_ratio(deltas: Sequence[Tensor]) -> float:
+    """Model Stock's interpolation ratio t = k cos / (1 + (k - 1) cos) for one tensor, with cos the
+    mean pairwise cosine of the k task vectors (float64 sums); 0 where the ratio is singular.
+    The merge is then base + t * mean_k T_k."""
+    flat = [d.reshape(-1).double() for d in deltas]
+    norms = [float(f.norm()) for f in flat]
+    cosines = []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            dot = float(torch.dot(flat[i], flat[j]))
+            cosines.append(max(-1.0, min(1.0, dot / max(norms[i] * norms[j], 1e-6))))
+    cos = sum(cosines) / len(cosines)
+    k = len(flat)
+    denominator = 1.0 + (k - 1) * cos
+    return 0.0 if abs(denominator) < 1e-6 else k * cos / denominator

@@ -1,7 +1,7 @@
 """The merge recipe: a value type, its hand-written YAML form, and its validation.
 
 ```yaml
-method: ties                 # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp
+method: ties                 # one of merging.catalog.METHODS (README: the method table)
 base: path/to/base           # required by every method but linear and slerp
 models:
   - path: path/to/code-ft
@@ -9,14 +9,17 @@ models:
     density: [0.3, 0.8]      # ... or values over depth, interpolated linearly across layers
   - path: path/to/chat-ft
     weight: {attn: 0.2, mlp: [0.4, 0.9], default: 0.5}   # separate attention / MLP values
+    # gamma: 0.01            # breadcrumbs: fraction of largest entries set aside
+    # epsilon: 0.15          # della: spread of the keep probabilities
 parameters:
   lambda: 1.0                # global scale of the merged task vector (also per-layer)
   normalize: true            # default per method, as in mergekit
-  rescale: true              # DARE: divide survivors by their keep probability
-  seed: 0                    # DARE's random draws
+  rescale: true              # DARE, DELLA: divide survivors by their keep probability
+  seed: 0                    # DARE's and DELLA's random draws
   t: 0.5                     # slerp only: 0 gives the first model, 1 the second
 dtype: bfloat16
 ```
+Which keys a method reads, and their defaults, come from the method table (merging/catalog.py).
 """
 
 from __future__ import annotations
@@ -28,15 +31,9 @@ from typing import Any
 
 import yaml
 
+from merging.catalog import METHODS, PARAMS, check_model_count, check_value, method_spec
 from merging.errors import MergeError, did_you_mean, unknown
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
-# mergekit's defaults, so recipes mean the same in both tools.
-DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True,
-                     "dare_linear": False, "dare_ties": False, "slerp": False}
-DEFAULT_RESCALE = {"dare_linear": True, "dare_ties": True}
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 DTYPES = ("float32", "float16", "bfloat16")
 PARAM_KINDS = ("attn", "mlp", "default")
 
@@ -64,6 +61,8 @@ class LayerParam:
         if len(values) == 1:
             return values[0]
         pos = depth * (len(values) - 1)
+        if abs(pos - round(pos)) < 1e-9:  # on an anchor (one value per layer): that value, exactly
+            return values[round(pos)]
         lo = min(int(pos), len(values) - 2)
         frac = pos - lo
         return values[lo] * (1.0 - frac) + values[lo + 1] * frac
@@ -84,11 +83,17 @@ class LayerParam:
         return {k: plain(v) for k, v in out.items() if v is not None}
 
 
+def _default(name: str) -> LayerParam:
+    return LayerParam.constant(PARAMS[name].default)
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     path: str
     weight: LayerParam = field(default_factory=lambda: LayerParam.constant(1.0))
-    density: LayerParam = field(default_factory=lambda: LayerParam.constant(1.0))
+    density: LayerParam = field(default_factory=lambda: _default("density"))
+    gamma: LayerParam = field(default_factory=lambda: _default("gamma"))
+    epsilon: LayerParam = field(default_factory=lambda: _default("epsilon"))
 
 
 @dataclass(frozen=True)
@@ -107,11 +112,11 @@ class MergeRecipe:
 
     @property
     def normalize_(self) -> bool:
-        return DEFAULT_NORMALIZE[self.method] if self.normalize is None else self.normalize
+        return method_spec(self.method).normalize if self.normalize is None else self.normalize
 
     @property
     def rescale_(self) -> bool:
-        return DEFAULT_RESCALE.get(self.method, False) if self.rescale is None else self.rescale
+        return bool(method_spec(self.method).rescale) if self.rescale is None else self.rescale
 
     @property
     def reference(self) -> str:
@@ -151,6 +156,9 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
     return LayerParam(default=numbers(value, where))
 
 
+_PER_MODEL = ("weight", "density", "gamma", "epsilon")
+
+
 def _check_keys(data: Mapping, known: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in known:
@@ -168,7 +176,7 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
         raise MergeError(f"recipe: 'method' is missing. Known: {', '.join(METHODS)}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
-        raise MergeError("recipe: 'models' must be a non-empty list of {path, weight, density}")
+        raise MergeError("recipe: 'models' must be a non-empty list of {path, weight, density, ...}")
     entries = []
     for i, m in enumerate(models_raw):
         where = f"models[{i}]"
@@ -176,12 +184,11 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
             m = {"path": m}
         if not isinstance(m, Mapping) or "path" not in m:
             raise MergeError(f"{where}: each model needs a 'path' (a local folder or a hub id)")
-        _check_keys(m, ("path", "weight", "density"), where)
-        entries.append(ModelEntry(
-            path=str(m["path"]),
-            weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None),
-            density=_parse_param(m.get("density", 1.0), f"{where}.density", required_default=1.0),
-        ))
+        _check_keys(m, ("path", *_PER_MODEL), where)
+        entries.append(ModelEntry(path=str(m["path"]), weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None), **{
+            key: _parse_param(m.get(key, PARAMS[key].default), f"{where}.{key}", required_default=PARAMS[key].default)
+            for key in _PER_MODEL[1:]
+        }))
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise MergeError("recipe: 'parameters' must be a mapping")
@@ -209,36 +216,32 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
 
 def validate_recipe(recipe: MergeRecipe) -> None:
     """Check what can be checked without the models; raises MergeError."""
-    if recipe.method not in METHODS:
-        raise unknown("method", recipe.method, METHODS)
+    spec = method_spec(recipe.method)
     if recipe.dtype not in DTYPES:
         raise unknown("dtype", recipe.dtype, DTYPES)
-    if recipe.method in NEEDS_BASE and recipe.base is None:
+    if spec.needs_base and recipe.base is None:
         raise MergeError(f"method '{recipe.method}' works on task vectors and needs 'base': the model the others were fine-tuned from")
-    if recipe.method == "slerp" and len(recipe.models) != 2:
-        raise MergeError(f"slerp interpolates between exactly two models; this recipe has {len(recipe.models)}. Use linear or ties for more")
+    if recipe.rescale and spec.rescale is None:
+        raise MergeError(f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that drop "
+                         "entries at random: dare_*, della*); remove it")
+    if problem := check_model_count(spec, len(recipe.models)):
+        raise MergeError(problem)
     paths = [m.path for m in recipe.models]
     if len(set(paths)) != len(paths):
         raise MergeError("the same model is listed twice in 'models'; give each fine-tune once")
     for i, m in enumerate(recipe.models):
-        for value in m.density.all_values():
-            if not 0.0 < value <= 1.0:
-                raise MergeError(f"models[{i}].density: {value} is outside (0, 1]: it is the fraction of each task vector kept")
-        for value in m.weight.all_values():
-            if value != value or abs(value) == float("inf"):
-                raise MergeError(f"models[{i}].weight: {value} is not a finite number; give a number such as 0.5")
-    for value in recipe.t.all_values():
-        if not 0.0 <= value <= 1.0:
-            raise MergeError(f"parameters.t: {value} is outside [0, 1]; 0 gives the first model, 1 the second")
-    for value in recipe.lam.all_values():
-        if value != value or abs(value) == float("inf"):
-            raise MergeError(f"parameters.lambda: {value} is not a finite number; give a scale such as 1.0")
+        for key in _PER_MODEL:
+            for value in getattr(m, key).all_values():
+                check_value(PARAMS[key], value, f"models[{i}].{key}")
+    for key, param in (("t", recipe.t), ("lambda", recipe.lam)):
+        for value in param.all_values():
+            check_value(PARAMS[key], value, f"parameters.{key}")
 
 
 def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     """The YAML form; `recipe_from_dict(recipe_to_dict(r)) == r`."""
     params: dict[str, Any] = {"lambda": recipe.lam.to_yaml(), "seed": recipe.seed}
-    if recipe.method == "slerp":
+    if method_spec(recipe.method).uses("t"):
         params["t"] = recipe.t.to_yaml()
     if recipe.normalize is not None:
         params["normalize"] = recipe.normalize
@@ -247,9 +250,15 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     out: dict[str, Any] = {"method": recipe.method}
     if recipe.base is not None:
         out["base"] = recipe.base
-    out["models"] = [
-        {"path": m.path, "weight": m.weight.to_yaml(), "density": m.density.to_yaml()} for m in recipe.models
-    ]
+    spec = method_spec(recipe.method)
+    models = []
+    for m in recipe.models:
+        entry: dict[str, Any] = {"path": m.path, "weight": m.weight.to_yaml(), "density": m.density.to_yaml()}
+        for key in ("gamma", "epsilon"):  # written where the method reads it, or where it was set
+            if spec.uses(key) or getattr(m, key) != _default(key):
+                entry[key] = getattr(m, key).to_yaml()
+        models.append(entry)
+    out["models"] = models
     out["parameters"] = params
     out["dtype"] = recipe.dtype
     return out

@@ -1,9 +1,9 @@
 """The search's merge path: base and task vectors resident on one device, candidates written in place.
 
 A worker builds one `ResidentMerger` and one live model, then calls `apply(recipe, model)` for every
-candidate. What every candidate reuses (task vectors, TIES magnitude tables, DARE draws for the
-recipe's seed) is computed once; a candidate costs a few passes over the task vectors and no copy
-of the whole model.
+candidate. What every candidate reuses (task vectors, the magnitude tables of TIES and breadcrumbs)
+is computed once; a candidate costs a few passes over the task vectors and no copy of the whole
+model. Random draws (DARE, DELLA) are computed in each chunk from a counter, so none are stored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from merging import methods
+from merging.catalog import method_spec
 from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
 from merging.engine import TensorInputs, merge_tensor, plan_scalars
 from merging.errors import MergeError
@@ -55,38 +56,24 @@ class ResidentMerger:
                 self.base[name] = b
                 for k, ck in enumerate(ckpts):
                     self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
-        self._tables: list[dict[str, torch.Tensor]] | None = None
-        self._draws: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
     def prepare(self, methods_used: Iterable[str], seed: int = 0) -> None:
-        """Precompute what these methods need (TIES tables, DARE draws for `seed`) before the first candidate."""
-        methods_used = set(methods_used)
-        if "ties" in methods_used:
-            self._magnitude_tables()
-        if methods_used & {"dare_linear", "dare_ties"}:
-            self._dare_draws(seed)
+        """Precompute what these methods need (magnitude tables) before the first candidate."""
+        if any(method_spec(m).magnitude_ranked for m in methods_used):
+            self._magnitude_orders()
 
-    def _magnitude_tables(self) -> list[dict[str, torch.Tensor]]:
-        if self._tables is None:
-            bar = tqdm(total=len(self.names) * len(self.deltas), desc="TIES magnitude tables", disable=not self._progress)
-            self._tables = []
+    def _magnitude_orders(self) -> list[dict[str, methods.MagnitudeOrder]]:
+        if self._orders is None:
+            bar = tqdm(total=len(self.names) * len(self.deltas), desc="magnitude tables", disable=not self._progress)
+            self._orders = []
             for deltas in self.deltas:
-                self._tables.append({name: methods.magnitude_table(deltas[name]) for name in self.names})
+                self._orders.append({name: methods.MagnitudeOrder(deltas[name], table=True) for name in self.names})
                 bar.update(len(self.names))
             bar.close()
-        return self._tables
-
-    def _dare_draws(self, seed: int) -> list[dict[str, torch.Tensor]]:
-        if self._draws is None or self._draws[0] != seed:
-            self._draws = None  # free the previous seed's draws first
-            draws = [
-                {n: methods.dare_draws(d[n].shape, seed, k, n).to(self.device) for n in self.names}
-                for k, d in enumerate(tqdm(self.deltas, desc="DARE draws", disable=not self._progress))
-            ]
-            self._draws = (seed, draws)
-        return self._draws[1]
+        return self._orders
 
     def _target_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         key = id(model)
@@ -113,15 +100,13 @@ class ResidentMerger:
         """Write the recipe's merge into `model`'s parameters in place."""
         self.check_recipe(recipe)
         plan = plan_scalars(recipe, self.layer_map)
-        tables = self._magnitude_tables() if recipe.method == "ties" else None
-        draws = self._dare_draws(recipe.seed) if recipe.method.startswith("dare") else None
+        orders = self._magnitude_orders() if method_spec(recipe.method).magnitude_ranked else None
         targets = self._target_tensors(model)
         for name in self.names:
             inputs = TensorInputs(
                 base=self.base[name],
                 deltas=[d[name] for d in self.deltas],
-                tables=[t[name] for t in tables] if tables else None,
-                draws=[d[name] for d in draws] if draws else None,
+                orders=[o[name] for o in orders] if orders else None,
             )
             merge_tensor(recipe, name, plan[name], inputs, targets[name], kernels=self.kernels)
 

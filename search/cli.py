@@ -23,16 +23,28 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top_names(recipe) -> list[str] | None:
+    """The final norm and head tensors of the recipe's reference model, when it is at hand."""
+    from merging import Checkpoint, MergeError
+    from merging.layers import at_top
+
+    try:
+        return [n for n in Checkpoint(recipe.reference).names if at_top(n)]
+    except (MergeError, OSError, ValueError):
+        return None  # not local: a conversion that needs the names says so
+
+
 def _convert(args: argparse.Namespace) -> int:
     from merging import dump_recipe, from_mergekit, recipe_from_dict, to_mergekit
     from merging.recipe import read_yaml
 
     data = read_yaml(args.file, "file")
     is_mergekit = isinstance(data, dict) and "merge_method" in data
+    recipe = from_mergekit(data, approximate=args.approximate) if is_mergekit else recipe_from_dict(data)
     if args.to == "mergekit":
-        text = to_mergekit(from_mergekit(data) if is_mergekit else recipe_from_dict(data))
+        text = to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe))
     else:
-        text = dump_recipe(from_mergekit(data) if is_mergekit else recipe_from_dict(data))
+        text = dump_recipe(recipe)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
@@ -169,7 +181,7 @@ def _export(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not args.force:
             raise ConfigError(f"{out} already exists; choose another --out or pass --force")
-        out.write_text(to_mergekit(recipe))
+        out.write_text(to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe)))
     else:
         device = args.device or "cpu"
         out = export_merge(recipe, args.out, force=args.force, device=device, kernels=config.models.kernels,
@@ -230,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a basin recipe or a mergekit config")
     p.add_argument("--to", required=True, choices=["mergekit", "basin"], help="target format")
     p.add_argument("--out", help="write here instead of standard output")
+    p.add_argument("--approximate", action="store_true",
+                   help="convert methods that drop at random (dare_*, della*) although the weights will differ")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("run", help="run a study until its budget is spent")
@@ -272,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=int, required=True, help="trial number (see basin pareto)")
     p.add_argument("--out", required=True, help="output folder (or YAML file with --format mergekit)")
     p.add_argument("--format", choices=["hf", "mergekit"], default="hf")
+    p.add_argument("--approximate", action="store_true",
+                   help="with --format mergekit: write dare_* / della* recipes although mergekit's draws differ")
     p.add_argument("--device", help="merge on this device (default cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true")

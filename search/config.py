@@ -11,9 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluators.config import KINDS, EvaluatorSection
+from merging.catalog import METHODS, PARAMS, check_model_count, method_spec
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
-Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+Method = Literal[METHODS]  # the method table's names (merging/catalog.py)
 Range = float | tuple[float, float]
 
 
@@ -71,14 +72,16 @@ class SpaceSection(_Strict):
     group_size: int = Field(default=1, ge=1)  # layers per group, for granularity: group
     anchors: int = Field(default=3, ge=2)  # depths interpolated linearly, for granularity: anchors
     split_attn_mlp: bool = False
-    weight: Range = (0.0, 1.0)
-    density: Range = (0.1, 1.0)
-    lam: Range = Field(default=(0.3, 1.5), alias="lambda")
-    t: Range = (0.0, 1.0)
+    weight: Range = PARAMS["weight"].search
+    density: Range = PARAMS["density"].search
+    gamma: Range = PARAMS["gamma"].search  # breadcrumbs*
+    epsilon: Range = PARAMS["epsilon"].search  # della*
+    lam: Range = Field(default=PARAMS["lambda"].search, alias="lambda")
+    t: Range = PARAMS["t"].search
     normalize: bool | None = None  # None: each method's default
     seed: int = 0  # DARE's draws; fixed so candidates share random numbers
 
-    @field_validator("weight", "density", "lam", "t", mode="before")
+    @field_validator("weight", "density", "gamma", "epsilon", "lam", "t", mode="before")
     @classmethod
     def _range(cls, v: Any) -> Any:
         if isinstance(v, list):
@@ -90,16 +93,16 @@ class SpaceSection(_Strict):
     @model_validator(mode="after")
     def _check(self) -> SpaceSection:
         problems = []
-        for name in ("weight", "density", "lam", "t"):
+        for name in ("weight", "density", "gamma", "epsilon", "lam", "t"):
             value = getattr(self, name)
+            key = "lambda" if name == "lam" else name
             if isinstance(value, tuple) and value[0] > value[1]:
-                problems.append(f"{'lambda' if name == 'lam' else name}: low {value[0]} is above high {value[1]}")
-        lo, hi = self.density if isinstance(self.density, tuple) else (self.density, self.density)
-        if lo <= 0 or hi > 1:
-            problems.append(f"density must lie in (0, 1]; got {self.density}")
-        t_lo, t_hi = self.t if isinstance(self.t, tuple) else (self.t, self.t)
-        if t_lo < 0 or t_hi > 1:
-            problems.append(f"t must lie in [0, 1]; got {self.t}")
+                problems.append(f"{key}: low {value[0]} is above high {value[1]}")
+            param = PARAMS[key]
+            lo, hi = value if isinstance(value, tuple) else (value, value)
+            if lo < param.low or (param.low_open and lo == param.low) or hi > param.high:
+                bounds = f"{'(' if param.low_open else '['}{param.low:g}, {param.high:g}]"
+                problems.append(f"{key} must lie in {bounds} ({param.what}); got {value}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -213,8 +216,10 @@ def cross_problems(data: dict) -> list[str]:
         problems.append(f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has none. "
                         "Remove the fidelity section, or use evaluator.kind: harness")
     methods, finetunes = get("space", "methods"), get("models", "finetunes")
-    if isinstance(methods, list) and "slerp" in methods and isinstance(finetunes, list) and len(finetunes) != 2:
-        problems.append(f"space.methods: slerp merges exactly two fine-tunes; this config has {len(finetunes)}")
+    if isinstance(methods, list) and isinstance(finetunes, list):
+        for name in methods:
+            if name in METHODS and (problem := check_model_count(method_spec(name), len(finetunes), "this config")):
+                problems.append(f"space.methods: {problem}")
     return problems
 
 
@@ -222,15 +227,15 @@ def searchable(space: SpaceSection, n_models: int) -> bool:
     """Whether the space has at least one free parameter."""
     if len(space.methods) > 1:
         return True
-    method = space.methods[0]
-    free = [isinstance(space.weight, tuple) and n_models > 1 if method == "linear" else isinstance(space.weight, tuple)]
-    if method in ("ties", "dare_linear", "dare_ties"):
-        free.append(isinstance(space.density, tuple))
-    if method != "linear" and method != "slerp":
-        free.append(isinstance(space.lam, tuple))
-    if method == "slerp":
-        free = [isinstance(space.t, tuple)]
-    return any(free)
+    spec = method_spec(space.methods[0])
+    for name in spec.params:
+        free = isinstance(getattr(space, "lam" if name == "lambda" else name), tuple)
+        normalize = spec.normalize if space.normalize is None else space.normalize
+        if name == "weight" and spec.family == "linear" and normalize and n_models == 1:
+            free = False  # one normalized weight always gives the model itself
+        if free:
+            return True
+    return False
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:

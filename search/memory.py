@@ -2,7 +2,7 @@
 
 A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
 the live model candidates are written into, what the search's methods precompute (TIES magnitude
-tables; DARE's keep draws, one byte per entry per fine-tune), the scratch of one tensor's merge,
+tables, 16 bytes per point; DARE's draws are computed in place), the scratch of one tensor's merge,
 and what evaluation needs on top (logits and their log-softmax for a batch, the KV cache). The
 first five are fixed by the model set; the last grows with the batch and the sequence length, so it
 is an estimate at EVAL_TOKENS tokens per sequence.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from merging.catalog import method_spec
 from merging.methods import TABLE_POINTS
 from search.config import ConfigError, StudyConfig
 
@@ -62,11 +63,8 @@ def memory_plan(config: StudyConfig, capacity: int | None = None, capacity_from:
     model_bytes = params * width
     fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
              ("live model", model_bytes)]
-    methods = set(config.space.methods)
-    if "ties" in methods:
-        fixed.append(("TIES magnitude tables", n_ft * len(floats) * (TABLE_POINTS + 1) * 4))
-    if methods & {"dare_linear", "dare_ties"}:
-        fixed.append((f"DARE keep draws (1 byte per entry, {n_ft} fine-tunes)", n_ft * params))
+    if any(method_spec(m).magnitude_ranked for m in config.space.methods):
+        fixed.append(("magnitude tables", n_ft * len(floats) * (TABLE_POINTS + 1) * 16))
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
     batch = config.evaluator.batch_size if isinstance(getattr(config.evaluator, "batch_size", 1), int) else 1
@@ -108,7 +106,7 @@ def check_fits(plan: MemoryPlan) -> str | None:
         raise ConfigError(
             f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more than the "
             f"{plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the largest part is {biggest[0]} "
-            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, drop the dare methods "
+            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, drop the magnitude-ranked methods "
             "from space.methods, or a GPU with more memory")
     if plan.total_bytes > plan.capacity:
         return (f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "

@@ -1,7 +1,7 @@
 """The search space: trial -> params (`suggest`), params -> MergeRecipe (`recipe_from_params`, pure).
 
-Parameter names: `method`; `weight.<model>[.<attn|mlp>][.<slot>]` and `density.<model>...` per
-fine-tune; `lambda`; `t` (slerp). Slots are the granularity's depth positions: none for one value
+Parameter names: `method`; `weight.<model>[.<attn|mlp>][.<slot>]` and likewise `density`, `gamma`
+and `epsilon` per fine-tune, where the method reads them (merging/catalog.py); `lambda`; `t`. Slots are the granularity's depth positions: none for one value
 per model, `g<j>` per group of consecutive layers, `a<j>` per anchor depth. With split_attn_mlp,
 attention and MLP tensors get their own slots and the plain name holds the value of the rest
 (norms, embeddings, head).
@@ -18,10 +18,14 @@ from typing import Any
 
 import optuna
 
-from merging.recipe import USES_DENSITY, LayerParam, MergeRecipe, ModelEntry, validate_recipe
+from merging.catalog import METHOD_TABLE, PARAMS, method_spec
+from merging.recipe import LayerParam, MergeRecipe, ModelEntry, validate_recipe
 from search.config import SpaceSection, StudyConfig
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
+# Magnitude-ranked methods search density and gamma on this grid: the worker's precomputed tables
+# hold the TIES bounds of every density on it, and values over depth are stored rounded to it.
+RANK_GRID = 0.001
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,20 @@ def build_space(config: StudyConfig, base_dir: str | Path | None, num_layers: in
     )
 
 
-def _value(trial: optuna.trial.BaseTrial, name: str, spec: float | tuple[float, float]) -> float:
+def _value(trial: optuna.trial.BaseTrial, name: str, spec: float | tuple[float, float], step: float | None = None) -> float:
     if isinstance(spec, tuple):
+        if step is not None and spec[1] - spec[0] >= step:
+            return trial.suggest_float(name, spec[0], spec[1], step=step)
         return trial.suggest_float(name, spec[0], spec[1])
     return float(spec)
+
+
+def _setting(cfg: SpaceSection, name: str) -> float | tuple[float, float]:
+    return cfg.lam if name == "lambda" else getattr(cfg, name)
+
+
+def _step(method: str, name: str) -> float | None:
+    return RANK_GRID if name in ("density", "gamma") and method_spec(method).magnitude_ranked else None
 
 
 def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]:
@@ -100,27 +114,29 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]
     params: dict[str, Any] = {}
     methods = cfg.methods
     params["method"] = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
-    method = params["method"]
-    if method == "slerp":
-        params["t"] = _value(trial, "t", cfg.t)
-        return params
+    spec = method_spec(params["method"])
     for model in space.model_names:
-        for name in space.names("weight", model):
-            params[name] = _value(trial, name, cfg.weight)
-        if method in USES_DENSITY:
-            for name in space.names("density", model):
-                params[name] = _value(trial, name, cfg.density)
-    if method in TASK_VECTOR_METHODS:
-        params["lambda"] = _value(trial, "lambda", cfg.lam)
+        for kind in (k for k in PER_MODEL if spec.uses(k)):
+            for name in space.names(kind, model):
+                params[name] = _value(trial, name, _setting(cfg, kind), _step(spec.name, kind))
+    for name in ("lambda", "t"):
+        if spec.uses(name):
+            params[name] = _value(trial, name, _setting(cfg, name))
     return params
 
 
-def _layer_param(space: SearchSpace, params: dict[str, Any], kind: str, model: str, default: float) -> LayerParam:
+def _layer_param(space: SearchSpace, params: dict[str, Any], kind: str, model: str, default: float,
+                 grid: float | None = None) -> LayerParam:
     def values(prefix: str) -> tuple[float, ...]:
         slots = [float(params.get(f"{prefix}.{s}".rstrip("."), default)) for s in space.slots]
         if space.config.granularity == "group":
             # one value per layer, each layer taking its group's value
             return tuple(slots[i // space.config.group_size] for i in range(space.num_layers))
+        if grid is not None and len(slots) > 1:
+            # the anchors' interpolation at every layer, on the grid: the stored values are the applied ones
+            over = LayerParam(default=tuple(slots))
+            span = max(space.num_layers - 1, 1)
+            return tuple(round(round(over.at(i / span, "other") / grid) * grid, 9) for i in range(space.num_layers))
         return tuple(slots)
 
     if not space.config.split_attn_mlp:
@@ -139,11 +155,10 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
     method = full["method"]
     entries = []
     for model, path in zip(space.model_names, space.model_paths):
-        entries.append(ModelEntry(
-            path=path,
-            weight=_layer_param(space, full, "weight", model, 0.0),
-            density=_layer_param(space, full, "density", model, 1.0),
-        ))
+        entries.append(ModelEntry(path=path, weight=_layer_param(space, full, "weight", model, 0.0), **{
+            kind: _layer_param(space, full, kind, model, PARAMS[kind].default, _step(method, kind))
+            for kind in PER_MODEL[1:]
+        }))
     recipe = MergeRecipe(
         method=method,
         models=tuple(entries),
@@ -159,37 +174,44 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
 
 
 def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
-    """Reference recipes as params of this space: each fine-tune alone, the uniform average,
-    plain task arithmetic and TIES, each only where the space can express it exactly."""
+    """Reference recipes as params of this space: each fine-tune alone, the uniform average, plain
+    task arithmetic, TIES and Model Stock, each only where the space can express it exactly."""
     cfg, k = space.config, len(space.model_names)
     allowed = set(cfg.methods)
 
     def settable(spec: float | tuple[float, float], value: float) -> bool:
         return isinstance(spec, tuple) or spec == value
 
-    def can(method: str, weights: list[float], density: float = 1.0, lam: float = 1.0) -> bool:
-        if method not in allowed or not all(settable(cfg.weight, w) for w in weights):
+    def can(method: str, weights: list[float], **values: float) -> bool:
+        if method not in allowed:
             return False
-        if method in USES_DENSITY and not settable(cfg.density, density):
+        spec = method_spec(method)
+        wanted = {"density": 1.0, "lambda": 1.0, **values}
+        if spec.uses("weight") and not all(settable(cfg.weight, w) for w in weights):
             return False
-        return method not in TASK_VECTOR_METHODS or settable(cfg.lam, lam)
+        return all(settable(_setting(cfg, n), v) for n, v in wanted.items() if spec.uses(n))
 
-    def params(method: str, weights: list[float], density: float = 1.0, lam: float = 1.0) -> dict[str, Any]:
+    def params(method: str, weights: list[float], **values: float) -> dict[str, Any]:
+        spec = method_spec(method)
         p: dict[str, Any] = {"method": method} if len(cfg.methods) > 1 else {}
+        wanted = {"density": 1.0, "lambda": 1.0, **values}
         for model, w in zip(space.model_names, weights):
-            if isinstance(cfg.weight, tuple):
+            if spec.uses("weight") and isinstance(cfg.weight, tuple):
                 p.update({n: w for n in space.names("weight", model)})
-            if method in USES_DENSITY and isinstance(cfg.density, tuple):
-                p.update({n: density for n in space.names("density", model)})
-        if method in TASK_VECTOR_METHODS and isinstance(cfg.lam, tuple):
-            p["lambda"] = lam
+            for kind in ("density", "gamma", "epsilon"):
+                if spec.uses(kind) and kind in wanted and isinstance(_setting(cfg, kind), tuple):
+                    p.update({n: wanted[kind] for n in space.names(kind, model)})
+        if spec.uses("lambda") and isinstance(cfg.lam, tuple):
+            p["lambda"] = wanted["lambda"]
         return p
 
+    # with density 1 and lambda 1, each of these gives a one-hot weighted model itself
+    alone_methods = [m.name for m in METHOD_TABLE.values() if m.family in ("linear", "task_vector")]
     out: list[tuple[str, dict[str, Any]]] = []
     for i, model in enumerate(space.model_names):
         one = [1.0 if j == i else 0.0 for j in range(k)]
-        method = next((m for m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties") if can(m, one)), None)
-        if method and k > 1:  # with density 1 and lambda 1 every one of these gives the model itself
+        method = next((m for m in alone_methods if can(m, one)), None)
+        if method and k > 1:
             out.append((f"alone:{model}", params(method, one)))
         elif "slerp" in allowed and settable(cfg.t, float(i)) and k == 2:
             out.append((f"alone:{model}", {**({"method": "slerp"} if len(cfg.methods) > 1 else {}), "t": float(i)}))
@@ -199,9 +221,12 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
             break
     # plain task arithmetic and TIES: common defaults where free, the space's value where fixed
     lam = 0.5 if isinstance(cfg.lam, tuple) else cfg.lam
-    if can("task_arithmetic", [1.0] * k, lam=lam):
-        out.append(("task_arithmetic", params("task_arithmetic", [1.0] * k, lam=lam)))
+    if can("task_arithmetic", [1.0] * k, **{"lambda": lam}):
+        out.append(("task_arithmetic", params("task_arithmetic", [1.0] * k, **{"lambda": lam})))
     density = 0.5 if isinstance(cfg.density, tuple) else cfg.density
-    if can("ties", [1.0] * k, density=density, lam=1.0 if isinstance(cfg.lam, tuple) else cfg.lam):
-        out.append(("ties", params("ties", [1.0] * k, density=density)))
+    ties_lam = 1.0 if isinstance(cfg.lam, tuple) else cfg.lam
+    if can("ties", [1.0] * k, density=density, **{"lambda": ties_lam}):
+        out.append(("ties", params("ties", [1.0] * k, density=density, **{"lambda": ties_lam})))
+    if "model_stock" in allowed and k >= 2 and len(cfg.methods) > 1:
+        out.append(("model_stock", {"method": "model_stock"}))
     return [(name, p) for name, p in out if p]

@@ -93,7 +93,7 @@ def test_several_wrong_fields_are_reported_in_one_error(tmp_path):
     assert "6 problems" in message
     # each field by name, with the value and the valid choices
     assert "space.methods" in message and "'tie'" in message
-    assert "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties' or 'slerp'" in message
+    assert "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs'" in message and "'model_stock' or 'slerp'" in message
     assert "space.granularity" in message and "'layer'" in message and "'model', 'group' or 'anchors'" in message
     assert "space.densty: unknown key; did you mean 'density'?" in message
     assert "sampler.name" in message and "'tpee'" in message and "'tpe', 'cmaes', 'nsga2', 'gp' or 'random'" in message
@@ -199,7 +199,9 @@ def test_pareto_needs_two_objectives(tmp_path):
 def test_slerp_needs_exactly_two_finetunes(tmp_path):
     data = edited(models={"base": "b", "finetunes": ["f1", "f2", "f3"]}, space={"methods": ["slerp"]})
     message = problems(tmp_path, data)
-    assert "slerp merges exactly two fine-tunes; this config has 3" in message
+    assert "slerp merges exactly two models; this config has 3" in message
+    one = edited(models={"base": "b", "finetunes": ["f1"]}, space={"methods": ["model_stock", "ties"]})
+    assert "model_stock needs at least 2 fine-tunes; this config has 1" in problems(tmp_path, one)
     # with two it is fine
     load_config(write(tmp_path, edited(space={"methods": ["slerp"]}), "two.yaml"))
 

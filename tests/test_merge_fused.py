@@ -15,14 +15,16 @@ import torch
 
 from merging import (
     MergeError,
+    MergeRecipe,
+    ModelEntry,
     NonFiniteMergeError,
     ResidentMerger,
     export_merge,
     load_live_model,
-    methods,
     recipe_from_dict,
 )
-from merging.fused import combine_into, resolve_kernels
+from merging.engine import TensorInputs, TensorScalars, merge_tensor
+from merging.fused import resolve_kernels
 from tests.test_merge_models import (
     SETS,
     assert_close_dicts,
@@ -34,7 +36,7 @@ from tests.test_merge_models import (
     reference_merge,
 )
 
-FAMILY = ["task_arithmetic", "ties", "ties_full", "dare_linear", "dare_ties"]
+FAMILY = ["task_arithmetic", "ties", "ties_full", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock"]
 
 
 @pytest.fixture(scope="module")
@@ -64,36 +66,34 @@ def test_compiled_resident_merge_matches_the_reference_and_the_compiled_export_b
     assert_close_dicts(resident, reference_merge(data))
 
 
-@pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
-@pytest.mark.parametrize("keep", ["all", "magnitude", "draw"])
-@pytest.mark.parametrize("consensus", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_the_kernel_computes_what_combine_computes(keep, consensus, normalize):
-    """Hand-made tensors with ties, zeros, a negative weight, a cutoff of 256 and float16 output."""
+def hand_merge(method: str, normalize: bool, dtype: torch.dtype, kernels: str) -> torch.Tensor:
+    """Hand-made tensors with ties, zeros, a negative weight and opposite signs, merged by the engine."""
     gen = torch.Generator().manual_seed(3)
-    n = 4099  # not a multiple of any vector width
-    base = torch.randn(n, generator=gen)
-    deltas = [torch.randn(n, generator=gen) * 0.01 for _ in range(3)]
-    deltas[1][::7] = 0.0
-    deltas[2][::5] = -deltas[0][::5]  # opposite signs: the election has to choose
-    weights, scales = [0.7, -0.4, 1.1], [1.0, 1.0, 1.0]
-    draws = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for _ in range(3)]
-    cuts: list[float] = []
-    masks: list[torch.Tensor | None] = [None, None, None]
-    if keep == "magnitude":
-        cuts = [methods.magnitude_threshold(methods.magnitude_table(d), 0.4) for d in deltas]
-        masks = [d.abs() >= c for d, c in zip(deltas, cuts)]
-    elif keep == "draw":
-        cuts, scales = [128.0, 256.0, 32.0], [2.0, 1.0, 8.0]
-        masks = [draws[0] < 128, None, draws[2] < 32]
-    expected = methods.combine(base, deltas, weights, keep=masks, scales=scales, consensus=consensus,
-                               normalize=normalize, lam=0.8)
+    shape = (37, 111)  # 4107 entries: not a multiple of any vector width
+    base = torch.randn(shape, generator=gen)
+    deltas = [torch.randn(shape, generator=gen) * 0.01 for _ in range(3)]
+    deltas[1].view(-1)[::7] = 0.0
+    deltas[2].view(-1)[::5] = -deltas[0].view(-1)[::5]  # opposite signs: the election has to choose
+    deltas[0].view(-1)[::3] = 0.005  # equal magnitudes at the trim boundary
+    recipe = MergeRecipe(method=method, models=tuple(ModelEntry(path=f"m{k}") for k in range(3)), base="b",
+                         normalize=normalize, seed=4)
+    scalars = TensorScalars(weights=(0.7, -0.4, 1.1), densities=(0.4, 0.9, 1.0), lam=0.8, t=0.5,
+                            gammas=(0.05, 0.0, 0.1), epsilons=(0.1, 0.3, 0.2))
+    out = torch.empty(shape, dtype=dtype)
+    merge_tensor(recipe, "model.layers.0.mlp.up_proj.weight", scalars, TensorInputs(base, deltas), out, kernels=kernels)
+    return out
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                                    "breadcrumbs_ties", "della", "della_linear", "model_stock"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_compiled_kernel_computes_what_the_eager_one_computes(method, normalize):
     for dtype in (torch.float32, torch.float16):
-        out = torch.empty(n, dtype=dtype)
-        finite = combine_into(out, base, deltas, weights, keep=keep, cuts=cuts, draws=draws, scales=scales,
-                              consensus=consensus, normalize=normalize, lam=0.8, compiled=True)
-        assert finite
-        torch.testing.assert_close(out, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+        eager = hand_merge(method, normalize, dtype, "eager")
+        compiled = hand_merge(method, normalize, dtype, "compiled")
+        assert bool((eager != hand_merge("task_arithmetic", False, dtype, "eager")).any()) or method == "task_arithmetic"
+        torch.testing.assert_close(compiled, eager, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
 @pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
@@ -118,19 +118,13 @@ def test_without_a_compiler_it_warns_once_and_merges_eagerly(tmp_path):
     """A machine without a C++ compiler: the merge still happens, with eager ops and one warning."""
     script = (
         "import warnings, torch\n"
-        "from merging.fused import combine_into\n"
-        "b = torch.randn(1000); ds = [torch.randn(1000) for _ in range(2)]\n"
+        "from tests.test_merge_fused import hand_merge\n"
         "outs = []\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    for _ in range(2):\n"
-        "        out = torch.empty(1000)\n"
-        "        combine_into(out, b, ds, [0.5, 0.5], keep='all', cuts=[], draws=None, scales=[1.0, 1.0],\n"
-        "                     consensus=True, normalize=True, lam=1.0, compiled=True)\n"
-        "        outs.append(out)\n"
-        "ref = torch.empty(1000)\n"
-        "combine_into(ref, b, ds, [0.5, 0.5], keep='all', cuts=[], draws=None, scales=[1.0, 1.0],\n"
-        "             consensus=True, normalize=True, lam=1.0, compiled=False)\n"
+        "        outs.append(hand_merge('ties', True, torch.float32, 'compiled'))\n"
+        "ref = hand_merge('ties', True, torch.float32, 'eager')\n"
         "msgs = [str(w.message) for w in caught if 'compiled merge kernels' in str(w.message)]\n"
         "print(len(msgs), all(torch.equal(o, ref) for o in outs))\n"
     )

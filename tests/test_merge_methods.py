@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from merging import LayerParam, MergeError, MergeRecipe, ModelEntry, methods
+from merging.catalog import method_spec
 from merging.engine import TensorInputs, TensorScalars, merge_tensor
 from merging.layers import build_layer_map
-from merging.recipe import NEEDS_BASE
 
 
 def t(*values: float) -> torch.Tensor:
@@ -33,7 +33,8 @@ def merge(
     tt: float = 0.5,
     normalize: bool | None = None,
     rescale: bool | None = None,
-    draws: list[torch.Tensor] | None = None,
+    gammas: list[float] | None = None,
+    epsilons: list[float] | None = None,
     seed: int = 0,
     name: str = "model.layers.0.mlp.up_proj.weight",
 ) -> torch.Tensor:
@@ -41,7 +42,7 @@ def merge(
     recipe = MergeRecipe(
         method=method,
         models=tuple(ModelEntry(path=f"m{k}") for k in range(len(deltas))),
-        base="b" if method in NEEDS_BASE else None,
+        base="b" if method_spec(method).needs_base else None,
         normalize=normalize,
         rescale=rescale,
         seed=seed,
@@ -51,14 +52,10 @@ def merge(
         densities=tuple(densities or [1.0] * len(deltas)),
         lam=lam,
         t=tt,
+        gammas=tuple(gammas or [0.01] * len(deltas)),
+        epsilons=tuple(epsilons or [0.15] * len(deltas)),
     )
     inputs = TensorInputs(base=base, deltas=deltas)
-    if method == "ties":
-        inputs.tables = [methods.magnitude_table(d) for d in deltas]
-    if method.startswith("dare"):
-        inputs.draws = draws or [
-            methods.dare_draws(base.shape, seed, k, name) for k in range(len(deltas))
-        ]
     out = torch.empty_like(base)
     merge_tensor(recipe, name, scalars, inputs, out)
     return out
@@ -160,17 +157,50 @@ def test_ties_zero_entries_do_not_count_in_divisor():
     close(merge("ties", torch.zeros(2), [t(2, 0), t(2, 4)], [1.0, 1.0]), [2.0, 4.0])
 
 
-@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.7, 0.9, 0.999, 1.0])
+def kept_by_rank(delta: torch.Tensor, skip: int, count: int) -> torch.Tensor:
+    """The reference keep mask: sort by |delta| descending, equal magnitudes by position (a plain
+    Python sort, not basin's selection), and keep positions skip .. skip + count - 1."""
+    flat = delta.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    mask[order[skip:skip + count]] = True
+    return mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.4237, 0.5, 0.7, 0.9, 0.999])
 @pytest.mark.parametrize("n", [1000, 4096, 777])
-def test_ties_trim_keeps_exactly_int_density_n(density, n):
+def test_ties_keeps_exactly_max_1_int_density_n_for_any_density(density, n):
     gen = torch.Generator().manual_seed(n)
     delta = torch.randn(n, generator=gen)
-    threshold = methods.magnitude_threshold(methods.magnitude_table(delta), density)
-    kept = int((delta.abs() >= threshold).sum())
-    assert kept == int(density * n)
-    # and they are the largest ones
-    top = torch.topk(delta.abs(), kept).indices
-    assert bool((delta.abs()[top] >= threshold).all())
+    out = merge("ties", torch.zeros(n), [delta], [1.0], densities=[density])
+    assert int((out != 0).sum()) == max(1, int(density * n))
+    assert torch.equal(out != 0, kept_by_rank(delta, 0, max(1, int(density * n))))
+
+
+def test_ties_with_tied_magnitudes_keeps_exactly_k_the_first_by_position():
+    # 40 entries of 4 magnitudes (10 each) and signs: density 0.25 keeps 10 -> exactly the ten 4.0s;
+    # density 0.3 keeps 12 -> the 4.0s and the first two 3.0s by position, whatever their sign
+    gen = torch.Generator().manual_seed(7)
+    delta = (torch.randint(1, 5, (40,), generator=gen).float()) * torch.where(torch.rand(40, generator=gen) < 0.5, -1.0, 1.0)
+    for density in (0.25, 0.3, 0.5, 0.61):
+        k = max(1, int(density * 40))
+        out = merge("ties", torch.zeros(40), [delta], [1.0], densities=[density])
+        assert torch.equal(out != 0, kept_by_rank(delta, 0, k)), density
+
+
+def test_resident_tables_and_exact_selection_give_the_same_bounds():
+    # one task vector with many ties; bounds from the precomputed table and from selection agree
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randint(-20, 21, (50_000,), generator=gen).float() / 8
+    tabled, selected = methods.MagnitudeOrder(delta, table=True), methods.MagnitudeOrder(delta, table=False)
+    for density in (0.001, 0.1, 0.333, 0.5, 0.999):
+        kept = methods.kept_range("magnitude", delta.numel(), density)
+        assert tabled.bounds(kept) == selected.bounds(kept), density
+    absval = delta.abs()
+    for position in (0, 1, 99, 12_345, 49_999):
+        value, index = selected.bound(position)
+        reference = kept_by_rank(delta, position, 1).nonzero().item()
+        assert (value, index) == (float(absval[reference]), reference)
 
 
 def test_ties_trimming_in_merge_keeps_int_density_n_entries():
@@ -186,12 +216,11 @@ def test_ties_trimming_in_merge_keeps_int_density_n_entries():
 
 
 def test_ties_trim_count_matches_mergekit_float_rounding():
-    # mergekit keeps k = int(density * n) computed in floating point; the docstring of
-    # merging/methods.py promises exactly that count on the 0.001 grid. int(0.29 * 100) == 28.
+    # mergekit keeps k = int(density * n) computed in floating point: int(0.29 * 100) == 28
     delta = torch.randn(100, generator=torch.Generator().manual_seed(0))
     for density in (0.29, 0.57):
-        threshold = methods.magnitude_threshold(methods.magnitude_table(delta), density)
-        assert int((delta.abs() >= threshold).sum()) == int(density * 100), density
+        out = merge("ties", torch.zeros(100), [delta], [1.0], densities=[density])
+        assert int((out != 0).sum()) == int(density * 100), density
 
 
 def test_ties_density_one_keeps_everything_even_tiny_entries():
@@ -201,82 +230,89 @@ def test_ties_density_one_keeps_everything_even_tiny_entries():
     assert bool((out != 0).all())
 
 
+# --- breadcrumbs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.3, 0.0), (0.9, 0.2), (0.05, 0.01), (0.999, 0.5)])
+def test_breadcrumbs_drops_the_largest_and_the_smallest(density, gamma):
+    n = 1000
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(11))
+    target, top = int(density * n), int(gamma * n)
+    skip = n - max(0, n - target - top) - target  # mergekit: fewer outliers set aside when the density needs them
+    out = merge("breadcrumbs", torch.zeros(n), [delta], [1.0], densities=[density], gammas=[gamma])
+    assert torch.equal(out != 0, kept_by_rank(delta, skip, target))
+    close(out, torch.where(out != 0, delta, 0.0))  # no rescale: survivors as they are
+
+
+def test_breadcrumbs_density_one_keeps_everything_as_mergekit():
+    delta = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    close(merge("breadcrumbs", torch.zeros(100), [delta], [1.0], densities=[1.0], gammas=[0.1]), delta)
+
+
+def test_breadcrumbs_ties_elects_signs_after_the_drops():
+    # two entries of 6 kept per vector (density 0.5 after gamma 1/6 sets the largest aside)
+    d1, d2 = t(9, 1, -3, 4, 0.5, -2), t(-1, 8, 3, -4, 2, 0.25)
+    out = merge("breadcrumbs_ties", torch.zeros(6), [d1, d2], [1.0, 1.0], densities=[0.5, 0.5], gammas=[1 / 6, 1 / 6])
+    k1 = kept_by_rank(d1, 1, 3)  # 4, -3, -2
+    k2 = kept_by_rank(d2, 1, 3)  # -4, 3, 2
+    a, b = torch.where(k1, d1, 0.0), torch.where(k2, d2, 0.0)
+    elected = torch.where(a + b >= 0, 1.0, -1.0)
+    agree_a, agree_b = a * elected > 0, b * elected > 0
+    close(out, torch.where(agree_a, a, 0.0) + torch.where(agree_b, b, 0.0))  # breadcrumbs_ties: no normalize
+
+
 # --- DARE ----------------------------------------------------------------------------------------
 
-
-def test_dare_cutoff_values():
-    assert methods.dare_cutoff(0.5) == (128, 0.5)
-    assert methods.dare_cutoff(1.0) == (256, 1.0)
-    assert methods.dare_cutoff(0.1) == (26, 26 / 256)
-    assert methods.dare_cutoff(0.001) == (1, 1 / 256)  # at least one level survives
+NAME = "model.layers.0.mlp.up_proj.weight"
 
 
-DRAWS1 = torch.tensor([0, 200, 100, 255], dtype=torch.uint8)  # density 0.5 (cutoff 128): keep 0, 2
-DRAWS2 = torch.tensor([255, 0, 0, 10], dtype=torch.uint8)  # keep 1, 2, 3
+def draws(n: int, seed: int, k: int, name: str = NAME) -> torch.Tensor:
+    return methods.uniform(torch.arange(n), torch.tensor(methods.draw_keys(seed, k, name)))
+
+
 V1 = t(1, 2, 3, 4)
 V2 = t(5, -1, -3, 2)
 
 
 def test_dare_linear_rescales_survivors():
-    out = merge("dare_linear", B4, [V1], [1.0], densities=[0.5], draws=[DRAWS1])
-    close(out, [2.0, 0.0, 6.0, 0.0])
+    keep = draws(4, 0, 0) < 0.5
+    close(merge("dare_linear", B4, [V1], [1.0], densities=[0.5]), torch.where(keep, V1 / 0.5, 0.0))
+    close(merge("dare_linear", B4, [V1], [1.0], densities=[0.5], rescale=False), torch.where(keep, V1, 0.0))
 
 
-def test_dare_linear_without_rescale():
-    out = merge("dare_linear", B4, [V1], [1.0], densities=[0.5], draws=[DRAWS1], rescale=False)
-    close(out, [1.0, 0.0, 3.0, 0.0])
+def test_dare_two_models_weights_lambda_and_sign_election():
+    keep1, keep2 = draws(4, 3, 0) < 0.5, draws(4, 3, 1) < 0.5
+    a, b = torch.where(keep1, V1 / 0.5, 0.0), torch.where(keep2, V2 / 0.5, 0.0)
+    out = merge("dare_linear", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], lam=2.0, seed=3)
+    close(out, 2.0 * (a + 0.5 * b))
+    elected = torch.where(a + 0.5 * b >= 0, 1.0, -1.0)
+    ties = torch.where(a * elected > 0, a, 0.0) + torch.where(b * elected > 0, 0.5 * b, 0.0)
+    close(merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], seed=3), ties)
+    divisor = (a * elected > 0).float() + 0.5 * (b * elected > 0).float()
+    close(merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], seed=3, normalize=True),
+          ties / torch.where(divisor == 0, 1.0, divisor))
 
 
-def test_dare_linear_two_models_weights_and_lambda():
-    # rescaled: V1 -> [2,0,6,0], V2 -> [0,-2,-6,4]; 1*first + 0.5*second = [2,-1,3,2]; * lambda 2
-    out = merge(
-        "dare_linear",
-        B4,
-        [V1, V2],
-        [1.0, 0.5],
-        densities=[0.5, 0.5],
-        draws=[DRAWS1, DRAWS2],
-        lam=2.0,
-    )
-    close(out, [4.0, -2.0, 6.0, 4.0])
+def test_draws_are_uniform_and_independent_of_chunking_and_keys():
+    u = draws(1_000_000, 0, 0)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.002
+    counts = torch.histc(u, bins=16, min=0.0, max=1.0)
+    assert float((counts / 1_000_000 - 1 / 16).abs().max()) < 0.002
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005  # neighbours uncorrelated
+    tail = methods.uniform(torch.arange(500_000, 1_000_000), torch.tensor(methods.draw_keys(0, 0, NAME)))
+    assert torch.equal(tail, u[500_000:])  # a position's draw does not depend on its chunk
+    for other in (draws(1000, 1, 0), draws(1000, 0, 1), draws(1000, 0, 0, "x")):
+        assert float((other == u[:1000]).float().mean()) < 0.01
 
 
-def test_dare_ties_elects_signs_after_dropping():
-    # weighted: [2,0,6,0] and 0.5*[0,-2,-6,4] = [0,-1,-3,2]; sum [2,-1,3,2] -> [+,-,+,+]
-    # no normalize (dare_ties default): [2, -1, 6, 2]
-    out = merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], draws=[DRAWS1, DRAWS2])
-    close(out, [2.0, -1.0, 6.0, 2.0])
-
-
-def test_dare_ties_normalized():
-    # divide by the weights of the kept entries: [2/1, -1/0.5, 6/1, 2/0.5]
-    out = merge(
-        "dare_ties",
-        B4,
-        [V1, V2],
-        [1.0, 0.5],
-        densities=[0.5, 0.5],
-        draws=[DRAWS1, DRAWS2],
-        normalize=True,
-    )
-    close(out, [2.0, -2.0, 6.0, 4.0])
-
-
-def test_dare_keep_fraction_close_to_density():
+def test_dare_keep_fraction_is_the_density():
     n = 1_000_000
     delta = torch.ones(n)
-    for density in (0.1, 0.3, 0.75):
-        out = merge(
-            "dare_linear",
-            torch.zeros(n),
-            [delta],
-            [1.0],
-            densities=[density],
-            rescale=False,
-            seed=5,
-        )
+    for density in (0.1, 0.3, 0.4237, 0.75):
+        out = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[density], rescale=False, seed=5)
         fraction = float((out != 0).float().mean())
-        assert abs(fraction - density) < 0.005, (density, fraction)
+        assert abs(fraction - density) < 0.002, (density, fraction)
 
 
 def test_dare_rescale_preserves_mean():
@@ -285,28 +321,75 @@ def test_dare_rescale_preserves_mean():
     delta = torch.rand(n, generator=gen) + 0.5  # mean 1.0, all positive
     out = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9)
     assert abs(float(out.mean()) - float(delta.mean())) < 0.01
-    dropped = merge(
-        "dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9, rescale=False
-    )
+    dropped = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9, rescale=False)
     assert float(dropped.mean()) < 0.35  # without rescale the mean shrinks to ~density
 
 
-def test_dare_draws_are_deterministic_and_seed_dependent():
-    a = methods.dare_draws((64, 32), 0, 0, "x")
-    assert a.dtype == torch.uint8 and a.shape == (64, 32)
-    assert torch.equal(a, methods.dare_draws((64, 32), 0, 0, "x"))
-    assert not torch.equal(a, methods.dare_draws((64, 32), 1, 0, "x"))
-    assert not torch.equal(a, methods.dare_draws((64, 32), 0, 1, "x"))
-    assert not torch.equal(a, methods.dare_draws((64, 32), 0, 0, "y"))
-
-
-@pytest.mark.parametrize("density", [1.0, 0.999])
-def test_dare_density_one_keeps_all(density):
-    # dare_cutoff gives 256 here: every byte (0..255) is below it, so every entry survives.
-    assert methods.dare_cutoff(density) == (256, 1.0)
+def test_dare_density_one_keeps_all():
     delta = torch.randn(5000, generator=torch.Generator().manual_seed(2))
-    close(merge("dare_linear", torch.zeros(5000), [delta], [1.0], densities=[density]), delta)
-    close(merge("dare_ties", torch.zeros(5000), [delta], [1.0], densities=[density]), delta)
+    close(merge("dare_linear", torch.zeros(5000), [delta], [1.0], densities=[1.0]), delta)
+    close(merge("dare_ties", torch.zeros(5000), [delta], [1.0], densities=[1.0]), delta)
+
+
+# --- DELLA ---------------------------------------------------------------------------------------
+
+
+def test_della_keep_probabilities_follow_magnitude_ranks_within_rows():
+    rows, width = 2000, 50
+    delta = torch.randn(rows, width, generator=torch.Generator().manual_seed(4))
+    density, eps = 0.5, 0.3
+    out = merge("della_linear", torch.zeros(rows, width), [delta], [1.0], densities=[density], epsilons=[eps],
+                rescale=False, seed=2)
+    ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)  # 0: smallest in its row
+    p = density - eps + 2 * eps * ranks.float() / (width - 1)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - density) < 0.01
+    for rank in (0, width // 2, width - 1):  # the smallest kept at 0.2, the middle ~0.5, the largest at 0.8
+        share = float(kept[ranks == rank].float().mean())
+        assert abs(share - float(p[ranks == rank][0])) < 0.04, (rank, share)
+    u = draws(rows * width, 2, 0).reshape(rows, width)
+    assert torch.equal(kept, u < p)  # exactly the rule: keep where the draw is below the probability
+
+
+def test_della_rescales_each_survivor_by_its_keep_probability():
+    delta = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    out = merge("della_linear", torch.zeros(8, 16), [delta], [1.0], densities=[0.6], epsilons=[0.2], seed=1)
+    ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1).float() / 15
+    p = 0.6 - 0.2 + 0.4 * ranks
+    keep = draws(128, 1, 0).reshape(8, 16) < p
+    close(out, torch.where(keep, delta / p, 0.0))
+    # della: the same drops, then a sign election and the disjoint mean (its defaults)
+    both = merge("della", torch.zeros(8, 16), [delta, -delta], [1.0, 1.0], densities=[0.6, 0.6],
+                 epsilons=[0.2, 0.2], seed=1)
+    keep2 = draws(128, 1, 1).reshape(8, 16) < p
+    a, b = torch.where(keep, delta / p, 0.0), torch.where(keep2, -delta / p, 0.0)
+    elected = torch.where(a + b >= 0, 1.0, -1.0)
+    mixed = torch.where(a * elected > 0, a, 0.0) + torch.where(b * elected > 0, b, 0.0)
+    divisor = (a * elected > 0).float() + (b * elected > 0).float()
+    close(both, mixed / torch.where(divisor == 0, 1.0, divisor))
+
+
+def test_della_probabilities_are_clamped_to_0_1():
+    delta = torch.randn(4, 100, generator=torch.Generator().manual_seed(6))
+    out = merge("della_linear", torch.zeros(4, 100), [delta], [1.0], densities=[0.9], epsilons=[0.3], rescale=False)
+    ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)
+    assert bool((out[ranks >= 67] != 0).all())  # p = 0.6 + 0.6 r reaches 1 at r = 2/3: always kept
+
+
+# --- Model Stock ---------------------------------------------------------------------------------
+
+
+def test_model_stock_ratio_from_the_angle_between_task_vectors():
+    base = t(1, 1, 1, 1)
+    d1, d2 = t(1, 0, 0, 0), t(1, 1, 0, 0)  # cos 45 degrees = 1/sqrt(2)
+    cos = 1 / math.sqrt(2)
+    ratio = 2 * cos / (1 + cos)
+    close(merge("model_stock", base, [d1, d2], [1.0, 1.0]), base + ratio * (d1 + d2) / 2)
+    # orthogonal task vectors: t = 0, the base; opposite ones (cos -1): singular, the base
+    close(merge("model_stock", base, [t(1, 0, 0, 0), t(0, 1, 0, 0)], [1.0, 1.0]), base)
+    close(merge("model_stock", base, [t(1, 2, 0, 0), t(-1, -2, 0, 0)], [1.0, 1.0]), base)
+    # identical ones: cos 1, t = 1, the fine-tune itself
+    close(merge("model_stock", base, [d2, d2, d2], [1.0] * 3), base + d2)
 
 
 # --- slerp ---------------------------------------------------------------------------------------

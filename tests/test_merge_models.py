@@ -3,8 +3,8 @@
 The reference (`reference_merge`) is written independently of merging/: it reads the safetensors
 files, places tensors in the layer stack with its own rules (norms are neither attention nor MLP,
 as with mergekit's `filter: self_attn` / `filter: mlp`), interpolates per-layer values itself and
-computes each method with straightforward torch code. Only `methods.dare_draws` is shared, for
-DARE's random bytes.
+computes each method with straightforward torch code. Only `methods.uniform` and `methods.draw_keys`
+are shared, for the random draws of DARE and DELLA.
 """
 
 from __future__ import annotations
@@ -87,10 +87,19 @@ def place(name: str, num_layers: int) -> tuple[float, str]:
     return depth, "other"
 
 
-def dare_mask(shape, seed: int, k: int, name: str, density: float) -> tuple[torch.Tensor, float]:
-    cutoff = min(256, max(1, round(density * 256)))
-    draws = methods.dare_draws(shape, seed, k, name).to(torch.int64)
-    return draws < cutoff, cutoff / 256
+def draws(shape, seed: int, k: int, name: str) -> torch.Tensor:
+    n = 1
+    for size in shape:
+        n *= size
+    return methods.uniform(torch.arange(n), torch.tensor(methods.draw_keys(seed, k, name))).reshape(shape)
+
+
+def top_mask(tv: torch.Tensor, skip: int, count: int) -> torch.Tensor:
+    """Keep positions skip .. skip+count-1 of |tv| sorted largest first, equal values by position."""
+    order = torch.argsort(-tv.abs().reshape(-1), stable=True)
+    mask = torch.zeros(tv.numel(), dtype=torch.bool)
+    mask[order[skip:skip + count]] = True
+    return mask.reshape(tv.shape)
 
 
 def reference_merge(data: dict) -> dict[str, torch.Tensor]:
@@ -104,7 +113,7 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
     num_layers = 1 + max(
         int(m.group(1)) for n in base if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", n))
     )
-    normalize = params.get("normalize", {"linear": True, "ties": True}.get(method, False))
+    normalize = params.get("normalize", {"linear": True, "ties": True, "della": True}.get(method, False))
     rescale = params.get("rescale", True)
     seed = params.get("seed", 0)
     out = {}
@@ -129,24 +138,49 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
         lam = value_at(params.get("lambda", 1.0), depth, kind)
         dens = [value_at(m.get("density", 1.0), depth, kind) for m in entries]
         tvs = [m[name] - b for m in models]
-        if method == "ties":
+        if method == "model_stock":
+            flat = [tv.double().reshape(-1) for tv in tvs]
+            # mergekit's: the norms' product floored at 1e-6 (tiny task vectors of norm weights)
+            cos = [float(flat[i] @ flat[j] / max(float(flat[i].norm() * flat[j].norm()), 1e-6))
+                   for i in range(len(flat)) for j in range(i + 1, len(flat))]
+            c = sum(cos) / len(cos)
+            ratio = len(flat) * c / (1 + (len(flat) - 1) * c)
+            out[name] = b + ratio * sum(tvs) / len(tvs)
+            continue
+        if method == "ties":  # exactly the int(d*n) largest magnitudes, equal ones by position
+            tvs = [tv if d >= 1 else torch.where(top_mask(tv, 0, max(1, int(d * tv.numel()))), tv, 0.0)
+                   for tv, d in zip(tvs, dens)]
+        elif method.startswith("breadcrumbs"):
+            gammas = [value_at(m.get("gamma", 0.01), depth, kind) for m in entries]
             trimmed = []
-            for tv, d in zip(tvs, dens):
-                # keep the int(d*n) largest magnitudes; entries tied with the smallest kept one
-                # are kept too (fine-tunes of norm weights near 1.0 have quantized, tied deltas)
-                mags = tv.abs().reshape(-1)
-                k = int(d * mags.numel())
-                threshold = torch.kthvalue(mags, mags.numel() - k + 1).values
-                trimmed.append(torch.where(tv.abs() >= threshold, tv, 0.0))
+            for tv, d, g in zip(tvs, dens, gammas):
+                n = tv.numel()
+                target, top = int(d * n), int(g * n)
+                skip = n - max(0, n - target - top) - target
+                trimmed.append(tv if d >= 1 else torch.where(top_mask(tv, skip, target), tv, 0.0))
             tvs = trimmed
         elif method.startswith("dare"):
             dropped = []
             for k, (tv, d) in enumerate(zip(tvs, dens)):
-                keep, p = dare_mask(tv.shape, seed, k, name, d)
+                p = float(torch.tensor(min(d, 1.0), dtype=torch.float32))
+                keep = draws(tv.shape, seed, k, name) < p
+                dropped.append(torch.where(keep, tv / p if rescale else tv, 0.0))
+            tvs = dropped
+        elif method.startswith("della"):
+            epsilons = [value_at(m.get("epsilon", 0.15), depth, kind) for m in entries]
+            dropped = []
+            for k, (tv, d, e) in enumerate(zip(tvs, dens, epsilons)):
+                if d >= 1:
+                    dropped.append(tv)
+                    continue
+                rows = tv.reshape(-1, tv.shape[-1])
+                ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
+                p = ((d - e) + 2 * e * ranks / max(rows.shape[1] - 1, 1)).clamp(0, 1).reshape(tv.shape)
+                keep = draws(tv.shape, seed, k, name) < p
                 dropped.append(torch.where(keep, tv / p if rescale else tv, 0.0))
             tvs = dropped
         weighted = [wk * tv for wk, tv in zip(w, tvs)]
-        if method in ("ties", "dare_ties"):
+        if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             sign = torch.where(sum(weighted) >= 0, 1.0, -1.0)
             agree = [(wt != 0) & (torch.sign(wt) == sign) for wt in weighted]
             mixed = sum(torch.where(a, wt, 0.0) for a, wt in zip(agree, weighted))
@@ -248,6 +282,24 @@ def recipe_data(case: str, ms, *, with_base: bool = False) -> dict:
             ],
             "parameters": {"seed": 3, "normalize": True, "lambda": 0.9},
         }
+    elif case == "breadcrumbs_ties":
+        data = {
+            "method": "breadcrumbs_ties",
+            "base": base,
+            "models": [{"path": f, "weight": w, "density": d, "gamma": g}
+                       for f, w, d, g in zip(fts, [1.0, 0.6, 0.8], [0.6, [0.3, 0.7], 0.5], [0.05, 0.01, 0.1])],
+            "parameters": {"lambda": 1.1},
+        }
+    elif case == "della":
+        data = {
+            "method": "della",
+            "base": base,
+            "models": [{"path": f, "weight": w, "density": d, "epsilon": e}
+                       for f, w, d, e in zip(fts, [1.0, 0.7, 0.5], [0.6, 0.5, 0.4], [0.1, 0.2, 0.05])],
+            "parameters": {"seed": 5},
+        }
+    elif case == "model_stock":
+        data = {"method": "model_stock", "base": base, "models": fts}
     elif case == "slerp":
         data = {
             "method": "slerp",
@@ -270,6 +322,9 @@ CASES = [
     "dare_linear",
     "dare_linear_full",
     "dare_ties",
+    "breadcrumbs_ties",
+    "della",
+    "model_stock",
     "slerp",
 ]
 SETS = ["llama", "gpt2"]

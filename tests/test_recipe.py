@@ -172,14 +172,23 @@ NORMALIZE = {
     "ties": True,
     "dare_linear": False,
     "dare_ties": False,
-}
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": False,
+}  # mergekit 0.1.5's defaults
 RESCALE = {
     "linear": False,
     "task_arithmetic": False,
     "ties": False,
     "dare_linear": True,
     "dare_ties": True,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": True,
 }
+HAS_RESCALE = {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
 @pytest.mark.parametrize("method", sorted(NORMALIZE))
@@ -197,9 +206,16 @@ def test_explicit_flags_override_defaults(method):
             method=method,
             parameters={"normalize": not NORMALIZE[method], "rescale": not RESCALE[method]},
         )
-    )
+    ) if method in HAS_RESCALE else recipe_from_dict(minimal(method=method, parameters={"normalize": not NORMALIZE[method]}))
     assert r.normalize_ is (not NORMALIZE[method])
-    assert r.rescale_ is (not RESCALE[method])
+    assert r.rescale_ is (not RESCALE[method]) if method in HAS_RESCALE else not r.rescale_
+
+
+@pytest.mark.parametrize("method", sorted(set(NORMALIZE) - HAS_RESCALE))
+def test_rescale_is_refused_where_a_method_has_none(method):
+    with pytest.raises(MergeError, match=f"parameters.rescale: {method} has no rescale"):
+        recipe_from_dict(minimal(method=method, parameters={"rescale": True}))
+    assert recipe_from_dict(minimal(method=method, parameters={"rescale": False})).rescale_ is False
 
 
 def test_slerp_defaults():
@@ -260,7 +276,7 @@ def test_slerp_defaults():
         (minimal(models=[{"path": "a", "density": 1.5}]), ["models[0].density", "outside (0, 1]"]),
         (
             minimal(models=[{"path": "a", "density": float("nan")}]),
-            ["models[0].density", "outside (0, 1]"],
+            ["models[0].density", "not a finite number"],
         ),
         (minimal(models=["a", "a"]), ["same model is listed twice"]),
         (minimal(parameters=[1]), ["'parameters' must be a mapping"]),
@@ -413,20 +429,24 @@ def test_mergekit_round_trip_both_ways(text):
 
 def test_to_mergekit_ties_structure():
     r = parse(FULL)
-    data = yaml.safe_load(to_mergekit(r))
+    with pytest.raises(MergeError, match="mergekit gives the final norm and the head a list's first value"):
+        to_mergekit(r)  # density [0.3, 0.8] over depth: lm_head would get 0.3 there, 0.8 here
+    data = yaml.safe_load(to_mergekit(r, top_names=["model.norm.weight", "lm_head.weight"]))
     assert data["merge_method"] == "ties"
     assert data["base_model"] == "path/to/base"
     assert data["dtype"] == "bfloat16"
     assert data["models"][0] == {
         "model": "path/to/code-ft",
-        "parameters": {"weight": 0.7, "density": [0.3, 0.8]},
+        "parameters": {"weight": 0.7, "density": [
+            {"filter": "model.norm.weight", "value": 0.8}, {"filter": "lm_head.weight", "value": 0.8},
+            {"value": [0.3, 0.8]}]},
     }
     assert data["models"][1]["parameters"]["weight"] == [
         {"filter": "attn", "value": 0.2},
         {"filter": "mlp", "value": [0.4, 0.9]},
         {"value": 0.5},
     ]
-    assert data["parameters"]["lambda"] == [0.9, 1.1]
+    assert data["parameters"]["lambda"][-1] == {"value": [0.9, 1.1]}
     assert data["parameters"]["normalize"] is False
     assert "seed" not in data["parameters"]
     # the seed is lost on the way; all else comes back
@@ -434,13 +454,26 @@ def test_to_mergekit_ties_structure():
 
 
 def test_to_mergekit_slerp_structure():
-    r = parse("method: slerp\nmodels: [a, b]\nparameters: {t: [0.2, 0.8]}\n")
+    r = parse("method: slerp\nmodels: [a, b]\nparameters: {t: [0.2, 0.5, 0.2]}\n")
     data = yaml.safe_load(to_mergekit(r))
     assert data["merge_method"] == "slerp"
     assert data["base_model"] == "a"
     assert data["models"] == [{"model": "a"}, {"model": "b"}]
-    assert data["parameters"]["t"] == [0.2, 0.8]
+    assert data["parameters"]["t"] == [0.2, 0.5, 0.2]
     assert from_mergekit(data) == r
+
+
+def test_from_mergekit_refuses_a_list_that_would_change_the_head():
+    data = {"merge_method": "task_arithmetic", "base_model": "b",
+            "models": [{"model": "a", "parameters": {"weight": [0.2, 0.8]}}]}
+    with pytest.raises(MergeError, match="first value of \\[0.2, 0.8\\]"):
+        from_mergekit(data)
+    data["models"][0]["parameters"]["weight"] = [{"filter": "lm_head", "value": 0.8}, {"filter": "model.norm", "value": 0.8},
+                                                 {"value": [0.2, 0.8]}]
+    assert from_mergekit(data).models[0].weight == LayerParam(default=(0.2, 0.8))
+    data["models"][0]["parameters"]["weight"][0]["value"] = 0.5  # a head value basin cannot give
+    with pytest.raises(MergeError, match="its filters give"):
+        from_mergekit(data)
 
 
 def test_to_mergekit_linear_has_no_density():
@@ -449,13 +482,34 @@ def test_to_mergekit_linear_has_no_density():
     assert "base_model" not in data
 
 
-def test_to_mergekit_dare_warns_about_seed():
-    text = to_mergekit(
-        parse(
-            "method: dare_ties\nbase: B\nmodels: [{path: a, density: 0.5}]\nparameters: {seed: 7}\n"
-        )
-    )
-    assert "seed 7" in text.splitlines()[0]
+def test_to_mergekit_dare_is_refused_unless_approximate():
+    recipe = parse("method: dare_ties\nbase: B\nmodels: [{path: a, density: 0.5}]\nparameters: {seed: 7}\n")
+    with pytest.raises(MergeError, match="dare_ties drops entries at random.*L1 norm.*--approximate"):
+        to_mergekit(recipe)
+    text = to_mergekit(recipe, approximate=True)
+    assert "approximate" in text.splitlines()[0] and "seed 7" in text.splitlines()[0]
+    data = yaml.safe_load(text)
+    with pytest.raises(MergeError, match="from mergekit anyway"):
+        from_mergekit(data)
+    assert from_mergekit(data, approximate=True) == MergeRecipe(**{**recipe.__dict__, "seed": 0})
+
+
+@pytest.mark.parametrize("method,extra", [("breadcrumbs", {"gamma": 0.02}), ("breadcrumbs_ties", {"gamma": 0.03}),
+                                          ("della", {"epsilon": 0.1}), ("della_linear", {"epsilon": 0.05}),
+                                          ("model_stock", {})])
+def test_new_methods_convert_both_ways(method, extra):
+    models = [{"path": p, "weight": 0.6, "density": 0.4, **extra} for p in ("a", "c")]
+    if method == "model_stock":
+        models = [{"path": "a"}, {"path": "c"}]
+    recipe = recipe_from_dict({"method": method, "base": "B", "models": models})
+    approximate = method.startswith("della")
+    data = yaml.safe_load(to_mergekit(recipe, approximate=approximate))
+    assert data["merge_method"] == method
+    if method == "model_stock":
+        assert data["models"] == [{"model": "a"}, {"model": "c"}] and data["parameters"] == {}
+    else:
+        assert data["models"][0]["parameters"] == {"weight": 0.6, "density": 0.4, **extra}
+    assert from_mergekit(data, approximate=approximate) == recipe
 
 
 @pytest.mark.parametrize(
@@ -484,8 +538,13 @@ def test_to_mergekit_dare_warns_about_seed():
         ),
         ({"merge_method": "ties", "models": [{"model": "a"}]}, ["needs 'base'"]),
         # parameters basin does not know are refused by name, not dropped
-        ({"merge_method": "della", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.1}},
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.1}},
          ["parameters: epsilon has no basin equivalent"]),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"rescale": True}},
+         ["parameters.rescale", "L1 norm"]),
+        ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}],
+          "parameters": {"filter_wise": True}}, ["filter_wise", "per row"]),
+        ({"merge_method": "nearswap", "base_model": "b", "models": [{"model": "a"}]}, ["unknown method 'nearswap'"]),
         ({"merge_method": "ties", "base_model": "b",
           "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "gamma": 0.01}}]},
          ["models[0].parameters: gamma has no basin equivalent"]),

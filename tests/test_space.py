@@ -22,7 +22,7 @@ from optuna.trial import FixedTrial, TrialState
 from safetensors.torch import load_file
 
 from merging import ResidentMerger, load_live_model, recipe_from_dict, recipe_to_dict
-from merging.recipe import METHODS
+from merging.catalog import METHODS
 from search.config import config_from_dict
 from search.space import (
     SearchSpace,
@@ -37,8 +37,11 @@ from tests.support.tiny import build_model
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
-DENSITY_METHODS = {"ties", "dare_linear", "dare_ties"}
-LAMBDA_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
+DENSITY_METHODS = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+LAMBDA_METHODS = {"task_arithmetic"} | DENSITY_METHODS
+GAMMA_METHODS = {"breadcrumbs", "breadcrumbs_ties"}
+EPSILON_METHODS = {"della", "della_linear"}
+NO_WEIGHT_METHODS = {"slerp", "model_stock"}
 
 
 def make_space(tmp_path: Path, space: dict[str, Any], *, finetunes: tuple[str, ...] = ("ft_a", "ft_b"),
@@ -77,7 +80,7 @@ def random_trials(space: SearchSpace, n: int, seed: int = 0, storage: Any = None
 
 def test_suggest_is_method_conditional_in_a_real_study(tmp_path):
     space = make_space(tmp_path, {"methods": list(METHODS), "lambda": [0.5, 1.5]})
-    study, built = random_trials(space, 80)
+    study, built = random_trials(space, 150)
     seen = set()
     for trial in study.trials:
         method = trial.params["method"]
@@ -88,9 +91,13 @@ def test_suggest_is_method_conditional_in_a_real_study(tmp_path):
         assert has_density == (method in DENSITY_METHODS), (method, keys)
         assert ("lambda" in keys) == (method in LAMBDA_METHODS), (method, keys)
         assert ("t" in keys) == (method == "slerp"), (method, keys)
-        assert has_weight == (method != "slerp"), (method, keys)
+        assert has_weight == (method not in NO_WEIGHT_METHODS), (method, keys)
+        assert any(k.startswith("gamma.") for k in keys) == (method in GAMMA_METHODS), (method, keys)
+        assert any(k.startswith("epsilon.") for k in keys) == (method in EPSILON_METHODS), (method, keys)
         if method == "slerp":
             assert keys == {"method", "t"}
+        if method == "model_stock":
+            assert keys == {"method"}
         # suggest returned exactly what the trial asked for (every value here is free)
         assert built[trial.number][0] == trial.params
     assert seen == set(METHODS)
@@ -103,12 +110,18 @@ def test_fixed_trial_params_per_method(tmp_path, method):
     for m in space.model_names:
         values[f"weight.{m}"] = 0.5
         values[f"density.{m}"] = 0.75
+        values[f"gamma.{m}"] = 0.02
+        values[f"epsilon.{m}"] = 0.1
     params = suggest(FixedTrial(values), space)
     expected = {"method"}
     if method == "slerp":
         expected.add("t")
-    else:
+    elif method not in NO_WEIGHT_METHODS:
         expected |= {f"weight.{m}" for m in space.model_names}
+    if method in GAMMA_METHODS:
+        expected |= {f"gamma.{m}" for m in space.model_names}
+    if method in EPSILON_METHODS:
+        expected |= {f"epsilon.{m}" for m in space.model_names}
     if method in DENSITY_METHODS:
         expected |= {f"density.{m}" for m in space.model_names}
     if method in LAMBDA_METHODS:
@@ -124,6 +137,10 @@ def test_fixed_trial_params_per_method(tmp_path, method):
         assert all(e.density.default == (0.75,) for e in recipe.models)
     else:  # a method without density keeps every entry
         assert all(e.density.default == (1.0,) for e in recipe.models)
+    if method in GAMMA_METHODS:
+        assert all(e.gamma.default == (0.02,) for e in recipe.models)
+    if method in EPSILON_METHODS:
+        assert all(e.epsilon.default == (0.1,) for e in recipe.models)
 
 
 def test_single_method_is_not_a_parameter_and_fixed_values_are_returned(tmp_path):

@@ -137,9 +137,11 @@ def test_validate_prints_each_workers_memory_plan_from_the_headers(llama_set, ta
     plan = dict(memory_plan(load_config(str(path))).fixed)
     assert plan["base"] == plan["live model"] == 4 * params  # float32
     assert plan["task vectors (3 fine-tunes)"] == 3 * 4 * params
-    assert plan["DARE keep draws (1 byte per entry, 3 fine-tunes)"] == 3 * params
+    tensors = sum(1 for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point())
+    assert plan["magnitude tables"] == 3 * tensors * 1001 * 16  # DARE's draws are not stored
+    assert not any("DARE" in what for what in plan)
     assert "memory plan of each worker (float32 on auto)" in out
-    for what in ("base", "task vectors (3 fine-tunes)", "TIES magnitude tables", "DARE keep draws", "evaluation estimate"):
+    for what in ("base", "task vectors (3 fine-tunes)", "magnitude tables", "evaluation estimate"):
         assert what in out
     assert f"{4 * params / GiB:8.2f} GiB" in out
 

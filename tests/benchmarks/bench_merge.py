@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from merging import ResidentMerger, export_merge, load_live_model, recipe_from_dict
 
 GOALS = {"task_arithmetic": 1.2, "ties": 1.5, "dare_linear": 1.5, "dare_ties": 1.5}  # x the floor
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock")
 KERNELS = ("eager", "compiled")
 
 
@@ -77,25 +77,24 @@ def copy_bandwidth(numel: int, device: str, repeats: int) -> float:
 
 
 def bytes_moved(method: str, params: int, n_models: int) -> int:
-    """What one candidate must read and write at the least: the base and each task vector (and DARE's
-    one byte per entry per model) read, the live model written; float32."""
-    moved = (2 + n_models) * params * 4
-    return moved + (n_models * params if method.startswith("dare") else 0)
+    """What one candidate must read and write at the least: the base and each task vector read, the
+    live model written; float32 (DARE's draws are computed in place, not read)."""
+    return (2 + n_models) * params * 4
 
 
 def resident_bytes(merger: ResidentMerger, live: torch.nn.Module) -> int:
     tensors = [*merger.base.values(), *(t for d in merger.deltas for t in d.values())]
-    tensors += [t for d in (merger._tables or []) for t in d.values()]
-    tensors += [t for d in (merger._draws[1] if merger._draws else []) for t in d.values()]
     tensors += list(live.parameters())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tables = sum(o.table_bytes() for d in (merger._orders or []) for o in d.values())
+    return sum(t.numel() * t.element_size() for t in tensors) + tables
 
 
 def recipe(method: str, base: str, models: list[str]):
     weights = [0.5, 0.3, 0.2]
     return recipe_from_dict({
         "method": method, "base": base,
-        "models": [{"path": m, "weight": w, "density": 0.5} for m, w in zip(models, weights)],
+        "models": [{"path": m, "weight": w, **({"density": 0.5} if method != "model_stock" else {})}
+                   for m, w in zip(models, weights)],
         "parameters": {"lambda": 1.0, "seed": 0},
     })
 

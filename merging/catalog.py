@@ -1,0 +1,145 @@
+"""The merge methods: one frozen description each, read by every part of basin that names a method.
+
+Recipe validation, the search space and its baselines, the resident and export paths, the memory
+plan, the mergekit conversion and the report all ask this table what a method needs, instead of
+spelling method names themselves. Adding a method means a row here, its math (merging/methods.py)
+and its tests.
+
+Families:
+- "task_vector": base + lambda * mix of the task vectors T_k = M_k - base, each sparsified by its
+  `keep` rule, with or without a sign election (`consensus`); one kernel runs them all;
+- "linear": sum_k w_k M_k, normalized by the sum of the weights by default;
+- "slerp": spherical interpolation between exactly two models;
+- "model_stock": base + t * mean_k T_k with t from the angle between the task vectors (nothing to set).
+
+Keep rules (how a task vector is sparsified; mergekit's names in brackets):
+- "all": nothing dropped;
+- "magnitude" [magnitude]: the max(1, int(d*n)) entries of largest |T|;
+- "outliers" [magnitude_outliers]: the int(d*n) largest after the int(gamma*n) largest are set aside;
+- "random" [random]: each entry kept with probability d;
+- "della" [della_magprune]: each entry kept with a probability from d - epsilon (smallest |T| in its
+  row) to d + epsilon (largest), clamped to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merging.errors import MergeError, unknown
+
+FAMILIES = ("task_vector", "linear", "slerp", "model_stock")
+KEEP_RULES = ("all", "magnitude", "outliers", "random", "della")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A number a recipe may set for a method: per model (weight, density, gamma, epsilon) or shared."""
+
+    name: str
+    per_model: bool
+    default: float | None  # None: required (a per-model weight)
+    low: float  # valid values: low <(=) value <= high
+    high: float
+    low_open: bool  # low itself is not allowed
+    search: tuple[float, float]  # the default search range
+    what: str  # for messages: what the number means
+
+
+WEIGHT = Param("weight", True, None, float("-inf"), float("inf"), True, (0.0, 1.0), "the model's share of the mix")
+DENSITY = Param("density", True, 1.0, 0.0, 1.0, True, (0.1, 1.0), "the fraction of each task vector kept")
+GAMMA = Param("gamma", True, 0.01, 0.0, 1.0, False, (0.0, 0.05),
+              "the fraction of largest-magnitude entries set aside before the density is kept")
+EPSILON = Param("epsilon", True, 0.15, 0.0, 0.5, False, (0.0, 0.15),
+                "half the spread of keep probabilities between the smallest and largest entries")
+LAMBDA = Param("lambda", False, 1.0, float("-inf"), float("inf"), True, (0.3, 1.5), "the global scale of the merged task vector")
+T = Param("t", False, 0.5, 0.0, 1.0, False, (0.0, 1.0), "the position between the two models (0: the first, 1: the second)")
+PARAMS = {p.name: p for p in (WEIGHT, DENSITY, GAMMA, EPSILON, LAMBDA, T)}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # one of FAMILIES
+    params: tuple[str, ...]  # the PARAMS this method reads
+    keep: str = "all"  # one of KEEP_RULES (task_vector family)
+    consensus: bool = False  # elect a sign per entry and mix only agreeing entries (TIES)
+    normalize: bool = False  # the default of `normalize` (mergekit's)
+    rescale: bool | None = None  # the default of `rescale`; None: the method has no rescale
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    mergekit: str = ""  # mergekit's name for it ("" when mergekit has no such method)
+    summary: str = ""
+
+    @property
+    def random(self) -> bool:
+        """Whether its merge depends on random draws (the recipe's seed)."""
+        return self.keep in ("random", "della")
+
+    @property
+    def magnitude_ranked(self) -> bool:
+        """Whether it keeps entries by their rank of magnitude (tables precomputed per worker)."""
+        return self.keep in ("magnitude", "outliers")
+
+    def uses(self, param: str) -> bool:
+        return param in self.params
+
+
+_TV = ("weight", "lambda")
+METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
+    Method("linear", "linear", ("weight",), normalize=True, needs_base=False, mergekit="linear",
+           summary="weighted average of the models"),
+    Method("task_arithmetic", "task_vector", _TV, mergekit="task_arithmetic",
+           summary="base + lambda * weighted sum of task vectors"),
+    Method("ties", "task_vector", ("weight", "density", "lambda"), keep="magnitude", consensus=True,
+           normalize=True, mergekit="ties",
+           summary="trim each task vector to its largest entries, elect a sign, mix agreeing entries"),
+    Method("dare_linear", "task_vector", ("weight", "density", "lambda"), keep="random", rescale=True,
+           mergekit="dare_linear", summary="drop entries at random, rescale survivors, weighted sum"),
+    Method("dare_ties", "task_vector", ("weight", "density", "lambda"), keep="random", consensus=True,
+           rescale=True, mergekit="dare_ties", summary="DARE drops, then TIES' sign election"),
+    Method("breadcrumbs", "task_vector", ("weight", "density", "gamma", "lambda"), keep="outliers",
+           mergekit="breadcrumbs",
+           summary="drop the largest (gamma) and the smallest entries, weighted sum"),
+    Method("breadcrumbs_ties", "task_vector", ("weight", "density", "gamma", "lambda"), keep="outliers",
+           consensus=True, mergekit="breadcrumbs_ties",
+           summary="breadcrumbs' drops, then TIES' sign election"),
+    Method("della", "task_vector", ("weight", "density", "epsilon", "lambda"), keep="della", consensus=True,
+           normalize=True, rescale=True, mergekit="della",
+           summary="drop at random with probabilities ranked by magnitude, rescale, sign election"),
+    Method("della_linear", "task_vector", ("weight", "density", "epsilon", "lambda"), keep="della",
+           rescale=True, mergekit="della_linear", summary="DELLA's drops, weighted sum"),
+    Method("model_stock", "model_stock", (), min_models=2, mergekit="model_stock",
+           summary="base + t * mean task vector, t from the angle between the task vectors"),
+    Method("slerp", "slerp", ("t",), needs_base=False, min_models=2, max_models=2, mergekit="slerp",
+           summary="spherical interpolation between two models"),
+)}
+METHODS = tuple(METHOD_TABLE)
+
+
+def method_spec(name: str) -> Method:
+    """The method's description; an unknown name gets a did-you-mean message."""
+    if name not in METHOD_TABLE:
+        raise unknown("method", name, METHODS)
+    return METHOD_TABLE[name]
+
+
+def check_model_count(method: Method, n: int, where: str = "this recipe") -> str | None:
+    """A message when `n` fine-tunes do not suit the method, else None."""
+    if method.max_models is not None and method.min_models == method.max_models and n != method.min_models:
+        count = {2: "two", 3: "three"}.get(method.min_models, str(method.min_models))
+        return (f"{method.name} merges exactly {count} models; {where} has {n}. "
+                "Use linear or ties for more")
+    if n < method.min_models:
+        return f"{method.name} needs at least {method.min_models} fine-tunes; {where} has {n}"
+    return None
+
+
+def check_value(param: Param, value: float, where: str) -> None:
+    """Raise MergeError unless `value` is valid for `param`."""
+    if value != value or abs(value) == float("inf"):
+        raise MergeError(f"{where}: {value} is not a finite number; it is {param.what}")
+    below = value < param.low or (param.low_open and value == param.low)
+    if below or value > param.high:
+        bounds = f"{'(' if param.low_open else '['}{param.low:g}, {param.high:g}]"
+        raise MergeError(f"{where}: {value} is outside {bounds}: it is {param.what}")
