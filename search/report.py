@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluators.config import has_report
+from merging.catalog import method_spec
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search.compat import quiet_optuna
 from search.config import StudyConfig
@@ -146,13 +147,13 @@ def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
 
 def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> Figure:
     rows: list[tuple[str, list[float]]] = []
-    for name, m in zip(model_names, recipe.models):
-        kinds = ["attn", "mlp"] if m.weight.attn is not None or m.weight.mlp is not None else ["other"]
-        rows += [(f"{name} weight{'' if k == 'other' else ' ' + k}", _over_depth(m.weight, k, num_layers)) for k in kinds]
-    if recipe.method in ("ties", "dare_linear", "dare_ties"):
+    spec = method_spec(recipe.method)
+    shown = [key for key in ("weight", "density", "gamma", "epsilon") if spec.uses(key)] or ["weight"]
+    for key in shown:  # the per-model values the method reads, over depth
         for name, m in zip(model_names, recipe.models):
-            kinds = ["attn", "mlp"] if m.density.attn is not None or m.density.mlp is not None else ["other"]
-            rows += [(f"{name} density{'' if k == 'other' else ' ' + k}", _over_depth(m.density, k, num_layers)) for k in kinds]
+            param = getattr(m, key)
+            kinds = ["attn", "mlp"] if param.attn is not None or param.mlp is not None else ["other"]
+            rows += [(f"{name} {key}{'' if k == 'other' else ' ' + k}", _over_depth(param, k, num_layers)) for k in kinds]
     fig = Figure(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
     ax = fig.subplots()
     image = ax.imshow([r[1] for r in rows], aspect="auto", cmap="viridis")

@@ -128,3 +128,16 @@ def test_shipped_configs_validate(config, zoo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["validate", str(config)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_the_recipe_figure_shows_what_the_method_reads():
+    from merging import recipe_from_dict
+    from search.report import plot_recipe
+
+    della = recipe_from_dict({"method": "della", "base": "b",
+                              "models": [{"path": "a", "density": [0.3, 0.6], "epsilon": 0.1}, {"path": "c"}]})
+    labels = [t.get_text() for t in plot_recipe(della, 4, ["a", "c"], "x").axes[0].get_yticklabels()]
+    assert labels == ["a weight", "c weight", "a density", "c density", "a epsilon", "c epsilon"]
+    ta = recipe_from_dict({"method": "task_arithmetic", "base": "b", "models": ["a", "c"]})
+    labels = [t.get_text() for t in plot_recipe(ta, 4, ["a", "c"], "x").axes[0].get_yticklabels()]
+    assert labels == ["a weight", "c weight"]  # no density: task arithmetic keeps every entry
