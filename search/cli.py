@@ -28,6 +28,8 @@ def _top_names(recipe) -> list[str] | None:
     from merging import Checkpoint, MergeError
     from merging.layers import at_top
 
+    if not Path(recipe.reference).expanduser().is_dir():
+        return None  # a hub id: never download a model to name its tensors
     try:
         return [n for n in Checkpoint(recipe.reference).names if at_top(n)]
     except (MergeError, OSError, ValueError):
