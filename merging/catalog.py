@@ -54,6 +54,7 @@ EPSILON = Param("epsilon", True, 0.15, 0.0, 0.5, False, (0.0, 0.15),
 LAMBDA = Param("lambda", False, 1.0, float("-inf"), float("inf"), True, (0.3, 1.5), "the global scale of the merged task vector")
 T = Param("t", False, 0.5, 0.0, 1.0, False, (0.0, 1.0), "the position between the two models (0: the first, 1: the second)")
 PARAMS = {p.name: p for p in (WEIGHT, DENSITY, GAMMA, EPSILON, LAMBDA, T)}
+PER_MODEL = tuple(p.name for p in PARAMS.values() if p.per_model)  # weight, density, gamma, epsilon
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from merging import fused, methods
-from merging.catalog import Method, method_spec
+from merging.catalog import PER_MODEL, Method, method_spec
 from merging.errors import MergeError
 from merging.layers import LayerMap
 from merging.recipe import MergeRecipe
@@ -56,7 +56,7 @@ def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorSc
     """Per-tensor scalars for every tensor; checks per-layer lists and zero weights up front."""
     params = [("parameters.lambda", recipe.lam), ("parameters.t", recipe.t)]
     for i, m in enumerate(recipe.models):
-        params += [(f"models[{i}].{key}", getattr(m, key)) for key in ("weight", "density", "gamma", "epsilon")]
+        params += [(f"models[{i}].{key}", getattr(m, key)) for key in PER_MODEL]
     for where, param in params:
         if param.max_anchors() > layer_map.num_layers:
             raise MergeError(

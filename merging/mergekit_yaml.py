@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from merging.catalog import METHOD_TABLE, method_spec
+from merging.catalog import METHOD_TABLE, PER_MODEL, method_spec
 from merging.errors import MergeError
 from merging.layers import at_top
 from merging.recipe import MergeRecipe, recipe_from_dict, recipe_to_dict
@@ -109,7 +109,7 @@ def to_mergekit(recipe: MergeRecipe, *, approximate: bool = False, top_names: Se
     ours = recipe_to_dict(recipe)
     params = dict(ours["parameters"])
     seed = params.pop("seed")
-    per_model = [p for p in spec.params if p in ("weight", "density", "gamma", "epsilon")]
+    per_model = [p for p in spec.params if p in PER_MODEL]
     models = []
     for i, m in enumerate(ours["models"]):
         if spec.family == "slerp" or not per_model:
@@ -156,7 +156,7 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
         if not isinstance(m, Mapping) or not isinstance(m.get("model"), str):
             raise MergeError(f"models[{i}]: expected {{model: PATH, parameters: ...}}, got {m!r}")
     base = data.get("base_model")
-    per_model = [p for p in spec.params if p in ("weight", "density", "gamma", "epsilon")]
+    per_model = [p for p in spec.params if p in PER_MODEL]
     if spec.family == "slerp":
         if base is None:
             raise MergeError("a mergekit slerp config needs 'base_model': the model at t=0")

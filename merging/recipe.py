@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from merging.catalog import METHODS, PARAMS, check_model_count, check_value, method_spec
+from merging.catalog import METHODS, PARAMS, PER_MODEL, check_model_count, check_value, method_spec
 from merging.errors import MergeError, did_you_mean, unknown
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -156,9 +156,6 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
     return LayerParam(default=numbers(value, where))
 
 
-_PER_MODEL = ("weight", "density", "gamma", "epsilon")
-
-
 def _check_keys(data: Mapping, known: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in known:
@@ -184,10 +181,10 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
             m = {"path": m}
         if not isinstance(m, Mapping) or "path" not in m:
             raise MergeError(f"{where}: each model needs a 'path' (a local folder or a hub id)")
-        _check_keys(m, ("path", *_PER_MODEL), where)
+        _check_keys(m, ("path", *PER_MODEL), where)
         entries.append(ModelEntry(path=str(m["path"]), weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None), **{
             key: _parse_param(m.get(key, PARAMS[key].default), f"{where}.{key}", required_default=PARAMS[key].default)
-            for key in _PER_MODEL[1:]
+            for key in PER_MODEL[1:]
         }))
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
@@ -230,7 +227,7 @@ def validate_recipe(recipe: MergeRecipe) -> None:
     if len(set(paths)) != len(paths):
         raise MergeError("the same model is listed twice in 'models'; give each fine-tune once")
     for i, m in enumerate(recipe.models):
-        for key in _PER_MODEL:
+        for key in PER_MODEL:
             for value in getattr(m, key).all_values():
                 check_value(PARAMS[key], value, f"models[{i}].{key}")
     for key, param in (("t", recipe.t), ("lambda", recipe.lam)):

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from evaluators.config import has_report
-from merging.catalog import method_spec
+from merging.catalog import PER_MODEL, method_spec
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search.compat import quiet_optuna
 from search.config import StudyConfig
@@ -148,7 +148,7 @@ def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
 def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> Figure:
     rows: list[tuple[str, list[float]]] = []
     spec = method_spec(recipe.method)
-    shown = [key for key in ("weight", "density", "gamma", "epsilon") if spec.uses(key)] or ["weight"]
+    shown = [key for key in PER_MODEL if spec.uses(key)] or ["weight"]
     for key in shown:  # the per-model values the method reads, over depth
         for name, m in zip(model_names, recipe.models):
             param = getattr(m, key)

@@ -18,11 +18,10 @@ from typing import Any
 
 import optuna
 
-from merging.catalog import METHOD_TABLE, PARAMS, method_spec
+from merging.catalog import METHOD_TABLE, PARAMS, PER_MODEL, method_spec
 from merging.recipe import LayerParam, MergeRecipe, ModelEntry, validate_recipe
 from search.config import SpaceSection, StudyConfig
 
-PER_MODEL = ("weight", "density", "gamma", "epsilon")
 # Magnitude-ranked methods search density and gamma on this grid: the worker's precomputed tables
 # hold the TIES bounds of every density on it, and values over depth are stored rounded to it.
 RANK_GRID = 0.001
