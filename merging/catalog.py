@@ -10,6 +10,8 @@ Families:
   `keep` rule, with or without a sign election (`consensus`); one kernel runs them all;
 - "linear": sum_k w_k M_k, normalized by the sum of the weights by default;
 - "slerp": spherical interpolation between exactly two models;
+- "nuslerp": spherical interpolation of two models, or of their task vectors when a base is given,
+  at t = w2 / (w1 + w2), over whole tensors, rows or columns (the recipe's slerp_over);
 - "model_stock": base + t * mean_k T_k with t from the angle between the task vectors (nothing to set).
 
 Keep rules (how a task vector is sparsified; mergekit's names in brackets):
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 
 from merging.errors import MergeError, unknown
 
-FAMILIES = ("task_vector", "linear", "slerp", "model_stock")
+FAMILIES = ("task_vector", "linear", "slerp", "nuslerp", "model_stock")
 KEEP_RULES = ("all", "magnitude", "outliers", "random", "della")
+SLERP_OVER = ("tensor", "rows", "columns")  # nuslerp: what one interpolated vector is
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
            summary="base + t * mean task vector, t from the angle between the task vectors"),
     Method("slerp", "slerp", ("t",), needs_base=False, min_models=2, max_models=2, mergekit="slerp",
            summary="spherical interpolation between two models"),
+    Method("nuslerp", "nuslerp", ("weight",), needs_base=False, min_models=2, max_models=2, mergekit="nuslerp",
+           summary="spherical interpolation at t = w2 / (w1 + w2): of the task vectors given a base, else of "
+                   "the models; per tensor, row or column"),
 )}
 METHODS = tuple(METHOD_TABLE)
 

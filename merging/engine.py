@@ -44,12 +44,14 @@ class TensorScalars:
 
 @dataclass
 class TensorInputs:
-    """What one tensor's merge reads: the reference tensor, the task vectors, and for magnitude keep
-    rules each task vector's magnitude order (built here when not given)."""
+    """What one tensor's merge reads: the reference tensor, the task vectors, for magnitude keep
+    rules each task vector's magnitude order, and for model_stock its ratio (both computed here
+    when not given; a resident merger computes them once for all candidates)."""
 
     base: Tensor
     deltas: list[Tensor]
     orders: list[methods.MagnitudeOrder] | None = None
+    stock_ratio: float | None = None
 
 
 def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorScalars]:
@@ -95,7 +97,7 @@ def merge_tensor(
     """Write tensor `name`'s merge into `out` (same shape; any float dtype) without full-size copies.
 
     kernels: "eager" (torch ops) or "compiled" (one fused kernel per chunk for the task-vector
-    family; see merging.fused). linear and slerp always run eagerly.
+    family; see merging.fused). linear, slerp and nuslerp always run eagerly.
     """
     try:
         _merge_into(recipe, name, s, x, out, check_finite, kernels == "compiled")
@@ -122,6 +124,16 @@ def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInput
             out.copy_(methods.slerp(a, b, s.t))
             _finite(out, check_finite)  # after the cast: float16 can overflow where float32 did not
             return
+        if spec.family == "nuslerp":
+            t = methods.nuslerp_t(*s.weights)
+            if recipe.base is None:  # the models themselves (the reference is the first: its delta is 0)
+                merged = methods.nuslerp(x.base.float() + x.deltas[0].float(), x.base.float() + x.deltas[1].float(),
+                                         t, over=recipe.slerp_over)
+            else:  # the task vectors, then back onto the base
+                merged = methods.nuslerp(x.deltas[0], x.deltas[1], t, over=recipe.slerp_over).add_(x.base.float())
+            out.copy_(merged)
+            _finite(out, check_finite)
+            return
         chunk = GPU_CHUNK if out.device.type == "cuda" else CPU_CHUNK
         flat_out, flat_base = out.view(-1), x.base.reshape(-1)
         if spec.family == "linear":
@@ -141,7 +153,7 @@ def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars
                   check_finite: bool, compiled: bool) -> None:
     """The task-vector family (and model_stock, task arithmetic with its own weights) in chunks."""
     if spec.family == "model_stock":
-        ratio = methods.model_stock_ratio(x.deltas)
+        ratio = methods.model_stock_ratio(x.deltas) if x.stock_ratio is None else x.stock_ratio
         active, weights, keep, lam, normalize = list(range(len(x.deltas))), [ratio / len(x.deltas)] * len(x.deltas), "all", 1.0, False
     else:
         active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing

@@ -8,6 +8,7 @@ holds a complete model or nothing; what a killed export left beside it is swept 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -52,7 +53,6 @@ def export_merge(
     merge give the same bits.
     """
     out = Path(out)
-    kernels = resolve_kernels(kernels, device)
     if out.exists() and not force:
         raise MergeError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
     validate_recipe(recipe)
@@ -60,6 +60,8 @@ def export_merge(
     models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in recipe.models]
     check_compatible({recipe.reference: ref, **{m.path: ck for m, ck in zip(recipe.models, models)}})
     plan = plan_scalars(recipe, build_layer_map(ref.names))
+    floats = [n for n in ref.names if ref.dtype(n).is_floating_point]
+    kernels = resolve_kernels(kernels, device, sum(math.prod(ref.shape(n)) for n in floats))  # as the resident merger
     dtype = DTYPE_NAMES[recipe.dtype]
     specs = [TensorSpec(n, ref.shape(n), dtype if ref.dtype(n).is_floating_point else ref.dtype(n)) for n in ref.names]
     shards = plan_shards(specs, max_shard_bytes)

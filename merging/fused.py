@@ -8,8 +8,10 @@ the eager path runs; a compiler may still contract a multiply and an add into on
 two agree to float32 rounding, not always to the bit. The resident path and the export use
 the same kernels for the same setting and device, so they stay bit-identical to each other.
 
-Kernels setting: "eager" (plain torch ops), "compiled", or "auto" (compiled on CUDA, eager on a CPU,
-where a first compile of some seconds would dominate short runs and the test suite). The first call
+Kernels setting: "eager" (plain torch ops), "compiled", or "auto": compiled on CUDA, and on a CPU for
+model sets of CPU_COMPILE_PARAMS parameters or more (there a TIES candidate merges about 25x faster
+compiled, so the compile of some seconds pays back within a few candidates); eager on a CPU for
+smaller models, where the compile would dominate short runs and the test suite. The first call
 of each variant (number of models, keep rule, sign election, normalize, rescale) compiles; inductor caches
 the result on disk, so later processes start faster. Where compiling fails (no C++ compiler, say),
 a warning is printed once and eager ops are used from then on.
@@ -27,12 +29,17 @@ from merging.errors import unknown
 KERNELS = ("auto", "eager", "compiled")
 
 
-def resolve_kernels(kernels: str, device: str | torch.device) -> str:
-    """'eager' or 'compiled' for a kernels setting on a device."""
+CPU_COMPILE_PARAMS = 20_000_000  # "auto" compiles on a CPU from this many parameters per model
+
+
+def resolve_kernels(kernels: str, device: str | torch.device, params: int) -> str:
+    """'eager' or 'compiled' for a kernels setting on a device, for models of `params` parameters
+    (floating-point entries of the base)."""
     if kernels not in KERNELS:
         raise unknown("kernels setting", kernels, KERNELS)
     if kernels == "auto":
-        return "compiled" if torch.device(device).type == "cuda" else "eager"
+        big = params >= CPU_COMPILE_PARAMS
+        return "compiled" if torch.device(device).type == "cuda" or big else "eager"
     return kernels
 
 

@@ -126,8 +126,12 @@ def to_mergekit(recipe: MergeRecipe, *, approximate: bool = False, top_names: Se
     shared = {k: v for k, v in params.items() if k in _SHARED and (spec.uses(k) or k in ("normalize", "rescale"))}
     if spec.rescale is None:
         shared.pop("rescale", None)
-    if spec.family in ("slerp", "model_stock", "linear"):
+    if spec.family in ("slerp", "nuslerp", "model_stock", "linear"):
         shared.pop("lambda", None)
+    if spec.family == "nuslerp":
+        shared.pop("normalize", None)  # nuslerp reads no normalize, in either tool
+        if recipe.slerp_over != "tensor":
+            shared.update(nuslerp_flatten=False, nuslerp_row_wise=recipe.slerp_over == "columns")
     out["parameters"] = {k: _param_to_mergekit(v, f"parameters.{k}", top_names) for k, v in shared.items()}
     out["dtype"] = recipe.dtype
     header = "# converted from a basin recipe"
@@ -186,6 +190,14 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
             raise MergeError(f"parameters.rescale: mergekit's rescale for {name} scales the kept entries to match "
                              f"their L1 norm; basin's {spec.name} keeps them as they are. Remove it to merge without")
         params.pop("rescale")  # false: mergekit's default, and basin's only way
+    if spec.family == "nuslerp":
+        flags = {key: params.pop(key, default) for key, default in (("nuslerp_flatten", True), ("nuslerp_row_wise", False))}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise MergeError(f"parameters.{key}: expected true or false, got {value!r}")
+        over = "tensor" if flags["nuslerp_flatten"] else ("columns" if flags["nuslerp_row_wise"] else "rows")
+        known = ["slerp_over"]
+        params["slerp_over"] = over
     if spec.family == "model_stock":
         known = []
         if params.get("filter_wise"):

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 TABLE_POINTS = 1000  # magnitude bounds precomputed at densities j / TABLE_POINTS
-_M32 = 0xFFFFFFFF
-_HASH_MUL = 0x45D9F3B  # below 2**31: a product with a 32-bit value fits in int64 without wrapping
+TABLE_POINT_BYTES = 20  # host memory per point: position and index (int64), magnitude (float32)
+_HASH_MUL = 0x45D9F3B  # an odd multiplier below 2**31, so it is the same number as an int32
 
 
 def all_finite(t: Tensor) -> bool:
@@ -83,27 +83,30 @@ class MagnitudeOrder:
     def __init__(self, delta: Tensor, *, table: bool, points: int = TABLE_POINTS) -> None:
         self._delta = delta
         self.n = delta.numel()
-        self._table: dict[int, tuple[float, int]] = {}
+        # the table, on the host: sorted positions and the (magnitude, index) at each
+        self._positions = np.zeros(0, dtype=np.int64)
+        self._values = np.zeros(0, dtype=np.float32)
+        self._indices = np.zeros(0, dtype=np.int64)
         if table:
             absval = delta.detach().reshape(-1).abs().float()
-            positions = sorted({max(1, int(j / points * self.n)) - 1 for j in range(points + 1)})
+            positions = np.array(sorted({max(1, int(j / points * self.n)) - 1 for j in range(points + 1)}), dtype=np.int64)
             if absval.device.type == "cpu":
                 a = absval.numpy()
                 order = np.argsort(-a, kind="stable")[positions]
                 values = a[order]
-                self._table = {p: (float(v), int(i)) for p, v, i in zip(positions, values, order)}
             else:
-                values, order = torch.sort(absval, descending=True, stable=True)
-                pos = torch.tensor(positions, device=absval.device)
-                self._table = {p: (float(v), int(i)) for p, v, i in
-                               zip(positions, values[pos].tolist(), order[pos].tolist())}
+                values, ranked = torch.sort(absval, descending=True, stable=True)
+                pos = torch.from_numpy(positions).to(absval.device)
+                values, order = values[pos].cpu().numpy(), ranked[pos].cpu().numpy()
+            self._positions, self._values, self._indices = positions, values.astype(np.float32), order.astype(np.int64)
 
     def table_bytes(self) -> int:
-        return 16 * len(self._table)
+        return self._positions.nbytes + self._values.nbytes + self._indices.nbytes
 
     def bound(self, position: int) -> tuple[float, int]:
-        if position in self._table:
-            return self._table[position]
+        slot = int(np.searchsorted(self._positions, position))
+        if slot < len(self._positions) and self._positions[slot] == position:
+            return float(self._values[slot]), int(self._indices[slot])
         return order_bound(self._delta.detach().reshape(-1).abs().float(), position)
 
     def bounds(self, kept: tuple[int, int]) -> tuple[tuple[float, int], tuple[float, int]]:
@@ -124,18 +127,22 @@ def draw_keys(seed: int, model_index: int, name: str) -> tuple[int, int, int]:
 
 
 def _mix32(x: Tensor) -> Tensor:
-    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
-    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
-    return (x >> 16) ^ x
+    """A 32-bit mixing round on int32 lanes holding unsigned values: products wrap modulo 2^32 and
+    right shifts are masked to logical ones, so it equals the same round on unsigned integers."""
+    x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
+    x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
+    return ((x >> 16) & 0xFFFF) ^ x
 
 
 def uniform(index: Tensor, keys: Tensor) -> Tensor:
     """A float32 uniform in [0, 1) with 24 bits for each int64 position in `index`, keyed by three
-    32-bit `keys` (an int64 tensor): integer arithmetic only, so every device draws the same."""
-    x = _mix32((index & _M32) ^ keys[0])
-    x = _mix32(x ^ (index >> 32) ^ keys[1])
-    x = _mix32(x ^ keys[2])
-    return (x >> 8).float() * (2.0 ** -24)
+    32-bit `keys` (an int64 tensor): integer arithmetic only, so every device draws the same.
+    The hash runs on int32 lanes (twice as many per vector as int64, and no 64-bit multiplies)."""
+    k = keys.to(torch.int32)  # the low 32 bits
+    x = _mix32(index.to(torch.int32) ^ k[0])
+    x = _mix32(x ^ (index >> 32).to(torch.int32) ^ k[1])
+    x = _mix32(x ^ k[2])
+    return ((x >> 8) & 0xFFFFFF).float() * (2.0 ** -24)
 
 
 def row_ranks(delta: Tensor) -> Tensor:
@@ -239,6 +246,36 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float 
     s = math.sin(theta)
     wa, wb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
     return (a.float() * wa).add_(b.float(), alpha=wb)
+
+
+def nuslerp(a: Tensor, b: Tensor, t: float, *, over: str = "tensor", eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation from a (t=0) to b (t=1) of the whole tensors ('tensor'), of each pair
+    of rows (vectors along the last dimension: 'rows') or of each pair of columns (along the first:
+    'columns'), in float32, as mergekit's nuslerp.
+
+    Each pair's angle comes from its dot product over its norms (each floored at 1e-7, so a zero
+    vector counts as orthogonal to the other). A pair with 1 - cos^2 <= eps^2 (parallel or opposite)
+    is interpolated linearly. A 1-D tensor is one vector for every `over`. The result is
+    c_a * a + c_b * b with one pair of coefficients per vector: besides the output, one product
+    of the tensor's size is allocated (for the dot products), and float32 copies of 16-bit inputs.
+    """
+    x, y = a.float(), b.float()
+    dims = tuple(range(x.dim())) if over == "tensor" or x.dim() < 2 else ((0,) if over == "columns" else (-1,))
+    nx = torch.linalg.vector_norm(x, dim=dims, keepdim=True).clamp(min=1e-7)
+    ny = torch.linalg.vector_norm(y, dim=dims, keepdim=True).clamp(min=1e-7)
+    cos = ((x * y).sum(dim=dims, keepdim=True) / (nx * ny)).clamp(-1.0, 1.0)
+    linear = (1.0 - cos * cos) <= eps * eps
+    theta = torch.acos(torch.where(linear, 0.0, cos))
+    sin = torch.where(linear, 1.0, torch.sin(theta))
+    ca = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin)
+    return (x * ca).addcmul_(y, cb)
+
+
+def nuslerp_t(w_first: float, w_second: float) -> float:
+    """nuslerp's position from the two models' weights: w2 / (w1 + w2), 0.5 where the sum is ~0."""
+    total = w_first + w_second
+    return 0.5 if abs(total) < 1e-6 else w_second / total
 
 
 def model_stock_ratio(deltas: Sequence[Tensor]) -> float:

@@ -2,7 +2,7 @@
 
 ```yaml
 method: ties                 # one of merging.catalog.METHODS (README: the method table)
-base: path/to/base           # required by every method but linear and slerp
+base: path/to/base           # required by every method but linear, slerp and nuslerp
 models:
   - path: path/to/code-ft
     weight: 0.7              # a number ...
@@ -17,6 +17,7 @@ parameters:
   rescale: true              # DARE, DELLA: divide survivors by their keep probability
   seed: 0                    # DARE's and DELLA's random draws
   t: 0.5                     # slerp only: 0 gives the first model, 1 the second
+  slerp_over: tensor         # nuslerp: interpolate whole tensors, or each pair of rows or columns
 dtype: bfloat16
 ```
 Which keys a method reads, and their defaults, come from the method table (merging/catalog.py).
@@ -31,7 +32,15 @@ from typing import Any
 
 import yaml
 
-from merging.catalog import METHODS, PARAMS, PER_MODEL, check_model_count, check_value, method_spec
+from merging.catalog import (
+    METHODS,
+    PARAMS,
+    PER_MODEL,
+    SLERP_OVER,
+    check_model_count,
+    check_value,
+    method_spec,
+)
 from merging.errors import MergeError, did_you_mean, unknown
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -109,6 +118,7 @@ class MergeRecipe:
     rescale: bool | None = None
     seed: int = 0
     dtype: str = "float32"
+    slerp_over: str = "tensor"  # nuslerp: one of catalog.SLERP_OVER
 
     @property
     def normalize_(self) -> bool:
@@ -189,7 +199,7 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise MergeError("recipe: 'parameters' must be a mapping")
-    _check_keys(params, ("lambda", "normalize", "rescale", "seed", "t"), "parameters")
+    _check_keys(params, ("lambda", "normalize", "rescale", "seed", "t", "slerp_over"), "parameters")
     for flag in ("normalize", "rescale"):
         if flag in params and not isinstance(params[flag], bool):
             raise MergeError(f"parameters.{flag}: expected true or false, got {params[flag]!r}")
@@ -206,6 +216,7 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
         rescale=params.get("rescale"),
         seed=seed,
         dtype=str(data.get("dtype", "float32")),
+        slerp_over=str(params.get("slerp_over", "tensor")),
     )
     validate_recipe(recipe)
     return recipe
@@ -221,6 +232,11 @@ def validate_recipe(recipe: MergeRecipe) -> None:
     if recipe.rescale and spec.rescale is None:
         raise MergeError(f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that drop "
                          "entries at random: dare_*, della*); remove it")
+    if recipe.slerp_over not in SLERP_OVER:
+        raise unknown("parameters.slerp_over", recipe.slerp_over, SLERP_OVER)
+    if recipe.slerp_over != "tensor" and spec.family != "nuslerp":
+        raise MergeError(f"parameters.slerp_over: {recipe.method} interpolates no rows or columns (only nuslerp "
+                         "reads slerp_over); remove it")
     if problem := check_model_count(spec, len(recipe.models)):
         raise MergeError(problem)
     paths = [m.path for m in recipe.models]
@@ -240,6 +256,8 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     params: dict[str, Any] = {"lambda": recipe.lam.to_yaml(), "seed": recipe.seed}
     if method_spec(recipe.method).uses("t"):
         params["t"] = recipe.t.to_yaml()
+    if method_spec(recipe.method).family == "nuslerp":
+        params["slerp_over"] = recipe.slerp_over
     if recipe.normalize is not None:
         params["normalize"] = recipe.normalize
     if recipe.rescale is not None:

@@ -42,7 +42,7 @@ class ResidentMerger:
             raise MergeError(f"unknown dtype '{dtype}'. Known: {', '.join(DTYPE_NAMES)}")
         self.base_spec, self.model_specs = base, list(models)
         self.device, self.dtype = torch.device(device), DTYPE_NAMES[dtype]
-        self.kernels = resolve_kernels(kernels, self.device)  # "eager" or "compiled" (merging.fused)
+        resolve_kernels(kernels, self.device, 0)  # an unknown setting fails before anything is read
         ref = Checkpoint(base, allow_pickle=allow_pickle)
         ckpts = [Checkpoint(m, allow_pickle=allow_pickle) for m in self.model_specs]
         check_compatible({base: ref, **dict(zip(self.model_specs, ckpts))})
@@ -56,7 +56,10 @@ class ResidentMerger:
                 self.base[name] = b
                 for k, ck in enumerate(ckpts):
                     self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
+        params = sum(t.numel() for t in self.base.values())
+        self.kernels = resolve_kernels(kernels, self.device, params)  # "eager" or "compiled" (merging.fused)
         self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
+        self._stock_ratios: dict[str, float] | None = None  # model_stock's, from the task vectors alone
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -74,6 +77,11 @@ class ResidentMerger:
                 bar.update(len(self.names))
             bar.close()
         return self._orders
+
+    def _model_stock_ratios(self) -> dict[str, float]:
+        if self._stock_ratios is None:
+            self._stock_ratios = {name: methods.model_stock_ratio([d[name] for d in self.deltas]) for name in self.names}
+        return self._stock_ratios
 
     def _target_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         key = id(model)
@@ -100,13 +108,16 @@ class ResidentMerger:
         """Write the recipe's merge into `model`'s parameters in place."""
         self.check_recipe(recipe)
         plan = plan_scalars(recipe, self.layer_map)
-        orders = self._magnitude_orders() if method_spec(recipe.method).magnitude_ranked else None
+        spec = method_spec(recipe.method)
+        orders = self._magnitude_orders() if spec.magnitude_ranked else None
+        ratios = self._model_stock_ratios() if spec.family == "model_stock" else None
         targets = self._target_tensors(model)
         for name in self.names:
             inputs = TensorInputs(
                 base=self.base[name],
                 deltas=[d[name] for d in self.deltas],
                 orders=[o[name] for o in orders] if orders else None,
+                stock_ratio=ratios[name] if ratios else None,
             )
             merge_tensor(recipe, name, plan[name], inputs, targets[name], kernels=self.kernels)
 

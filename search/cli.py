@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device to merge on, e.g. cuda (default: cpu)")
     p.add_argument("--kernels", default="auto", choices=["auto", "eager", "compiled"],
                    help="merge kernels: compiled fuses each merge into one kernel (torch.compile); "
-                        "auto: compiled on CUDA, eager on a CPU")
+                        "auto: compiled on CUDA, and on a CPU for models of 20M parameters or more")
     p.add_argument("--allow-pickle", action="store_true", help="read pickle (.bin) checkpoints; only for trusted sources")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_merge)

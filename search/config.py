@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluators.config import KINDS, EvaluatorSection
-from merging.catalog import METHODS, PARAMS, check_model_count, method_spec
+from merging.catalog import METHODS, PARAMS, SLERP_OVER, check_model_count, method_spec
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
 Method = Literal[METHODS]  # the method table's names (merging/catalog.py)
@@ -44,7 +44,7 @@ class ModelsSection(_Strict):
     finetunes: list[str] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
-    kernels: Literal["auto", "eager", "compiled"] = "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA
+    kernels: Literal["auto", "eager", "compiled"] = "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA and for big models on a CPU
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -80,6 +80,7 @@ class SpaceSection(_Strict):
     t: Range = PARAMS["t"].search
     normalize: bool | None = None  # None: each method's default
     seed: int = 0  # DARE's draws; fixed so candidates share random numbers
+    slerp_over: Literal[SLERP_OVER] = "tensor"  # nuslerp: whole tensors, or each pair of rows or columns
 
     @field_validator("weight", "density", "gamma", "epsilon", "lam", "t", mode="before")
     @classmethod

@@ -1,8 +1,8 @@
 """Each worker's memory plan, from the models' headers: what `basin validate` prints and checks.
 
 A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
-the live model candidates are written into, what the search's methods precompute (TIES magnitude
-tables, 16 bytes per point; DARE's draws are computed in place), the scratch of one tensor's merge,
+the live model candidates are written into (the magnitude tables of TIES and breadcrumbs are on the
+host, and stated in a note; DARE's and DELLA's draws are computed in place), the scratch of one tensor's merge,
 and what evaluation needs on top (logits and their log-softmax for a batch, the KV cache). The
 first five are fixed by the model set; the last grows with the batch and the sequence length, so it
 is an estimate at EVAL_TOKENS tokens per sequence.
@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 
 from merging.catalog import method_spec
-from merging.methods import TABLE_POINTS
+from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, StudyConfig
 
 EVAL_TOKENS = 1024  # tokens per sequence in the evaluation estimate (prompt and answer of a typical item)
@@ -63,13 +63,14 @@ def memory_plan(config: StudyConfig, capacity: int | None = None, capacity_from:
     model_bytes = params * width
     fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
              ("live model", model_bytes)]
+    notes = []
     if any(method_spec(m).magnitude_ranked for m in config.space.methods):
-        fixed.append(("magnitude tables", n_ft * len(floats) * (TABLE_POINTS + 1) * 16))
+        tables = n_ft * len(floats) * (TABLE_POINTS + 1) * TABLE_POINT_BYTES
+        notes.append(f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory, not on the GPU")
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
     batch = config.evaluator.batch_size if isinstance(getattr(config.evaluator, "batch_size", 1), int) else 1
     evaluation = _evaluation(shape, batch, width)
-    notes = []
     if getattr(config.evaluator, "batch_size", None) == "auto":
         notes.append("evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the largest batch that fits")
     return MemoryPlan(fixed, evaluation, capacity, capacity_from, notes)
@@ -106,8 +107,7 @@ def check_fits(plan: MemoryPlan) -> str | None:
         raise ConfigError(
             f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more than the "
             f"{plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the largest part is {biggest[0]} "
-            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, drop the magnitude-ranked methods "
-            "from space.methods, or a GPU with more memory")
+            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, or a GPU with more memory")
     if plan.total_bytes > plan.capacity:
         return (f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "
                 f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size (or set it to auto)")

@@ -167,6 +167,7 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
         normalize=space.config.normalize,
         seed=space.config.seed,
         dtype=space.dtype,
+        slerp_over=space.config.slerp_over if method_spec(method).family == "nuslerp" else "tensor",
     )
     validate_recipe(recipe)
     return recipe

@@ -93,7 +93,7 @@ def test_several_wrong_fields_are_reported_in_one_error(tmp_path):
     assert "6 problems" in message
     # each field by name, with the value and the valid choices
     assert "space.methods" in message and "'tie'" in message
-    assert "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs'" in message and "'model_stock' or 'slerp'" in message
+    assert "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs'" in message and "'slerp' or 'nuslerp'" in message
     assert "space.granularity" in message and "'layer'" in message and "'model', 'group' or 'anchors'" in message
     assert "space.densty: unknown key; did you mean 'density'?" in message
     assert "sampler.name" in message and "'tpee'" in message and "'tpe', 'cmaes', 'nsga2', 'gp' or 'random'" in message

@@ -24,7 +24,7 @@ from merging import (
     recipe_from_dict,
 )
 from merging.engine import TensorInputs, TensorScalars, merge_tensor
-from merging.fused import resolve_kernels
+from merging.fused import CPU_COMPILE_PARAMS, resolve_kernels
 from tests.test_merge_models import (
     SETS,
     assert_close_dicts,
@@ -106,11 +106,13 @@ def test_a_non_finite_compiled_merge_is_refused(llama_set, compiled_live):
 
 
 def test_kernels_setting():
-    assert resolve_kernels("auto", "cpu") == "eager"
-    assert resolve_kernels("auto", "cuda:1") == "compiled"
-    assert resolve_kernels("compiled", "cpu") == "compiled"
+    assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS - 1) == "eager"  # small models: no compile
+    assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS) == "compiled"
+    assert resolve_kernels("auto", "cuda:1", 1000) == "compiled"
+    assert resolve_kernels("compiled", "cpu", 1000) == "compiled"
+    assert resolve_kernels("eager", "cuda", 10**10) == "eager"
     with pytest.raises(MergeError, match="did you mean 'compiled'"):
-        resolve_kernels("compile", "cpu")
+        resolve_kernels("compile", "cpu", 1000)
 
 
 @pytest.mark.slow  # a fresh interpreter that imports torch and transformers

@@ -37,15 +37,19 @@ def merge(
     epsilons: list[float] | None = None,
     seed: int = 0,
     name: str = "model.layers.0.mlp.up_proj.weight",
+    with_base: bool | None = None,
+    slerp_over: str = "tensor",
 ) -> torch.Tensor:
-    """One tensor's merge through the engine, with the per-tensor scalars given directly."""
+    """One tensor's merge through the engine, with the per-tensor scalars given directly.
+    with_base: whether the recipe names a base (default: where the method needs one)."""
     recipe = MergeRecipe(
         method=method,
         models=tuple(ModelEntry(path=f"m{k}") for k in range(len(deltas))),
-        base="b" if method_spec(method).needs_base else None,
+        base="b" if (method_spec(method).needs_base if with_base is None else with_base) else None,
         normalize=normalize,
         rescale=rescale,
         seed=seed,
+        slerp_over=slerp_over,
     )
     scalars = TensorScalars(
         weights=tuple(weights),
@@ -306,6 +310,34 @@ def test_draws_are_uniform_and_independent_of_chunking_and_keys():
         assert float((other == u[:1000]).float().mean()) < 0.01
 
 
+def _reference_uniform(i: int, keys: tuple[int, int, int]) -> float:
+    """The draw's definition on Python integers: three lowbias-style 32-bit rounds, top 24 bits."""
+    def mix(x: int) -> int:
+        for _ in range(2):
+            x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        return (x >> 16) ^ x
+    x = mix((i & 0xFFFFFFFF) ^ keys[0])
+    x = mix(x ^ (i >> 32) ^ keys[1])
+    x = mix(x ^ keys[2])
+    return (x >> 8) / 2 ** 24
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_draws_equal_the_unsigned_32_bit_definition_on_any_position_and_key(device):
+    # the kernel hashes on int32 lanes with wrapping products: this pins it to unsigned arithmetic,
+    # eager and compiled, for positions past 2^31 and 2^32 and keys with the top bit set; 40 positions
+    # so that compiled code runs both its vector loop and its scalar remainder
+    positions = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**40 + 12345]
+    positions += [2**31 - 16 + j for j in range(31)]
+    index = torch.tensor(positions, dtype=torch.int64, device=device)
+    compiled = torch.compile(methods.uniform, dynamic=True)
+    for keys in [(0, 0, 0), (0xFFFFFFFF, 0x80000000, 0x7FFFFFFF), methods.draw_keys(9, 2, NAME)]:
+        expected = torch.tensor([_reference_uniform(i, keys) for i in positions], dtype=torch.float32, device=device)
+        k = torch.tensor(keys, device=device)
+        assert torch.equal(methods.uniform(index, k), expected)
+        assert torch.equal(compiled(index, k), expected)
+
+
 def test_dare_keep_fraction_is_the_density():
     n = 1_000_000
     delta = torch.ones(n)
@@ -431,6 +463,66 @@ def test_slerp_over_whole_tensor_through_engine():
     out = merge("slerp", a, [torch.zeros(2, 2), b - a], [1.0, 1.0], tt=0.5)
     close(out, [[math.sqrt(0.5), math.sqrt(0.5)], [0.0, 0.0]])
     close(merge("slerp", a, [torch.zeros(2, 2), b - a], [1.0, 1.0], tt=0.0), a)
+
+
+# --- nuslerp -------------------------------------------------------------------------------------
+
+
+def _slerp_closed_form(a: torch.Tensor, b: torch.Tensor, tt: float) -> torch.Tensor:
+    """sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b, theta the angle of a and b."""
+    a64, b64 = a.double(), b.double()
+    theta = math.acos(float(torch.dot(a64, b64) / (a64.norm() * b64.norm())))
+    return ((math.sin((1 - tt) * theta) * a64 + math.sin(tt * theta) * b64) / math.sin(theta)).float()
+
+
+def test_nuslerp_t_comes_from_the_weights():
+    assert methods.nuslerp_t(1.0, 3.0) == 0.75
+    assert methods.nuslerp_t(2.0, 0.0) == 0.0
+    assert methods.nuslerp_t(0.5, -0.5) == 0.5  # weights summing to ~0: the midpoint
+
+
+def test_nuslerp_over_the_whole_tensor_rows_and_columns():
+    a = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    b = torch.tensor([[0.0, 2.0], [4.0, 3.0]])
+    tt = 0.25
+    close(methods.nuslerp(a, b, tt), _slerp_closed_form(a.reshape(-1), b.reshape(-1), tt).reshape(2, 2))
+    rows = methods.nuslerp(a, b, tt, over="rows")
+    for i in range(2):  # each row pair on its own angle: 90 degrees, then about 16
+        close(rows[i], _slerp_closed_form(a[i], b[i], tt))
+    columns = methods.nuslerp(a, b, tt, over="columns")
+    for j in range(2):
+        close(columns[:, j], _slerp_closed_form(a[:, j], b[:, j], tt))
+    # the three differ: the rows' angles are not the tensor's
+    assert not torch.allclose(rows, methods.nuslerp(a, b, tt)) and not torch.allclose(rows, columns)
+    # a 1-D tensor is one vector whatever `over` says
+    v, w = t(1, 2, 0), t(0, 1, 3)
+    for over in ("rows", "columns"):
+        close(methods.nuslerp(v, w, 0.6, over=over), methods.nuslerp(v, w, 0.6))
+
+
+def test_nuslerp_parallel_pairs_are_linear_and_a_zero_vector_is_orthogonal():
+    a = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    b = torch.tensor([[2.0, 4.0], [-3.0, 0.0]])  # row 0 parallel, row 1 opposite
+    close(methods.nuslerp(a, b, 0.25, over="rows"), 0.75 * a + 0.25 * b)
+    # mergekit's convention: the zero vector's unit vector is 0, so theta = 90 degrees
+    close(methods.nuslerp(t(0, 0), t(2, 4), 0.5), [math.sqrt(0.5) * 2, math.sqrt(0.5) * 4])
+
+
+def test_nuslerp_through_the_engine_with_and_without_a_base():
+    base = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    d0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d1 = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    # with a base: the task vectors are interpolated, at t = w2 / (w1 + w2) = 0.75
+    out = merge("nuslerp", base, [d0, d1], [1.0, 3.0], with_base=True)
+    close(out, base + methods.nuslerp(d0, d1, 0.75))
+    close(out, base + _slerp_closed_form(d0.reshape(-1), d1.reshape(-1), 0.75).reshape(2, 2))
+    rows = merge("nuslerp", base, [d0, d1], [1.0, 3.0], with_base=True, slerp_over="rows")
+    close(rows, base + methods.nuslerp(d0, d1, 0.75, over="rows"))
+    # without: the models themselves (the reference is the first model, its task vector 0)
+    m0, m1 = base, base + d1
+    close(merge("nuslerp", base, [torch.zeros(2, 2), d1], [1.0, 1.0], with_base=False),
+          _slerp_closed_form(m0.reshape(-1), m1.reshape(-1), 0.5).reshape(2, 2))
+    assert not torch.allclose(out, merge("nuslerp", base, [d0, d1], [1.0, 3.0], with_base=False))
 
 
 # --- per-layer values ------------------------------------------------------------------------------

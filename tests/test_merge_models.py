@@ -131,6 +131,9 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
             out[name] = res.float().reshape(b.shape)
             continue
         w = [value_at(m.get("weight", 1.0), depth, kind) for m in entries]
+        if method == "nuslerp":
+            out[name] = reference_nuslerp(data, params, models, b, name, w)
+            continue
         if method == "linear":
             total = sum(wk * m[name] for wk, m in zip(w, models))
             out[name] = total / sum(w) if normalize else total
@@ -193,6 +196,33 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
                 mixed = mixed / sum(w)
         out[name] = b + lam * mixed
     return out
+
+
+def reference_nuslerp(data: dict, params: dict, models: list[dict], b: torch.Tensor, name: str,
+                      w: list[float]) -> torch.Tensor:
+    """nuslerp in float64: of the task vectors given a base, else of the models; each vector pair
+    (the whole tensor, each row or each column) on its own angle; a zero vector is orthogonal to
+    everything (its unit vector is 0) and parallel pairs interpolate linearly."""
+    tt = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    x, y = (models[0][name] - b, models[1][name] - b) if data.get("base") else (models[0][name], models[1][name])
+    x, y = x.double(), y.double()
+    over = params.get("slerp_over", "tensor")
+    if over == "tensor" or x.dim() == 1:
+        vx, vy = x.reshape(1, -1), y.reshape(1, -1)
+    elif over == "rows":
+        vx, vy = x, y
+    else:
+        vx, vy = x.T, y.T
+    ux = vx / vx.norm(dim=1, keepdim=True).clamp(min=1e-7)
+    uy = vy / vy.norm(dim=1, keepdim=True).clamp(min=1e-7)
+    cos = (ux * uy).sum(dim=1, keepdim=True).clamp(-1, 1)
+    th = torch.acos(cos)
+    parallel = (1 - cos * cos) <= 1e-16
+    spherical = (torch.sin((1 - tt) * th) * vx + torch.sin(tt * th) * vy) / torch.where(parallel, 1.0, torch.sin(th))
+    res = torch.where(parallel, (1 - tt) * vx + tt * vy, spherical)
+    res = res.T if over == "columns" and x.dim() > 1 else res
+    res = res.reshape(x.shape)
+    return (res + b.double()).float() if data.get("base") else res.float()
 
 
 def assert_close_dicts(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -300,6 +330,15 @@ def recipe_data(case: str, ms, *, with_base: bool = False) -> dict:
         }
     elif case == "model_stock":
         data = {"method": "model_stock", "base": base, "models": fts}
+    elif case == "nuslerp":  # task vectors (a base), each row on its own angle, weights over depth
+        data = {
+            "method": "nuslerp",
+            "base": base,
+            "models": [{"path": fts[0], "weight": {"attn": [0.2, 0.9], "default": 0.5}}, {"path": fts[1], "weight": 0.6}],
+            "parameters": {"slerp_over": "rows"},
+        }
+    elif case == "nuslerp_models":  # the models themselves (no base), whole tensors
+        data = {"method": "nuslerp", "models": [{"path": fts[0], "weight": 1.0}, {"path": fts[1], "weight": 3.0}]}
     elif case == "slerp":
         data = {
             "method": "slerp",
@@ -326,6 +365,8 @@ CASES = [
     "della",
     "model_stock",
     "slerp",
+    "nuslerp",
+    "nuslerp_models",
 ]
 SETS = ["llama", "gpt2"]
 
@@ -383,7 +424,7 @@ def test_exported_folder_loads_and_describes_itself(request, tmp_path, which, ca
 def test_resident_bit_identical_to_export(request, tmp_path, live_models, which, case):
     ms = model_set(request, which)
     recipe = recipe_from_dict(recipe_data(case, ms, with_base=True))
-    if case == "slerp":  # the merger holds all fine-tunes; slerp takes two
+    if "slerp" in case:  # the merger holds all fine-tunes; slerp and nuslerp take two
         merger = ResidentMerger(str(ms.base), [str(p) for p in ms.finetunes[:2]])
         live = load_live_model(str(ms.base))
     else:

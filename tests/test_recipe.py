@@ -512,6 +512,38 @@ def test_new_methods_convert_both_ways(method, extra):
     assert from_mergekit(data, approximate=approximate) == recipe
 
 
+@pytest.mark.parametrize("base,over,flags", [
+    ("B", "tensor", {}),  # task vectors, whole tensors: mergekit's defaults
+    ("B", "rows", {"nuslerp_flatten": False, "nuslerp_row_wise": False}),
+    (None, "columns", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),  # the models themselves
+])
+def test_nuslerp_converts_both_ways(base, over, flags):
+    data = {"method": "nuslerp", "models": [{"path": "a", "weight": 0.7}, {"path": "c", "weight": 0.3}],
+            "parameters": {"slerp_over": over}, **({"base": base} if base else {})}
+    recipe = recipe_from_dict(data)
+    assert recipe.slerp_over == over
+    theirs = yaml.safe_load(to_mergekit(recipe))
+    assert theirs["merge_method"] == "nuslerp" and theirs.get("base_model") == base
+    assert theirs["parameters"] == flags
+    assert [m["parameters"] for m in theirs["models"]] == [{"weight": 0.7}, {"weight": 0.3}]
+    assert from_mergekit(theirs) == recipe
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"method": "ties", "base": "B", "models": ["a"], "parameters": {"slerp_over": "rows"}},
+     ["slerp_over", "only nuslerp reads"]),
+    ({"method": "nuslerp", "models": ["a", "c"], "parameters": {"slerp_over": "row"}},
+     ["unknown parameters.slerp_over 'row'", "did you mean 'rows'", "tensor, rows, columns"]),
+    ({"method": "nuslerp", "models": ["a", "c", "d"]}, ["nuslerp merges exactly two models", "3"]),
+])
+def test_slerp_over_is_checked(data, words):
+    with pytest.raises(MergeError) as err:
+        recipe_from_dict(data)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize(
     "data,words",
     [
@@ -548,6 +580,10 @@ def test_new_methods_convert_both_ways(method, extra):
         ({"merge_method": "ties", "base_model": "b",
           "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "gamma": 0.01}}]},
          ["models[0].parameters: gamma has no basin equivalent"]),
+        ({"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "c"}],
+          "parameters": {"nuslerp_flatten": "no"}}, ["parameters.nuslerp_flatten", "true or false"]),
+        ({"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "c"}], "parameters": {"normalize": True}},
+         ["parameters: normalize has no basin equivalent for nuslerp"]),
         # a filter narrower than all attention tensors is refused, not widened to all of them
         ({"merge_method": "ties", "base_model": "b",
           "models": [{"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}, {"value": 0.5}]}}]},

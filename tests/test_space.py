@@ -103,6 +103,21 @@ def test_suggest_is_method_conditional_in_a_real_study(tmp_path):
     assert seen == set(METHODS)
 
 
+def test_nuslerp_searches_the_weights_and_takes_slerp_over_from_the_space(tmp_path):
+    space = make_space(tmp_path, {"methods": ["nuslerp", "ties"], "slerp_over": "columns"})
+    study, built = random_trials(space, 30)
+    seen = set()
+    for params, recipe in built.values():
+        seen.add(recipe.method)
+        if recipe.method == "nuslerp":
+            assert set(params) == {"method", *(f"weight.{m}" for m in space.model_names)}
+            assert recipe.slerp_over == "columns" and recipe.base == space.base
+            assert [m.weight.at(0.5, "mlp") for m in recipe.models] == [params[f"weight.{m}"] for m in space.model_names]
+        else:
+            assert recipe.slerp_over == "tensor"  # other methods read no slerp_over
+    assert seen == {"nuslerp", "ties"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fixed_trial_params_per_method(tmp_path, method):
     space = make_space(tmp_path, {"methods": list(METHODS), "lambda": [0.5, 1.5]})

@@ -5,8 +5,9 @@ saved as safetensors), then prints, from this one run:
 - the machine's copy bandwidth: the bytes a large `copy_` writes per second (it reads as many);
 - per candidate, for each method, with eager torch ops and with the compiled kernels of
   merging/fused.py: resident merge time / the floor, the time the bytes the merge must move take
-  at that bandwidth (read the base and each task vector, DARE's draws too, write the live model);
-  "first call s" is the compiled merger's first candidate (TIES tables or DARE draws, the compile);
+  at that bandwidth (read the base and each task vector, write the live model; DARE's and DELLA's
+  draws are computed, not read); nuslerp merges the first two fine-tunes, eagerly in both columns;
+  "first call s" is the compiled merger's first candidate (the magnitude tables, the compile);
   the plain-torch weighted sum (base + sum w*T with temporaries) is printed against the same floor;
 - each worker's resident bytes (base, task vectors, what the methods precompute, live model)
   against (2 + fine-tunes) x model size, and on CUDA the peak allocated;
@@ -30,7 +31,9 @@ from safetensors.torch import load_file, save_file
 from merging import ResidentMerger, export_merge, load_live_model, recipe_from_dict
 
 GOALS = {"task_arithmetic": 1.2, "ties": 1.5, "dare_linear": 1.5, "dare_ties": 1.5}  # x the floor
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock",
+           "nuslerp")
+TWO_MODELS = ("nuslerp",)  # merged from the first two fine-tunes (always eager: nothing to compile)
 KERNELS = ("eager", "compiled")
 
 
@@ -78,7 +81,7 @@ def copy_bandwidth(numel: int, device: str, repeats: int) -> float:
 
 def bytes_moved(method: str, params: int, n_models: int) -> int:
     """What one candidate must read and write at the least: the base and each task vector read, the
-    live model written; float32 (DARE's draws are computed in place, not read)."""
+    live model written; float32 (DARE's and DELLA's draws are computed in place, not read)."""
     return (2 + n_models) * params * 4
 
 
@@ -91,6 +94,9 @@ def resident_bytes(merger: ResidentMerger, live: torch.nn.Module) -> int:
 
 def recipe(method: str, base: str, models: list[str]):
     weights = [0.5, 0.3, 0.2]
+    if method in TWO_MODELS:
+        return recipe_from_dict({"method": method, "base": base, "parameters": {"slerp_over": "rows"},
+                                 "models": [{"path": m, "weight": w} for m, w in zip(models[:2], weights)]})
     return recipe_from_dict({
         "method": method, "base": base,
         "models": [{"path": m, "weight": w, **({"density": 0.5} if method != "model_stock" else {})}
@@ -111,6 +117,7 @@ def main() -> None:
         base, models, n_params = build_models(root, args.hidden, args.layers)
         print(f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}")
         mergers = {k: ResidentMerger(base, models, device=args.device, kernels=k) for k in KERNELS}
+        pair = ResidentMerger(base, models[:2], device=args.device)  # for TWO_MODELS
         merger = mergers["eager"]
         live = load_live_model(base, device=args.device)
         targets = merger._target_tensors(live)
@@ -123,7 +130,7 @@ def main() -> None:
                     targets[name].copy_(b + weights[0] * t[0] + weights[1] * t[1] + weights[2] * t[2])
 
         bandwidth = copy_bandwidth(max(t.numel() for t in merger.base.values()) * 32, args.device, args.repeats)
-        floor = {m: bytes_moved(m, n_params, len(models)) / bandwidth for m in METHODS}
+        floor = {m: bytes_moved(m, n_params, 2 if m in TWO_MODELS else len(models)) / bandwidth for m in METHODS}
         print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; a task-arithmetic candidate moves "
               f"{bytes_moved('task_arithmetic', n_params, len(models)) / 1e9:.2f} GB: floor "
               f"{floor['task_arithmetic'] * 1000:.0f} ms")
@@ -135,10 +142,11 @@ def main() -> None:
             r = recipe(method, base, models)
             row, first = [], 0.0
             for k in KERNELS:
+                merge = (pair if method in TWO_MODELS else mergers[k]).apply
                 t0 = time.perf_counter()
-                mergers[k].apply(r, live)  # first call: tables or draws, and for "compiled" the compile
+                merge(r, live)  # first call: tables, and for "compiled" the compile
                 first = time.perf_counter() - t0 if k == "compiled" else first
-                row.append(timed(lambda r=r, k=k: mergers[k].apply(r, live), args.repeats, args.device))
+                row.append(timed(lambda r=r, merge=merge: merge(r, live), args.repeats, args.device))
             goal = f"<={GOALS[method]}" if method in GOALS else ""
             f = floor[method]
             print(f"{method:<16}{f * 1000:>10.0f}{row[0] * 1000:>10.0f}{row[0] / f:>9.2f}{row[1] * 1000:>13.0f}"

@@ -100,13 +100,13 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, timeout: float = TIME
 
 
 def run_basin(config: dict[str, Any], out_dir: Path, *, device: str = "cpu",
-              kernels: str = "auto") -> dict[str, torch.Tensor]:
+              kernels: str = "auto", approximate: bool = False) -> dict[str, torch.Tensor]:
     """basin's merge of the same mergekit config (merging.mergekit_yaml.from_mergekit, then the
-    streaming export), returned as tensors."""
+    streaming export), returned as tensors. `approximate`: accept random methods (their draws differ)."""
     from merging.export import export_merge
     from merging.mergekit_yaml import from_mergekit
 
-    recipe = from_mergekit(config)
+    recipe = from_mergekit(config, approximate=approximate)
     out = export_merge(recipe, Path(out_dir), force=True, device=device, progress=False, kernels=kernels)
     return load_safetensors_folder(out)
 
