@@ -44,14 +44,16 @@ class TensorScalars:
 
 @dataclass
 class TensorInputs:
-    """What one tensor's merge reads: the reference tensor, the task vectors, for magnitude keep
-    rules each task vector's magnitude order, and for model_stock its ratio (both computed here
-    when not given; a resident merger computes them once for all candidates)."""
+    """What one tensor's merge reads: the reference tensor, the task vectors, and what depends on
+    them alone: for magnitude keep rules each task vector's magnitude order, for model_stock its
+    ratio, for nuslerp the angles between the two task vectors (each computed here when not given;
+    a resident merger computes them once for all candidates)."""
 
     base: Tensor
     deltas: list[Tensor]
     orders: list[methods.MagnitudeOrder] | None = None
     stock_ratio: float | None = None
+    nuslerp_angles: tuple[Tensor, Tensor] | None = None
 
 
 def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorScalars]:
@@ -130,7 +132,8 @@ def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInput
                 merged = methods.nuslerp(x.base.float() + x.deltas[0].float(), x.base.float() + x.deltas[1].float(),
                                          t, over=recipe.slerp_over)
             else:  # the task vectors, then back onto the base
-                merged = methods.nuslerp(x.deltas[0], x.deltas[1], t, over=recipe.slerp_over).add_(x.base.float())
+                merged = methods.nuslerp(x.deltas[0], x.deltas[1], t, over=recipe.slerp_over,
+                                         angles=x.nuslerp_angles).add_(x.base.float())
             out.copy_(merged)
             _finite(out, check_finite)
             return

@@ -248,28 +248,43 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float 
     return (a.float() * wa).add_(b.float(), alpha=wb)
 
 
-def nuslerp(a: Tensor, b: Tensor, t: float, *, over: str = "tensor", eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation from a (t=0) to b (t=1) of the whole tensors ('tensor'), of each pair
-    of rows (vectors along the last dimension: 'rows') or of each pair of columns (along the first:
-    'columns'), in float32, as mergekit's nuslerp.
-
-    Each pair's angle comes from its dot product over its norms (each floored at 1e-7, so a zero
-    vector counts as orthogonal to the other). A pair with 1 - cos^2 <= eps^2 (parallel or opposite)
-    is interpolated linearly. A 1-D tensor is one vector for every `over`. The result is
-    c_a * a + c_b * b with one pair of coefficients per vector: besides the output, one product
-    of the tensor's size is allocated (for the dot products), and float32 copies of 16-bit inputs.
-    """
+def nuslerp_angles(a: Tensor, b: Tensor, *, over: str = "tensor", eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """(theta, linear) of each vector pair of a and b for `nuslerp`: the angle from the pair's dot
+    product over its norms (each floored at 1e-7, so a zero vector counts as orthogonal to the
+    other), and whether the pair is parallel or opposite (1 - cos^2 <= eps^2), shaped to broadcast
+    against the tensors. They do not depend on t: a worker computes them once per tensor."""
     x, y = a.float(), b.float()
-    dims = tuple(range(x.dim())) if over == "tensor" or x.dim() < 2 else ((0,) if over == "columns" else (-1,))
+    dims = _nuslerp_dims(x, over)
     nx = torch.linalg.vector_norm(x, dim=dims, keepdim=True).clamp(min=1e-7)
     ny = torch.linalg.vector_norm(y, dim=dims, keepdim=True).clamp(min=1e-7)
     cos = ((x * y).sum(dim=dims, keepdim=True) / (nx * ny)).clamp(-1.0, 1.0)
     linear = (1.0 - cos * cos) <= eps * eps
-    theta = torch.acos(torch.where(linear, 0.0, cos))
+    return torch.acos(torch.where(linear, 0.0, cos)), linear
+
+
+def nuslerp(a: Tensor, b: Tensor, t: float, *, over: str = "tensor",
+            angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Spherical interpolation from a (t=0) to b (t=1) of the whole tensors ('tensor'), of each pair
+    of rows (vectors along the last dimension: 'rows') or of each pair of columns (along the first:
+    'columns'), in float32, as mergekit's nuslerp; parallel pairs are interpolated linearly.
+    A 1-D tensor is one vector for every `over`. `angles`: `nuslerp_angles(a, b, over=over)`,
+    computed here when not given.
+
+    The result is c_a * a + c_b * b with one pair of coefficients per vector: besides the output,
+    float32 copies of 16-bit inputs are allocated (and for the angles one product of the tensor's size).
+    """
+    theta, linear = angles if angles is not None else nuslerp_angles(a, b, over=over)
     sin = torch.where(linear, 1.0, torch.sin(theta))
     ca = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin)
     cb = torch.where(linear, t, torch.sin(t * theta) / sin)
-    return (x * ca).addcmul_(y, cb)
+    return (a.float() * ca).addcmul_(b.float(), cb)
+
+
+def _nuslerp_dims(x: Tensor, over: str) -> tuple[int, ...]:
+    """The dimensions one interpolated vector spans."""
+    if over == "tensor" or x.dim() < 2:
+        return tuple(range(x.dim()))
+    return (0,) if over == "columns" else (-1,)
 
 
 def nuslerp_t(w_first: float, w_second: float) -> float:

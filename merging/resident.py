@@ -60,6 +60,7 @@ class ResidentMerger:
         self.kernels = resolve_kernels(kernels, self.device, params)  # "eager" or "compiled" (merging.fused)
         self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
         self._stock_ratios: dict[str, float] | None = None  # model_stock's, from the task vectors alone
+        self._angles: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # nuslerp's, per slerp_over
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -82,6 +83,12 @@ class ResidentMerger:
         if self._stock_ratios is None:
             self._stock_ratios = {name: methods.model_stock_ratio([d[name] for d in self.deltas]) for name in self.names}
         return self._stock_ratios
+
+    def _nuslerp_angles(self, over: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if over not in self._angles:  # one scalar per tensor, row or column: small
+            self._angles[over] = {name: methods.nuslerp_angles(self.deltas[0][name], self.deltas[1][name], over=over)
+                                  for name in self.names}
+        return self._angles[over]
 
     def _target_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         key = id(model)
@@ -111,6 +118,7 @@ class ResidentMerger:
         spec = method_spec(recipe.method)
         orders = self._magnitude_orders() if spec.magnitude_ranked else None
         ratios = self._model_stock_ratios() if spec.family == "model_stock" else None
+        angles = self._nuslerp_angles(recipe.slerp_over) if spec.family == "nuslerp" else None
         targets = self._target_tensors(model)
         for name in self.names:
             inputs = TensorInputs(
@@ -118,6 +126,7 @@ class ResidentMerger:
                 deltas=[d[name] for d in self.deltas],
                 orders=[o[name] for o in orders] if orders else None,
                 stock_ratio=ratios[name] if ratios else None,
+                nuslerp_angles=angles[name] if angles else None,
             )
             merge_tensor(recipe, name, plan[name], inputs, targets[name], kernels=self.kernels)
 

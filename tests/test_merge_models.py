@@ -434,6 +434,23 @@ def test_resident_bit_identical_to_export(request, tmp_path, live_models, which,
     assert_equal_dicts(live_state(live, exported), exported)
 
 
+def test_resident_nuslerp_reuses_its_angles_for_other_weights_and_keeps_them_apart_per_slerp_over(tmp_path, gpt2_set):
+    # the merger computes the angles between the two task vectors once per slerp_over; later
+    # candidates with other weights, or another slerp_over, must still equal their exports
+    merger = ResidentMerger(str(gpt2_set.base), [str(p) for p in gpt2_set.finetunes[:2]])
+    live = load_live_model(str(gpt2_set.base))
+    data = recipe_data("nuslerp", gpt2_set)
+    for i, (w0, over) in enumerate([(0.2, "rows"), (0.9, "rows"), (0.9, "columns"), (0.4, "tensor")]):
+        data["models"][0]["weight"] = w0
+        data["parameters"]["slerp_over"] = over
+        recipe = recipe_from_dict(data)
+        merger.apply(recipe, live)
+        exported = load_folder(export_merge(recipe, tmp_path / f"merged{i}", progress=False))
+        assert_equal_dicts(live_state(live, exported), exported)
+        assert_close_dicts(exported, reference_merge(data))
+    assert sorted(merger._angles) == ["columns", "rows", "tensor"]
+
+
 @pytest.mark.parametrize("case", ["linear", "slerp"])
 def test_resident_refuses_a_recipe_without_its_base(llama_set, case):
     # linear and slerp recipes need no base (recipe.py), but the merger holds task vectors against
