@@ -195,7 +195,7 @@ def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars
         raise RuntimeError("coefficients overflow float32")  # reported by merge_tensor with the weights
     f32 = dict(dtype=torch.float32, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
-    keys = [methods.draw_keys(recipe.seed, k, name) for k in active] if keep in ("random", "della") else [(0, 0, 0)] * len(active)
+    keys = [methods.draw_keys(recipe.seed, k, name) for k in active] if keep in ("random", "della") else [(0, 0)] * len(active)
     fixed = dict(
         coeffs=torch.tensor(coeffs, **f32), lower_v=torch.tensor([b[0] for b in lower], **f32),
         lower_i=torch.tensor([b[1] for b in lower], **i64), upper_v=torch.tensor([b[0] for b in upper], **f32),

@@ -120,29 +120,42 @@ class MagnitudeOrder:
 
 # --- random draws --------------------------------------------------------------------------------
 
-def draw_keys(seed: int, model_index: int, name: str) -> tuple[int, int, int]:
-    """Three 32-bit keys for one model's tensor, the same on every machine and run."""
-    digest = hashlib.blake2b(f"{seed}:{model_index}:{name}".encode(), digest_size=12).digest()
-    return tuple(int.from_bytes(digest[i:i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+def draw_keys(seed: int, model_index: int, name: str) -> tuple[int, int]:
+    """(tensor key, model key): 32-bit keys, the same on every machine and run; the tensor key is
+    the same for every model of a tensor."""
+    def key(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+    return key(f"{seed}:{name}"), key(f"{seed}:{model_index}:{name}")
 
 
 def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit mixing round on int32 lanes holding unsigned values: products wrap modulo 2^32 and
-    right shifts are masked to logical ones, so it equals the same round on unsigned integers."""
+    """A 32-bit mixing round (lowbias32) on int32 lanes holding unsigned values: products wrap
+    modulo 2^32 and right shifts are masked to logical ones, so it equals the same round on
+    unsigned integers."""
     x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
     x = (((x >> 16) & 0xFFFF) ^ x) * _HASH_MUL
     return ((x >> 16) & 0xFFFF) ^ x
 
 
-def uniform(index: Tensor, keys: Tensor) -> Tensor:
-    """A float32 uniform in [0, 1) with 24 bits for each int64 position in `index`, keyed by three
-    32-bit `keys` (an int64 tensor): integer arithmetic only, so every device draws the same.
-    The hash runs on int32 lanes (twice as many per vector as int64, and no 64-bit multiplies)."""
-    k = keys.to(torch.int32)  # the low 32 bits
-    x = _mix32(index.to(torch.int32) ^ k[0])
-    x = _mix32(x ^ (index >> 32).to(torch.int32) ^ k[1])
-    x = _mix32(x ^ k[2])
+def position_hash(index: Tensor, tensor_key: Tensor) -> Tensor:
+    """The part of a draw every model of a tensor shares: one round on each int64 position in
+    `index` (its low 32 bits, keyed; the high bits folded in after), as int32 lanes."""
+    x = _mix32(index.to(torch.int32) ^ tensor_key.to(torch.int32))
+    return x ^ (index >> 32).to(torch.int32)
+
+
+def draw(shared: Tensor, model_key: Tensor) -> Tensor:
+    """One model's float32 uniforms in [0, 1), 24 bits each, from `position_hash` values: a second
+    round keyed by the model."""
+    x = _mix32(shared ^ model_key.to(torch.int32))
     return ((x >> 8) & 0xFFFFFF).float() * (2.0 ** -24)
+
+
+def uniform(index: Tensor, keys: Tensor) -> Tensor:
+    """The uniforms of one model's tensor at positions `index`, keyed by `draw_keys` (an int64
+    tensor of two): integer arithmetic only, so every device and any chunking draw the same.
+    A merge of k models hashes each position 1 + k times (the first round is shared)."""
+    return draw(position_hash(index, keys[0]), keys[1])
 
 
 def row_ranks(delta: Tensor) -> Tensor:
@@ -171,13 +184,14 @@ def task_vector_chunk(
 
     Per task vector k: coeffs[k] is its factor (lam * w * scale / divisor without sign election,
     w * scale with it); lower/upper bounds (magnitude, index) its magnitude keep rule; probs[k] its
-    keep probability (random) or d - epsilon (della) with spread[k] = 2 * epsilon; keys[k] its three
-    draw keys; ranks[k] its row ranks (della); signs[k] the sign of w_k; weights[k] w_k, for the
+    keep probability (random) or d - epsilon (della) with spread[k] = 2 * epsilon; keys[k] its
+    `draw_keys` (the tensor key, keys[k, 0], is the same for all k); ranks[k] its row ranks (della); signs[k] the sign of w_k; weights[k] w_k, for the
     disjoint mean's divisor. `start` is the chunk's flat offset in the tensor (draws and tie-breaks
     see positions in the whole tensor).
     """
     b = base.float()
     index = torch.arange(b.numel(), device=b.device, dtype=torch.int64) + start if keep != "all" else None
+    shared = position_hash(index, keys[0, 0]) if keep in ("random", "della") else None  # keys[k, 0] agree
     kept = []
     for k, delta in enumerate(deltas):
         d = delta.float()
@@ -188,10 +202,10 @@ def task_vector_chunk(
                 mask = mask & ((a < upper_v[k]) | ((a == upper_v[k]) & (index > upper_i[k])))
             d = torch.where(mask, d, 0.0)
         elif keep == "random":
-            d = torch.where(uniform(index, keys[k]) < probs[k], d, 0.0)
+            d = torch.where(draw(shared, keys[k, 1]) < probs[k], d, 0.0)
         elif keep == "della":
             p = (probs[k] + spread[k] * ranks[k]).clamp(0.0, 1.0)
-            survive = uniform(index, keys[k]) < p
+            survive = draw(shared, keys[k, 1]) < p
             d = torch.where(survive, d / p if rescale else d, 0.0)
         kept.append(d)
     if not consensus:
