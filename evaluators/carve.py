@@ -40,9 +40,11 @@ def carve_ids(n_items: int, task: str, fraction: float, seed: int) -> dict[str, 
     """Both parts of a task's items: {"search": [...], "holdout": [...]}, disjoint, covering all."""
     held = round(fraction * n_items)
     if held < 1 or held >= n_items:
-        raise EvaluatorError(f"task {task!r} has {n_items} items: holding out {fraction} of them leaves "
-                             f"{held} held out and {n_items - held} to search on; both need at least one "
-                             "(choose another evaluator.holdout, or a task with more items)")
+        raise EvaluatorError(
+            f"task {task!r} has {n_items} items: holding out {fraction} of them leaves "
+            f"{held} held out and {n_items - held} to search on; both need at least one "
+            "(choose another evaluator.holdout, or a task with more items)"
+        )
     order = list(range(n_items))
     random.Random(f"carve:{seed}:{task}").shuffle(order)
     return {"search": sorted(order[held:]), "holdout": sorted(order[:held])}

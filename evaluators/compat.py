@@ -32,9 +32,13 @@ def check_lm_eval() -> None:
     found = lm_eval_version()
     if found != TESTED_LM_EVAL and "version" not in _warned:
         _warned.add("version")
-        warnings.warn(f"basin: lm-eval {found} is installed; basin is tested with lm-eval {TESTED_LM_EVAL} "
-                      f"(pyproject.toml pins it). Each patch checks what it touches, but scores are only "
-                      f"verified on {TESTED_LM_EVAL}.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"basin: lm-eval {found} is installed; basin is tested with lm-eval {TESTED_LM_EVAL} "
+            f"(pyproject.toml pins it). Each patch checks what it touches, but scores are only "
+            f"verified on {TESTED_LM_EVAL}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _skip(patch: str, why: str) -> None:
@@ -45,7 +49,10 @@ def _skip(patch: str, why: str) -> None:
     warnings.warn(
         f"basin: lm-eval {lm_eval_version()} {why}; the {patch} patch (written for lm-eval "
         f"{TESTED_LM_EVAL}) is skipped: scores are unchanged, evaluation is slower. Install "
-        f"lm-eval=={TESTED_LM_EVAL} to get it back.", RuntimeWarning, stacklevel=3)
+        f"lm-eval=={TESTED_LM_EVAL} to get it back.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # --- template cache ---------------------------------------------------------------------------
@@ -115,11 +122,22 @@ def memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
 
     @functools.lru_cache(maxsize=maxsize)
     def cached(string: str, add_special_tokens: Any, left_truncate_len: Any) -> tuple[int, ...]:
-        return tuple(encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len))
+        return tuple(
+            encode(
+                string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len
+            )
+        )
 
-    def tok_encode(string: Any, add_special_tokens: Any = None, left_truncate_len: Any = None, **kwargs: Any) -> Any:
+    def tok_encode(
+        string: Any, add_special_tokens: Any = None, left_truncate_len: Any = None, **kwargs: Any
+    ) -> Any:
         if kwargs or not isinstance(string, str):
-            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
+            return encode(
+                string,
+                add_special_tokens=add_special_tokens,
+                left_truncate_len=left_truncate_len,
+                **kwargs,
+            )
         return list(cached(string, add_special_tokens, left_truncate_len))
 
     tok_encode.cache_info = cached.cache_info  # type: ignore[attr-defined]
@@ -166,7 +184,8 @@ def pin_docs(task: Any, split: str, docs: list[Any]) -> None:
     if not callable(getattr(type(task), method, None)) or not hasattr(type(task), "eval_docs"):
         raise EvaluatorError(
             f"lm-eval {lm_eval_version()}: {type(task).__name__} has no {method}() / eval_docs to select "
-            f"items with; basin is tested with lm-eval {TESTED_LM_EVAL}: install lm-eval=={TESTED_LM_EVAL}")
+            f"items with; basin is tested with lm-eval {TESTED_LM_EVAL}: install lm-eval=={TESTED_LM_EVAL}"
+        )
 
     def pinned() -> list[Any]:
         return docs
@@ -190,7 +209,8 @@ def fewshot_per_item(task: Any, seed: int) -> None:
         raise EvaluatorError(
             f"lm-eval {lm_eval_version()}: {type(task).__name__} has no fewshot_context / sampler.set_rnd to "
             f"seed few-shot examples per item with; basin is tested with lm-eval {TESTED_LM_EVAL}: "
-            f"install lm-eval=={TESTED_LM_EVAL}, or score these tasks zero-shot (num_fewshot: 0)")
+            f"install lm-eval=={TESTED_LM_EVAL}, or score these tasks zero-shot (num_fewshot: 0)"
+        )
 
     @functools.wraps(original)
     def seeded(doc: Any, *args: Any, **kwargs: Any) -> Any:
@@ -220,11 +240,15 @@ def load_definitions(manager: Any, names: list[str]) -> dict[str, Any]:
         from lm_eval.api.task import ConfigurableTask, TaskConfig
         from lm_eval.tasks import _factory
     except ImportError as exc:
-        raise EvaluatorError(f"lm-eval {lm_eval_version()} lacks {exc.name}; basin reads task definitions "
-                             f"as lm-eval {TESTED_LM_EVAL} does: install lm-eval=={TESTED_LM_EVAL}") from None
+        raise EvaluatorError(
+            f"lm-eval {lm_eval_version()} lacks {exc.name}; basin reads task definitions "
+            f"as lm-eval {TESTED_LM_EVAL} does: install lm-eval=={TESTED_LM_EVAL}"
+        ) from None
     if getattr(_factory, "ConfigurableTask", None) is not ConfigurableTask:
-        raise EvaluatorError(f"lm-eval {lm_eval_version()} builds tasks elsewhere than lm_eval.tasks._factory; "
-                             f"install lm-eval=={TESTED_LM_EVAL}")
+        raise EvaluatorError(
+            f"lm-eval {lm_eval_version()} builds tasks elsewhere than lm_eval.tasks._factory; "
+            f"install lm-eval=={TESTED_LM_EVAL}"
+        )
 
     class Definition(ConfigurableTask):
         """A task's resolved config and what lm-eval derives from it, without the data."""
@@ -233,10 +257,15 @@ def load_definitions(manager: Any, names: list[str]) -> dict[str, Any]:
             self._config = TaskConfig(**(config or {}))
             metrics = self._config.metric_list
             if metrics is None:
-                self._directions = {m: bool(is_higher_better(m)) for m in DEFAULT_METRIC_REGISTRY[self._config.output_type]}
+                self._directions = {
+                    m: bool(is_higher_better(m))
+                    for m in DEFAULT_METRIC_REGISTRY[self._config.output_type]
+                }
             else:
-                self._directions = {m["metric"]: bool(m.get("higher_is_better", is_higher_better(m["metric"])))
-                                    for m in metrics}
+                self._directions = {
+                    m["metric"]: bool(m.get("higher_is_better", is_higher_better(m["metric"])))
+                    for m in metrics
+                }
             filters = [f["name"] for f in self._config.filter_list or []] or ["none"]
             self._filters = [type("Filter", (), {"name": name})() for name in filters]
 

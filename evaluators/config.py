@@ -43,7 +43,9 @@ class HarnessSection(_Section):
     include_path: str | list[str] | None = None
     split: Literal["validation", "test"] = "validation"
     report_split: Literal["validation", "test"] = "test"
-    holdout: float | None = Field(default=None, gt=0, lt=1)  # share of `split` held out for the report
+    holdout: float | None = Field(
+        default=None, gt=0, lt=1
+    )  # share of `split` held out for the report
     holdout_seed: int = 0
     limit: int | None = Field(default=None, ge=1)
     sample_seed: int | None = None
@@ -52,7 +54,9 @@ class HarnessSection(_Section):
     apply_chat_template: bool | str = False  # a name picks one of the tokenizer's templates
     fewshot_as_multiturn: bool = True
     system_instruction: str | None = None
-    gen_kwargs: dict[str, Any] | None = None  # merged into every generative task's generation_kwargs
+    gen_kwargs: dict[str, Any] | None = (
+        None  # merged into every generative task's generation_kwargs
+    )
     builtin_tasks: bool = True
 
     @field_validator("batch_size")
@@ -69,8 +73,10 @@ class HarnessSection(_Section):
         if isinstance(data, dict) and data.get("holdout") is not None:
             split, report = data.get("split", "validation"), data.get("report_split")
             if report is not None and report != split:
-                raise ValueError(f"with holdout, the report scores the held-out items of split '{split}'; "
-                                 f"remove report_split '{report}' (or drop holdout to report on it)")
+                raise ValueError(
+                    f"with holdout, the report scores the held-out items of split '{split}'; "
+                    f"remove report_split '{report}' (or drop holdout to report on it)"
+                )
             data = {**data, "report_split": split}
         return data
 
@@ -97,14 +103,18 @@ class HarnessSection(_Section):
     def overlap(self) -> str | None:
         """Why the report would score items the search saw, or None when it does not."""
         if self.holdout is None and self.split == self.report_split:
-            return (f"evaluator.split and evaluator.report_split are both '{self.split}': the report scores the "
-                    "very items the search chose its recipes on, so its held-out scores are not held out; carve "
-                    "the split instead (evaluator.holdout: 0.3), or report on another split")
+            return (
+                f"evaluator.split and evaluator.report_split are both '{self.split}': the report scores the "
+                "very items the search chose its recipes on, so its held-out scores are not held out; carve "
+                "the split instead (evaluator.holdout: 0.3), or report on another split"
+            )
         return None
 
     def resolved(self) -> HarnessSection:
         """The same section with its local paths made absolute (workers may run elsewhere)."""
-        return self.model_copy(update={"include_path": [_absolute(p) for p in self.include_paths] or None})
+        return self.model_copy(
+            update={"include_path": [_absolute(p) for p in self.include_paths] or None}
+        )
 
 
 class PerplexitySection(_Section):
@@ -126,9 +136,14 @@ class PerplexitySection(_Section):
         return Path(self.text).name if role == "search" else Path(self.report_text or "-").name
 
     def overlap(self) -> str | None:
-        if self.report_text is not None and Path(self.report_text).resolve() == Path(self.text).resolve():
-            return ("evaluator.report_text is evaluator.text: the report scores the very text the search chose its "
-                    "recipes on; give a held-out text file")
+        if (
+            self.report_text is not None
+            and Path(self.report_text).resolve() == Path(self.text).resolve()
+        ):
+            return (
+                "evaluator.report_text is evaluator.text: the report scores the very text the search chose its "
+                "recipes on; give a held-out text file"
+            )
         return None
 
     def resolved(self) -> PerplexitySection:
@@ -137,14 +152,21 @@ class PerplexitySection(_Section):
 
 
 def _kind(value: Any) -> str:
-    kind = value.get("kind", "harness") if isinstance(value, dict) else getattr(value, "kind", "harness")
+    kind = (
+        value.get("kind", "harness")
+        if isinstance(value, dict)
+        else getattr(value, "kind", "harness")
+    )
     return kind if kind in KINDS else "unknown"
 
 
 EvaluatorSection = Annotated[
     Annotated[HarnessSection, Tag("harness")] | Annotated[PerplexitySection, Tag("perplexity")],
-    Discriminator(_kind, custom_error_type="evaluator_kind",
-                  custom_error_message="unknown evaluator kind; Known: harness, perplexity"),
+    Discriminator(
+        _kind,
+        custom_error_type="evaluator_kind",
+        custom_error_message="unknown evaluator kind; Known: harness, perplexity",
+    ),
 ]
 KINDS: dict[str, type[_Section]] = {"harness": HarnessSection, "perplexity": PerplexitySection}
 
@@ -154,8 +176,13 @@ def _absolute(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
-                    limit: int | None = None, order_seed: int | None = None) -> Evaluator:
+def build_evaluator(
+    section: HarnessSection | PerplexitySection,
+    role: Role,
+    *,
+    limit: int | None = None,
+    order_seed: int | None = None,
+) -> Evaluator:
     """The evaluator that scores `role` as `section` describes; `limit` overrides the section's.
 
     order_seed: the items in a seeded order that slices can be scored from (multi-fidelity; harness only).
@@ -166,26 +193,44 @@ def build_evaluator(section: HarnessSection | PerplexitySection, role: Role, *,
         from evaluators.harness import HarnessEvaluator
 
         return HarnessEvaluator(
-            section.tasks, include_path=section.include_paths or None,
-            split=section.split if role == "search" or section.holdout is not None else section.report_split,
-            carve=section.carve(role), order_seed=order_seed, batch_size=section.batch_size, limit=limit or section.limit,
-            sample_seed=section.sample_seed, num_fewshot=section.num_fewshot,
-            apply_chat_template=section.apply_chat_template, fewshot_as_multiturn=section.fewshot_as_multiturn,
-            system_instruction=section.system_instruction, gen_kwargs=section.gen_kwargs,
+            section.tasks,
+            include_path=section.include_paths or None,
+            split=section.split
+            if role == "search" or section.holdout is not None
+            else section.report_split,
+            carve=section.carve(role),
+            order_seed=order_seed,
+            batch_size=section.batch_size,
+            limit=limit or section.limit,
+            sample_seed=section.sample_seed,
+            num_fewshot=section.num_fewshot,
+            apply_chat_template=section.apply_chat_template,
+            fewshot_as_multiturn=section.fewshot_as_multiturn,
+            system_instruction=section.system_instruction,
+            gen_kwargs=section.gen_kwargs,
             builtin_tasks=section.builtin_tasks,
         )
     if isinstance(section, PerplexitySection):
         from evaluators.perplexity import PerplexityEvaluator
 
         if order_seed is not None:
-            raise EvaluatorError("multi-fidelity (order_seed) scores lm-eval items; the perplexity evaluator has none")
+            raise EvaluatorError(
+                "multi-fidelity (order_seed) scores lm-eval items; the perplexity evaluator has none"
+            )
 
         path = section.text if role == "search" else section.report_text
         if path is None:
-            raise EvaluatorError("evaluator.report_text is not set: there is no held-out text to score; "
-                                 "give evaluator.report_text, or skip held-out scores (basin report --no-heldout)")
-        return PerplexityEvaluator(path, window=section.window, batch_size=section.batch_size,
-                                   limit=limit or section.limit, name=section.name)
+            raise EvaluatorError(
+                "evaluator.report_text is not set: there is no held-out text to score; "
+                "give evaluator.report_text, or skip held-out scores (basin report --no-heldout)"
+            )
+        return PerplexityEvaluator(
+            path,
+            window=section.window,
+            batch_size=section.batch_size,
+            limit=limit or section.limit,
+            name=section.name,
+        )
     raise EvaluatorError(f"not an evaluator section: {type(section).__name__}")
 
 

@@ -23,7 +23,12 @@ from evaluators.carve import Carve
 from evaluators.compat import disable_template_cache, enable_template_cache, template_cache_info
 from evaluators.protocol import EvalResult, EvaluatorError
 
-__all__ = ["HarnessEvaluator", "disable_template_cache", "enable_template_cache", "template_cache_info"]
+__all__ = [
+    "HarnessEvaluator",
+    "disable_template_cache",
+    "enable_template_cache",
+    "template_cache_info",
+]
 
 Split = Literal["validation", "test"]
 _SPLIT_FIELDS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
@@ -147,8 +152,10 @@ def _direction(task_dict: dict[str, Any], key: str) -> bool:
     keys = _metric_keys(task_dict)
     if key not in keys:
         same_task = [k for k in keys if k.split("/", 1)[0] == key.split("/", 1)[0]]
-        raise EvaluatorError(f"unknown metric {key!r}{_suggest(key, same_task or keys)} "
-                             f"Known metrics: {', '.join(same_task or keys)}.")
+        raise EvaluatorError(
+            f"unknown metric {key!r}{_suggest(key, same_task or keys)} "
+            f"Known metrics: {', '.join(same_task or keys)}."
+        )
     task_name, metric = key.split("/", 1)
     metric = metric.split(",", 1)[0]
     tasks = task_dict["tasks"]
@@ -168,14 +175,20 @@ class TaskDefinitions:
 
 
 def check_task_definitions(
-    tasks: Sequence[str], *, include_path: Sequence[str] = (), builtin_tasks: bool = True,
-    split: Split = "validation", metrics: Sequence[str] = (),
+    tasks: Sequence[str],
+    *,
+    include_path: Sequence[str] = (),
+    builtin_tasks: bool = True,
+    split: Split = "validation",
+    metrics: Sequence[str] = (),
 ) -> TaskDefinitions:
     """Unknown tasks, a split a task lacks and unknown metrics raise EvaluatorError, with the messages
     the evaluator itself gives, before any data is read."""
     paths = [str(Path(p).expanduser().resolve()) for p in include_path]
     with _quiet(True, level=logging.ERROR):
-        definitions = compat.load_definitions(_task_manager(list(tasks), paths, builtin_tasks), list(tasks))
+        definitions = compat.load_definitions(
+            _task_manager(list(tasks), paths, builtin_tasks), list(tasks)
+        )
     hub = {}
     for name, task in definitions["tasks"].items():
         _check_split(name, task, split)
@@ -201,8 +214,12 @@ def _check_split(name: str, task: Any, split: Split) -> None:
         other = [r for r in declared if r in ("validation", "test")]
         raise EvaluatorError(
             f"task {name!r} has no {split} split; its config declares: {available}. "
-            + (f"Choose split={other[0]!r} (with holdout: 0.3 to carve it into search and report items)"
-               if other else f"Declare {_SPLIT_FIELDS[split]} in the task's yaml") + "."
+            + (
+                f"Choose split={other[0]!r} (with holdout: 0.3 to carve it into search and report items)"
+                if other
+                else f"Declare {_SPLIT_FIELDS[split]} in the task's yaml"
+            )
+            + "."
         )
 
 
@@ -219,7 +236,9 @@ def _force_split(name: str, task: Any, split: Split) -> None:
             )
 
 
-def _select(items: Sequence[int], limit: int | None, sample_seed: int | None, name: str) -> list[int]:
+def _select(
+    items: Sequence[int], limit: int | None, sample_seed: int | None, name: str
+) -> list[int]:
     """Item indices to score among `items`: all, the first `limit`, or `limit` drawn once from `sample_seed`."""
     if limit is None:
         return list(items)
@@ -306,8 +325,11 @@ class HarnessEvaluator:
             _check_count(batch_size, "batch_size")
         self.split: Split = split
         self.batch_size = batch_size
-        self.chat = {"apply_chat_template": apply_chat_template, "fewshot_as_multiturn": fewshot_as_multiturn,
-                     "system_instruction": system_instruction}
+        self.chat = {
+            "apply_chat_template": apply_chat_template,
+            "fewshot_as_multiturn": fewshot_as_multiturn,
+            "system_instruction": system_instruction,
+        }
         self.device = device
         self.verbose = verbose
         self.cache_tokens = cache_tokens
@@ -409,12 +431,15 @@ class HarnessEvaluator:
                 leaf_task, leaf_metric = leaf.split("/", 1)
                 aggregate = tasks[leaf_task].aggregation().get(leaf_metric.split(",", 1)[0])
                 if aggregate is not mean and why is None:
-                    why = (f"is aggregated by {getattr(aggregate, '__name__', aggregate)}"
-                           f"{f' in task {leaf_task!r}' if leaf != key else ''}, not as a mean of per-item scores")
+                    why = (
+                        f"is aggregated by {getattr(aggregate, '__name__', aggregate)}"
+                        f"{f' in task {leaf_task!r}' if leaf != key else ''}, not as a mean of per-item scores"
+                    )
             if why:
                 raise EvaluatorError(
                     f"fidelity scores items in rungs and adds up per-item scores, but {key!r} {why}; name "
-                    "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section")
+                    "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section"
+                )
 
     @functools.cached_property
     def _group_means(self) -> dict[str, tuple[list[str], bool]]:
@@ -426,14 +451,23 @@ class HarnessEvaluator:
             for agg in getattr(group, "aggregate_metric_list", None) or []:
                 if agg.aggregation != "mean":
                     continue
-                filters = agg.filter_list or sorted({k.split(",", 1)[1] if "," in k else "none" for k in leaf_keys
-                                                     if k.split("/", 1)[1].split(",", 1)[0] == agg.metric})
+                filters = agg.filter_list or sorted(
+                    {
+                        k.split(",", 1)[1] if "," in k else "none"
+                        for k in leaf_keys
+                        if k.split("/", 1)[1].split(",", 1)[0] == agg.metric
+                    }
+                )
                 for filter_name in filters:
-                    out[_key(name, agg.metric, filter_name)] = ([_key(t, agg.metric, filter_name) for t in leaves],
-                                                                bool(agg.weight_by_size))
+                    out[_key(name, agg.metric, filter_name)] = (
+                        [_key(t, agg.metric, filter_name) for t in leaves],
+                        bool(agg.weight_by_size),
+                    )
         return out
 
-    def item_metrics(self, scores: dict[str, Sequence[float]]) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
+    def item_metrics(
+        self, scores: dict[str, Sequence[float]]
+    ) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
         """Metrics from the per-item scores of the leaf tasks, as lm-eval computes them: each task's
         mean, and each group's aggregate of those. With them, each key's per-item scores as one list
         per leaf task (a task key: its own; a group key: its tasks', in order)."""
@@ -454,7 +488,12 @@ class HarnessEvaluator:
         return dict(self._item_ids)
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False,
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        limit: int | None = None,
+        per_item: bool = False,
         items: tuple[int, int] | None = None,
     ) -> EvalResult:
         """Score `model` as its weights are now (call again after changing them in place).
@@ -467,26 +506,38 @@ class HarnessEvaluator:
             return self._evaluate(model, tokenizer, limit, per_item)
         start, stop = items
         if self.order_seed is None or not 0 <= start < stop:
-            raise EvaluatorError(f"items=(start, stop) needs order_seed and 0 <= start < stop; got {items!r}")
+            raise EvaluatorError(
+                f"items=(start, stop) needs order_seed and 0 <= start < stop; got {items!r}"
+            )
         sliced = {name: docs[start:stop] for name, docs in self._docs.items()}
         tasks = self._task_dict["tasks"]
         try:
             for name, docs in sliced.items():
                 compat.pin_docs(tasks[name], self.split, docs)
-            return self._evaluate(model, tokenizer, limit, True, skip={n for n, d in sliced.items() if not d})
+            return self._evaluate(
+                model, tokenizer, limit, True, skip={n for n, d in sliced.items() if not d}
+            )
         finally:
             for name, docs in self._docs.items():
                 compat.pin_docs(tasks[name], self.split, docs)
 
     def _evaluate(
-        self, model: Any, tokenizer: Any, limit: int | None, per_item: bool, skip: set[str] = frozenset()
+        self,
+        model: Any,
+        tokenizer: Any,
+        limit: int | None,
+        per_item: bool,
+        skip: set[str] = frozenset(),
     ) -> EvalResult:
         import torch
         from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
         task_dict = self._task_dict
         if skip:  # tasks with no items in the slice (fewer items than the slice starts at)
-            task_dict = {**task_dict, "tasks": {n: t for n, t in task_dict["tasks"].items() if n not in skip}}
+            task_dict = {
+                **task_dict,
+                "tasks": {n: t for n, t in task_dict["tasks"].items() if n not in skip},
+            }
         lm = self._wrap(model, tokenizer)
         if model.training:
             model.eval()

@@ -60,7 +60,9 @@ class PerplexityEvaluator:
         if key not in self.metric_keys:
             close = difflib.get_close_matches(key, self.metric_keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise EvaluatorError(f"unknown metric {key!r}{hint} Known metrics: {', '.join(self.metric_keys)}.")
+            raise EvaluatorError(
+                f"unknown metric {key!r}{hint} Known metrics: {', '.join(self.metric_keys)}."
+            )
         return False
 
     def _token_ids(self, tokenizer: Any) -> list[int]:

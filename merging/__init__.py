@@ -18,8 +18,21 @@ from merging.recipe import (
 from merging.resident import ResidentMerger, load_live_model
 
 __all__ = [
-    "METHODS", "Checkpoint", "LayerParam", "MergeError", "MergeRecipe", "ModelEntry",
-    "NonFiniteMergeError", "ResidentMerger", "check_compatible", "dump_recipe", "export_merge",
-    "from_mergekit", "load_live_model", "load_recipe", "recipe_from_dict", "recipe_to_dict",
+    "METHODS",
+    "Checkpoint",
+    "LayerParam",
+    "MergeError",
+    "MergeRecipe",
+    "ModelEntry",
+    "NonFiniteMergeError",
+    "ResidentMerger",
+    "check_compatible",
+    "dump_recipe",
+    "export_merge",
+    "from_mergekit",
+    "load_live_model",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
     "to_mergekit",
 ]

@@ -48,14 +48,59 @@ class Param:
     what: str  # for messages: what the number means
 
 
-WEIGHT = Param("weight", True, None, float("-inf"), float("inf"), True, (0.0, 1.0), "the model's share of the mix")
-DENSITY = Param("density", True, 1.0, 0.0, 1.0, True, (0.1, 1.0), "the fraction of each task vector kept")
-GAMMA = Param("gamma", True, 0.01, 0.0, 1.0, False, (0.0, 0.05),
-              "the fraction of largest-magnitude entries set aside before the density is kept")
-EPSILON = Param("epsilon", True, 0.15, 0.0, 0.5, False, (0.0, 0.15),
-                "half the spread of keep probabilities between the smallest and largest entries")
-LAMBDA = Param("lambda", False, 1.0, float("-inf"), float("inf"), True, (0.3, 1.5), "the global scale of the merged task vector")
-T = Param("t", False, 0.5, 0.0, 1.0, False, (0.0, 1.0), "the position between the two models (0: the first, 1: the second)")
+WEIGHT = Param(
+    "weight",
+    True,
+    None,
+    float("-inf"),
+    float("inf"),
+    True,
+    (0.0, 1.0),
+    "the model's share of the mix",
+)
+DENSITY = Param(
+    "density", True, 1.0, 0.0, 1.0, True, (0.1, 1.0), "the fraction of each task vector kept"
+)
+GAMMA = Param(
+    "gamma",
+    True,
+    0.01,
+    0.0,
+    1.0,
+    False,
+    (0.0, 0.05),
+    "the fraction of largest-magnitude entries set aside before the density is kept",
+)
+EPSILON = Param(
+    "epsilon",
+    True,
+    0.15,
+    0.0,
+    0.5,
+    False,
+    (0.0, 0.15),
+    "half the spread of keep probabilities between the smallest and largest entries",
+)
+LAMBDA = Param(
+    "lambda",
+    False,
+    1.0,
+    float("-inf"),
+    float("inf"),
+    True,
+    (0.3, 1.5),
+    "the global scale of the merged task vector",
+)
+T = Param(
+    "t",
+    False,
+    0.5,
+    0.0,
+    1.0,
+    False,
+    (0.0, 1.0),
+    "the position between the two models (0: the first, 1: the second)",
+)
 PARAMS = {p.name: p for p in (WEIGHT, DENSITY, GAMMA, EPSILON, LAMBDA, T)}
 PER_MODEL = tuple(p.name for p in PARAMS.values() if p.per_model)  # weight, density, gamma, epsilon
 
@@ -90,37 +135,122 @@ class Method:
 
 
 _TV = ("weight", "lambda")
-METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
-    Method("linear", "linear", ("weight",), normalize=True, needs_base=False, mergekit="linear",
-           summary="weighted average of the models"),
-    Method("task_arithmetic", "task_vector", _TV, mergekit="task_arithmetic",
-           summary="base + lambda * weighted sum of task vectors"),
-    Method("ties", "task_vector", ("weight", "density", "lambda"), keep="magnitude", consensus=True,
-           normalize=True, mergekit="ties",
-           summary="trim each task vector to its largest entries, elect a sign, mix agreeing entries"),
-    Method("dare_linear", "task_vector", ("weight", "density", "lambda"), keep="random", rescale=True,
-           mergekit="dare_linear", summary="drop entries at random, rescale survivors, weighted sum"),
-    Method("dare_ties", "task_vector", ("weight", "density", "lambda"), keep="random", consensus=True,
-           rescale=True, mergekit="dare_ties", summary="DARE drops, then TIES' sign election"),
-    Method("breadcrumbs", "task_vector", ("weight", "density", "gamma", "lambda"), keep="outliers",
-           mergekit="breadcrumbs",
-           summary="drop the largest (gamma) and the smallest entries, weighted sum"),
-    Method("breadcrumbs_ties", "task_vector", ("weight", "density", "gamma", "lambda"), keep="outliers",
-           consensus=True, mergekit="breadcrumbs_ties",
-           summary="breadcrumbs' drops, then TIES' sign election"),
-    Method("della", "task_vector", ("weight", "density", "epsilon", "lambda"), keep="della", consensus=True,
-           normalize=True, rescale=True, mergekit="della",
-           summary="drop at random with probabilities ranked by magnitude, rescale, sign election"),
-    Method("della_linear", "task_vector", ("weight", "density", "epsilon", "lambda"), keep="della",
-           rescale=True, mergekit="della_linear", summary="DELLA's drops, weighted sum"),
-    Method("model_stock", "model_stock", (), min_models=2, mergekit="model_stock",
-           summary="base + t * mean task vector, t from the angle between the task vectors"),
-    Method("slerp", "slerp", ("t",), needs_base=False, min_models=2, max_models=2, mergekit="slerp",
-           summary="spherical interpolation between two models"),
-    Method("nuslerp", "nuslerp", ("weight",), needs_base=False, min_models=2, max_models=2, mergekit="nuslerp",
-           summary="spherical interpolation at t = w2 / (w1 + w2): of the task vectors given a base, else of "
-                   "the models; per tensor, row or column"),
-)}
+METHOD_TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "linear",
+            "linear",
+            ("weight",),
+            normalize=True,
+            needs_base=False,
+            mergekit="linear",
+            summary="weighted average of the models",
+        ),
+        Method(
+            "task_arithmetic",
+            "task_vector",
+            _TV,
+            mergekit="task_arithmetic",
+            summary="base + lambda * weighted sum of task vectors",
+        ),
+        Method(
+            "ties",
+            "task_vector",
+            ("weight", "density", "lambda"),
+            keep="magnitude",
+            consensus=True,
+            normalize=True,
+            mergekit="ties",
+            summary="trim each task vector to its largest entries, elect a sign, mix agreeing entries",
+        ),
+        Method(
+            "dare_linear",
+            "task_vector",
+            ("weight", "density", "lambda"),
+            keep="random",
+            rescale=True,
+            mergekit="dare_linear",
+            summary="drop entries at random, rescale survivors, weighted sum",
+        ),
+        Method(
+            "dare_ties",
+            "task_vector",
+            ("weight", "density", "lambda"),
+            keep="random",
+            consensus=True,
+            rescale=True,
+            mergekit="dare_ties",
+            summary="DARE drops, then TIES' sign election",
+        ),
+        Method(
+            "breadcrumbs",
+            "task_vector",
+            ("weight", "density", "gamma", "lambda"),
+            keep="outliers",
+            mergekit="breadcrumbs",
+            summary="drop the largest (gamma) and the smallest entries, weighted sum",
+        ),
+        Method(
+            "breadcrumbs_ties",
+            "task_vector",
+            ("weight", "density", "gamma", "lambda"),
+            keep="outliers",
+            consensus=True,
+            mergekit="breadcrumbs_ties",
+            summary="breadcrumbs' drops, then TIES' sign election",
+        ),
+        Method(
+            "della",
+            "task_vector",
+            ("weight", "density", "epsilon", "lambda"),
+            keep="della",
+            consensus=True,
+            normalize=True,
+            rescale=True,
+            mergekit="della",
+            summary="drop at random with probabilities ranked by magnitude, rescale, sign election",
+        ),
+        Method(
+            "della_linear",
+            "task_vector",
+            ("weight", "density", "epsilon", "lambda"),
+            keep="della",
+            rescale=True,
+            mergekit="della_linear",
+            summary="DELLA's drops, weighted sum",
+        ),
+        Method(
+            "model_stock",
+            "model_stock",
+            (),
+            min_models=2,
+            mergekit="model_stock",
+            summary="base + t * mean task vector, t from the angle between the task vectors",
+        ),
+        Method(
+            "slerp",
+            "slerp",
+            ("t",),
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            mergekit="slerp",
+            summary="spherical interpolation between two models",
+        ),
+        Method(
+            "nuslerp",
+            "nuslerp",
+            ("weight",),
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            mergekit="nuslerp",
+            summary="spherical interpolation at t = w2 / (w1 + w2): of the task vectors given a base, else of "
+            "the models; per tensor, row or column",
+        ),
+    )
+}
 METHODS = tuple(METHOD_TABLE)
 
 
@@ -133,10 +263,16 @@ def method_spec(name: str) -> Method:
 
 def check_model_count(method: Method, n: int, where: str = "this recipe") -> str | None:
     """A message when `n` fine-tunes do not suit the method, else None."""
-    if method.max_models is not None and method.min_models == method.max_models and n != method.min_models:
+    if (
+        method.max_models is not None
+        and method.min_models == method.max_models
+        and n != method.min_models
+    ):
         count = {2: "two", 3: "three"}.get(method.min_models, str(method.min_models))
-        return (f"{method.name} merges exactly {count} models; {where} has {n}. "
-                "Use linear or ties for more")
+        return (
+            f"{method.name} merges exactly {count} models; {where} has {n}. "
+            "Use linear or ties for more"
+        )
     if n < method.min_models:
         return f"{method.name} needs at least {method.min_models} fine-tunes; {where} has {n}"
     return None

@@ -20,8 +20,15 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,15 +45,20 @@ def resolve_model_dir(spec: str) -> Path:
     if path.is_dir():
         return path.resolve()
     if path.exists():
-        raise MergeError(f"model '{spec}' is a file; give the model's folder (the one holding config.json)")
+        raise MergeError(
+            f"model '{spec}' is a file; give the model's folder (the one holding config.json)"
+        )
     if not _HUB_ID.match(spec):
-        raise MergeError(f"model folder not found: {spec}; check the path (a relative one is read from the current "
-                         "folder), or give a hub id such as org/name")
+        raise MergeError(
+            f"model folder not found: {spec}; check the path (a relative one is read from the current "
+            "folder), or give a hub id such as org/name"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(
-            repo_id=spec, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
+            repo_id=spec,
+            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"],
         )
     except Exception as exc:  # the hub client raises many types; all mean "not reachable"
         raise MergeError(
@@ -64,8 +76,10 @@ class Checkpoint:
         self.path = resolve_model_dir(spec)
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise MergeError(f"model '{spec}' has no config.json in {self.path}: give the folder that "
-                             "save_pretrained wrote (config.json and safetensors weights)")
+            raise MergeError(
+                f"model '{spec}' has no config.json in {self.path}: give the folder that "
+                "save_pretrained wrote (config.json and safetensors weights)"
+            )
         self.config: dict = json.loads(config_file.read_text())
         self.pickle = False
         self._handles: dict[Path, object] = {}
@@ -94,11 +108,15 @@ class Checkpoint:
             shard_paths = sorted(set(files.values())) if files else [one]
             for shard in shard_paths:
                 if not shard.is_file():
-                    raise MergeError(f"model '{self.spec}' is missing shard {shard.name} named in its index; download it again")
+                    raise MergeError(
+                        f"model '{self.spec}' is missing shard {shard.name} named in its index; download it again"
+                    )
             if files is None:
                 files = {name: one for name in self._names_in(one)}
             return files
-        raise MergeError(f"model '{self.spec}' has no weights ({SAFE_SINGLE} or {SAFE_INDEX}) in {self.path}")
+        raise MergeError(
+            f"model '{self.spec}' has no weights ({SAFE_SINGLE} or {SAFE_INDEX}) in {self.path}"
+        )
 
     def _names_in(self, file: Path) -> list[str]:
         if self.pickle:
@@ -110,7 +128,9 @@ class Checkpoint:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except Exception as exc:
-                raise MergeError(f"cannot read {file}: {exc}; the file may be truncated, download it again") from None
+                raise MergeError(
+                    f"cannot read {file}: {exc}; the file may be truncated, download it again"
+                ) from None
         return self._handles[file]
 
     def _load_pickle(self, file: Path) -> dict:
@@ -140,14 +160,18 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def read(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """One tensor, converted to dtype on device; NaN or inf in it is an error."""
         file = self.files[name]
         t = self._load_pickle(file)[name] if self.pickle else self._handle(file).get_tensor(name)
         t = t.to(device=device, dtype=dtype or t.dtype)
         if t.is_floating_point() and not all_finite(t):
-            raise MergeError(f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is damaged: "
-                             "download or save it again, or leave this model out")
+            raise MergeError(
+                f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is damaged: "
+                "download or save it again, or leave this model out"
+            )
         return t
 
     @cached_property
@@ -158,7 +182,10 @@ class Checkpoint:
             return None
         data = json.loads(file.read_text())
         model = data.get("model") or {}
-        return {"vocab": model.get("vocab"), "added": [t.get("content") for t in data.get("added_tokens") or []]}
+        return {
+            "vocab": model.get("vocab"),
+            "added": [t.get("content") for t in data.get("added_tokens") or []],
+        }
 
     def vocab_size(self) -> int | None:
         cfg = self.config.get("text_config", self.config)
@@ -178,13 +205,19 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
                 f"{pair} have different architectures ({ck.config.get('architectures')} vs "
                 f"{ref.config.get('architectures')}); merging needs fine-tunes of the same base model"
             )
-        missing, extra = sorted(set(ref.files) - set(ck.files)), sorted(set(ck.files) - set(ref.files))
+        missing, extra = (
+            sorted(set(ref.files) - set(ck.files)),
+            sorted(set(ck.files) - set(ref.files)),
+        )
         if missing or extra:
             detail = "; ".join(
                 f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                for what, names in (("missing", missing), ("extra", extra)) if names
+                for what, names in (("missing", missing), ("extra", extra))
+                if names
             )
-            raise MergeError(f"{pair} have different tensor names ({detail} in '{label}'); they are not fine-tunes of one base")
+            raise MergeError(
+                f"{pair} have different tensor names ({detail} in '{label}'); they are not fine-tunes of one base"
+            )
         for name in ref.names:
             if ck.shape(name) != ref.shape(name):
                 raise MergeError(
@@ -192,9 +225,15 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
                     "merging needs identical shapes (a resized vocabulary must be aligned first)"
                 )
         if ck.vocab_size() != ref.vocab_size():
-            raise MergeError(f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs {ref.vocab_size()}); "
-                             "merge only fine-tunes of one base, or resize the embeddings to the base's vocabulary first")
-        if ck.tokenizer_vocab is not None and ref.tokenizer_vocab is not None and ck.tokenizer_vocab != ref.tokenizer_vocab:
+            raise MergeError(
+                f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs {ref.vocab_size()}); "
+                "merge only fine-tunes of one base, or resize the embeddings to the base's vocabulary first"
+            )
+        if (
+            ck.tokenizer_vocab is not None
+            and ref.tokenizer_vocab is not None
+            and ck.tokenizer_vocab != ref.tokenizer_vocab
+        ):
             raise MergeError(
                 f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token ids "
                 "would mean different tokens in the merge"

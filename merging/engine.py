@@ -93,7 +93,13 @@ def plan_scalars(recipe: MergeRecipe, layer_map: LayerMap) -> dict[str, TensorSc
 
 
 def merge_tensor(
-    recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, *, check_finite: bool = True,
+    recipe: MergeRecipe,
+    name: str,
+    s: TensorScalars,
+    x: TensorInputs,
+    out: Tensor,
+    *,
+    check_finite: bool = True,
     kernels: str = "eager",
 ) -> None:
     """Write tensor `name`'s merge into `out` (same shape; any float dtype) without full-size copies.
@@ -107,7 +113,9 @@ def merge_tensor(
         raise NonFiniteMergeError(
             f"the merged tensor '{name}' contains NaN or inf; lower the weights or lambda of this recipe"
         ) from None
-    except RuntimeError as exc:  # a coefficient beyond float32 ("cannot be converted ... without overflow")
+    except (
+        RuntimeError
+    ) as exc:  # a coefficient beyond float32 ("cannot be converted ... without overflow")
         if "overflow" not in str(exc):
             raise
         raise NonFiniteMergeError(
@@ -116,8 +124,15 @@ def merge_tensor(
         ) from None
 
 
-def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, check_finite: bool,
-                compiled: bool) -> None:
+def _merge_into(
+    recipe: MergeRecipe,
+    name: str,
+    s: TensorScalars,
+    x: TensorInputs,
+    out: Tensor,
+    check_finite: bool,
+    compiled: bool,
+) -> None:
     spec = method_spec(recipe.method)
     with torch.no_grad():
         if spec.family == "slerp":
@@ -128,12 +143,19 @@ def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInput
             return
         if spec.family == "nuslerp":
             t = methods.nuslerp_t(*s.weights)
-            if recipe.base is None:  # the models themselves (the reference is the first: its delta is 0)
-                merged = methods.nuslerp(x.base.float() + x.deltas[0].float(), x.base.float() + x.deltas[1].float(),
-                                         t, over=recipe.slerp_over)
+            if (
+                recipe.base is None
+            ):  # the models themselves (the reference is the first: its delta is 0)
+                merged = methods.nuslerp(
+                    x.base.float() + x.deltas[0].float(),
+                    x.base.float() + x.deltas[1].float(),
+                    t,
+                    over=recipe.slerp_over,
+                )
             else:  # the task vectors, then back onto the base
-                merged = methods.nuslerp(x.deltas[0], x.deltas[1], t, over=recipe.slerp_over,
-                                         angles=x.nuslerp_angles).add_(x.base.float())
+                merged = methods.nuslerp(
+                    x.deltas[0], x.deltas[1], t, over=recipe.slerp_over, angles=x.nuslerp_angles
+                ).add_(x.base.float())
             out.copy_(merged)
             _finite(out, check_finite)
             return
@@ -145,22 +167,44 @@ def _merge_into(recipe: MergeRecipe, name: str, s: TensorScalars, x: TensorInput
             for start in range(0, flat_out.numel(), chunk):
                 stop = min(start + chunk, flat_out.numel())
                 deltas = [x.deltas[k].reshape(-1)[start:stop].float() for k in active]
-                result = methods.linear(flat_base[start:stop].float(), deltas, weights, normalize=recipe.normalize_)
+                result = methods.linear(
+                    flat_base[start:stop].float(), deltas, weights, normalize=recipe.normalize_
+                )
                 flat_out[start:stop].copy_(result)
                 _finite(flat_out[start:stop], check_finite)  # after the cast, as above
             return
         _task_vectors(recipe, spec, name, s, x, out, chunk, check_finite, compiled)
 
 
-def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars, x: TensorInputs, out: Tensor, chunk: int,
-                  check_finite: bool, compiled: bool) -> None:
+def _task_vectors(
+    recipe: MergeRecipe,
+    spec: Method,
+    name: str,
+    s: TensorScalars,
+    x: TensorInputs,
+    out: Tensor,
+    chunk: int,
+    check_finite: bool,
+    compiled: bool,
+) -> None:
     """The task-vector family (and model_stock, task arithmetic with its own weights) in chunks."""
     if spec.family == "model_stock":
         ratio = methods.model_stock_ratio(x.deltas) if x.stock_ratio is None else x.stock_ratio
-        active, weights, keep, lam, normalize = list(range(len(x.deltas))), [ratio / len(x.deltas)] * len(x.deltas), "all", 1.0, False
+        active, weights, keep, lam, normalize = (
+            list(range(len(x.deltas))),
+            [ratio / len(x.deltas)] * len(x.deltas),
+            "all",
+            1.0,
+            False,
+        )
     else:
         active = [k for k, w in enumerate(s.weights) if w != 0.0]  # zero weights change nothing
-        weights, keep, lam, normalize = [s.weights[k] for k in active], spec.keep, s.lam, recipe.normalize_
+        weights, keep, lam, normalize = (
+            [s.weights[k] for k in active],
+            spec.keep,
+            s.lam,
+            recipe.normalize_,
+        )
     n, dev = out.numel(), out.device
     scales = [1.0] * len(active)
     lower, upper = [_KEEP_ALL] * len(active), [methods.NO_UPPER] * len(active)
@@ -176,7 +220,9 @@ def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars
     elif keep == "random":
         probs = [min(1.0, s.densities[k]) for k in active]
         if recipe.rescale_:
-            scales = [1.0 / float(torch.tensor(p, dtype=torch.float32)) for p in probs]  # the applied probability
+            scales = [
+                1.0 / float(torch.tensor(p, dtype=torch.float32)) for p in probs
+            ]  # the applied probability
         if all(p >= 1.0 for p in probs):
             keep = "all"
     elif keep == "della":
@@ -192,20 +238,36 @@ def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars
         divisor = 1.0 if abs(divisor) < 1e-8 else divisor
         coeffs = [lam * w * sc / divisor for w, sc in zip(weights, scales)]
     if any(abs(c) > _FLOAT32_MAX for c in coeffs):
-        raise RuntimeError("coefficients overflow float32")  # reported by merge_tensor with the weights
+        raise RuntimeError(
+            "coefficients overflow float32"
+        )  # reported by merge_tensor with the weights
     f32 = dict(dtype=torch.float32, device=dev)
     i64 = dict(dtype=torch.int64, device=dev)
-    keys = [methods.draw_keys(recipe.seed, k, name) for k in active] if keep in ("random", "della") else [(0, 0)] * len(active)
-    fixed = dict(
-        coeffs=torch.tensor(coeffs, **f32), lower_v=torch.tensor([b[0] for b in lower], **f32),
-        lower_i=torch.tensor([b[1] for b in lower], **i64), upper_v=torch.tensor([b[0] for b in upper], **f32),
-        upper_i=torch.tensor([b[1] for b in upper], **i64), probs=torch.tensor(probs, **f32),
-        spread=torch.tensor(spread, **f32), keys=torch.tensor(keys, **i64),
-        signs=torch.tensor([1.0 if w > 0 else -1.0 for w in weights], **f32),
-        weights=torch.tensor(weights, **f32), lam=torch.tensor(lam, **f32),
+    keys = (
+        [methods.draw_keys(recipe.seed, k, name) for k in active]
+        if keep in ("random", "della")
+        else [(0, 0)] * len(active)
     )
-    static = dict(keep=keep, consensus=spec.consensus, normalize=normalize, rescale=recipe.rescale_,
-                  check=compiled and check_finite)
+    fixed = dict(
+        coeffs=torch.tensor(coeffs, **f32),
+        lower_v=torch.tensor([b[0] for b in lower], **f32),
+        lower_i=torch.tensor([b[1] for b in lower], **i64),
+        upper_v=torch.tensor([b[0] for b in upper], **f32),
+        upper_i=torch.tensor([b[1] for b in upper], **i64),
+        probs=torch.tensor(probs, **f32),
+        spread=torch.tensor(spread, **f32),
+        keys=torch.tensor(keys, **i64),
+        signs=torch.tensor([1.0 if w > 0 else -1.0 for w in weights], **f32),
+        weights=torch.tensor(weights, **f32),
+        lam=torch.tensor(lam, **f32),
+    )
+    static = dict(
+        keep=keep,
+        consensus=spec.consensus,
+        normalize=normalize,
+        rescale=recipe.rescale_,
+        check=compiled and check_finite,
+    )
     flat_out, flat_base = out.view(-1), x.base.reshape(-1)
     flat_deltas = [x.deltas[k].reshape(-1) for k in active]
     if keep == "della":  # ranks are taken within rows: chunks hold whole rows
@@ -213,15 +275,35 @@ def _task_vectors(recipe: MergeRecipe, spec: Method, name: str, s: TensorScalars
         chunk = max(width, chunk // width * width)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        ranks = [methods.row_ranks(d[start:stop].view(-1, width)).view(-1) for d in flat_deltas] if keep == "della" else []
+        ranks = (
+            [methods.row_ranks(d[start:stop].view(-1, width)).view(-1) for d in flat_deltas]
+            if keep == "della"
+            else []
+        )
         finite = fused.run_chunk(
-            flat_out[start:stop], flat_base[start:stop], [d[start:stop] for d in flat_deltas],
-            torch.tensor(start, **i64), fixed["coeffs"], fixed["lower_v"], fixed["lower_i"], fixed["upper_v"],
-            fixed["upper_i"], fixed["probs"], fixed["spread"], fixed["keys"], ranks, fixed["signs"], fixed["weights"],
-            fixed["lam"], compiled=compiled, **static,
+            flat_out[start:stop],
+            flat_base[start:stop],
+            [d[start:stop] for d in flat_deltas],
+            torch.tensor(start, **i64),
+            fixed["coeffs"],
+            fixed["lower_v"],
+            fixed["lower_i"],
+            fixed["upper_v"],
+            fixed["upper_i"],
+            fixed["probs"],
+            fixed["spread"],
+            fixed["keys"],
+            ranks,
+            fixed["signs"],
+            fixed["weights"],
+            fixed["lam"],
+            compiled=compiled,
+            **static,
         )
         if finite is None:
-            _finite(flat_out[start:stop], check_finite)  # after the cast: float16 can overflow where float32 did not
+            _finite(
+                flat_out[start:stop], check_finite
+            )  # after the cast: float16 can overflow where float32 did not
         elif check_finite and not finite:
             raise NonFiniteMergeError("non-finite values in a merged tensor")
 

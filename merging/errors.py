@@ -11,7 +11,7 @@ class MergeError(ValueError):
 
 
 def did_you_mean(value: str, known: Iterable[str]) -> str:
-    """"; did you mean 'x'?" for the closest known name, or "" when nothing is close."""
+    """ "; did you mean 'x'?" for the closest known name, or "" when nothing is close."""
     close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 

@@ -29,8 +29,15 @@ from merging.shards import SafetensorsWriter, TensorSpec, plan_shards
 
 # Small files copied from the reference model so the folder loads on its own.
 COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 4 * 2**30
 OWNER_FILE = ".basin-export-owner"  # host and pid of the export writing a partial folder
@@ -54,24 +61,41 @@ def export_merge(
     """
     out = Path(out)
     if out.exists() and not force:
-        raise MergeError(f"output folder {out} already exists; choose another --out or pass --force to replace it")
+        raise MergeError(
+            f"output folder {out} already exists; choose another --out or pass --force to replace it"
+        )
     validate_recipe(recipe)
     ref = Checkpoint(recipe.reference, allow_pickle=allow_pickle)
     models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in recipe.models]
-    check_compatible({recipe.reference: ref, **{m.path: ck for m, ck in zip(recipe.models, models)}})
+    check_compatible(
+        {recipe.reference: ref, **{m.path: ck for m, ck in zip(recipe.models, models)}}
+    )
     plan = plan_scalars(recipe, build_layer_map(ref.names))
     floats = [n for n in ref.names if ref.dtype(n).is_floating_point]
-    kernels = resolve_kernels(kernels, device, sum(math.prod(ref.shape(n)) for n in floats))  # as the resident merger
+    kernels = resolve_kernels(
+        kernels, device, sum(math.prod(ref.shape(n)) for n in floats)
+    )  # as the resident merger
     dtype = DTYPE_NAMES[recipe.dtype]
-    specs = [TensorSpec(n, ref.shape(n), dtype if ref.dtype(n).is_floating_point else ref.dtype(n)) for n in ref.names]
+    specs = [
+        TensorSpec(n, ref.shape(n), dtype if ref.dtype(n).is_floating_point else ref.dtype(n))
+        for n in ref.names
+    ]
     shards = plan_shards(specs, max_shard_bytes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        (tmp / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc=f"exporting {out.name}", disable=not progress)
+        (tmp / OWNER_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        )
+        bar = tqdm(
+            total=sum(s.nbytes for s in specs),
+            unit="B",
+            unit_scale=True,
+            desc=f"exporting {out.name}",
+            disable=not progress,
+        )
         weight_map = {}
         for i, shard in enumerate(shards):
             file = shard_file_name(i, len(shards))
@@ -83,7 +107,10 @@ def export_merge(
             writer.close()
         bar.close()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": weight_map,
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_side_files(tmp, ref, recipe)
         (tmp / OWNER_FILE).unlink()
@@ -116,14 +143,23 @@ def shard_file_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _merged(recipe: MergeRecipe, spec: TensorSpec, plan: dict[str, TensorScalars], ref: Checkpoint,
-            models: list[Checkpoint], device: str, kernels: str) -> torch.Tensor:
+def _merged(
+    recipe: MergeRecipe,
+    spec: TensorSpec,
+    plan: dict[str, TensorScalars],
+    ref: Checkpoint,
+    models: list[Checkpoint],
+    device: str,
+    kernels: str,
+) -> torch.Tensor:
     """One output tensor, computed exactly as the resident path computes it."""
     if not spec.dtype.is_floating_point:
         return ref.read(spec.name)
     base = ref.read(spec.name, device=device, dtype=spec.dtype)
     deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
-    inputs = TensorInputs(base=base, deltas=deltas)  # magnitude bounds are selected exactly, no tables
+    inputs = TensorInputs(
+        base=base, deltas=deltas
+    )  # magnitude bounds are selected exactly, no tables
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
     merge_tensor(recipe, spec.name, plan[spec.name], inputs, result, kernels=kernels)
     return result

@@ -66,10 +66,15 @@ def run_chunk(*args, compiled: bool, **static) -> bool | None:
         try:
             result = _compiled_kernel()(*args, **static)
             return None if result is None else bool(result)
-        except Exception as exc:  # the compiler, not the merge: the same arithmetic runs eagerly below
+        except (
+            Exception
+        ) as exc:  # the compiler, not the merge: the same arithmetic runs eagerly below
             _broken = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-            warnings.warn(f"compiled merge kernels are unavailable here ({_broken}); using eager torch ops",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"compiled merge kernels are unavailable here ({_broken}); using eager torch ops",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     with torch.no_grad():
         result = methods.task_vector_chunk(*args, **static)
     return None if result is None else bool(result)

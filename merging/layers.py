@@ -14,10 +14,14 @@ from merging.errors import MergeError
 
 # `model.layers.3.`, `transformer.h.3.`, `blocks.3.`, `encoder.layer.3.`: the decoder-stack families.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|tok_embeddings|embed_in|position_embeddings)\.")
+_EMBED = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|tok_embeddings|embed_in|position_embeddings)\."
+)
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.")
 _FINAL_NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_norm|final_layernorm|final_norm)\.")
-_LAYER_NORM = re.compile(r"layernorm|layer_norm|(?:^|\.)ln_\w*\.")  # before attn: `post_attention_layernorm`
+_LAYER_NORM = re.compile(
+    r"layernorm|layer_norm|(?:^|\.)ln_\w*\."
+)  # before attn: `post_attention_layernorm`
 _ATTN = re.compile(r"attn|attention")
 _MLP = re.compile(r"mlp|feed_forward|ffn")
 
@@ -77,7 +81,9 @@ def build_layer_map(names: Iterable[str]) -> LayerMap:
         else:
             unmapped.append(name)
     if unmapped:
-        shown = ", ".join(unmapped[:5]) + (f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else "")
+        shown = ", ".join(unmapped[:5]) + (
+            f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else ""
+        )
         raise MergeError(
             f"cannot place {len(unmapped)} tensor(s) in the layer stack: {shown}. basin maps "
             "Llama/Mistral/Qwen2 (`model.layers.N.`), GPT-2 (`transformer.h.N.`) and similar "
@@ -85,7 +91,9 @@ def build_layer_map(names: Iterable[str]) -> LayerMap:
             "with other names needs a mapping added in merging/layers.py."
         )
     if not layers:
-        raise MergeError("found no layer-indexed tensors (`layers.N.`, `h.N.`, ...): is this a causal LM checkpoint?")
+        raise MergeError(
+            "found no layer-indexed tensors (`layers.N.`, `h.N.`, ...): is this a causal LM checkpoint?"
+        )
     num_layers = max(layers.values()) + 1
     span = max(num_layers - 1, 1)
     places = {name: TensorPlace(None, depth, "other") for name, depth in outside.items()}

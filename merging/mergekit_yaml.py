@@ -42,10 +42,12 @@ def _param_to_mergekit(value: Any, where: str, top_names: Sequence[str] | None) 
     top: list[dict[str, Any]] = []
     if _varies(default):
         if top_names is None:
-            raise MergeError(f"{where} varies over depth ({default}): mergekit gives the final norm and the head a "
-                             f"list's first value ({default[0]}), basin its last ({default[-1]}), so the conversion "
-                             "would change those tensors. Convert with the models at hand (a local base) so basin can "
-                             "name them in filters, or give a list whose first and last values are equal")
+            raise MergeError(
+                f"{where} varies over depth ({default}): mergekit gives the final norm and the head a "
+                f"list's first value ({default[0]}), basin its last ({default[-1]}), so the conversion "
+                "would change those tensors. Convert with the models at hand (a local base) so basin can "
+                "name them in filters, or give a list whose first and last values are equal"
+            )
         top = [{"filter": name, "value": default[-1]} for name in top_names]
     if not isinstance(value, Mapping):
         return top + [{"value": value}] if top else value
@@ -73,9 +75,11 @@ def _param_from_mergekit(value: Any, where: str) -> Any:
         elif at_top(str(flt)):
             top.setdefault(str(flt), item["value"])
         else:
-            raise MergeError(f"{where}: mergekit filter '{flt}' has no basin equivalent: basin gives values to all "
-                             f"attention tensors ({' / '.join(_ATTN_FILTERS)}) or all MLP tensors "
-                             f"({' / '.join(_MLP_FILTERS)}); converting it would apply the value to other tensors too")
+            raise MergeError(
+                f"{where}: mergekit filter '{flt}' has no basin equivalent: basin gives values to all "
+                f"attention tensors ({' / '.join(_ATTN_FILTERS)}) or all MLP tensors "
+                f"({' / '.join(_MLP_FILTERS)}); converting it would apply the value to other tensors too"
+            )
     default = out.get("default")
     last = default[-1] if isinstance(default, list) else default
     if any(v != last for v in top.values()) or (_varies(default) and not top):
@@ -87,20 +91,26 @@ def _param_from_mergekit(value: Any, where: str) -> Any:
 
 def _top_refusal(where: str, values: Any, top: Mapping[str, Any] | None) -> MergeError:
     given = f" (its filters give {dict(top)})" if top else ""
-    return MergeError(f"{where}: mergekit gives the final norm and the head the first value of {values}{given}; basin "
-                      "gives the tensors outside the layer stack the value at depth 1 (a list's last), so the "
-                      "conversion would change those tensors. Add filters naming them (e.g. lm_head) with the list's "
-                      "last value, or give a list whose first and last values are equal")
+    return MergeError(
+        f"{where}: mergekit gives the final norm and the head the first value of {values}{given}; basin "
+        "gives the tensors outside the layer stack the value at depth 1 (a list's last), so the "
+        "conversion would change those tensors. Add filters naming them (e.g. lm_head) with the list's "
+        "last value, or give a list whose first and last values are equal"
+    )
 
 
 def _random_refusal(method: str, direction: str) -> MergeError:
-    return MergeError(f"{method} drops entries at random: mergekit draws from its own random state and rescales "
-                      "survivors to match their L1 norm (basin divides by the keep probability, with draws fixed by "
-                      f"the recipe's seed), so the converted recipe would merge different weights. Pass --approximate "
-                      f"to convert {direction} anyway")
+    return MergeError(
+        f"{method} drops entries at random: mergekit draws from its own random state and rescales "
+        "survivors to match their L1 norm (basin divides by the keep probability, with draws fixed by "
+        f"the recipe's seed), so the converted recipe would merge different weights. Pass --approximate "
+        f"to convert {direction} anyway"
+    )
 
 
-def to_mergekit(recipe: MergeRecipe, *, approximate: bool = False, top_names: Sequence[str] | None = None) -> str:
+def to_mergekit(
+    recipe: MergeRecipe, *, approximate: bool = False, top_names: Sequence[str] | None = None
+) -> str:
     """mergekit YAML text for this recipe. `top_names`: the names of the tensors outside the layer
     stack at its top (final norm, head), needed for values that vary over depth."""
     spec = method_spec(recipe.method)
@@ -123,7 +133,11 @@ def to_mergekit(recipe: MergeRecipe, *, approximate: bool = False, top_names: Se
     elif recipe.base is not None:
         out["base_model"] = recipe.base
     out["models"] = models
-    shared = {k: v for k, v in params.items() if k in _SHARED and (spec.uses(k) or k in ("normalize", "rescale"))}
+    shared = {
+        k: v
+        for k, v in params.items()
+        if k in _SHARED and (spec.uses(k) or k in ("normalize", "rescale"))
+    }
     if spec.rescale is None:
         shared.pop("rescale", None)
     if spec.family in ("slerp", "nuslerp", "model_stock", "linear"):
@@ -132,26 +146,38 @@ def to_mergekit(recipe: MergeRecipe, *, approximate: bool = False, top_names: Se
         shared.pop("normalize", None)  # nuslerp reads no normalize, in either tool
         if recipe.slerp_over != "tensor":
             shared.update(nuslerp_flatten=False, nuslerp_row_wise=recipe.slerp_over == "columns")
-    out["parameters"] = {k: _param_to_mergekit(v, f"parameters.{k}", top_names) for k, v in shared.items()}
+    out["parameters"] = {
+        k: _param_to_mergekit(v, f"parameters.{k}", top_names) for k, v in shared.items()
+    }
     out["dtype"] = recipe.dtype
     header = "# converted from a basin recipe"
     if spec.random:
-        header += (f" (approximate: basin's seed {seed} fixes its draws; mergekit draws its own and rescales "
-                   "survivors by the L1 norm, so the weights differ)")
+        header += (
+            f" (approximate: basin's seed {seed} fixes its draws; mergekit draws its own and rescales "
+            "survivors by the L1 norm, so the weights differ)"
+        )
     elif spec.magnitude_ranked:
-        header += " (entries of equal magnitude at the trim boundary: basin keeps the first by position)"
+        header += (
+            " (entries of equal magnitude at the trim boundary: basin keeps the first by position)"
+        )
     return header + "\n" + yaml.safe_dump(out, sort_keys=False)
 
 
 def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
     """A basin recipe from mergekit's YAML (the `models:` form; `slices:` is not supported)."""
     if not isinstance(data, Mapping) or "merge_method" not in data:
-        raise MergeError("not a mergekit config: 'merge_method' is missing; add it, or, if the file is a basin "
-                         "recipe already, use it as it is")
+        raise MergeError(
+            "not a mergekit config: 'merge_method' is missing; add it, or, if the file is a basin "
+            "recipe already, use it as it is"
+        )
     if "slices" in data:
-        raise MergeError("mergekit 'slices' configs are not supported; list the models under 'models:' instead")
+        raise MergeError(
+            "mergekit 'slices' configs are not supported; list the models under 'models:' instead"
+        )
     name = str(data["merge_method"])
-    spec = _BY_MERGEKIT_NAME.get(name) or method_spec(name)  # an unknown name: did-you-mean over basin's
+    spec = _BY_MERGEKIT_NAME.get(name) or method_spec(
+        name
+    )  # an unknown name: did-you-mean over basin's
     if spec.random and not approximate:
         raise _random_refusal(name, "from mergekit")
     params = dict(data.get("parameters") or {})
@@ -165,7 +191,10 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
         if base is None:
             raise MergeError("a mergekit slerp config needs 'base_model': the model at t=0")
         others = [m for m in models_raw if m.get("model") != base]
-        ours: dict[str, Any] = {"method": spec.name, "models": [{"path": base}] + [{"path": m["model"]} for m in others]}
+        ours: dict[str, Any] = {
+            "method": spec.name,
+            "models": [{"path": base}] + [{"path": m["model"]} for m in others],
+        }
     else:
         models = []
         for i, m in enumerate(models_raw):
@@ -173,9 +202,11 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
                 continue  # mergekit lists the base among the models at times; it is not a task vector
             p = m.get("parameters") or {}
             if unknown := sorted(set(p) - set(per_model)):
-                raise MergeError(f"models[{i}].parameters: {', '.join(unknown)} has no basin equivalent for "
-                                 f"{name}; basin reads {', '.join(per_model) or 'none'} per model for it, and dropping "
-                                 "the rest would merge something else than this file says")
+                raise MergeError(
+                    f"models[{i}].parameters: {', '.join(unknown)} has no basin equivalent for "
+                    f"{name}; basin reads {', '.join(per_model) or 'none'} per model for it, and dropping "
+                    "the rest would merge something else than this file says"
+                )
             entry = {"path": m["model"]}
             for key in per_model:
                 if key in p:
@@ -184,31 +215,50 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
         ours = {"method": spec.name, "models": models}
         if base is not None:
             ours["base"] = base
-    known = [k for k in _SHARED if spec.uses(k) or k == "normalize" or (k == "rescale" and spec.rescale is not None)]
+    known = [
+        k
+        for k in _SHARED
+        if spec.uses(k) or k == "normalize" or (k == "rescale" and spec.rescale is not None)
+    ]
     if spec.rescale is None and "rescale" in params and spec.family == "task_vector":
         if params["rescale"] is True:
-            raise MergeError(f"parameters.rescale: mergekit's rescale for {name} scales the kept entries to match "
-                             f"their L1 norm; basin's {spec.name} keeps them as they are. Remove it to merge without")
+            raise MergeError(
+                f"parameters.rescale: mergekit's rescale for {name} scales the kept entries to match "
+                f"their L1 norm; basin's {spec.name} keeps them as they are. Remove it to merge without"
+            )
         params.pop("rescale")  # false: mergekit's default, and basin's only way
     if spec.family == "nuslerp":
-        flags = {key: params.pop(key, default) for key, default in (("nuslerp_flatten", True), ("nuslerp_row_wise", False))}
+        flags = {
+            key: params.pop(key, default)
+            for key, default in (("nuslerp_flatten", True), ("nuslerp_row_wise", False))
+        }
         for key, value in flags.items():
             if not isinstance(value, bool):
                 raise MergeError(f"parameters.{key}: expected true or false, got {value!r}")
-        over = "tensor" if flags["nuslerp_flatten"] else ("columns" if flags["nuslerp_row_wise"] else "rows")
+        over = (
+            "tensor"
+            if flags["nuslerp_flatten"]
+            else ("columns" if flags["nuslerp_row_wise"] else "rows")
+        )
         known = ["slerp_over"]
         params["slerp_over"] = over
     if spec.family == "model_stock":
         known = []
         if params.get("filter_wise"):
-            raise MergeError("parameters.filter_wise: basin's model_stock takes one ratio per tensor; a ratio per "
-                             "row has no basin equivalent")
+            raise MergeError(
+                "parameters.filter_wise: basin's model_stock takes one ratio per tensor; a ratio per "
+                "row has no basin equivalent"
+            )
         params.pop("filter_wise", None)
     if unknown := sorted(set(params) - set(known) - set(_IGNORED)):
-        raise MergeError(f"parameters: {', '.join(unknown)} has no basin equivalent for {name}; basin reads "
-                         f"{', '.join(known) or 'none'} (and ignores {', '.join(_IGNORED)}: {_IGNORED['int8_mask']}), "
-                         "and dropping the rest would merge something else than this file says")
-    ours["parameters"] = {k: _param_from_mergekit(v, f"parameters.{k}") for k, v in params.items() if k in known}
+        raise MergeError(
+            f"parameters: {', '.join(unknown)} has no basin equivalent for {name}; basin reads "
+            f"{', '.join(known) or 'none'} (and ignores {', '.join(_IGNORED)}: {_IGNORED['int8_mask']}), "
+            "and dropping the rest would merge something else than this file says"
+        )
+    ours["parameters"] = {
+        k: _param_from_mergekit(v, f"parameters.{k}") for k, v in params.items() if k in known
+    }
     if "dtype" in data:
         ours["dtype"] = data["dtype"]
     return recipe_from_dict(ours)

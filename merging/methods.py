@@ -89,7 +89,10 @@ class MagnitudeOrder:
         self._indices = np.zeros(0, dtype=np.int64)
         if table:
             absval = delta.detach().reshape(-1).abs().float()
-            positions = np.array(sorted({max(1, int(j / points * self.n)) - 1 for j in range(points + 1)}), dtype=np.int64)
+            positions = np.array(
+                sorted({max(1, int(j / points * self.n)) - 1 for j in range(points + 1)}),
+                dtype=np.int64,
+            )
             if absval.device.type == "cpu":
                 a = absval.numpy()
                 order = np.argsort(-a, kind="stable")[positions]
@@ -98,7 +101,11 @@ class MagnitudeOrder:
                 values, ranked = torch.sort(absval, descending=True, stable=True)
                 pos = torch.from_numpy(positions).to(absval.device)
                 values, order = values[pos].cpu().numpy(), ranked[pos].cpu().numpy()
-            self._positions, self._values, self._indices = positions, values.astype(np.float32), order.astype(np.int64)
+            self._positions, self._values, self._indices = (
+                positions,
+                values.astype(np.float32),
+                order.astype(np.int64),
+            )
 
     def table_bytes(self) -> int:
         return self._positions.nbytes + self._values.nbytes + self._indices.nbytes
@@ -120,11 +127,14 @@ class MagnitudeOrder:
 
 # --- random draws --------------------------------------------------------------------------------
 
+
 def draw_keys(seed: int, model_index: int, name: str) -> tuple[int, int]:
     """(tensor key, model key): 32-bit keys, the same on every machine and run; the tensor key is
     the same for every model of a tensor."""
+
     def key(text: str) -> int:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+
     return key(f"{seed}:{name}"), key(f"{seed}:{model_index}:{name}")
 
 
@@ -148,7 +158,7 @@ def draw(shared: Tensor, model_key: Tensor) -> Tensor:
     """One model's float32 uniforms in [0, 1), 24 bits each, from `position_hash` values: a second
     round keyed by the model."""
     x = _mix32(shared ^ model_key.to(torch.int32))
-    return ((x >> 8) & 0xFFFFFF).float() * (2.0 ** -24)
+    return ((x >> 8) & 0xFFFFFF).float() * (2.0**-24)
 
 
 def uniform(index: Tensor, keys: Tensor) -> Tensor:
@@ -173,11 +183,29 @@ def row_ranks(delta: Tensor) -> Tensor:
 
 # --- the task-vector family ----------------------------------------------------------------------
 
+
 def task_vector_chunk(
-    out: Tensor, base: Tensor, deltas: list[Tensor], start: Tensor, coeffs: Tensor, lower_v: Tensor,
-    lower_i: Tensor, upper_v: Tensor, upper_i: Tensor, probs: Tensor, spread: Tensor, keys: Tensor,
-    ranks: list[Tensor], signs: Tensor, weights: Tensor, lam: Tensor,
-    keep: str, consensus: bool, normalize: bool, rescale: bool, check: bool,
+    out: Tensor,
+    base: Tensor,
+    deltas: list[Tensor],
+    start: Tensor,
+    coeffs: Tensor,
+    lower_v: Tensor,
+    lower_i: Tensor,
+    upper_v: Tensor,
+    upper_i: Tensor,
+    probs: Tensor,
+    spread: Tensor,
+    keys: Tensor,
+    ranks: list[Tensor],
+    signs: Tensor,
+    weights: Tensor,
+    lam: Tensor,
+    keep: str,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    check: bool,
 ) -> Tensor | None:
     """Write one flat chunk of a task-vector merge into `out`; with `check`, return whether it is all
     finite after the cast to out's dtype.
@@ -190,8 +218,14 @@ def task_vector_chunk(
     see positions in the whole tensor).
     """
     b = base.float()
-    index = torch.arange(b.numel(), device=b.device, dtype=torch.int64) + start if keep != "all" else None
-    shared = position_hash(index, keys[0, 0]) if keep in ("random", "della") else None  # keys[k, 0] agree
+    index = (
+        torch.arange(b.numel(), device=b.device, dtype=torch.int64) + start
+        if keep != "all"
+        else None
+    )
+    shared = (
+        position_hash(index, keys[0, 0]) if keep in ("random", "della") else None
+    )  # keys[k, 0] agree
     kept = []
     for k, delta in enumerate(deltas):
         d = delta.float()
@@ -233,7 +267,10 @@ def task_vector_chunk(
 
 # --- the other families --------------------------------------------------------------------------
 
-def linear(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:
+
+def linear(
+    base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool
+) -> Tensor:
     """sum_k w_k M_k (divided by sum_k w_k when normalize), with M_k = base + deltas[k]."""
     total = float(sum(weights))
     if normalize:
@@ -262,7 +299,9 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float 
     return (a.float() * wa).add_(b.float(), alpha=wb)
 
 
-def nuslerp_angles(a: Tensor, b: Tensor, *, over: str = "tensor", eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+def nuslerp_angles(
+    a: Tensor, b: Tensor, *, over: str = "tensor", eps: float = 1e-8
+) -> tuple[Tensor, Tensor]:
     """(theta, linear) of each vector pair of a and b for `nuslerp`: the angle from the pair's dot
     product over its norms (each floored at 1e-7, so a zero vector counts as orthogonal to the
     other), and whether the pair is parallel or opposite (1 - cos^2 <= eps^2), shaped to broadcast
@@ -276,8 +315,14 @@ def nuslerp_angles(a: Tensor, b: Tensor, *, over: str = "tensor", eps: float = 1
     return torch.acos(torch.where(linear, 0.0, cos)), linear
 
 
-def nuslerp(a: Tensor, b: Tensor, t: float, *, over: str = "tensor",
-            angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def nuslerp(
+    a: Tensor,
+    b: Tensor,
+    t: float,
+    *,
+    over: str = "tensor",
+    angles: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Spherical interpolation from a (t=0) to b (t=1) of the whole tensors ('tensor'), of each pair
     of rows (vectors along the last dimension: 'rows') or of each pair of columns (along the first:
     'columns'), in float32, as mergekit's nuslerp; parallel pairs are interpolated linearly.

@@ -144,7 +144,9 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
             raise MergeError(f"{at}: expected a number or a list of numbers, got {v!r}")
         items = list(v) if isinstance(v, (list, tuple)) else [v]
         if not items:
-            raise MergeError(f"{at}: the list of values over depth is empty; give at least one number")
+            raise MergeError(
+                f"{at}: the list of values over depth is empty; give at least one number"
+            )
         for x in items:
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise MergeError(f"{at}: expected numbers, got {x!r}")
@@ -153,13 +155,17 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
     if isinstance(value, Mapping):
         for key in value:
             if key not in PARAM_KINDS:
-                raise MergeError(f"{where}: unknown tensor kind '{key}'{did_you_mean(str(key), PARAM_KINDS) or '.'} Known: {', '.join(PARAM_KINDS)}")
+                raise MergeError(
+                    f"{where}: unknown tensor kind '{key}'{did_you_mean(str(key), PARAM_KINDS) or '.'} Known: {', '.join(PARAM_KINDS)}"
+                )
         if "default" in value:
             default = numbers(value["default"], f"{where}.default")
         elif required_default is not None:
             default = (required_default,)
         else:
-            raise MergeError(f"{where}: the attn/mlp form needs a 'default' value for the other tensors (norms, embeddings, head)")
+            raise MergeError(
+                f"{where}: the attn/mlp form needs a 'default' value for the other tensors (norms, embeddings, head)"
+            )
         attn = numbers(value["attn"], f"{where}.attn") if "attn" in value else None
         mlp = numbers(value["mlp"], f"{where}.mlp") if "mlp" in value else None
         return LayerParam(default=default, attn=attn, mlp=mlp)
@@ -169,7 +175,9 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
 def _check_keys(data: Mapping, known: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in known:
-            raise MergeError(f"{where}: unknown key '{key}'{did_you_mean(str(key), known) or '.'} Known: {', '.join(known)}")
+            raise MergeError(
+                f"{where}: unknown key '{key}'{did_you_mean(str(key), known) or '.'} Known: {', '.join(known)}"
+            )
 
 
 def recipe_from_dict(data: Any) -> MergeRecipe:
@@ -177,13 +185,17 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
     if not isinstance(data, Mapping):
         raise MergeError("a recipe must be a YAML mapping with at least 'method' and 'models'")
     if "merge_method" in data:
-        raise MergeError("this looks like a mergekit config; convert it first: basin convert FILE --to basin")
+        raise MergeError(
+            "this looks like a mergekit config; convert it first: basin convert FILE --to basin"
+        )
     _check_keys(data, ("method", "base", "models", "parameters", "dtype"), "recipe")
     if "method" not in data:
         raise MergeError(f"recipe: 'method' is missing. Known: {', '.join(METHODS)}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
-        raise MergeError("recipe: 'models' must be a non-empty list of {path, weight, density, ...}")
+        raise MergeError(
+            "recipe: 'models' must be a non-empty list of {path, weight, density, ...}"
+        )
     entries = []
     for i, m in enumerate(models_raw):
         where = f"models[{i}]"
@@ -192,10 +204,20 @@ def recipe_from_dict(data: Any) -> MergeRecipe:
         if not isinstance(m, Mapping) or "path" not in m:
             raise MergeError(f"{where}: each model needs a 'path' (a local folder or a hub id)")
         _check_keys(m, ("path", *PER_MODEL), where)
-        entries.append(ModelEntry(path=str(m["path"]), weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None), **{
-            key: _parse_param(m.get(key, PARAMS[key].default), f"{where}.{key}", required_default=PARAMS[key].default)
-            for key in PER_MODEL[1:]
-        }))
+        entries.append(
+            ModelEntry(
+                path=str(m["path"]),
+                weight=_parse_param(m.get("weight", 1.0), f"{where}.weight", required_default=None),
+                **{
+                    key: _parse_param(
+                        m.get(key, PARAMS[key].default),
+                        f"{where}.{key}",
+                        required_default=PARAMS[key].default,
+                    )
+                    for key in PER_MODEL[1:]
+                },
+            )
+        )
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise MergeError("recipe: 'parameters' must be a mapping")
@@ -228,15 +250,21 @@ def validate_recipe(recipe: MergeRecipe) -> None:
     if recipe.dtype not in DTYPES:
         raise unknown("dtype", recipe.dtype, DTYPES)
     if spec.needs_base and recipe.base is None:
-        raise MergeError(f"method '{recipe.method}' works on task vectors and needs 'base': the model the others were fine-tuned from")
+        raise MergeError(
+            f"method '{recipe.method}' works on task vectors and needs 'base': the model the others were fine-tuned from"
+        )
     if recipe.rescale and spec.rescale is None:
-        raise MergeError(f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that drop "
-                         "entries at random: dare_*, della*); remove it")
+        raise MergeError(
+            f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that drop "
+            "entries at random: dare_*, della*); remove it"
+        )
     if recipe.slerp_over not in SLERP_OVER:
         raise unknown("parameters.slerp_over", recipe.slerp_over, SLERP_OVER)
     if recipe.slerp_over != "tensor" and spec.family != "nuslerp":
-        raise MergeError(f"parameters.slerp_over: {recipe.method} interpolates no rows or columns (only nuslerp "
-                         "reads slerp_over); remove it")
+        raise MergeError(
+            f"parameters.slerp_over: {recipe.method} interpolates no rows or columns (only nuslerp "
+            "reads slerp_over); remove it"
+        )
     if problem := check_model_count(spec, len(recipe.models)):
         raise MergeError(problem)
     paths = [m.path for m in recipe.models]
@@ -268,7 +296,11 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     spec = method_spec(recipe.method)
     models = []
     for m in recipe.models:
-        entry: dict[str, Any] = {"path": m.path, "weight": m.weight.to_yaml(), "density": m.density.to_yaml()}
+        entry: dict[str, Any] = {
+            "path": m.path,
+            "weight": m.weight.to_yaml(),
+            "density": m.density.to_yaml(),
+        }
         for key in ("gamma", "epsilon"):  # written where the method reads it, or where it was set
             if spec.uses(key) or getattr(m, key) != _default(key):
                 entry[key] = getattr(m, key).to_yaml()
@@ -287,7 +319,9 @@ def read_yaml(path: str | Path, what: str = "recipe file") -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MergeError(f"{path} is not valid YAML; fix it where the parser points: {exc}") from None
+        raise MergeError(
+            f"{path} is not valid YAML; fix it where the parser points: {exc}"
+        ) from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:

@@ -57,10 +57,16 @@ class ResidentMerger:
                 for k, ck in enumerate(ckpts):
                     self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
         params = sum(t.numel() for t in self.base.values())
-        self.kernels = resolve_kernels(kernels, self.device, params)  # "eager" or "compiled" (merging.fused)
+        self.kernels = resolve_kernels(
+            kernels, self.device, params
+        )  # "eager" or "compiled" (merging.fused)
         self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
-        self._stock_ratios: dict[str, float] | None = None  # model_stock's, from the task vectors alone
-        self._angles: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # nuslerp's, per slerp_over
+        self._stock_ratios: dict[str, float] | None = (
+            None  # model_stock's, from the task vectors alone
+        )
+        self._angles: dict[
+            str, dict[str, tuple[torch.Tensor, torch.Tensor]]
+        ] = {}  # nuslerp's, per slerp_over
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -71,33 +77,49 @@ class ResidentMerger:
 
     def _magnitude_orders(self) -> list[dict[str, methods.MagnitudeOrder]]:
         if self._orders is None:
-            bar = tqdm(total=len(self.names) * len(self.deltas), desc="magnitude tables", disable=not self._progress)
+            bar = tqdm(
+                total=len(self.names) * len(self.deltas),
+                desc="magnitude tables",
+                disable=not self._progress,
+            )
             self._orders = []
             for deltas in self.deltas:
-                self._orders.append({name: methods.MagnitudeOrder(deltas[name], table=True) for name in self.names})
+                self._orders.append(
+                    {name: methods.MagnitudeOrder(deltas[name], table=True) for name in self.names}
+                )
                 bar.update(len(self.names))
             bar.close()
         return self._orders
 
     def _model_stock_ratios(self) -> dict[str, float]:
         if self._stock_ratios is None:
-            self._stock_ratios = {name: methods.model_stock_ratio([d[name] for d in self.deltas]) for name in self.names}
+            self._stock_ratios = {
+                name: methods.model_stock_ratio([d[name] for d in self.deltas])
+                for name in self.names
+            }
         return self._stock_ratios
 
     def _nuslerp_angles(self, over: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if over not in self._angles:  # one scalar per tensor, row or column: small
-            self._angles[over] = {name: methods.nuslerp_angles(self.deltas[0][name], self.deltas[1][name], over=over)
-                                  for name in self.names}
+            self._angles[over] = {
+                name: methods.nuslerp_angles(self.deltas[0][name], self.deltas[1][name], over=over)
+                for name in self.names
+            }
         return self._angles[over]
 
     def _target_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         key = id(model)
         if key not in self._targets:
-            state = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+            state = {
+                **dict(model.named_buffers()),
+                **dict(model.named_parameters(remove_duplicate=False)),
+            }
             missing = [n for n in self.names if n not in state]
             if missing:
-                raise MergeError(f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} more); "
-                                 "it must be built from the same architecture as the base")
+                raise MergeError(
+                    f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} more); "
+                    "it must be built from the same architecture as the base"
+                )
             self._targets = {key: {n: state[n].data for n in self.names}}
         return self._targets[key]
 
@@ -106,10 +128,14 @@ class ResidentMerger:
         validate_recipe(recipe)
         listed = [m.path for m in recipe.models]
         if listed != self.model_specs:
-            raise MergeError(f"this merger holds models {self.model_specs}; the recipe lists {listed} (same order needed)")
+            raise MergeError(
+                f"this merger holds models {self.model_specs}; the recipe lists {listed} (same order needed)"
+            )
         if recipe.reference != self.base_spec:
             # Task vectors are held against this base; another reference would round differently.
-            raise MergeError(f"this merger's base is '{self.base_spec}'; set the recipe's base to it (got {recipe.base!r})")
+            raise MergeError(
+                f"this merger's base is '{self.base_spec}'; set the recipe's base to it (got {recipe.base!r})"
+            )
 
     def apply(self, recipe: MergeRecipe, model: nn.Module) -> None:
         """Write the recipe's merge into `model`'s parameters in place."""
@@ -138,7 +164,13 @@ class ResidentMerger:
                 targets[name].copy_(self.base[name])
 
 
-def load_live_model(path: str, *, device: str | torch.device = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def load_live_model(
+    path: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> nn.Module:
     """The model every candidate is written into: the base, loaded once with transformers."""
     from transformers import AutoModelForCausalLM
 

@@ -14,8 +14,15 @@ from pathlib import Path
 import torch
 
 _CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -50,12 +57,17 @@ def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec
 class SafetensorsWriter:
     """Write one safetensors file; tensors must be given in the order of `specs`."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for spec in specs:
-            header[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": _CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -67,7 +79,9 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._specs[self._next]
         if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"expected {spec} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+            raise ValueError(
+                f"expected {spec} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1

@@ -38,12 +38,22 @@ class Budget:
             return False
         if self.budget.n_trials is None:
             return True
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        return sum(t.state != TrialState.RUNNING or runner_alive(t) for t in trials) < self.budget.n_trials
+        trials = self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        )
+        return (
+            sum(t.state != TrialState.RUNNING or runner_alive(t) for t in trials)
+            < self.budget.n_trials
+        )
 
 
-def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callable[[], bool],
-          storage: str | None = None) -> optuna.trial.Trial | None:
+def claim(
+    study: optuna.Study,
+    folder: Any,
+    runner: dict[str, Any],
+    more: Callable[[], bool],
+    storage: str | None = None,
+) -> optuna.trial.Trial | None:
     """Ask for the next trial if `more()` allows one, recording its runner.
 
     Check and ask happen under the runners' lock (records.study_lock: the study folder's, and with
@@ -54,6 +64,8 @@ def claim(study: optuna.Study, folder: Any, runner: dict[str, Any], more: Callab
         if not more():
             return None
         trial = study.ask()
-        compat.record_heartbeat(study, trial)  # at once: a trial never heard from is never found silent
+        compat.record_heartbeat(
+            study, trial
+        )  # at once: a trial never heard from is never found silent
         trial.set_user_attr("runner", runner)
         return trial

@@ -17,8 +17,15 @@ def _merge(args: argparse.Namespace) -> int:
     from merging import export_merge, load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = export_merge(recipe, args.out, force=args.force, device=args.device, kernels=args.kernels,
-                       allow_pickle=args.allow_pickle, progress=not args.quiet)
+    out = export_merge(
+        recipe,
+        args.out,
+        force=args.force,
+        device=args.device,
+        kernels=args.kernels,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -42,7 +49,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     data = read_yaml(args.file, "file")
     is_mergekit = isinstance(data, dict) and "merge_method" in data
-    recipe = from_mergekit(data, approximate=args.approximate) if is_mergekit else recipe_from_dict(data)
+    recipe = (
+        from_mergekit(data, approximate=args.approximate) if is_mergekit else recipe_from_dict(data)
+    )
     if args.to == "mergekit":
         text = to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe))
     else:
@@ -62,7 +71,9 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if args.address:
-        config = config.model_copy(update={"workers": config.workers.model_copy(update={"address": args.address})})
+        config = config.model_copy(
+            update={"workers": config.workers.model_copy(update={"address": args.address})}
+        )
     study = run_study(config, progress=not args.quiet)
     print_summary(config.study.folder, study)
     return 0
@@ -99,8 +110,10 @@ def _attach(args: argparse.Namespace) -> int:
     from search.attach import attach
 
     folder, written = attach(args.url, args.study, Path(args.out or Path("results") / args.study))
-    print(f"study '{args.study}' attached in {folder} ({written} trial records written); now `basin status {folder}`, "
-          f"`basin pareto`, `report`, `export`, or `basin resume {folder}` to run one more runner here")
+    print(
+        f"study '{args.study}' attached in {folder} ({written} trial records written); now `basin status {folder}`, "
+        f"`basin pareto`, `report`, `export`, or `basin resume {folder}` to run one more runner here"
+    )
     return 0
 
 
@@ -121,28 +134,41 @@ def _validate(args: argparse.Namespace) -> int:
     if [m for m in hub_models if not is_hub_id(m)]:
         check_models(config)  # a missing local folder: the same error as run
     if hub_models:
-        unchecked.append(f"models {', '.join(hub_models)}: no such local folder, and as hub ids neither cached nor "
-                         "reachable from here; `basin run` downloads them (needs the hub, and a token for gated models)")
+        unchecked.append(
+            f"models {', '.join(hub_models)}: no such local folder, and as hub ids neither cached nor "
+            "reachable from here; `basin run` downloads them (needs the hub, and a token for gated models)"
+        )
     tasks = check_tasks(config)
     if tasks.hub_datasets:
         by_dataset: dict[str, list[str]] = {}
         for task, dataset in tasks.hub_datasets.items():
             by_dataset.setdefault(dataset, []).append(task)
-        named = [f"{d} ({', '.join(t[:2])}{f' and {len(t) - 2} more' if len(t) > 2 else ''})" for d, t in by_dataset.items()]
-        unchecked.append(f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics were "
-                         "checked from their definitions, `basin run` downloads the data")
+        named = [
+            f"{d} ({', '.join(t[:2])}{f' and {len(t) - 2} more' if len(t) > 2 else ''})"
+            for d, t in by_dataset.items()
+        ]
+        unchecked.append(
+            f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics were "
+            "checked from their definitions, `basin run` downloads the data"
+        )
     if not unchecked:
         check_models_and_tasks(config)  # everything is here: the data too, exactly as run checks it
     n = len(config.models.finetunes)
-    print(f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
-          f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)")
+    print(
+        f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
+        f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)"
+    )
     if (overlap := config.evaluator.overlap()) is not None:
         print(f"warning: {overlap}")
     if not hub_models:
         from search.memory import check_fits, gpu_capacity, memory_plan
 
         plan = memory_plan(config, *gpu_capacity(config))
-        device = config.models.device if config.workers.gpus_per_worker == 0 or config.models.device != "auto" else "cuda"
+        device = (
+            config.models.device
+            if config.workers.gpus_per_worker == 0 or config.models.device != "auto"
+            else "cuda"
+        )
         print(f"memory plan of each worker ({config.models.dtype} on {device}):")
         print("\n".join(plan.lines()))
         if (warning := check_fits(plan)) is not None:
@@ -164,7 +190,12 @@ def _pareto(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from search.report import write_report
 
-    out = write_report(args.folder, trial=args.trial, score_heldout_split=not args.no_heldout, progress=not args.quiet)
+    out = write_report(
+        args.folder,
+        trial=args.trial,
+        score_heldout_split=not args.no_heldout,
+        progress=not args.quiet,
+    )
     print(f"report: {out}")
     return 0
 
@@ -176,18 +207,29 @@ def _export(args: argparse.Namespace) -> int:
     config, study = load_study_folder(args.folder)
     if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":
         done = [t.number for t in study.trials if t.state.name == "COMPLETE"]
-        raise ConfigError(f"trial {args.trial} is not a complete trial of this study; pick one of {done[:20]}"
-                          f"{' ...' if len(done) > 20 else ''} (`basin pareto {args.folder}` shows the best)")
+        raise ConfigError(
+            f"trial {args.trial} is not a complete trial of this study; pick one of {done[:20]}"
+            f"{' ...' if len(done) > 20 else ''} (`basin pareto {args.folder}` shows the best)"
+        )
     recipe = trial_recipe(config, study.trials[args.trial])
     if args.format == "mergekit":
         out = Path(args.out)
         if out.exists() and not args.force:
             raise ConfigError(f"{out} already exists; choose another --out or pass --force")
-        out.write_text(to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe)))
+        out.write_text(
+            to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe))
+        )
     else:
         device = args.device or "cpu"
-        out = export_merge(recipe, args.out, force=args.force, device=device, kernels=config.models.kernels,
-                           allow_pickle=config.models.allow_pickle, progress=not args.quiet)
+        out = export_merge(
+            recipe,
+            args.out,
+            force=args.force,
+            device=device,
+            kernels=config.models.kernels,
+            allow_pickle=config.models.allow_pickle,
+            progress=not args.quiet,
+        )
     print(f"wrote {out}")
     return 0
 
@@ -196,7 +238,9 @@ def _zoo(args: argparse.Namespace) -> int:
     from evaluators.zoo import build_zoo
 
     zoo = build_zoo(args.out, seed=args.seed, force=args.force, progress=not args.quiet)
-    print(f"zoo in {zoo.root}: base {zoo.base.name}, fine-tunes {', '.join(zoo.finetunes)}, tasks {', '.join(zoo.tasks)}")
+    print(
+        f"zoo in {zoo.root}: base {zoo.base.name}, fine-tunes {', '.join(zoo.finetunes)}, tasks {', '.join(zoo.tasks)}"
+    )
     return 0
 
 
@@ -207,7 +251,9 @@ def _demo(args: argparse.Namespace) -> int:
     from search.pareto import pareto_table
     from search.report import write_report
 
-    config = load_demo_config(args.out, args.set, zoo=DEMO_ZOO, generative=args.generative)  # fails before the build
+    config = load_demo_config(
+        args.out, args.set, zoo=DEMO_ZOO, generative=args.generative
+    )  # fails before the build
     print(f"1/3 building the toy zoo in {DEMO_ZOO} (reused when already built)")
     build_zoo(DEMO_ZOO, seed=0, progress=not args.quiet)
     print(f"2/3 running the demo study into {config.study.folder}")
@@ -215,7 +261,9 @@ def _demo(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(config.study.folder)
-    study = run_study(config, resume=(config.study.folder / "config.yaml").is_file(), progress=not args.quiet)
+    study = run_study(
+        config, resume=(config.study.folder / "config.yaml").is_file(), progress=not args.quiet
+    )
     print()
     print(pareto_table(study))
     print("3/3 writing the report (held-out scores of the finalists and baselines)")
@@ -230,13 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="apply a merge recipe and write an HF model folder")
     p.add_argument("recipe", help="recipe YAML (basin format; convert mergekit files first)")
-    p.add_argument("--out", required=True, help="output model folder (must not exist unless --force)")
+    p.add_argument(
+        "--out", required=True, help="output model folder (must not exist unless --force)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default="cpu", help="device to merge on, e.g. cuda (default: cpu)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "eager", "compiled"],
-                   help="merge kernels: compiled fuses each merge into one kernel (torch.compile); "
-                        "auto: compiled on CUDA, and on a CPU for models of 20M parameters or more")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickle (.bin) checkpoints; only for trusted sources")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "eager", "compiled"],
+        help="merge kernels: compiled fuses each merge into one kernel (torch.compile); "
+        "auto: compiled on CUDA, and on a CPU for models of 20M parameters or more",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle (.bin) checkpoints; only for trusted sources",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_merge)
 
@@ -244,20 +302,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a basin recipe or a mergekit config")
     p.add_argument("--to", required=True, choices=["mergekit", "basin"], help="target format")
     p.add_argument("--out", help="write here instead of standard output")
-    p.add_argument("--approximate", action="store_true",
-                   help="convert methods that drop at random (dare_*, della*) although the weights will differ")
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="convert methods that drop at random (dare_*, della*) although the weights will differ",
+    )
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("run", help="run a study until its budget is spent")
     p.add_argument("config", help="study config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. budget.n_trials=20")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. budget.n_trials=20",
+    )
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("resume", help="continue a study up to its budget")
     p.add_argument("folder", help="the study folder (results/<name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. budget.n_trials=100 to extend it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. budget.n_trials=100 to extend it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_resume)
 
@@ -265,10 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="the study folder")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("attach", help="make a study folder here for a study kept in a database (runs on other machines)")
-    p.add_argument("url", help="the study's storage URL; a password only as ${VAR} (in single quotes)")
+    p = sub.add_parser(
+        "attach",
+        help="make a study folder here for a study kept in a database (runs on other machines)",
+    )
+    p.add_argument(
+        "url", help="the study's storage URL; a password only as ${VAR} (in single quotes)"
+    )
     p.add_argument("--study", required=True, help="the study's name")
-    p.add_argument("--out", help="the folder to write (default results/<study>); run attach again to refresh it")
+    p.add_argument(
+        "--out",
+        help="the folder to write (default results/<study>); run attach again to refresh it",
+    )
     p.set_defaults(func=_attach)
 
     p = sub.add_parser("pareto", help="the Pareto front (or top trials) with the baselines")
@@ -278,18 +359,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.html and figures into the study folder")
     p.add_argument("folder", help="the study folder")
-    p.add_argument("--trial", type=int, help="the recipe to show (default: best, or best mean on the front)")
-    p.add_argument("--no-heldout", action="store_true", help="skip scoring finalists on the held-out split")
+    p.add_argument(
+        "--trial", type=int, help="the recipe to show (default: best, or best mean on the front)"
+    )
+    p.add_argument(
+        "--no-heldout", action="store_true", help="skip scoring finalists on the held-out split"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("export", help="write a trial's merge as an HF model folder (or mergekit YAML)")
+    p = sub.add_parser(
+        "export", help="write a trial's merge as an HF model folder (or mergekit YAML)"
+    )
     p.add_argument("folder", help="the study folder")
     p.add_argument("--trial", type=int, required=True, help="trial number (see basin pareto)")
-    p.add_argument("--out", required=True, help="output folder (or YAML file with --format mergekit)")
+    p.add_argument(
+        "--out", required=True, help="output folder (or YAML file with --format mergekit)"
+    )
     p.add_argument("--format", choices=["hf", "mergekit"], default="hf")
-    p.add_argument("--approximate", action="store_true",
-                   help="with --format mergekit: write dare_* / della* recipes although mergekit's draws differ")
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="with --format mergekit: write dare_* / della* recipes although mergekit's draws differ",
+    )
     p.add_argument("--device", help="merge on this device (default cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true")
@@ -298,20 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="build the toy model zoo (tiny base, fine-tunes, lm-eval tasks)")
     p.add_argument("out", help="output folder, e.g. .zoo/seed0")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="rebuild even if a zoo with this seed exists")
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even if a zoo with this seed exists"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_zoo)
 
-    p = sub.add_parser("demo", help="build the toy zoo, run the demo study (configs/demo.yaml), print the front, write the report")
+    p = sub.add_parser(
+        "demo",
+        help="build the toy zoo, run the demo study (configs/demo.yaml), print the front, write the report",
+    )
     p.add_argument("--out", help="study folder (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
-    p.add_argument("--generative", action="store_true",
-                   help="the generative demo: answers written by the model, exact match, a carved split")
+    p.add_argument(
+        "--generative",
+        action="store_true",
+        help="the generative demo: answers written by the model, exact match, a carved split",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("validate", help="check a config, its models' headers and its tasks, as run does, before any run")
+    p = sub.add_parser(
+        "validate",
+        help="check a config, its models' headers and its tasks, as run does, before any run",
+    )
     p.add_argument("config", help="study config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_validate)
@@ -322,14 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     args = build_parser().parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # basin prints its own progress and summaries
+    optuna.logging.set_verbosity(
+        optuna.logging.WARNING
+    )  # basin prints its own progress and summaries
     try:
         return args.func(args)
     except (MergeError, ConfigError, EvaluatorError) as exc:
         print(f"basin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("basin: interrupted; finished trials are saved (continue with `basin resume DIR`)", file=sys.stderr)
+        print(
+            "basin: interrupted; finished trials are saved (continue with `basin resume DIR`)",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         return 0

@@ -30,8 +30,10 @@ def installed(package: str) -> str:
 
 
 def _missing(package: str, what: str) -> CompatError:
-    return CompatError(f"{package} {installed(package)} has no {what}, which basin relies on; "
-                       f"basin is tested with {package}=={TESTED[package]}: install that version")
+    return CompatError(
+        f"{package} {installed(package)} has no {what}, which basin relies on; "
+        f"basin is tested with {package}=={TESTED[package]}: install that version"
+    )
 
 
 # --- Optuna -------------------------------------------------------------------------------------
@@ -183,8 +185,12 @@ def check_versions() -> None:
         found = installed(package)
         if found != tested and package not in _warned:
             _warned.add(package)
-            warnings.warn(f"basin: {package} {found} is installed; basin is tested with {package}=={tested} "
-                          f"(pyproject.toml pins it)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"basin: {package} {found} is installed; basin is tested with {package}=={tested} "
+                f"(pyproject.toml pins it)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 _warned: set[str] = set()

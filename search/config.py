@@ -44,7 +44,9 @@ class ModelsSection(_Strict):
     finetunes: list[str] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
-    kernels: Literal["auto", "eager", "compiled"] = "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA and for big models on a CPU
+    kernels: Literal["auto", "eager", "compiled"] = (
+        "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA and for big models on a CPU
+    )
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -57,7 +59,12 @@ class ModelsSection(_Strict):
 
     def resolved(self) -> ModelsSection:
         """The same section with local model paths made absolute (workers may run elsewhere); hub ids unchanged."""
-        return self.model_copy(update={"base": _absolute(self.base), "finetunes": [_absolute(p) for p in self.finetunes]})
+        return self.model_copy(
+            update={
+                "base": _absolute(self.base),
+                "finetunes": [_absolute(p) for p in self.finetunes],
+            }
+        )
 
 
 def _absolute(path: str) -> str:
@@ -80,7 +87,9 @@ class SpaceSection(_Strict):
     t: Range = PARAMS["t"].search
     normalize: bool | None = None  # None: each method's default
     seed: int = 0  # DARE's draws; fixed so candidates share random numbers
-    slerp_over: Literal[SLERP_OVER] = "tensor"  # nuslerp: whole tensors, or each pair of rows or columns
+    slerp_over: Literal[SLERP_OVER] = (
+        "tensor"  # nuslerp: whole tensors, or each pair of rows or columns
+    )
 
     @field_validator("weight", "density", "gamma", "epsilon", "lam", "t", mode="before")
     @classmethod
@@ -132,9 +141,13 @@ class SamplerSection(_Strict):
 
 
 class BudgetSection(_Strict):
-    n_trials: int | None = Field(default=50, ge=1)  # candidates finished (scored to the end or pruned)
+    n_trials: int | None = Field(
+        default=50, ge=1
+    )  # candidates finished (scored to the end or pruned)
     timeout: float | None = Field(default=None, gt=0)  # seconds of search, over all runs
-    items: int | None = Field(default=None, ge=1)  # evaluation items scored, over all trials and tasks
+    items: int | None = Field(
+        default=None, ge=1
+    )  # evaluation items scored, over all trials and tasks
 
     @model_validator(mode="after")
     def _some_budget(self) -> BudgetSection:
@@ -147,25 +160,41 @@ class FidelitySection(_Strict):
     """Multi-fidelity search (search/fidelity.py): candidates scored on growing item rungs, most stopped early."""
 
     rungs: list[int] = Field(min_length=1)  # items per task of each rung before the full search set
-    keep: float = Field(default=0.2, gt=0, le=1)  # single objective: share of candidates promoted at a rung
-    margin: float = Field(default=1.0, ge=0)  # Pareto: dominated by more than this many standard errors
+    keep: float = Field(
+        default=0.2, gt=0, le=1
+    )  # single objective: share of candidates promoted at a rung
+    margin: float = Field(
+        default=1.0, ge=0
+    )  # Pareto: dominated by more than this many standard errors
     seed: int = 0  # the items' order, hence which items each rung holds
 
     @field_validator("rungs")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(n < 1 for n in v) or any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError(f"rungs must be positive item counts in increasing order, such as [32, 128]; got {v}")
+            raise ValueError(
+                f"rungs must be positive item counts in increasing order, such as [32, 128]; got {v}"
+            )
         return v
 
 
 class WorkersSection(_Strict):
     count: int = Field(default=1, ge=1)
-    gpus_per_worker: float = Field(default=0, ge=0)  # 0: CPU workers, torch threads split between them
-    threads: int | None = Field(default=None, ge=1)  # torch threads per worker; None: a CPU worker's share of the cores but one
-    address: str | None = None  # an existing Ray cluster ("auto" or host:port); None starts a local one
-    candidate_timeout: float | None = Field(default=None, gt=0)  # seconds before a candidate is failed
-    gpu_memory_gib: float | None = Field(default=None, gt=0)  # each worker's GPU; validate and run check the memory plan
+    gpus_per_worker: float = Field(
+        default=0, ge=0
+    )  # 0: CPU workers, torch threads split between them
+    threads: int | None = Field(
+        default=None, ge=1
+    )  # torch threads per worker; None: a CPU worker's share of the cores but one
+    address: str | None = (
+        None  # an existing Ray cluster ("auto" or host:port); None starts a local one
+    )
+    candidate_timeout: float | None = Field(
+        default=None, gt=0
+    )  # seconds before a candidate is failed
+    gpu_memory_gib: float | None = Field(
+        default=None, gt=0
+    )  # each worker's GPU; validate and run check the memory plan
 
 
 class StudyConfig(_Strict):
@@ -184,8 +213,10 @@ class StudyConfig(_Strict):
     def _cross_checks(self) -> StudyConfig:
         problems = cross_problems(self.model_dump(by_alias=True))
         if not searchable(self.space, len(self.models.finetunes)):
-            problems.append("space: nothing to search (one method and every value fixed); "
-                            "give a range such as weight: [0, 1], or apply one recipe with `basin merge`")
+            problems.append(
+                "space: nothing to search (one method and every value fixed); "
+                "give a range such as weight: [0, 1], or apply one recipe with `basin merge`"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -193,6 +224,7 @@ class StudyConfig(_Strict):
 
 def cross_problems(data: dict) -> list[str]:
     """Checks across sections, on the raw mapping too, so they are reported beside field errors."""
+
     def get(*path: str) -> Any:
         node: Any = data
         for key in path:
@@ -201,8 +233,15 @@ def cross_problems(data: dict) -> list[str]:
 
     problems = []
     kind = get("evaluator", "kind") or "harness"
-    tasks = {"harness": get("evaluator", "tasks"), "perplexity": [get("evaluator", "name") or "perplexity"]}.get(kind)
-    where = "evaluator.tasks" if kind == "harness" else "evaluator.name (the perplexity evaluator's task)"
+    tasks = {
+        "harness": get("evaluator", "tasks"),
+        "perplexity": [get("evaluator", "name") or "perplexity"],
+    }.get(kind)
+    where = (
+        "evaluator.tasks"
+        if kind == "harness"
+        else "evaluator.name (the perplexity evaluator's task)"
+    )
     items = get("objectives", "items")
     if isinstance(tasks, list) and isinstance(items, list):
         for i, obj in enumerate(items):
@@ -210,16 +249,24 @@ def cross_problems(data: dict) -> list[str]:
             if isinstance(task, str) and task not in tasks:
                 close = difflib.get_close_matches(task, [str(t) for t in tasks], n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else "."
-                problems.append(f"objectives.items[{i}].task: '{task}' is not among {where}{hint} Known: {', '.join(map(str, tasks))}")
+                problems.append(
+                    f"objectives.items[{i}].task: '{task}' is not among {where}{hint} Known: {', '.join(map(str, tasks))}"
+                )
     if get("objectives", "mode") == "pareto" and isinstance(items, list) and len(items) < 2:
-        problems.append("objectives.mode: pareto needs at least two objectives; use mode: single for one")
+        problems.append(
+            "objectives.mode: pareto needs at least two objectives; use mode: single for one"
+        )
     if get("fidelity") is not None and kind != "harness":
-        problems.append(f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has none. "
-                        "Remove the fidelity section, or use evaluator.kind: harness")
+        problems.append(
+            f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has none. "
+            "Remove the fidelity section, or use evaluator.kind: harness"
+        )
     methods, finetunes = get("space", "methods"), get("models", "finetunes")
     if isinstance(methods, list) and isinstance(finetunes, list):
         for name in methods:
-            if name in METHODS and (problem := check_model_count(method_spec(name), len(finetunes), "this config")):
+            if name in METHODS and (
+                problem := check_model_count(method_spec(name), len(finetunes), "this config")
+            ):
                 problems.append(f"space.methods: {problem}")
     return problems
 
@@ -253,7 +300,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `key.sub=value` overrides; values are parsed as YAML (numbers, lists, booleans)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set budget.n_trials=20")
+            raise ConfigError(
+                f"--set {item!r}: expected key.sub=value, e.g. --set budget.n_trials=20"
+            )
         key, raw = item.split("=", 1)
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise ConfigError(f"--set {item!r}: '{key}' is not a dotted field name")
@@ -279,13 +328,19 @@ def _format_errors(exc: ValidationError, data: Any = None) -> list[str]:
             kind = err.get("input", {}).get("kind") if isinstance(err.get("input"), dict) else None
             close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "."
-            lines.append(f"{loc}.kind: unknown evaluator kind {kind!r}{hint} Known: {', '.join(KINDS)}")
+            lines.append(
+                f"{loc}.kind: unknown evaluator kind {kind!r}{hint} Known: {', '.join(KINDS)}"
+            )
         elif err["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
         elif err["type"] == "value_error":  # our own checks: one line per problem
             lines += [f"{loc}: {m}" if loc else m for m in msg.split("\n")]
         else:
-            shown = f" (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else ""
+            shown = (
+                f" (got {err.get('input')!r})"
+                if "input" in err and not isinstance(err.get("input"), dict)
+                else ""
+            )
             lines.append(f"{loc}: {msg}{shown}" if loc else msg)
     return [f"  - {line}" for line in lines]
 
@@ -318,8 +373,10 @@ def _known_fields(loc: tuple, data: Any = None) -> list[str]:
 
 def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives "
-                          "(configs/demo.yaml is an example)")
+        raise ConfigError(
+            f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives "
+            "(configs/demo.yaml is an example)"
+        )
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
@@ -327,21 +384,29 @@ def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
         if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: add them
             lines += [f"  - {p}" for p in cross_problems(data)]
         n = len(lines)
-        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''} (fix them in the file, or override a "
-                          f"field with --set key.sub=value):\n" + "\n".join(lines)) from None
+        raise ConfigError(
+            f"{source}: {n} problem{'s' if n > 1 else ''} (fix them in the file, or override a "
+            f"field with --set key.sub=value):\n" + "\n".join(lines)
+        ) from None
 
 
 def read_config_data(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; check the path (configs/demo.yaml is an example)")
+        raise ConfigError(
+            f"config file not found: {path}; check the path (configs/demo.yaml is an example)"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML; fix it where the parser points: {exc}") from None
+        raise ConfigError(
+            f"{path} is not valid YAML; fix it where the parser points: {exc}"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives "
-                          "(configs/demo.yaml is an example)")
+        raise ConfigError(
+            f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives "
+            "(configs/demo.yaml is an example)"
+        )
     return data
 
 
@@ -353,4 +418,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
 
 def config_to_dict(config: StudyConfig) -> dict:
     return config.model_dump(mode="json", by_alias=True)
-

@@ -42,7 +42,10 @@ def demo_config(zoo: str = DEMO_ZOO, *, generative: bool = False) -> dict[str, A
             "batch_size": 64,
             "builtin_tasks": False,
         },
-        "objectives": {"mode": "pareto", "items": [{"task": f"zoo_{skill}", "metric": "acc"} for skill in SKILLS]},
+        "objectives": {
+            "mode": "pareto",
+            "items": [{"task": f"zoo_{skill}", "metric": "acc"} for skill in SKILLS],
+        },
         "sampler": {"name": "nsga2", "seed": 0},
         "budget": {"n_trials": 40},
         "workers": {"count": 2},
@@ -50,8 +53,12 @@ def demo_config(zoo: str = DEMO_ZOO, *, generative: bool = False) -> dict[str, A
 
 
 def _models(zoo: str) -> dict[str, Any]:
-    return {"base": f"{zoo}/base", "finetunes": [f"{zoo}/ft_{skill}" for skill in SKILLS], "dtype": "float32",
-            "device": "auto"}
+    return {
+        "base": f"{zoo}/base",
+        "finetunes": [f"{zoo}/ft_{skill}" for skill in SKILLS],
+        "dtype": "float32",
+        "device": "auto",
+    }
 
 
 def _generative_demo(zoo: str) -> dict[str, Any]:
@@ -75,18 +82,29 @@ def _generative_demo(zoo: str) -> dict[str, Any]:
             "batch_size": 64,
             "builtin_tasks": False,
         },
-        "objectives": {"mode": "single", "items": [
-            {"task": task, "metric": "exact_match,answer", "weight": 0.25} for task in tasks]},
+        "objectives": {
+            "mode": "single",
+            "items": [
+                {"task": task, "metric": "exact_match,answer", "weight": 0.25} for task in tasks
+            ],
+        },
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 8},
         "budget": {"n_trials": 30},
         "workers": {"count": 2},
     }
 
 
-def load_demo_config(out: str | None = None, overrides: list[str] | None = None, zoo: str = DEMO_ZOO, *,
-                     generative: bool = False) -> StudyConfig:
+def load_demo_config(
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    zoo: str = DEMO_ZOO,
+    *,
+    generative: bool = False,
+) -> StudyConfig:
     """The demo study's validated config: `out` as its folder, then the `--set` overrides."""
     from search.config import apply_overrides, config_from_dict
 
     sets = [*([f"study.output_dir={out}"] if out else []), *(overrides or [])]
-    return config_from_dict(apply_overrides(demo_config(zoo, generative=generative), sets), "the demo config")
+    return config_from_dict(
+        apply_overrides(demo_config(zoo, generative=generative), sets), "the demo config"
+    )

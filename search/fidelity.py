@@ -52,8 +52,11 @@ class KeepBestPruner(optuna.pruners.BasePruner):
         if step is None or trial.user_attrs.get("baseline"):
             return False
         value = trial.intermediate_values[step]
-        peers = [(t.number, t.intermediate_values[step]) for t in study.get_trials(deepcopy=False, states=PEERS)
-                 if step in t.intermediate_values]
+        peers = [
+            (t.number, t.intermediate_values[step])
+            for t in study.get_trials(deepcopy=False, states=PEERS)
+            if step in t.intermediate_values
+        ]
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         # ahead: better, or as good and there first (scores on a few items tie often; a tie
         # promoting every tied candidate would promote far more than `keep`)
@@ -71,7 +74,9 @@ def rung_items(fidelity: FidelitySection, sizes: dict[str, int]) -> list[int | N
     return [n for n in fidelity.rungs if n < full] + [None]
 
 
-Parts = dict[str, Sequence[Sequence[float]]]  # per key, per-item scores in one list per task (a group's: several)
+Parts = dict[
+    str, Sequence[Sequence[float]]
+]  # per key, per-item scores in one list per task (a group's: several)
 
 
 def _rung(parts: Sequence[Sequence[float]], n: int) -> list[float]:
@@ -79,7 +84,9 @@ def _rung(parts: Sequence[Sequence[float]], n: int) -> list[float]:
     return [v for part in parts for v in part[:n]]
 
 
-def dominated(mine: Parts, theirs: Parts, keys: Sequence[str], signs: Sequence[float], n: int, margin: float) -> bool:
+def dominated(
+    mine: Parts, theirs: Parts, keys: Sequence[str], signs: Sequence[float], n: int, margin: float
+) -> bool:
     """Whether `theirs` beats `mine` on every objective, on the first n items of each task, by more
     than `margin` standard errors of the mean paired per-item difference (and by more than 0)."""
     for key, sign in zip(keys, signs):
@@ -94,8 +101,15 @@ def dominated(mine: Parts, theirs: Parts, keys: Sequence[str], signs: Sequence[f
     return True
 
 
-def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: Parts, stop: int,
-                 objectives: ObjectivesSection, directions: Sequence[str], margin: float) -> bool:
+def pareto_go_on(
+    study: optuna.Study,
+    trial: optuna.trial.Trial,
+    scores: Parts,
+    stop: int,
+    objectives: ObjectivesSection,
+    directions: Sequence[str],
+    margin: float,
+) -> bool:
     """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more than the noise."""
     if trial.user_attrs.get("baseline"):
         return True
@@ -103,7 +117,11 @@ def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: Parts, 
     signs = [1.0 if d == "maximize" else -1.0 for d in directions]
     for other in study.get_trials(deepcopy=False, states=PEERS):
         theirs = other.user_attrs.get(ITEM_SCORES)
-        if other.number == trial.number or not theirs or other.user_attrs.get("rung_stop", 0) < stop:
+        if (
+            other.number == trial.number
+            or not theirs
+            or other.user_attrs.get("rung_stop", 0) < stop
+        ):
             continue
         if all(k in theirs for k in keys) and dominated(scores, theirs, keys, signs, stop, margin):
             return False
@@ -112,7 +130,11 @@ def pareto_go_on(study: optuna.Study, trial: optuna.trial.Trial, scores: Parts, 
 
 def kept_scores(scores: Parts, keys: Sequence[str], up_to: int) -> dict[str, list[list[float]]]:
     """The per-item scores stored with a trial for later comparisons: the objectives', up to the last rung."""
-    return {k: [[round(float(v), 6) for v in part[:up_to]] for part in scores[k]] for k in keys if k in scores}
+    return {
+        k: [[round(float(v), 6) for v in part[:up_to]] for part in scores[k]]
+        for k in keys
+        if k in scores
+    }
 
 
 def note_items(trial: optuna.trial.Trial, result: dict[str, Any], rung: int) -> None:
@@ -146,13 +168,22 @@ def go_on(s: Any, flight: Any, result: dict[str, Any]) -> bool:
         trial.report(values[0], step=stop)
         promoted = not trial.should_prune()
     else:
-        promoted = pareto_go_on(s.study, trial, result["item_scores"], stop, cfg.objectives, s.directions,
-                                cfg.fidelity.margin)
+        promoted = pareto_go_on(
+            s.study,
+            trial,
+            result["item_scores"],
+            stop,
+            cfg.objectives,
+            s.directions,
+            cfg.fidelity.margin,
+        )
     if not promoted:
         flight.pruned = True
         return False
     flight.rung += 1
-    trial.set_user_attr("promoted_to", s.rungs[flight.rung])  # items per task it is now scored to (None: all)
+    trial.set_user_attr(
+        "promoted_to", s.rungs[flight.rung]
+    )  # items per task it is now scored to (None: all)
     flight.merge_s += result["merge_s"]
     flight.eval_s += result["eval_s"]
     return True

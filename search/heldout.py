@@ -26,7 +26,9 @@ def read_heldout(folder: Path, split: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def score_heldout(folder: Path, spec: Any, recipes: dict[int, dict], split: str, progress: bool = True) -> dict[int, dict[str, float]]:
+def score_heldout(
+    folder: Path, spec: Any, recipes: dict[int, dict], split: str, progress: bool = True
+) -> dict[int, dict[str, float]]:
     """Score the trials not yet scored in the report role with one in-process worker; returns all scores.
 
     `split` names what the report role scores (the evaluator section's label), and the folder they are kept in.
@@ -36,7 +38,9 @@ def score_heldout(folder: Path, spec: Any, recipes: dict[int, dict], split: str,
     todo = {n: r for n, r in recipes.items() if not heldout_path(folder, split, n).is_file()}
     if todo:
         worker = CandidateWorker(spec)
-        for number, recipe in tqdm(sorted(todo.items()), desc=f"scoring on {split}", disable=not progress):
+        for number, recipe in tqdm(
+            sorted(todo.items()), desc=f"scoring on {split}", disable=not progress
+        ):
             result = worker.run(recipe, role="report")
             if "error" in result:
                 raise RuntimeError(f"trial {number} failed on the {split} split: {result['error']}")

@@ -47,8 +47,13 @@ class Flight:
     pruned: bool = False
 
 
-def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = True,
-              worker_cls: type | None = None) -> optuna.Study:
+def run_study(
+    config: StudyConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    worker_cls: type | None = None,
+) -> optuna.Study:
     """Run (or resume) the study until its budget is spent; returns the Optuna study.
 
     `worker_cls` replaces `CandidateWorker` (same constructor and `run`), e.g. for benchmarks.
@@ -56,15 +61,26 @@ def run_study(config: StudyConfig, *, resume: bool = False, progress: bool = Tru
     compat.check_versions()
     with compat.quiet_optuna():
         s = setup_study(config, resume=resume)
-        pool = WorkerPool(s.spec, config.workers.count, gpus_per_worker=config.workers.gpus_per_worker,
-                          address=config.workers.address, worker_cls=worker_cls)
+        pool = WorkerPool(
+            s.spec,
+            config.workers.count,
+            gpus_per_worker=config.workers.gpus_per_worker,
+            address=config.workers.address,
+            worker_cls=worker_cls,
+        )
         in_flight: dict[Any, Flight] = {}
         try:
             _loop(s, pool, in_flight, progress)
         finally:
             try:
-                for flight in in_flight.values():  # interrupted (Ctrl-C, an error): no candidate is lost
-                    fail_and_requeue(s.study, flight.trial, "interrupted before the candidate finished; its params were queued again")
+                for (
+                    flight
+                ) in in_flight.values():  # interrupted (Ctrl-C, an error): no candidate is lost
+                    fail_and_requeue(
+                        s.study,
+                        flight.trial,
+                        "interrupted before the candidate finished; its params were queued again",
+                    )
             finally:
                 pool.shutdown()
     return s.study
@@ -74,24 +90,38 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
     study, cfg = s.study, s.config
     budget = Budget(study, cfg.budget)
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    bar = tqdm(total=cfg.budget.n_trials, initial=n_done, desc=cfg.study.name, unit="trial", disable=not progress)
+    bar = tqdm(
+        total=cfg.budget.n_trials,
+        initial=n_done,
+        desc=cfg.study.name,
+        unit="trial",
+        disable=not progress,
+    )
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
-    heartbeat = Heartbeat(study, cfg.study.heartbeat_s,
-                          lambda: records.study_lock(s.folder, cfg.study.storage, cfg.study.name))
+    heartbeat = Heartbeat(
+        study,
+        cfg.study.heartbeat_s,
+        lambda: records.study_lock(s.folder, cfg.study.storage, cfg.study.name),
+    )
 
     def more() -> bool:
         return budget.left() and not _failing(recent, cfg.workers.count)
 
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
-        while ((worker := next((w for w in free if pool.available(w)), None)) is not None
-               and (trial := claim(study, s.folder, runner, more, cfg.study.storage)) is not None):
+        while (worker := next((w for w in free if pool.available(w)), None)) is not None and (
+            trial := claim(study, s.folder, runner, more, cfg.study.storage)
+        ) is not None:
             if (flight := _propose(s, trial, worker)) is None:
-                recent.append(False)  # a proposal that fails every time must end the study, not loop
+                recent.append(
+                    False
+                )  # a proposal that fails every time must end the study, not loop
                 continue
             free.remove(worker)
-            in_flight[pool.submit(worker, flight.recipe, items=_first_rung(s), rung=s.rungs is not None)] = flight
+            in_flight[
+                pool.submit(worker, flight.recipe, items=_first_rung(s), rung=s.rungs is not None)
+            ] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
         heartbeat.beat([f.trial for f in in_flight.values()])
         study.set_user_attr("elapsed_s", budget.elapsed_s())
@@ -102,7 +132,9 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
         finished = pool.wait(list(in_flight), timeout=POLL_S)
         for ref in finished:
             flight, result = in_flight.pop(ref), pool.result(ref)
-            if fidelity.go_on(s, flight, result):  # on to the next rung, on the worker that holds it
+            if fidelity.go_on(
+                s, flight, result
+            ):  # on to the next rung, on the worker that holds it
                 in_flight[pool.more(flight.worker, s.rungs[flight.rung])] = flight
                 continue
             free.append(flight.worker)
@@ -112,8 +144,10 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
-        raise RuntimeError(f"stopped: the last {len(recent[-_window(cfg.workers.count):])} candidates all failed; "
-                           f"see the error in {s.folder / 'trials'}")
+        raise RuntimeError(
+            f"stopped: the last {len(recent[-_window(cfg.workers.count) :])} candidates all failed; "
+            f"see the error in {s.folder / 'trials'}"
+        )
 
 
 def _propose(s: StudySetup, trial: optuna.trial.Trial, worker: int) -> Flight | None:
@@ -177,7 +211,10 @@ def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
             error = str(exc)
         else:  # Optuna would fail such a trial silently while its record said COMPLETE
             if not all(math.isfinite(v) for v in values):
-                error, values = f"the objective values {values} are not finite (NaN or inf): the candidate is broken", None
+                error, values = (
+                    f"the objective values {values} are not finite (NaN or inf): the candidate is broken",
+                    None,
+                )
     trial.set_user_attr("worker", result.get("worker"))
     if result.get("node"):
         trial.set_user_attr("node", result["node"])  # the Ray node it ran on
@@ -192,7 +229,9 @@ def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
         trial.set_user_attr("metrics", result["metrics"])
         trial.set_user_attr("merge_s", flight.merge_s + result["merge_s"])
         trial.set_user_attr("eval_s", flight.eval_s + result["eval_s"])
-        if flight.pruned:  # single objective: told with its last reported value; Pareto: without values
+        if (
+            flight.pruned
+        ):  # single objective: told with its last reported value; Pareto: without values
             state = "PRUNED"
             told = s.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
@@ -214,7 +253,11 @@ def _retry_lost(trial: optuna.trial.Trial, result: dict[str, Any]) -> bool:
     """A candidate whose worker died (a lost node, a killed process) runs once more elsewhere; not one
     stopped for its time limit, nor the retry of one whose worker died (the candidate may be the cause)."""
     attrs = trial.user_attrs
-    return bool(result.get("worker_lost")) and not attrs.get("timed_out") and not attrs.get("lost_worker_retry")
+    return (
+        bool(result.get("worker_lost"))
+        and not attrs.get("timed_out")
+        and not attrs.get("lost_worker_retry")
+    )
 
 
 def _postfix(s: StudySetup) -> str:

@@ -20,7 +20,9 @@ from merging.catalog import method_spec
 from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, StudyConfig
 
-EVAL_TOKENS = 1024  # tokens per sequence in the evaluation estimate (prompt and answer of a typical item)
+EVAL_TOKENS = (
+    1024  # tokens per sequence in the evaluation estimate (prompt and answer of a typical item)
+)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GiB = 1024**3
 
@@ -45,12 +47,16 @@ class MemoryPlan:
         rows = [*self.fixed, self.evaluation]
         width = max(len(what) for what, _ in rows)
         out = [f"  {what:<{width}}  {b / GiB:8.2f} GiB" for what, b in rows]
-        out.append(f"  {'total':<{width}}  {self.total_bytes / GiB:8.2f} GiB"
-                   + (f" of {self.capacity / GiB:.1f} GiB ({self.capacity_from})" if self.capacity else ""))
+        out.append(
+            f"  {'total':<{width}}  {self.total_bytes / GiB:8.2f} GiB"
+            + (f" of {self.capacity / GiB:.1f} GiB ({self.capacity_from})" if self.capacity else "")
+        )
         return out + [f"  {note}" for note in self.notes]
 
 
-def memory_plan(config: StudyConfig, capacity: int | None = None, capacity_from: str = "") -> MemoryPlan:
+def memory_plan(
+    config: StudyConfig, capacity: int | None = None, capacity_from: str = ""
+) -> MemoryPlan:
     """The plan of one worker of this study (local model folders or cached hub models)."""
     from merging import Checkpoint
     from merging.checkpoint import resolve_model_dir
@@ -61,18 +67,29 @@ def memory_plan(config: StudyConfig, capacity: int | None = None, capacity_from:
     sizes = [_numel(base.shape(n)) for n in floats]
     params, n_ft, width = sum(sizes), len(models.finetunes), BYTES[models.dtype]
     model_bytes = params * width
-    fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
-             ("live model", model_bytes)]
+    fixed = [
+        ("base", model_bytes),
+        (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
+        ("live model", model_bytes),
+    ]
     notes = []
     if any(method_spec(m).magnitude_ranked for m in config.space.methods):
         tables = n_ft * len(floats) * (TABLE_POINTS + 1) * TABLE_POINT_BYTES
-        notes.append(f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory, not on the GPU")
+        notes.append(
+            f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory, not on the GPU"
+        )
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
-    batch = config.evaluator.batch_size if isinstance(getattr(config.evaluator, "batch_size", 1), int) else 1
+    batch = (
+        config.evaluator.batch_size
+        if isinstance(getattr(config.evaluator, "batch_size", 1), int)
+        else 1
+    )
     evaluation = _evaluation(shape, batch, width)
     if getattr(config.evaluator, "batch_size", None) == "auto":
-        notes.append("evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the largest batch that fits")
+        notes.append(
+            "evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the largest batch that fits"
+        )
     return MemoryPlan(fixed, evaluation, capacity, capacity_from, notes)
 
 
@@ -85,7 +102,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _evaluation(shape: dict, batch: int, width: int) -> tuple[str, int]:
     """Logits (model dtype) and their float32 log-softmax for a batch, plus the KV cache."""
-    shape = shape.get("text_config", shape)  # multimodal configs keep the language model's shape apart
+    shape = shape.get(
+        "text_config", shape
+    )  # multimodal configs keep the language model's shape apart
     vocab = shape.get("vocab_size", 0)
     layers = shape.get("num_hidden_layers") or shape.get("n_layer") or 0
     hidden = shape.get("hidden_size") or shape.get("n_embd") or 0
@@ -95,7 +114,10 @@ def _evaluation(shape: dict, batch: int, width: int) -> tuple[str, int]:
     tokens = batch * EVAL_TOKENS
     logits = tokens * vocab * (width + 4)
     cache = 2 * layers * tokens * kv_heads * head_dim * width
-    return f"evaluation estimate (batch {batch} x {EVAL_TOKENS} tokens: logits, KV cache)", logits + cache
+    return (
+        f"evaluation estimate (batch {batch} x {EVAL_TOKENS} tokens: logits, KV cache)",
+        logits + cache,
+    )
 
 
 def check_fits(plan: MemoryPlan) -> str | None:
@@ -107,10 +129,13 @@ def check_fits(plan: MemoryPlan) -> str | None:
         raise ConfigError(
             f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more than the "
             f"{plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the largest part is {biggest[0]} "
-            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, or a GPU with more memory")
+            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, or a GPU with more memory"
+        )
     if plan.total_bytes > plan.capacity:
-        return (f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "
-                f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size (or set it to auto)")
+        return (
+            f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "
+            f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size (or set it to auto)"
+        )
     return None
 
 
@@ -118,12 +143,16 @@ def gpu_capacity(config: StudyConfig) -> tuple[int | None, str]:
     """The memory each worker's GPU has: workers.gpu_memory_gib, else this machine's first GPU when
     the workers use GPUs, else unknown."""
     if config.workers.gpu_memory_gib is not None:
-        return int(config.workers.gpu_memory_gib * GiB), f"workers.gpu_memory_gib: {config.workers.gpu_memory_gib:g}"
+        return int(
+            config.workers.gpu_memory_gib * GiB
+        ), f"workers.gpu_memory_gib: {config.workers.gpu_memory_gib:g}"
     if config.workers.gpus_per_worker > 0:
         import torch
 
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             share = props.total_memory * min(1.0, config.workers.gpus_per_worker)
-            return int(share), f"{props.name} here" + (f", {config.workers.gpus_per_worker:g} of it" if share < props.total_memory else "")
+            return int(share), f"{props.name} here" + (
+                f", {config.workers.gpus_per_worker:g} of it" if share < props.total_memory else ""
+            )
     return None, ""

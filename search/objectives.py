@@ -7,9 +7,14 @@ from collections.abc import Callable
 from search.config import ObjectivesSection
 
 
-def resolve_directions(objectives: ObjectivesSection, higher_is_better: Callable[[str], bool]) -> list[str]:
+def resolve_directions(
+    objectives: ObjectivesSection, higher_is_better: Callable[[str], bool]
+) -> list[str]:
     """Each objective's direction: the config's, else the metric's own (lm-eval's flag)."""
-    return [o.direction or ("maximize" if higher_is_better(o.key) else "minimize") for o in objectives.items]
+    return [
+        o.direction or ("maximize" if higher_is_better(o.key) else "minimize")
+        for o in objectives.items
+    ]
 
 
 def study_directions(objectives: ObjectivesSection, directions: list[str]) -> list[str]:
@@ -17,7 +22,9 @@ def study_directions(objectives: ObjectivesSection, directions: list[str]) -> li
     return ["maximize"] if objectives.mode == "single" else list(directions)
 
 
-def objective_values(objectives: ObjectivesSection, directions: list[str], metrics: dict[str, float]) -> list[float]:
+def objective_values(
+    objectives: ObjectivesSection, directions: list[str], metrics: dict[str, float]
+) -> list[float]:
     """The values told to Optuna for these metrics."""
     missing = [o.key for o in objectives.items if o.key not in metrics]
     if missing:
@@ -25,4 +32,9 @@ def objective_values(objectives: ObjectivesSection, directions: list[str], metri
     if objectives.mode == "pareto":
         return [float(metrics[o.key]) for o in objectives.items]
     # single: larger is better; a minimized metric enters with a negative sign
-    return [sum(o.weight * metrics[o.key] * (1.0 if d == "maximize" else -1.0) for o, d in zip(objectives.items, directions))]
+    return [
+        sum(
+            o.weight * metrics[o.key] * (1.0 if d == "maximize" else -1.0)
+            for o, d in zip(objectives.items, directions)
+        )
+    ]

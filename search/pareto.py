@@ -20,7 +20,9 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
     return better
 
 
-def front_and_baselines(study: optuna.Study, top: int = 5) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+def front_and_baselines(
+    study: optuna.Study, top: int = 5
+) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
     """The Pareto front (single objective: the `top` best trials) and the baseline trials."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     baselines = [t for t in complete if t.user_attrs.get("baseline")]
@@ -33,7 +35,9 @@ def front_and_baselines(study: optuna.Study, top: int = 5) -> tuple[list[FrozenT
 
 
 def objective_names(study: optuna.Study) -> list[str]:
-    keys = study.user_attrs.get("objective_keys") or [f"objective {i}" for i in range(len(study.directions))]
+    keys = study.user_attrs.get("objective_keys") or [
+        f"objective {i}" for i in range(len(study.directions))
+    ]
     return ["score"] if len(study.directions) == 1 else list(keys)
 
 
@@ -45,19 +49,36 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
     header = ["trial", "kind", "method", *names, "note"]
     rows = []
     for t in front:
-        rows.append([str(t.number), t.user_attrs.get("baseline") or "search", t.params.get("method", "-"),
-                     *(f"{v:.4f}" for v in t.values), "front" if len(directions) > 1 else ""])
+        rows.append(
+            [
+                str(t.number),
+                t.user_attrs.get("baseline") or "search",
+                t.params.get("method", "-"),
+                *(f"{v:.4f}" for v in t.values),
+                "front" if len(directions) > 1 else "",
+            ]
+        )
     for t in baselines:
         if t in front:
             continue
         beaten = [f.number for f in front if dominates(f.values, t.values, directions)]
         note = f"dominated by {', '.join(map(str, beaten[:3]))}" if beaten else "not dominated"
-        rows.append([str(t.number), t.user_attrs["baseline"], t.params.get("method", "-"),
-                     *(f"{v:.4f}" for v in t.values), note])
+        rows.append(
+            [
+                str(t.number),
+                t.user_attrs["baseline"],
+                t.params.get("method", "-"),
+                *(f"{v:.4f}" for v in t.values),
+                note,
+            ]
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    title = (f"Pareto front: {len(front)} trials ({', '.join(f'{n} {d}' for n, d in zip(names, directions))})"
-             if len(directions) > 1 else f"top {len(front)} trials (score: weighted objectives, maximize)")
+    title = (
+        f"Pareto front: {len(front)} trials ({', '.join(f'{n} {d}' for n, d in zip(names, directions))})"
+        if len(directions) > 1
+        else f"top {len(front)} trials (score: weighted objectives, maximize)"
+    )
     return title + "\n" + "\n".join(lines)

@@ -51,8 +51,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def trial_record(t: Any, recipe: dict | None, wall: float | None, error: str | None,
-                 traceback: str | None = None, state: str | None = None) -> dict[str, Any]:
+def trial_record(
+    t: Any,
+    recipe: dict | None,
+    wall: float | None,
+    error: str | None,
+    traceback: str | None = None,
+    state: str | None = None,
+) -> dict[str, Any]:
     """The JSON record of a finished trial (a Trial or FrozenTrial, with its user attrs set).
 
     state: COMPLETE or FAIL (by `error`) unless given (PRUNED). With multi-fidelity, `rung` is the
@@ -60,11 +66,23 @@ def trial_record(t: Any, recipe: dict | None, wall: float | None, error: str | N
     """
     attrs = t.user_attrs
     return {
-        "number": t.number, "state": state or ("COMPLETE" if error is None else "FAIL"), "baseline": attrs.get("baseline"),
-        "retry_of": attrs.get("retry_of"), "params": t.params, "recipe": recipe, "metrics": attrs.get("metrics"),
-        "values": getattr(t, "values", None), "merge_s": attrs.get("merge_s"), "eval_s": attrs.get("eval_s"),
-        "wall_s": wall, "worker": attrs.get("worker"), "node": attrs.get("node"), "error": error, "traceback": traceback,
-        "rung": attrs.get("rung"), "items": attrs.get("items_per_task"),
+        "number": t.number,
+        "state": state or ("COMPLETE" if error is None else "FAIL"),
+        "baseline": attrs.get("baseline"),
+        "retry_of": attrs.get("retry_of"),
+        "params": t.params,
+        "recipe": recipe,
+        "metrics": attrs.get("metrics"),
+        "values": getattr(t, "values", None),
+        "merge_s": attrs.get("merge_s"),
+        "eval_s": attrs.get("eval_s"),
+        "wall_s": wall,
+        "worker": attrs.get("worker"),
+        "node": attrs.get("node"),
+        "error": error,
+        "traceback": traceback,
+        "rung": attrs.get("rung"),
+        "items": attrs.get("items_per_task"),
     }
 
 
@@ -131,7 +149,10 @@ def _database_lock(storage: str | None, name: str) -> Iterator[None]:
     from sqlalchemy import text
 
     key = int.from_bytes(hashlib.sha256(f"basin:{name}".encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as conn, conn.begin():  # released when the transaction ends, or the connection drops
+    with (
+        engine.connect() as conn,
+        conn.begin(),
+    ):  # released when the transaction ends, or the connection drops
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield
 
@@ -169,15 +190,22 @@ def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None =
         if "://" not in url:
             return configured
         if heartbeat_s and _scheme(url) in RDB_SCHEMES:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; basin tests the version it pins
+            with (
+                warnings.catch_warnings()
+            ):  # heartbeats are "experimental" in Optuna; basin tests the version it pins
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s
+                )
         return optuna.storages.get_storage(url)
     folder.mkdir(parents=True, exist_ok=True)
     journal, lock = folder / JOURNAL_FILE, file_lock(folder / JOURNAL_LOCK)
     if journal.exists() and (dropped := compat.repair_torn_tail(journal, lock)):
-        print(f"basin: {journal} ended in a half-written operation (a run died while writing); "
-              f"dropped its {dropped} bytes", file=sys.stderr)
+        print(
+            f"basin: {journal} ended in a half-written operation (a run died while writing); "
+            f"dropped its {dropped} bytes",
+            file=sys.stderr,
+        )
     return compat.journal_storage(journal, lock)
 
 
@@ -189,7 +217,9 @@ def write_config_snapshot(folder: Path, config_dict: dict) -> None:
 def read_config_snapshot(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a study folder (no {CONFIG_FILE}); give the folder `basin run` created")
+        raise FileNotFoundError(
+            f"{folder} is not a study folder (no {CONFIG_FILE}); give the folder `basin run` created"
+        )
     return yaml.safe_load(path.read_text())
 
 
@@ -205,19 +235,29 @@ def write_carve(folder: Path, evaluator: Any, split_sizes: dict[str, int]) -> No
     if getattr(evaluator, "holdout", None) is None:
         return
     carve = {
-        "split": evaluator.split, "holdout": evaluator.holdout, "holdout_seed": evaluator.holdout_seed,
-        "tasks": {task: carve_ids(n, task, evaluator.holdout, evaluator.holdout_seed) for task, n in sorted(split_sizes.items())},
+        "split": evaluator.split,
+        "holdout": evaluator.holdout,
+        "holdout_seed": evaluator.holdout_seed,
+        "tasks": {
+            task: carve_ids(n, task, evaluator.holdout, evaluator.holdout_seed)
+            for task, n in sorted(split_sizes.items())
+        },
     }
     path = folder / CARVE_FILE
     if path.is_file():
         recorded = json.loads(path.read_text())
         if recorded != carve:
-            changed = sorted(t for t in {*recorded.get("tasks", {}), *carve["tasks"]}
-                             if recorded.get("tasks", {}).get(t) != carve["tasks"].get(t))
+            changed = sorted(
+                t
+                for t in {*recorded.get("tasks", {}), *carve["tasks"]}
+                if recorded.get("tasks", {}).get(t) != carve["tasks"].get(t)
+            )
             from search.config import ConfigError
 
-            raise ConfigError(f"{path}: the carve of {', '.join(changed) or 'the split'} differs from the one this study "
-                              "began with (the task's data changed?); its held-out items would no longer be held out. "
-                              "Restore the data the study began with, or start a new study")
+            raise ConfigError(
+                f"{path}: the carve of {', '.join(changed) or 'the split'} differs from the one this study "
+                "began with (the task's data changed?); its held-out items would no longer be held out. "
+                "Restore the data the study began with, or start a new study"
+            )
         return
     write_json_atomic(path, carve)

@@ -37,15 +37,22 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
     """
     requeue_silent(study)
     host, me = socket.gethostname(), os.getpid()
-    while young := [_age_s(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if not t.user_attrs.get("runner") and _age_s(t) < grace_s]:
+    while young := [
+        _age_s(t)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not t.user_attrs.get("runner") and _age_s(t) < grace_s
+    ]:
         time.sleep(grace_s - min(young) + 0.1)
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("runner")
-        if owner and (owner.get("host") != host or (owner.get("pid") != me and pid_alive(owner.get("pid")))):
+        if owner and (
+            owner.get("host") != host or (owner.get("pid") != me and pid_alive(owner.get("pid")))
+        ):
             continue
-        fail_and_requeue(study, t, "the run was stopped while this trial ran; its params were queued again")
+        fail_and_requeue(
+            study, t, "the run was stopped while this trial ran; its params were queued again"
+        )
         stale.append(t.number)
     return stale
 
@@ -57,8 +64,12 @@ def requeue_silent(study: optuna.Study, mine: set[int] = frozenset()) -> list[in
     stale = [n for n in compat.stale_trials(study) if n not in mine]
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number in stale:
-            fail_and_requeue(study, t, "its runner sent no heartbeat for longer than the grace period (it died or lost "
-                                       "the database); its params were queued again")
+            fail_and_requeue(
+                study,
+                t,
+                "its runner sent no heartbeat for longer than the grace period (it died or lost "
+                "the database); its params were queued again",
+            )
     return stale
 
 
@@ -93,7 +104,9 @@ def _age_s(t: optuna.trial.FrozenTrial) -> float:
     return (dt.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else math.inf
 
 
-def fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str) -> None:
+def fail_and_requeue(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str
+) -> None:
     """Fail a trial that will not finish and queue its params again, as a retry linked by retry_of."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
     compat.set_user_attr_of(study, frozen, "error", reason)
@@ -103,7 +116,9 @@ def fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optu
 
 def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **attrs: Any) -> None:
     """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline name)."""
-    attrs |= {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {"retry_of": frozen.number}
+    attrs |= {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {
+        "retry_of": frozen.number
+    }
     # the enqueued params: a baseline or retry asked but killed before its params were suggested
     study.enqueue_trial({**compat.enqueued_params(frozen), **frozen.params}, user_attrs=attrs)
 
@@ -111,12 +126,19 @@ def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **attrs: 
 def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
     """Write the record of any finished trial that has none (a run killed between tell and write)."""
     have = {int(p.stem) for p in (folder / "trials").glob("*.json")}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+    for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    ):
         if t.number not in have:
             try:
                 recipe = recipe_to_dict(recipe_from_params(t.params, space))
             except Exception:  # a proposal that never became a recipe
                 recipe = None
-            record = records.trial_record(t, recipe, None, t.user_attrs.get("error"),
-                                          state="PRUNED" if t.state == TrialState.PRUNED else None)
+            record = records.trial_record(
+                t,
+                recipe,
+                None,
+                t.user_attrs.get("error"),
+                state="PRUNED" if t.state == TrialState.PRUNED else None,
+            )
             records.write_trial_record(folder, record)

@@ -62,25 +62,59 @@ def plot_front(study: optuna.Study, names: list[str]) -> Figure:
     rows = -(-len(pairs) // cols)
     fig = Figure(figsize=(5 * cols, 4.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat[len(pairs):]:
+    for ax in axes.flat[len(pairs) :]:
         ax.set_visible(False)
     for ax, (i, j) in zip(axes.flat, pairs):
         if i == j:  # single objective: score against trial number
-            ax.scatter([t.number for t in complete], _values(complete, 0), s=14, c="#9aa5b1", label="trials")
-            ax.scatter([t.number for t in front], _values(front, 0), s=30, c="#d1495b", label="top trials")
-            ax.scatter([t.number for t in baselines], _values(baselines, 0), c="#edae49", label="baselines", **BASELINE_STYLE)
+            ax.scatter(
+                [t.number for t in complete],
+                _values(complete, 0),
+                s=14,
+                c="#9aa5b1",
+                label="trials",
+            )
+            ax.scatter(
+                [t.number for t in front], _values(front, 0), s=30, c="#d1495b", label="top trials"
+            )
+            ax.scatter(
+                [t.number for t in baselines],
+                _values(baselines, 0),
+                c="#edae49",
+                label="baselines",
+                **BASELINE_STYLE,
+            )
             ax.set_xlabel("trial")
             ax.set_ylabel(names[0])
         else:
-            ax.scatter(_values(complete, i), _values(complete, j), s=14, c="#9aa5b1", label="trials")
+            ax.scatter(
+                _values(complete, i), _values(complete, j), s=14, c="#9aa5b1", label="trials"
+            )
             pts = sorted(zip(_values(front, i), _values(front, j)))
             # a line only where the front is two-dimensional; a projection of more would zig-zag
             style = "-o" if len(names) == 2 else "o"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, c="#d1495b", ms=5, label="Pareto front")
-            ax.scatter(_values(baselines, i), _values(baselines, j), c="#edae49", label="baselines", **BASELINE_STYLE)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                style,
+                c="#d1495b",
+                ms=5,
+                label="Pareto front",
+            )
+            ax.scatter(
+                _values(baselines, i),
+                _values(baselines, j),
+                c="#edae49",
+                label="baselines",
+                **BASELINE_STYLE,
+            )
             for t in baselines:
-                ax.annotate(t.user_attrs["baseline"], (t.values[i], t.values[j]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    t.user_attrs["baseline"],
+                    (t.values[i], t.values[j]),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
             ax.set_xlabel(names[i])
             ax.set_ylabel(names[j])
         ax.grid(alpha=0.3)
@@ -102,21 +136,28 @@ def plot_history(study: optuna.Study, names: list[str]) -> Figure:
     from optuna.visualization.matplotlib import plot_hypervolume_history, plot_optimization_history
 
     if len(names) == 1:
-        return _titled(plot_optimization_history(study, target_name=names[0]), "History: best so far")
+        return _titled(
+            plot_optimization_history(study, target_name=names[0]), "History: best so far"
+        )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     reference = []  # a point just worse than every trial in each objective, as hypervolume needs
     for i, sign in enumerate(_signs(study)):
         values = [sign * t.values[i] for t in complete]
         margin = max(0.05 * (max(values) - min(values)), 1e-6)
         reference.append(sign * (min(values) - margin))
-    return _titled(plot_hypervolume_history(study, reference), "History: hypervolume of the Pareto front")
+    return _titled(
+        plot_hypervolume_history(study, reference), "History: hypervolume of the Pareto front"
+    )
 
 
 def plot_items(study: optuna.Study, names: list[str]) -> Figure:
     """Each objective's best complete score against the items scored so far (multi-fidelity's cost axis)."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()), key=lambda t: t.number)
+    trials = sorted(
+        (t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
+        key=lambda t: t.number,
+    )
     signs, spent = _signs(study), 0
     lines: list[list[tuple[int, float]]] = [[] for _ in names]
     best: list[float | None] = [None] * len(names)
@@ -152,8 +193,16 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
     for key in shown:  # the per-model values the method reads, over depth
         for name, m in zip(model_names, recipe.models):
             param = getattr(m, key)
-            kinds = ["attn", "mlp"] if param.attn is not None or param.mlp is not None else ["other"]
-            rows += [(f"{name} {key}{'' if k == 'other' else ' ' + k}", _over_depth(param, k, num_layers)) for k in kinds]
+            kinds = (
+                ["attn", "mlp"] if param.attn is not None or param.mlp is not None else ["other"]
+            )
+            rows += [
+                (
+                    f"{name} {key}{'' if k == 'other' else ' ' + k}",
+                    _over_depth(param, k, num_layers),
+                )
+                for k in kinds
+            ]
     fig = Figure(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
     ax = fig.subplots()
     image = ax.imshow([r[1] for r in rows], aspect="auto", cmap="viridis")
@@ -162,7 +211,15 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
     ax.set_xlabel("layer")
     for y, (_, values) in enumerate(rows):
         for x, v in enumerate(values):
-            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
+            ax.text(
+                x,
+                y,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < 0.5 else "black",
+            )
     fig.colorbar(image, ax=ax, fraction=0.03)
     ax.set_title(title)
     return fig
@@ -173,19 +230,36 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
     from optuna.visualization.matplotlib import plot_param_importances
 
     signs = _signs(study)
-    target = None if len(names) == 1 else (lambda t: sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
+    target = (
+        None
+        if len(names) == 1
+        else (lambda t: sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
+    )
     try:
-        with warnings.catch_warnings():  # "importances ... to achieve low target values": the sign does not matter
+        with (
+            warnings.catch_warnings()
+        ):  # "importances ... to achieve low target values": the sign does not matter
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
-            ax = plot_param_importances(study, target=target,
-                                        target_name=names[0] if len(names) == 1 else "mean objective")
+            ax = plot_param_importances(
+                study, target=target, target_name=names[0] if len(names) == 1 else "mean objective"
+            )
     except Exception as exc:  # too few trials, or a space with no common parameters
         fig = Figure(figsize=(6.5, 3.8))
         ax = fig.subplots()
-        ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True, fontsize=9)
+        ax.text(
+            0.5,
+            0.5,
+            f"importances unavailable:\n{exc}",
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=9,
+        )
         ax.set_axis_off()
         return fig
-    return _titled(ax, "Parameter importances" + ("" if len(names) == 1 else " for the mean objective"))
+    return _titled(
+        ax, "Parameter importances" + ("" if len(names) == 1 else " for the mean objective")
+    )
 
 
 def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
@@ -197,10 +271,18 @@ def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
     return max(study.best_trials, key=lambda t: sum(s * v for s, v in zip(signs, t.values)))
 
 
-def _table(config: StudyConfig, rows: list[tuple[str, FrozenTrial]], heldout: dict[int, dict[str, float]], split: str) -> str:
+def _table(
+    config: StudyConfig,
+    rows: list[tuple[str, FrozenTrial]],
+    heldout: dict[int, dict[str, float]],
+    split: str,
+) -> str:
     keys = [o.key for o in config.objectives.items]
     search = html.escape(config.evaluator.label("search"))
-    head = "".join(f"<th>{html.escape(k)}<br>{search}</th><th>{html.escape(k)}<br>{html.escape(split)}</th>" for k in keys)
+    head = "".join(
+        f"<th>{html.escape(k)}<br>{search}</th><th>{html.escape(k)}<br>{html.escape(split)}</th>"
+        for k in keys
+    )
     body = []
     for label, t in rows:
         cells = []
@@ -212,7 +294,13 @@ def _table(config: StudyConfig, rows: list[tuple[str, FrozenTrial]], heldout: di
     return f"<table><tr><th>model</th><th>trial</th>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_split: bool = True, progress: bool = True) -> Path:
+def write_report(
+    folder: str | Path,
+    *,
+    trial: int | None = None,
+    score_heldout_split: bool = True,
+    progress: bool = True,
+) -> Path:
     """Write report.html and the PNG figures into the study folder; returns the HTML path."""
     folder = Path(folder)
     config, study = load_study_folder(folder)
@@ -228,7 +316,12 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
         figs = {
             "pareto": plot_front(study, names),
             "history": plot_history(study, names),
-            "recipe": plot_recipe(recipe, space.num_layers, list(space.model_names), f"trial {chosen.number}: {recipe.method}"),
+            "recipe": plot_recipe(
+                recipe,
+                space.num_layers,
+                list(space.model_names),
+                f"trial {chosen.number}: {recipe.method}",
+            ),
             "importances": plot_importances(study, names),
         }
         if config.fidelity is not None:
@@ -237,7 +330,11 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
 
     front, baselines = front_and_baselines(study)
     finalists = front if len(study.directions) > 1 else [chosen]
-    refs = [t for t in baselines if t.user_attrs["baseline"].startswith("alone:") or t.user_attrs["baseline"] == "uniform"]
+    refs = [
+        t
+        for t in baselines
+        if t.user_attrs["baseline"].startswith("alone:") or t.user_attrs["baseline"] == "uniform"
+    ]
     rows = [(f"{'Pareto' if len(study.directions) > 1 else 'best'} trial", t) for t in finalists]
     rows += [(t.user_attrs["baseline"], t) for t in refs]
     split = config.evaluator.label("report")
@@ -249,33 +346,45 @@ def write_report(folder: str | Path, *, trial: int | None = None, score_heldout_
     recipe_yaml = html.escape(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     sections = "".join(
         f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{images[key]}'>"
-        for key, title in (("pareto", "Pareto front" if len(names) > 1 else "Scores"), ("history", "History"),
-                           ("items", "Best score against items spent"),
-                           ("recipe", f"Chosen recipe (trial {chosen.number})"), ("importances", "Parameter importances"))
+        for key, title in (
+            ("pareto", "Pareto front" if len(names) > 1 else "Scores"),
+            ("history", "History"),
+            ("items", "Best score against items spent"),
+            ("recipe", f"Chosen recipe (trial {chosen.number})"),
+            ("importances", "Parameter importances"),
+        )
         if key in images
     )
     search = html.escape(config.evaluator.label("search"))
-    no_heldout = "" if has_report(config.evaluator) else " This study names no held-out data (evaluator.report_text)."
+    no_heldout = (
+        ""
+        if has_report(config.evaluator)
+        else " This study names no held-out data (evaluator.report_text)."
+    )
     if (overlap := config.evaluator.overlap()) is not None:
         no_heldout += f"</p><p class='warning'><b>Warning:</b> {html.escape(overlap)}."
     elif getattr(config.evaluator, "holdout", None) is not None:
-        no_heldout += (f" The held-out items are {config.evaluator.holdout:.0%} of {config.evaluator.split}, carved "
-                       "before the search began (carve.json); the search never scored them.")
+        no_heldout += (
+            f" The held-out items are {config.evaluator.holdout:.0%} of {config.evaluator.split}, carved "
+            "before the search began (carve.json); the search never scored them."
+        )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     if config.fidelity is not None:
         spent = items_line(study, study.get_trials(deepcopy=False))
-        no_heldout += (f"</p><p>Multi-fidelity: {n_pruned} candidates were stopped early (PRUNED) on rungs of "
-                       f"{', '.join(map(str, config.fidelity.rungs))} items per task; {html.escape(spent or '')}. "
-                       "Every finalist was scored on the whole search set.")
+        no_heldout += (
+            f"</p><p>Multi-fidelity: {n_pruned} candidates were stopped early (PRUNED) on rungs of "
+            f"{', '.join(map(str, config.fidelity.rungs))} items per task; {html.escape(spent or '')}. "
+            "Every finalist was scored on the whole search set."
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}
 .warning{{background:#fdecea;border:1px solid #d1495b;padding:.6em}}</style></head><body>
 <h1>basin report: {html.escape(config.study.name)}</h1>
-<p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(', '.join(names))}
+<p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(", ".join(names))}
 ({config.objectives.mode}); sampler {config.sampler.name}.</p>
 <h2>Finalists against the parents</h2>
 <p>Scores on the search split ({search}) and on the held-out split ({html.escape(split)}); a

@@ -32,19 +32,31 @@ class StudySetup:
     directions: list[str]
     spec: WorkerSpec
     sizes: dict[str, int]  # search items per task (after carve and limit)
-    rungs: list[int | None] | None  # multi-fidelity: items per task of each rung (None: all); None when off
+    rungs: (
+        list[int | None] | None
+    )  # multi-fidelity: items per task of each rung (None: all); None when off
 
 
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = None if cfg.seed is None else cfg.seed + offset  # a resumed or second run must not replay draws
+    seed = (
+        None if cfg.seed is None else cfg.seed + offset
+    )  # a resumed or second run must not replay draws
     if cfg.name == "tpe":
-        with warnings.catch_warnings():  # multivariate/group/constant_liar are "experimental" in Optuna; basin pins it
+        with (
+            warnings.catch_warnings()
+        ):  # multivariate/group/constant_liar are "experimental" in Optuna; basin pins it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
-                                              group=True, constant_liar=True)
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=cfg.n_startup_trials,
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+            )
     if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
-                                            warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False
+        )
     if cfg.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.name == "gp":
@@ -54,9 +66,13 @@ def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSa
 
 def worker_spec(config: StudyConfig) -> WorkerSpec:
     """What every worker of this study builds: the config sections it needs, local paths made absolute."""
-    return WorkerSpec(models=config.models.resolved(), evaluator=config.evaluator.resolved(), space=config.space,
-                      threads=config.workers.threads,
-                      fidelity_seed=config.fidelity.seed if config.fidelity is not None else None)
+    return WorkerSpec(
+        models=config.models.resolved(),
+        evaluator=config.evaluator.resolved(),
+        space=config.space,
+        threads=config.workers.threads,
+        fidelity_seed=config.fidelity.seed if config.fidelity is not None else None,
+    )
 
 
 def study_space(config: StudyConfig, num_layers: int | None = None) -> SearchSpace:
@@ -67,7 +83,9 @@ def study_space(config: StudyConfig, num_layers: int | None = None) -> SearchSpa
     models = config.models.resolved()
     base_dir = None if num_layers is not None else resolve_model_dir(config.models.base)
     space = build_space(config, base_dir, num_layers)
-    return SearchSpace(**{**space.__dict__, "base": models.base, "model_paths": tuple(models.finetunes)})
+    return SearchSpace(
+        **{**space.__dict__, "base": models.base, "model_paths": tuple(models.finetunes)}
+    )
 
 
 def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial):
@@ -91,7 +109,9 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         space = study_space(config)
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
-        if config.study.storage:  # a wrong URL or password fails here, with its message, before any lock
+        if (
+            config.study.storage
+        ):  # a wrong URL or password fails here, with its message, before any lock
             _reach_storage(config.study.storage)
         # runners starting at once (here or, with a database, anywhere) set the study up one after the other
         with records.study_lock(folder, config.study.storage, config.study.name):
@@ -129,10 +149,14 @@ def search_sizes(config: StudyConfig, split_sizes: dict[str, int]) -> dict[str, 
 def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
     if (folder / records.CONFIG_FILE).is_file():
         # through the config model, so a snapshot from before a new default field compares equal
-        previous = config_to_dict(config_from_dict(records.read_config_snapshot(folder), str(folder)))
+        previous = config_to_dict(
+            config_from_dict(records.read_config_snapshot(folder), str(folder))
+        )
         if _search_part(previous) != _search_part(config_to_dict(config)):
-            raise ConfigError(f"{folder} holds a study with a different config; resume it as it is with "
-                              f"`basin resume {folder}`, or choose another study.name / study.output_dir")
+            raise ConfigError(
+                f"{folder} holds a study with a different config; resume it as it is with "
+                f"`basin resume {folder}`, or choose another study.name / study.output_dir"
+            )
     elif resume:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
 
@@ -149,7 +173,9 @@ def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, in
     check_models(config)
     directions = check_tasks(config).directions
     try:
-        probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)  # the data, one item scored
+        probe = build_evaluator(
+            config.evaluator.resolved(), "search", limit=1
+        )  # the data, one item scored
         if config.fidelity is not None:
             probe.check_item_means([o.key for o in config.objectives.items])
     except EvaluatorError as exc:
@@ -173,7 +199,12 @@ def check_models(config: StudyConfig) -> None:
     from merging import Checkpoint, check_compatible
 
     models = config.models.resolved()
-    check_compatible({p: Checkpoint(p, allow_pickle=models.allow_pickle) for p in (models.base, *models.finetunes)})
+    check_compatible(
+        {
+            p: Checkpoint(p, allow_pickle=models.allow_pickle)
+            for p in (models.base, *models.finetunes)
+        }
+    )
 
 
 def unreachable_hub_models(config: StudyConfig) -> list[str]:
@@ -205,8 +236,13 @@ def check_tasks(config: StudyConfig) -> TaskCheck:
     section, keys = config.evaluator.resolved(), [o.key for o in config.objectives.items]
     try:
         if isinstance(section, HarnessSection):
-            found = check_task_definitions(section.tasks, include_path=section.include_paths,
-                                           builtin_tasks=section.builtin_tasks, split=section.split, metrics=keys)
+            found = check_task_definitions(
+                section.tasks,
+                include_path=section.include_paths,
+                builtin_tasks=section.builtin_tasks,
+                split=section.split,
+                metrics=keys,
+            )
             flags, hub = found.directions, found.hub_datasets
         else:
             probe = build_evaluator(section, "search")
@@ -228,9 +264,12 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         existing = _count_trials(storage, config.study.name)
         study = optuna.create_study(
-            study_name=config.study.name, storage=storage, load_if_exists=True,
+            study_name=config.study.name,
+            storage=storage,
+            load_if_exists=True,
             directions=study_directions(config.objectives, directions),
-            sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(config.fidelity),
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=make_pruner(config.fidelity),
         )
         # Every run of the study (first, resumed, or one more runner) draws from its own stream: runners
         # that open the study while it holds the same trials (the baselines, say) would otherwise
@@ -239,7 +278,9 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         study.set_user_attr(RUNS_ATTR, runs + 1)
         study.sampler = make_sampler(config.sampler, offset=existing + runs * 1_000_003)
     except Exception as exc:
-        raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None
+        raise storage_error(
+            config.study.storage or str(folder / records.JOURNAL_FILE), exc
+        ) from None
     if "directions" not in study.user_attrs:
         study.set_user_attr("directions", directions)
         study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
@@ -249,8 +290,12 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
 
 RUNS_ATTR = "runs_started"  # runs that opened the study: each one's sampler seed differs
 CONFIG_ATTR = "config"  # the study's config, kept in its storage: `basin attach` rebuilds a study folder from it
-SPLIT_SIZES_ATTR = "split_sizes"  # items per task of the search split before carving (the carve's input)
-NUM_LAYERS_ATTR = "num_layers"  # of the base model: the search space's depth, without the models at hand
+SPLIT_SIZES_ATTR = (
+    "split_sizes"  # items per task of the search split before carving (the carve's input)
+)
+NUM_LAYERS_ATTR = (
+    "num_layers"  # of the base model: the search space's depth, without the models at hand
+)
 
 
 def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
@@ -264,9 +309,11 @@ def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
     theirs, ours = _shared_part(config_to_dict(config_from_dict(stored))), _shared_part(mine)
     if theirs != ours:
         differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
-        raise ConfigError(f"study '{config.study.name}' in its storage was created with a different config (it differs "
-                          f"in: {', '.join(differ)}); join it with the config it was created with (`basin attach` "
-                          "writes it into a study folder here), or choose another study.name")
+        raise ConfigError(
+            f"study '{config.study.name}' in its storage was created with a different config (it differs "
+            f"in: {', '.join(differ)}); join it with the config it was created with (`basin attach` "
+            "writes it into a study folder here), or choose another study.name"
+        )
 
 
 def _shared_part(snapshot: dict) -> dict:
@@ -323,7 +370,11 @@ def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
         storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         return config, optuna.load_study(study_name=config.study.name, storage=storage)
     except KeyError:
-        raise ConfigError(f"{folder}: its storage holds no study named '{config.study.name}'; "
-                          f"was it moved? start it again with `basin run CONFIG`") from None
+        raise ConfigError(
+            f"{folder}: its storage holds no study named '{config.study.name}'; "
+            f"was it moved? start it again with `basin run CONFIG`"
+        ) from None
     except Exception as exc:  # status, pareto, export: the same redacted message as run
-        raise storage_error(config.study.storage or str(folder / records.JOURNAL_FILE), exc) from None
+        raise storage_error(
+            config.study.storage or str(folder / records.JOURNAL_FILE), exc
+        ) from None

@@ -50,7 +50,9 @@ class SearchSpace:
     def names(self, kind: str, model: str) -> list[str]:
         """Parameter names of one per-model quantity ('weight' or 'density') over slots and parts."""
         parts = ["attn.", "mlp."] if self.config.split_attn_mlp else [""]
-        names = [f"{kind}.{model}.{part}{slot}".rstrip(".") for part in parts for slot in self.slots]
+        names = [
+            f"{kind}.{model}.{part}{slot}".rstrip(".") for part in parts for slot in self.slots
+        ]
         if self.config.split_attn_mlp:
             names.append(f"{kind}.{model}")
         return names
@@ -78,7 +80,9 @@ def num_layers_of(model_dir: str | Path) -> int:
     raise ValueError(f"{model_dir}/config.json names no layer count (num_hidden_layers or n_layer)")
 
 
-def build_space(config: StudyConfig, base_dir: str | Path | None, num_layers: int | None = None) -> SearchSpace:
+def build_space(
+    config: StudyConfig, base_dir: str | Path | None, num_layers: int | None = None
+) -> SearchSpace:
     """The space over the config's models; the layer count is read from the base's config in
     `base_dir` unless given."""
     return SearchSpace(
@@ -91,7 +95,12 @@ def build_space(config: StudyConfig, base_dir: str | Path | None, num_layers: in
     )
 
 
-def _value(trial: optuna.trial.BaseTrial, name: str, spec: float | tuple[float, float], step: float | None = None) -> float:
+def _value(
+    trial: optuna.trial.BaseTrial,
+    name: str,
+    spec: float | tuple[float, float],
+    step: float | None = None,
+) -> float:
     if isinstance(spec, tuple):
         if step is not None and spec[1] - spec[0] >= step:
             return trial.suggest_float(name, spec[0], spec[1], step=step)
@@ -104,7 +113,9 @@ def _setting(cfg: SpaceSection, name: str) -> float | tuple[float, float]:
 
 
 def _step(method: str, name: str) -> float | None:
-    return RANK_GRID if name in ("density", "gamma") and method_spec(method).magnitude_ranked else None
+    return (
+        RANK_GRID if name in ("density", "gamma") and method_spec(method).magnitude_ranked else None
+    )
 
 
 def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]:
@@ -112,7 +123,9 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]
     cfg = space.config
     params: dict[str, Any] = {}
     methods = cfg.methods
-    params["method"] = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+    params["method"] = (
+        trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+    )
     spec = method_spec(params["method"])
     for model in space.model_names:
         for kind in (k for k in PER_MODEL if spec.uses(k)):
@@ -124,8 +137,14 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]
     return params
 
 
-def _layer_param(space: SearchSpace, params: dict[str, Any], kind: str, model: str, default: float,
-                 grid: float | None = None) -> LayerParam:
+def _layer_param(
+    space: SearchSpace,
+    params: dict[str, Any],
+    kind: str,
+    model: str,
+    default: float,
+    grid: float | None = None,
+) -> LayerParam:
     def values(prefix: str) -> tuple[float, ...]:
         slots = [float(params.get(f"{prefix}.{s}".rstrip("."), default)) for s in space.slots]
         if space.config.granularity == "group":
@@ -135,7 +154,10 @@ def _layer_param(space: SearchSpace, params: dict[str, Any], kind: str, model: s
             # the anchors' interpolation at every layer, on the grid: the stored values are the applied ones
             over = LayerParam(default=tuple(slots))
             span = max(space.num_layers - 1, 1)
-            return tuple(round(round(over.at(i / span, "other") / grid) * grid, 9) for i in range(space.num_layers))
+            return tuple(
+                round(round(over.at(i / span, "other") / grid) * grid, 9)
+                for i in range(space.num_layers)
+            )
         return tuple(slots)
 
     if not space.config.split_attn_mlp:
@@ -154,10 +176,18 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
     method = full["method"]
     entries = []
     for model, path in zip(space.model_names, space.model_paths):
-        entries.append(ModelEntry(path=path, weight=_layer_param(space, full, "weight", model, 0.0), **{
-            kind: _layer_param(space, full, kind, model, PARAMS[kind].default, _step(method, kind))
-            for kind in PER_MODEL[1:]
-        }))
+        entries.append(
+            ModelEntry(
+                path=path,
+                weight=_layer_param(space, full, "weight", model, 0.0),
+                **{
+                    kind: _layer_param(
+                        space, full, kind, model, PARAMS[kind].default, _step(method, kind)
+                    )
+                    for kind in PER_MODEL[1:]
+                },
+            )
+        )
     recipe = MergeRecipe(
         method=method,
         models=tuple(entries),
@@ -214,8 +244,17 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
         if method and k > 1:
             out.append((f"alone:{model}", params(method, one)))
         elif "slerp" in allowed and settable(cfg.t, float(i)) and k == 2:
-            out.append((f"alone:{model}", {**({"method": "slerp"} if len(cfg.methods) > 1 else {}), "t": float(i)}))
-    for method, weights in (("linear", [1.0] * k), ("task_arithmetic", [1.0 / k] * k), ("dare_linear", [1.0 / k] * k)):
+            out.append(
+                (
+                    f"alone:{model}",
+                    {**({"method": "slerp"} if len(cfg.methods) > 1 else {}), "t": float(i)},
+                )
+            )
+    for method, weights in (
+        ("linear", [1.0] * k),
+        ("task_arithmetic", [1.0 / k] * k),
+        ("dare_linear", [1.0 / k] * k),
+    ):
         if can(method, weights):
             out.append(("uniform", params(method, weights)))
             break

@@ -28,8 +28,10 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    print(f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, {f'{pruned} pruned, ' if pruned else ''}"
-          f"{len(failed)} failed, {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))} searched")
+    print(
+        f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, {f'{pruned} pruned, ' if pruned else ''}"
+        f"{len(failed)} failed, {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))} searched"
+    )
     if pruned and (line := items_line(study, trials)) is not None:
         print(line)
     if not complete:
@@ -54,8 +56,10 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
         return None
     spent, _ = fidelity.spent(trials)
     full = len(finished) * sum(sizes.values())
-    return (f"items scored {spent:,}; on every search item these {len(finished)} trials would have "
-            f"scored {full:,} ({spent / full:.0%} of it spent)")
+    return (
+        f"items scored {spent:,}; on every search item these {len(finished)} trials would have "
+        f"scored {full:,} ({spent / full:.0%} of it spent)"
+    )
 
 
 def print_status(folder: Path) -> None:
@@ -63,14 +67,24 @@ def print_status(folder: Path) -> None:
 
     config, study = load_study_folder(folder)
     trials = study.get_trials(deepcopy=False)
-    counts = {state: sum(t.state == state for t in trials)
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
+    counts = {
+        state: sum(t.state == state for t in trials)
+        for state in (
+            TrialState.COMPLETE,
+            TrialState.PRUNED,
+            TrialState.FAIL,
+            TrialState.RUNNING,
+            TrialState.WAITING,
+        )
+    }
     budget = config.budget.n_trials
     storage = redact(config.study.storage) if config.study.storage else f"{folder}/journal.log"
     print(f"study '{config.study.name}' ({config.objectives.mode}, storage {storage})")
     pruned = f" (pruned {counts[TrialState.PRUNED]})" if config.fidelity is not None else ""
-    print(f"  done {counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]}{f' of {budget}' if budget else ''}{pruned}, "
-          f"failed {counts[TrialState.FAIL]}, running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}")
+    print(
+        f"  done {counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]}{f' of {budget}' if budget else ''}{pruned}, "
+        f"failed {counts[TrialState.FAIL]}, running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}"
+    )
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")
     print(f"  elapsed {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))}")

@@ -67,8 +67,10 @@ def worker_env(threads: int | None) -> dict[str, str]:
     Idle OpenMP threads sleep rather than spin, thread pools match the worker's share of the
     cores, and the tokenizer does not start threads of its own. A variable the user set wins.
     """
-    env = {name: os.environ.get(name, default)
-           for name, default in (("OMP_WAIT_POLICY", "PASSIVE"), ("TOKENIZERS_PARALLELISM", "false"))}
+    env = {
+        name: os.environ.get(name, default)
+        for name, default in (("OMP_WAIT_POLICY", "PASSIVE"), ("TOKENIZERS_PARALLELISM", "false"))
+    }
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
@@ -98,15 +100,28 @@ class CandidateWorker:
         models = spec.models
         self.device = resolve_device(models.device)
         t0 = time.perf_counter()
-        self.merger = ResidentMerger(models.base, list(models.finetunes), device=self.device, dtype=models.dtype,
-                                     allow_pickle=models.allow_pickle, kernels=models.kernels)
+        self.merger = ResidentMerger(
+            models.base,
+            list(models.finetunes),
+            device=self.device,
+            dtype=models.dtype,
+            allow_pickle=models.allow_pickle,
+            kernels=models.kernels,
+        )
         self.merger.prepare(tuple(spec.space.methods), spec.space.seed)
-        self.model = load_live_model(models.base, device=self.device, dtype=models.dtype,
-                                     trust_remote_code=models.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(models.base)),
-                                                       trust_remote_code=models.trust_remote_code)
+        self.model = load_live_model(
+            models.base,
+            device=self.device,
+            dtype=models.dtype,
+            trust_remote_code=models.trust_remote_code,
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(resolve_model_dir(models.base)), trust_remote_code=models.trust_remote_code
+        )
         self.evaluators: dict[str, Any] = {}
-        self._held: dict[str, Any] | None = None  # multi-fidelity: the candidate's per-item scores so far
+        self._held: dict[str, Any] | None = (
+            None  # multi-fidelity: the candidate's per-item scores so far
+        )
         self.evaluator("search")
         self.setup_s = time.perf_counter() - t0
 
@@ -120,12 +135,23 @@ class CandidateWorker:
     def info(self) -> dict[str, Any]:
         import torch
 
-        return {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": self.device, "setup_s": round(self.setup_s, 3), "threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        return {
+            "index": self.index,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "setup_s": round(self.setup_s, 3),
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        }
 
-    def run(self, recipe: dict[str, Any], role: Role = "search", items: int | None = None,
-            rung: bool = False) -> dict[str, Any]:
+    def run(
+        self,
+        recipe: dict[str, Any],
+        role: Role = "search",
+        items: int | None = None,
+        rung: bool = False,
+    ) -> dict[str, Any]:
         """Merge `recipe` (its YAML form) into the live model and evaluate it for `role`.
 
         rung: multi-fidelity's first rung: score the first `items` of each task's search items
@@ -156,7 +182,9 @@ class CandidateWorker:
         out = self._out()
         try:
             if self._held is None:
-                raise RuntimeError("this worker holds no candidate to score further (it was restarted or moved on)")
+                raise RuntimeError(
+                    "this worker holds no candidate to score further (it was restarted or moved on)"
+                )
             t0 = time.perf_counter()
             out.update(self._score(items))
             out.update(merge_s=0.0, eval_s=time.perf_counter() - t0)
@@ -177,9 +205,17 @@ class CandidateWorker:
             held["flags"].update(result.higher_is_better)
             held["scored"] = stop
         metrics, parts = evaluator.item_metrics(held["scores"])
-        flags = {k: held["flags"][k] if k in held["flags"] else evaluator.higher_is_better(k) for k in metrics}
-        return {"metrics": metrics, "higher_is_better": flags, "item_scores": parts,
-                "items": {task: min(stop, n) for task, n in counts.items()}, "stop": stop}
+        flags = {
+            k: held["flags"][k] if k in held["flags"] else evaluator.higher_is_better(k)
+            for k in metrics
+        }
+        return {
+            "metrics": metrics,
+            "higher_is_better": flags,
+            "item_scores": parts,
+            "items": {task: min(stop, n) for task, n in counts.items()},
+            "stop": stop,
+        }
 
     def _out(self) -> dict[str, Any]:
         return {"worker": f"{socket.gethostname()}:{os.getpid()}/{self.index}", "node": _ray_node()}
@@ -209,8 +245,16 @@ class WorkerPool:
     Ray CPUs; `env` replaces `worker_env(threads)` as the variables its process starts with.
     """
 
-    def __init__(self, spec: WorkerSpec, count: int, *, gpus_per_worker: float = 0, address: str | None = None,
-                 worker_cls: type | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        count: int,
+        *,
+        gpus_per_worker: float = 0,
+        address: str | None = None,
+        worker_cls: type | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         import ray
 
         self._ray = ray
@@ -222,10 +266,14 @@ class WorkerPool:
             start_ray(address, count, gpus_per_worker, cpus=count * cpus)
         # On a cluster, workers go to as many nodes as have room (a node lost takes fewer with it);
         # a worker restarted after its node died waits until some node has room for it.
-        self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=0,
-                                     runtime_env={"env_vars": worker_env(spec.threads) if env is None else env},
-                                     scheduling_strategy="SPREAD" if address else "DEFAULT",
-                                     )(worker_cls or CandidateWorker)
+        self._actor_cls = ray.remote(
+            num_cpus=cpus,
+            num_gpus=gpus_per_worker,
+            max_restarts=-1,
+            max_task_retries=0,
+            runtime_env={"env_vars": worker_env(spec.threads) if env is None else env},
+            scheduling_strategy="SPREAD" if address else "DEFAULT",
+        )(worker_cls or CandidateWorker)
         self.actors = [self._actor_cls.remote(spec, i) for i in range(count)]
         # Ray refuses calls to a worker it is restarting (ActorUnavailableError, at once), so a
         # candidate sent to a worker that just died would fail too, and the next, and the next. A
@@ -254,8 +302,15 @@ class WorkerPool:
             return False
         return True
 
-    def submit(self, worker: int, recipe: dict[str, Any], role: Role = "search", *, items: int | None = None,
-               rung: bool = False):
+    def submit(
+        self,
+        worker: int,
+        recipe: dict[str, Any],
+        role: Role = "search",
+        *,
+        items: int | None = None,
+        rung: bool = False,
+    ):
         """Send a candidate to a worker (see CandidateWorker.run); returns its ref."""
         ref = self.actors[worker].run.remote(recipe, role, items, rung)
         self._owner[ref] = worker
@@ -282,8 +337,10 @@ class WorkerPool:
         except self._ray.exceptions.RayError as exc:
             if worker is not None:  # Ray restarts it; no candidate for it until it is back
                 self._probes[worker] = self._probe(worker)
-            return {"error": f"worker died during the candidate ({type(exc).__name__}: {_first_line(exc)}); Ray restarts it",
-                    "worker_lost": True}
+            return {
+                "error": f"worker died during the candidate ({type(exc).__name__}: {_first_line(exc)}); Ray restarts it",
+                "worker_lost": True,
+            }
 
     def restart(self, worker: int) -> None:
         """Kill a worker (e.g. one past its time limit); Ray starts a fresh one in its place."""
@@ -327,5 +384,10 @@ def start_ray(address: str | None, count: int, gpus_per_worker: float, cpus: int
         if not torch.cuda.is_available():
             # no GPU here: advertise logical GPUs so the schedule can still be exercised on a CPU machine
             resources["num_gpus"] = int(count * gpus_per_worker + 0.999)
-    compat.init_loopback_ray(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                             num_cpus=max(cpu_slots(), count, cpus), **resources)
+    compat.init_loopback_ray(
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        num_cpus=max(cpu_slots(), count, cpus),
+        **resources,
+    )

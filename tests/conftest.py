@@ -17,7 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def cache_dir() -> Path:
     """Where the suite keeps what outlives a session (the toy zoo): $BASIN_TEST_CACHE, else
     ~/.cache/basin-tests; never the checkout (its .zoo/ is the demo's)."""
-    return Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests").expanduser()
+    return Path(
+        os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"
+    ).expanduser()
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +32,9 @@ def zoo():
 
 @pytest.fixture(scope="session")
 def llama_set(tmp_path_factory) -> ModelSet:
-    return build_model_set(tmp_path_factory.mktemp("llama"), llama_config(positions=64), n_finetunes=3)
+    return build_model_set(
+        tmp_path_factory.mktemp("llama"), llama_config(positions=64), n_finetunes=3
+    )
 
 
 @pytest.fixture(scope="session")

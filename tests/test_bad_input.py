@@ -15,7 +15,9 @@ from tests.support.runs import BASIN, ENV, HANG_S, REPO
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> BadInputEnv:
-    return BadInputEnv(shared_fault_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad"))
+    return BadInputEnv(
+        shared_fault_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad")
+    )
 
 
 def test_the_valid_config_the_cases_change_gets_past_setup(env):
@@ -35,8 +37,14 @@ def test_bad_input_gives_one_message_exit_2_and_leaves_nothing(case, env):
 def test_a_pickle_only_model_is_refused_by_the_real_command_line(env):
     """The console script itself, on the security default: pickle loading stays off unless allowed."""
     case = next(c for c in BAD_INPUTS if c.name == "pickle-only model")
-    proc = subprocess.run([str(BASIN), *case.argv(env)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=HANG_S)
+    proc = subprocess.run(
+        [str(BASIN), *case.argv(env)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("basin: error:") == 1 and "Traceback" not in proc.stderr
     assert "allow_pickle" in proc.stderr and "pickle" in proc.stderr

@@ -16,7 +16,9 @@ def zoo(tmp_path_factory):
     return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
-def test_a_study_spreads_over_two_nodes_and_finishes_on_the_head_when_the_other_node_dies(zoo, tmp_path):
+def test_a_study_spreads_over_two_nodes_and_finishes_on_the_head_when_the_other_node_dies(
+    zoo, tmp_path
+):
     """Both nodes complete trials (each trial records its node); then, with a candidate in flight on
     each worker, the second node is SIGKILLed: only its candidate fails, as a lost worker, its params
     run again on the head, and the study finishes its budget there."""
@@ -24,8 +26,10 @@ def test_a_study_spreads_over_two_nodes_and_finishes_on_the_head_when_the_other_
     assert r.rc == 0 and r.leaked == [] and r.integrity == []
     assert r.nodes_before == {"node_head", "node_b"}
     assert r.complete == r.budget
-    assert len(r.failed) == 1, r.failed  # the candidate in flight on the lost node, and nothing else
-    (lost, error), = r.failed.items()
+    assert len(r.failed) == 1, (
+        r.failed
+    )  # the candidate in flight on the lost node, and nothing else
+    ((lost, error),) = r.failed.items()
     assert "worker died" in error and "queued again" in error
     assert r.retried_on == {lost: "node_head"}
     assert r.after_on and set(r.after_on) == {"node_head"}  # the study went on, on the head alone

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _pins() -> dict[str, str]:
     """The exact pins among pyproject.toml's dependencies ("name==version" strings)."""
-    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([0-9.]+)"', (REPO / "pyproject.toml").read_text()))
+    return dict(
+        re.findall(r'"([A-Za-z0-9_.-]+)==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    )
 
 
 def test_the_patched_libraries_are_pinned_to_the_versions_their_patches_were_checked_against():
@@ -44,7 +46,9 @@ def test_importing_basin_leaves_optuna_matplotlib_and_warnings_as_they_were():
         "print(before == after, matplotlib.get_backend())\n"
     )
     env = {**os.environ, "MPLBACKEND": "svg"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == ["True", "svg"], out.stderr
 
 
@@ -56,7 +60,9 @@ def test_quiet_optuna_restores_the_verbosity_and_the_warning_filters():
             warnings.simplefilter("always")
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             optuna.samplers.TPESampler(group=True, multivariate=True)
-        assert not [w for w in seen if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+        assert not [
+            w for w in seen if issubclass(w.category, optuna.exceptions.ExperimentalWarning)
+        ]
     assert optuna.logging.get_verbosity() == level and list(warnings.filters) == filters
 
 

@@ -51,7 +51,10 @@ def test_minimal_config_passes_with_documented_defaults(tmp_path):
     assert isinstance(config, StudyConfig)
     assert config.study.name == "demo"
     assert config.study.folder == Path("results") / "demo"
-    assert config.space.methods == ["task_arithmetic"] and config.space.lam == (0.3, 1.5)  # searched, not fixed at 1
+    assert config.space.methods == ["task_arithmetic"] and config.space.lam == (
+        0.3,
+        1.5,
+    )  # searched, not fixed at 1
     assert config.space.granularity == "model"
     assert config.objectives.mode == "single"
     assert config.sampler.name == "tpe"
@@ -63,10 +66,25 @@ def test_minimal_config_passes_with_documented_defaults(tmp_path):
 def test_full_config_passes(tmp_path):
     data = edited(
         study={"name": "full-1", "output_dir": str(tmp_path / "out")},
-        space={"methods": ["linear", "ties", "dare_ties"], "granularity": "anchors", "anchors": 3,
-               "split_attn_mlp": True, "weight": [0.0, 2.0], "density": [0.2, 0.9], "lambda": [0.5, 1.5]},
-        evaluator={"tasks": ["zoo_add", "zoo_copy"], "include_path": "tasks", "limit": 40, "batch_size": 32},
-        objectives={"mode": "pareto", "items": [{"task": "zoo_add"}, {"task": "zoo_copy", "metric": "acc_norm"}]},
+        space={
+            "methods": ["linear", "ties", "dare_ties"],
+            "granularity": "anchors",
+            "anchors": 3,
+            "split_attn_mlp": True,
+            "weight": [0.0, 2.0],
+            "density": [0.2, 0.9],
+            "lambda": [0.5, 1.5],
+        },
+        evaluator={
+            "tasks": ["zoo_add", "zoo_copy"],
+            "include_path": "tasks",
+            "limit": 40,
+            "batch_size": 32,
+        },
+        objectives={
+            "mode": "pareto",
+            "items": [{"task": "zoo_add"}, {"task": "zoo_copy", "metric": "acc_norm"}],
+        },
         sampler={"name": "nsga2", "seed": 3},
         budget={"n_trials": 30, "timeout": 600},
         workers={"count": 2, "gpus_per_worker": 1},
@@ -93,11 +111,26 @@ def test_several_wrong_fields_are_reported_in_one_error(tmp_path):
     assert "6 problems" in message
     # each field by name, with the value and the valid choices
     assert "space.methods" in message and "'tie'" in message
-    assert "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs'" in message and "'slerp' or 'nuslerp'" in message
-    assert "space.granularity" in message and "'layer'" in message and "'model', 'group' or 'anchors'" in message
+    assert (
+        "'linear', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs'" in message
+        and "'slerp' or 'nuslerp'" in message
+    )
+    assert (
+        "space.granularity" in message
+        and "'layer'" in message
+        and "'model', 'group' or 'anchors'" in message
+    )
     assert "space.densty: unknown key; did you mean 'density'?" in message
-    assert "sampler.name" in message and "'tpee'" in message and "'tpe', 'cmaes', 'nsga2', 'gp' or 'random'" in message
-    assert "budget.n_trials" in message and "greater than or equal to 1" in message and "got 0" in message
+    assert (
+        "sampler.name" in message
+        and "'tpee'" in message
+        and "'tpe', 'cmaes', 'nsga2', 'gp' or 'random'" in message
+    )
+    assert (
+        "budget.n_trials" in message
+        and "greater than or equal to 1" in message
+        and "got 0" in message
+    )
     assert "workers.count" in message
     assert len([line for line in message.splitlines() if line.startswith("  - ")]) == 6
 
@@ -144,7 +177,9 @@ def test_unknown_keys_get_did_you_mean(tmp_path, section, key, typo, suggestion)
 
 
 def test_unknown_key_inside_a_list_item_gets_did_you_mean(tmp_path):
-    message = problems(tmp_path, edited(objectives={"items": [{"task": "zoo_add", "metirc": "acc"}]}))
+    message = problems(
+        tmp_path, edited(objectives={"items": [{"task": "zoo_add", "metirc": "acc"}]})
+    )
     assert "objectives.items.0.metirc: unknown key; did you mean 'metric'?" in message
     assert "Known: task, metric, weight, direction" in message
 
@@ -177,7 +212,10 @@ def test_unknown_key_inside_a_list_item_gets_did_you_mean(tmp_path):
         ({"models": {"base": "b", "finetunes": ["a", "a"]}}, "a fine-tune is listed twice"),
         ({"study": {"name": "a/b"}}, "study.name"),
         ({"models": None}, "models: required field is missing"),
-        ({"models": {"base": "b", "finetunes": ["a"], "kernels": "compile"}}, "models.kernels: 'compile' is not allowed"),
+        (
+            {"models": {"base": "b", "finetunes": ["a"], "kernels": "compile"}},
+            "models.kernels: 'compile' is not allowed",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused_with_their_field(tmp_path, sections, expected):
@@ -187,20 +225,29 @@ def test_out_of_range_values_are_refused_with_their_field(tmp_path, sections, ex
 
 def test_objective_task_must_be_an_evaluator_task(tmp_path):
     message = problems(tmp_path, edited(objectives={"items": [{"task": "zoo_ad"}]}))
-    assert "objectives.items[0].task: 'zoo_ad' is not among evaluator.tasks; did you mean 'zoo_add'?" in message
+    assert (
+        "objectives.items[0].task: 'zoo_ad' is not among evaluator.tasks; did you mean 'zoo_add'?"
+        in message
+    )
     assert "Known: zoo_add, zoo_copy" in message
 
 
 def test_pareto_needs_two_objectives(tmp_path):
-    message = problems(tmp_path, edited(objectives={"mode": "pareto", "items": [{"task": "zoo_add"}]}))
+    message = problems(
+        tmp_path, edited(objectives={"mode": "pareto", "items": [{"task": "zoo_add"}]})
+    )
     assert "objectives.mode: pareto needs at least two objectives" in message
 
 
 def test_slerp_needs_exactly_two_finetunes(tmp_path):
-    data = edited(models={"base": "b", "finetunes": ["f1", "f2", "f3"]}, space={"methods": ["slerp"]})
+    data = edited(
+        models={"base": "b", "finetunes": ["f1", "f2", "f3"]}, space={"methods": ["slerp"]}
+    )
     message = problems(tmp_path, data)
     assert "slerp merges exactly two models; this config has 3" in message
-    one = edited(models={"base": "b", "finetunes": ["f1"]}, space={"methods": ["model_stock", "ties"]})
+    one = edited(
+        models={"base": "b", "finetunes": ["f1"]}, space={"methods": ["model_stock", "ties"]}
+    )
     assert "model_stock needs at least 2 fine-tunes; this config has 1" in problems(tmp_path, one)
     # with two it is fine
     load_config(write(tmp_path, edited(space={"methods": ["slerp"]}), "two.yaml"))
@@ -247,26 +294,32 @@ def test_file_problems(tmp_path):
 
 def test_set_overrides_nested_keys_numbers_and_lists(tmp_path):
     path = write(tmp_path, MINIMAL)
-    config = load_config(path, [
-        "budget.n_trials=20",
-        "space.methods=[ties, dare_ties]",
-        "space.weight=[0.2, 0.8]",
-        "space.lambda=0.7",
-        "space.granularity=group",
-        "space.group_size=2",
-        "study.name=other",
-        "evaluator.limit=40",
-        "workers.count=4",
-        "sampler.seed=null",
-        "baselines=false",
-    ])
+    config = load_config(
+        path,
+        [
+            "budget.n_trials=20",
+            "space.methods=[ties, dare_ties]",
+            "space.weight=[0.2, 0.8]",
+            "space.lambda=0.7",
+            "space.granularity=group",
+            "space.group_size=2",
+            "study.name=other",
+            "evaluator.limit=40",
+            "workers.count=4",
+            "sampler.seed=null",
+            "baselines=false",
+        ],
+    )
     assert config.budget.n_trials == 20
     assert config.space.methods == ["ties", "dare_ties"]
     assert config.space.weight == (0.2, 0.8)
     assert config.space.lam == 0.7
     assert config.space.granularity == "group" and config.space.group_size == 2
     assert config.study.name == "other"
-    assert config.evaluator.limit == 40 and config.evaluator.tasks == ["zoo_add", "zoo_copy"]  # siblings kept
+    assert config.evaluator.limit == 40 and config.evaluator.tasks == [
+        "zoo_add",
+        "zoo_copy",
+    ]  # siblings kept
     assert config.workers.count == 4
     assert config.sampler.seed is None
     assert config.baselines is False
@@ -280,11 +333,14 @@ def test_set_overrides_are_validated_like_the_file(tmp_path):
     assert "budget.n_trials" in message
 
 
-@pytest.mark.parametrize(("item", "expected"), [
-    ("budget.n_trials", "expected key.sub=value"),
-    ("=5", "is not a dotted field name"),
-    ("budget..n_trials=5", "is not a dotted field name"),
-])
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("budget.n_trials", "expected key.sub=value"),
+        ("=5", "is not a dotted field name"),
+        ("budget..n_trials=5", "is not a dotted field name"),
+    ],
+)
 def test_malformed_set_overrides(tmp_path, item, expected):
     assert expected in problems(tmp_path, MINIMAL, [item])
 
@@ -317,12 +373,25 @@ def test_runners_of_one_study_may_differ_in_their_resources_but_not_in_what_they
     study = optuna.create_study()
     _check_same_study(config_from_dict(MINIMAL), study)
     assert study.user_attrs["config"]["space"]["methods"] == ["task_arithmetic"]
-    own = edited(models={**MINIMAL["models"], "device": "cuda:1"}, evaluator={**MINIMAL["evaluator"], "batch_size": 4},
-                 study={"name": "demo", "output_dir": "elsewhere", "storage": "postgresql://db/x", "heartbeat_s": 5},
-                 budget={"n_trials": 500}, workers={"count": 8, "gpus_per_worker": 1})
+    own = edited(
+        models={**MINIMAL["models"], "device": "cuda:1"},
+        evaluator={**MINIMAL["evaluator"], "batch_size": 4},
+        study={
+            "name": "demo",
+            "output_dir": "elsewhere",
+            "storage": "postgresql://db/x",
+            "heartbeat_s": 5,
+        },
+        budget={"n_trials": 500},
+        workers={"count": 8, "gpus_per_worker": 1},
+    )
     _check_same_study(config_from_dict(own), study)
-    for other, differs in ((edited(space={"methods": ["ties"]}), "space"),
-                           (edited(evaluator={**MINIMAL["evaluator"], "limit": 50}), "evaluator"),
-                           (edited(models={**MINIMAL["models"], "dtype": "bfloat16"}), "models")):
-        with pytest.raises(ConfigError, match=rf"created with a different config \(it differs in: {differs}\)"):
+    for other, differs in (
+        (edited(space={"methods": ["ties"]}), "space"),
+        (edited(evaluator={**MINIMAL["evaluator"], "limit": 50}), "evaluator"),
+        (edited(models={**MINIMAL["models"], "dtype": "bfloat16"}), "models"),
+    ):
+        with pytest.raises(
+            ConfigError, match=rf"created with a different config \(it differs in: {differs}\)"
+        ):
             _check_same_study(config_from_dict(other), study)

@@ -41,14 +41,21 @@ def study_data(llama_set, folder: Path, evaluator: dict, objective: dict, **extr
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("texts")
-    return write_text_corpus(root / "search.txt", n_words=600, seed=1), write_text_corpus(root / "held.txt", n_words=600, seed=2)
+    return write_text_corpus(root / "search.txt", n_words=600, seed=1), write_text_corpus(
+        root / "held.txt", n_words=600, seed=2
+    )
 
 
 def test_a_config_without_kind_builds_the_harness_evaluator_for_both_roles(tmp_path):
     tasks = build_tasks(tmp_path / "tasks", n_items=6)
-    section = HarnessSection(tasks=list(tasks.names), include_path=str(tasks.folder), builtin_tasks=False)
+    section = HarnessSection(
+        tasks=list(tasks.names), include_path=str(tasks.folder), builtin_tasks=False
+    )
     search, report = build_evaluator(section, "search"), build_evaluator(section, "report")
-    assert isinstance(search, HarnessEvaluator) and (search.split, report.split) == ("validation", "test")
+    assert isinstance(search, HarnessEvaluator) and (search.split, report.split) == (
+        "validation",
+        "test",
+    )
     assert "toy_next/acc" in search.metric_keys and search.higher_is_better("toy_next/acc")
     with pytest.raises(EvaluatorError, match="unknown role 'held'; Known: search, report"):
         build_evaluator(section, "held")  # type: ignore[arg-type]
@@ -57,15 +64,29 @@ def test_a_config_without_kind_builds_the_harness_evaluator_for_both_roles(tmp_p
 def test_the_search_split_of_the_config_is_the_split_the_search_scores(tmp_path):
     """`split: test` used to be ignored by the workers, which always scored validation."""
     tasks = build_tasks(tmp_path / "tasks", n_items=6)
-    section = HarnessSection(tasks=list(tasks.names), include_path=str(tasks.folder), builtin_tasks=False,
-                             split="test", report_split="validation")
-    assert (build_evaluator(section, "search").split, build_evaluator(section, "report").split) == ("test", "validation")
+    section = HarnessSection(
+        tasks=list(tasks.names),
+        include_path=str(tasks.folder),
+        builtin_tasks=False,
+        split="test",
+        report_split="validation",
+    )
+    assert (build_evaluator(section, "search").split, build_evaluator(section, "report").split) == (
+        "test",
+        "validation",
+    )
 
 
 def test_the_perplexity_section_builds_the_perplexity_evaluator(texts):
-    section = PerplexitySection(kind="perplexity", text=str(texts[0]), report_text=str(texts[1]), window=16, name="ppl")
+    section = PerplexitySection(
+        kind="perplexity", text=str(texts[0]), report_text=str(texts[1]), window=16, name="ppl"
+    )
     search, report = build_evaluator(section, "search"), build_evaluator(section, "report", limit=3)
-    assert isinstance(search, PerplexityEvaluator) and search.path == texts[0] and report.path == texts[1]
+    assert (
+        isinstance(search, PerplexityEvaluator)
+        and search.path == texts[0]
+        and report.path == texts[1]
+    )
     assert report.limit == 3 and search.metric_keys == ("ppl/nll", "ppl/ppl")
     assert search.higher_is_better("ppl/nll") is False
     with pytest.raises(EvaluatorError, match="did you mean 'ppl/nll'"):
@@ -76,28 +97,48 @@ def test_the_perplexity_section_builds_the_perplexity_evaluator(texts):
 
 
 def test_config_errors_name_the_kind_and_its_own_fields(llama_set, tmp_path, texts):
-    data = study_data(llama_set, tmp_path / "s", {"kind": "perplexty", "text": str(texts[0])},
-                      {"task": "perplexity", "metric": "nll"})
-    with pytest.raises(ConfigError, match="evaluator.kind: unknown evaluator kind 'perplexty'; did you mean 'perplexity'"):
+    data = study_data(
+        llama_set,
+        tmp_path / "s",
+        {"kind": "perplexty", "text": str(texts[0])},
+        {"task": "perplexity", "metric": "nll"},
+    )
+    with pytest.raises(
+        ConfigError,
+        match="evaluator.kind: unknown evaluator kind 'perplexty'; did you mean 'perplexity'",
+    ):
         config_from_dict(data)
     data["evaluator"] = {"kind": "perplexity", "txt": str(texts[0])}
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
     assert "evaluator.text: required field is missing" in str(err.value)
-    assert "evaluator.txt: unknown key; did you mean 'text'? Known: kind, name, text, report_text" in str(err.value)
+    assert (
+        "evaluator.txt: unknown key; did you mean 'text'? Known: kind, name, text, report_text"
+        in str(err.value)
+    )
     data["evaluator"] = {"kind": "perplexity", "text": str(texts[0])}
     data["objectives"]["items"] = [{"task": "zoo_add", "metric": "acc"}]
-    with pytest.raises(ConfigError, match="'zoo_add' is not among evaluator.name .* Known: perplexity"):
+    with pytest.raises(
+        ConfigError, match="'zoo_add' is not among evaluator.name .* Known: perplexity"
+    ):
         config_from_dict(data)
 
 
-def test_workers_get_the_frozen_sections_with_absolute_paths(llama_set, tmp_path, texts, monkeypatch):
+def test_workers_get_the_frozen_sections_with_absolute_paths(
+    llama_set, tmp_path, texts, monkeypatch
+):
     monkeypatch.chdir(texts[0].parent)
-    data = study_data(llama_set, tmp_path / "s", {"kind": "perplexity", "text": texts[0].name, "window": 16},
-                      {"task": "perplexity", "metric": "nll"})
+    data = study_data(
+        llama_set,
+        tmp_path / "s",
+        {"kind": "perplexity", "text": texts[0].name, "window": 16},
+        {"task": "perplexity", "metric": "nll"},
+    )
     config = config_from_dict(data)
     spec = worker_spec(config)
-    assert spec.evaluator.text == str(texts[0]) and config.evaluator.text == texts[0].name  # the config is kept
+    assert (
+        spec.evaluator.text == str(texts[0]) and config.evaluator.text == texts[0].name
+    )  # the config is kept
     assert spec.models.base == str(llama_set.base.resolve()) and spec.evaluator.window == 16
     assert spec.space == config.space
     with pytest.raises(Exception, match="frozen"):
@@ -105,11 +146,22 @@ def test_workers_get_the_frozen_sections_with_absolute_paths(llama_set, tmp_path
 
 
 @pytest.mark.slow
-def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(llama_set, tmp_path, texts):
+def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(
+    llama_set, tmp_path, texts
+):
     folder = tmp_path / "ppl-study"
-    data = study_data(llama_set, folder, {"kind": "perplexity", "text": str(texts[0]), "report_text": str(texts[1]),
-                                          "window": 16, "batch_size": 4},
-                      {"task": "perplexity", "metric": "nll"})
+    data = study_data(
+        llama_set,
+        folder,
+        {
+            "kind": "perplexity",
+            "text": str(texts[0]),
+            "report_text": str(texts[1]),
+            "window": 16,
+            "batch_size": 4,
+        },
+        {"task": "perplexity", "metric": "nll"},
+    )
     path = tmp_path / "ppl.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["run", str(path), "--quiet"]) == 0
@@ -119,19 +171,30 @@ def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(llama
     # minimising nll through a maximised weighted score: the score is -nll, the best trial has the lowest nll
     best = study.best_trial
     assert best.values[0] == pytest.approx(-best.user_attrs["metrics"]["perplexity/nll"])
-    assert best.user_attrs["metrics"]["perplexity/nll"] == min(t.user_attrs["metrics"]["perplexity/nll"] for t in complete)
+    assert best.user_attrs["metrics"]["perplexity/nll"] == min(
+        t.user_attrs["metrics"]["perplexity/nll"] for t in complete
+    )
 
     # the exported best recipe, loaded fresh, scores what the study recorded for it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "best"
-    assert main(["export", str(folder), "--trial", str(best.number), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["export", str(folder), "--trial", str(best.number), "--out", str(out), "--quiet"])
+        == 0
+    )
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    again = build_evaluator(config.evaluator, "search").evaluate(model, tok).metrics["perplexity/nll"]
+    again = (
+        build_evaluator(config.evaluator, "search").evaluate(model, tok).metrics["perplexity/nll"]
+    )
     assert again == pytest.approx(best.user_attrs["metrics"]["perplexity/nll"], rel=1e-5)
 
     assert main(["report", str(folder), "--quiet"]) == 0
-    held = json.loads((folder / "heldout" / "held.txt" / f"{best.number}.json").read_text())["metrics"]
-    expected = build_evaluator(config.evaluator, "report").evaluate(model, tok).metrics["perplexity/nll"]
+    held = json.loads((folder / "heldout" / "held.txt" / f"{best.number}.json").read_text())[
+        "metrics"
+    ]
+    expected = (
+        build_evaluator(config.evaluator, "report").evaluate(model, tok).metrics["perplexity/nll"]
+    )
     assert held["perplexity/nll"] == pytest.approx(expected, rel=1e-5)
     assert "held.txt" in (folder / "report.html").read_text()

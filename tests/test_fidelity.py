@@ -32,18 +32,30 @@ def _model(zoo):
 
     from merging import load_live_model
 
-    return load_live_model(zoo.base, device="cpu", dtype="float32"), AutoTokenizer.from_pretrained(str(zoo.base))
+    return load_live_model(zoo.base, device="cpu", dtype="float32"), AutoTokenizer.from_pretrained(
+        str(zoo.base)
+    )
 
 
-def _study(zoo, folder: Path, *, mode: str = "single", tasks: list[str] | None = None, **sections: Any) -> dict:
+def _study(
+    zoo, folder: Path, *, mode: str = "single", tasks: list[str] | None = None, **sections: Any
+) -> dict:
     tasks = tasks or list(zoo.tasks)
-    objectives = ({"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]} if mode == "single"
-                  else {"mode": "pareto", "items": [{"task": t} for t in tasks]})
+    objectives = (
+        {"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]}
+        if mode == "single"
+        else {"mode": "pareto", "items": [{"task": t} for t in tasks]}
+    )
     data = {
         "study": {"name": "mf", "output_dir": str(folder)},
         "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
         "space": {"methods": ["task_arithmetic", "ties"], "lambda": [0.3, 1.5]},
-        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "builtin_tasks": False, "batch_size": 64},
+        "evaluator": {
+            "tasks": tasks,
+            "include_path": str(zoo.tasks_dir),
+            "builtin_tasks": False,
+            "batch_size": 64,
+        },
         "objectives": objectives,
         "sampler": {"name": "tpe" if mode == "single" else "nsga2", "seed": 0},
         "budget": {"n_trials": 16},
@@ -64,20 +76,35 @@ def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
     included (each item draws its examples from a seed of its own)."""
     model, tok = _model(zoo)
     tasks = list(zoo.tasks[:2])
-    ev = HarnessEvaluator(tasks, include_path=zoo.tasks_dir, batch_size=32, builtin_tasks=False,
-                          order_seed=3, num_fewshot=fewshot)
-    assert all(list(ids) != sorted(ids) for ids in ev.item_ids.values()), "the order is drawn, not the file's"
+    ev = HarnessEvaluator(
+        tasks,
+        include_path=zoo.tasks_dir,
+        batch_size=32,
+        builtin_tasks=False,
+        order_seed=3,
+        num_fewshot=fewshot,
+    )
+    assert all(list(ids) != sorted(ids) for ids in ev.item_ids.values()), (
+        "the order is drawn, not the file's"
+    )
     full = ev.evaluate(model, tok, per_item=True)
-    parts = [ev.evaluate(model, tok, items=span) for span in ((0, RUNGS[0]), (RUNGS[0], RUNGS[1]), (RUNGS[1], 10**6))]
+    parts = [
+        ev.evaluate(model, tok, items=span)
+        for span in ((0, RUNGS[0]), (RUNGS[0], RUNGS[1]), (RUNGS[1], 10**6))
+    ]
     for key, scores in full.per_item.items():
         joined = [v for part in parts for v in part.per_item[key]]
         assert joined == list(scores)
         assert sum(joined) / len(joined) == full.metrics[key]
-    assert ev.evaluate(model, tok).metrics == full.metrics  # the full order is back after the slices
+    assert (
+        ev.evaluate(model, tok).metrics == full.metrics
+    )  # the full order is back after the slices
 
 
 def test_slices_need_an_order_and_objectives_that_are_per_item_means(zoo):
-    ev = HarnessEvaluator(list(zoo.tasks[:1]), include_path=zoo.tasks_dir, builtin_tasks=False, limit=4)
+    ev = HarnessEvaluator(
+        list(zoo.tasks[:1]), include_path=zoo.tasks_dir, builtin_tasks=False, limit=4
+    )
     with pytest.raises(Exception, match="needs order_seed"):
         ev.evaluate(None, None, items=(0, 2))
     ev.check_item_means([f"{zoo.tasks[0]}/acc"])
@@ -88,8 +115,14 @@ def test_fidelity_refuses_an_evaluator_without_items_and_rungs_out_of_order(zoo,
         config_from_dict(_study(zoo, tmp_path / "a", fidelity={"rungs": [64, 16]}))
     perplexity = {"kind": "perplexity", "text": str(zoo.heldout_text)}
     with pytest.raises(ConfigError, match="the perplexity evaluator has none"):
-        config_from_dict(_study(zoo, tmp_path / "b", evaluator=perplexity,
-                                objectives={"items": [{"task": "perplexity", "metric": "perplexity"}]}))
+        config_from_dict(
+            _study(
+                zoo,
+                tmp_path / "b",
+                evaluator=perplexity,
+                objectives={"items": [{"task": "perplexity", "metric": "perplexity"}]},
+            )
+        )
 
 
 def test_rungs_past_the_search_set_collapse_into_the_last():
@@ -111,8 +144,12 @@ def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp
 
     spec = worker_spec(config_from_dict(_study(zoo, tmp_path / "w")))
     assert spec.fidelity_seed == 0
-    recipe = {"method": "task_arithmetic", "base": str(zoo.base), "parameters": {"lambda": 0.8},
-              "models": [{"path": str(p), "weight": 0.5} for p in zoo.finetunes.values()]}
+    recipe = {
+        "method": "task_arithmetic",
+        "base": str(zoo.base),
+        "parameters": {"lambda": 0.8},
+        "models": [{"path": str(p), "weight": 0.5} for p in zoo.finetunes.values()],
+    }
     worker = CandidateWorker(spec)
     first = worker.run(recipe, items=RUNGS[0], rung=True)
     assert first["merge_s"] > 0 and set(first["items"].values()) == {RUNGS[0]}
@@ -128,7 +165,9 @@ def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp
     for key, value in whole["metrics"].items():
         assert last["metrics"][key] == pytest.approx(value, abs=1e-12)
 
-    assert "error" in CandidateWorker(spec).more(RUNGS[1])  # a fresh worker holds nothing to go on with
+    assert "error" in CandidateWorker(spec).more(
+        RUNGS[1]
+    )  # a fresh worker holds nothing to go on with
 
 
 def whole_counts(zoo) -> dict[str, int]:
@@ -140,8 +179,16 @@ def whole_counts(zoo) -> dict[str, int]:
 
 
 def _with_rung(study: optuna.Study, value: float, step: int = 12, **attrs: Any) -> None:
-    study.add_trial(create_trial(state=TrialState.PRUNED, value=value, intermediate_values={step: value},
-                                 params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, user_attrs=attrs))
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            value=value,
+            intermediate_values={step: value},
+            params={"x": 0.5},
+            distributions={"x": FloatDistribution(0, 1)},
+            user_attrs=attrs,
+        )
+    )
 
 
 def test_the_keep_best_pruner_promotes_the_best_share_at_each_rung():
@@ -179,19 +226,26 @@ def test_the_keep_best_pruner_promotes_the_best_share_at_each_rung():
 
 def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
     mine = {"a": [[0, 1, 0, 1, 0, 1, 0, 0]], "b": [[0, 0, 1, 0, 0, 0, 1, 0]]}
-    clearly = {"a": [[1, 1, 1, 1, 1, 1, 1, 1]], "b": [[1, 1, 1, 1], [1, 1, 1, 1]]}  # b: a group of two tasks
+    clearly = {
+        "a": [[1, 1, 1, 1, 1, 1, 1, 1]],
+        "b": [[1, 1, 1, 1], [1, 1, 1, 1]],
+    }  # b: a group of two tasks
     one_item = {"a": [[1, 1, 0, 1, 0, 1, 0, 0]], "b": [[1, 0, 1, 0, 0, 0, 1, 0]]}
     worse_on_b = {"a": [[1, 1, 1, 1, 1, 1, 1, 1]], "b": [[0, 0, 0, 0, 0, 0, 0, 0]]}
     keys, up = ["a", "b"], [1.0, 1.0]
     assert dominated(mine, clearly, keys, up, 8, margin=1.0)
-    assert not dominated(mine, one_item, keys, up, 8, margin=1.0)  # one item better: within the noise
+    assert not dominated(
+        mine, one_item, keys, up, 8, margin=1.0
+    )  # one item better: within the noise
     assert dominated(mine, one_item, keys, up, 8, margin=0.0)
     assert not dominated(mine, worse_on_b, keys, up, 8, margin=0.0)
     assert not dominated(clearly, mine, keys, up, 8, margin=0.0)
     assert dominated(clearly, mine, keys, [-1.0, -1.0], 8, margin=1.0)  # minimised objectives
     assert not dominated(mine, clearly, keys, up, 0, margin=0.0)
     # on a rung of 4 items per task: a's first 4 against b's 4 + 4 (b's other layout is its own group)
-    assert not dominated(mine, clearly, keys, up, 4, margin=0.0)  # 8 items of b on one side, 4 on the other
+    assert not dominated(
+        mine, clearly, keys, up, 4, margin=0.0
+    )  # 8 items of b on one side, 4 on the other
 
 
 def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
@@ -200,12 +254,22 @@ def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
     study = optuna.create_study(directions=["maximize", "maximize"])
     strong = {keys[0]: [[1.0] * 12], keys[1]: [[1.0] * 12]}
     weak = {keys[0]: [[0.0, 1.0] * 6], keys[1]: [[1.0, 0.0] * 6]}
-    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[1.0, 1.0], params={"x": 0.5},
-                                 distributions={"x": FloatDistribution(0, 1)},
-                                 user_attrs={ITEM_SCORES: strong, "rung_stop": 12}))
+    study.add_trial(
+        create_trial(
+            state=TrialState.COMPLETE,
+            values=[1.0, 1.0],
+            params={"x": 0.5},
+            distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={ITEM_SCORES: strong, "rung_stop": 12},
+        )
+    )
     trial = study.ask()
-    assert not pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
-    assert pareto_go_on(study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0)  # no peer got there
+    assert not pareto_go_on(
+        study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0
+    )
+    assert pareto_go_on(
+        study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0
+    )  # no peer got there
     trial.set_user_attr("baseline", "uniform")
     assert pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
 
@@ -222,21 +286,33 @@ def test_a_single_objective_study_prunes_most_candidates_on_the_first_rungs(zoo,
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(pruned) + len(complete) == 16 and pruned
-    assert all(t.user_attrs.get("baseline") for t in trials[:7]) and all(t.state == TrialState.COMPLETE for t in trials[:7])
+    assert all(t.user_attrs.get("baseline") for t in trials[:7]) and all(
+        t.state == TrialState.COMPLETE for t in trials[:7]
+    )
     recs = records.read_trial_records(folder)
     for t in pruned:
         last = max(t.intermediate_values)
         assert t.value == t.intermediate_values[last] and t.user_attrs["rung"] < 2
         assert t.user_attrs["items"] == sum(min(last, n) for n in whole_counts(zoo).values()) < full
-        assert recs[t.number]["state"] == "PRUNED" and recs[t.number]["rung"] == t.user_attrs["rung"]
+        assert (
+            recs[t.number]["state"] == "PRUNED" and recs[t.number]["rung"] == t.user_attrs["rung"]
+        )
         assert t.user_attrs.get("promoted_to") == (None if t.user_attrs["rung"] == 0 else RUNGS[1])
     for t in complete:
-        assert t.user_attrs["rung"] == 2 and t.user_attrs["items"] == full and t.user_attrs["promoted_to"] is None
+        assert (
+            t.user_attrs["rung"] == 2
+            and t.user_attrs["items"] == full
+            and t.user_attrs["promoted_to"] is None
+        )
         assert sorted(t.intermediate_values) == RUNGS
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out
     spent = sum(t.user_attrs["items"] for t in trials)
-    assert f"(pruned {len(pruned)})" in out and f"items scored {spent:,}" in out and f"scored {16 * full:,}" in out
+    assert (
+        f"(pruned {len(pruned)})" in out
+        and f"items scored {spent:,}" in out
+        and f"scored {16 * full:,}" in out
+    )
     assert main(["report", str(folder), "--quiet", "--no-heldout"]) == 0
     assert (folder / "figures" / "items.png").is_file()
     assert "stopped early (PRUNED)" in (folder / "report.html").read_text()
@@ -246,8 +322,14 @@ def test_a_single_objective_study_prunes_most_candidates_on_the_first_rungs(zoo,
 def test_an_items_budget_stops_the_study_once_its_items_are_spent(zoo, tmp_path):
     full = sum(whole_counts(zoo).values())
     budget = 3 * full
-    study = run_study(config_from_dict(_study(zoo, tmp_path / "items", budget={"n_trials": None, "items": budget},
-                                              baselines=False)), progress=False)
+    study = run_study(
+        config_from_dict(
+            _study(
+                zoo, tmp_path / "items", budget={"n_trials": None, "items": budget}, baselines=False
+            )
+        ),
+        progress=False,
+    )
     trials = study.get_trials(deepcopy=False)
     spent = sum(t.user_attrs["items"] for t in trials)
     # claims stop once the items are spent; what was in flight then (one candidate per worker) finishes
@@ -257,7 +339,13 @@ def test_an_items_budget_stops_the_study_once_its_items_are_spent(zoo, tmp_path)
 @pytest.mark.slow
 def test_a_pareto_study_stops_only_dominated_candidates(zoo, tmp_path):
     folder = tmp_path / "pareto"
-    data = _study(zoo, folder, mode="pareto", tasks=list(zoo.tasks[:2]), fidelity={"rungs": RUNGS, "margin": 0.0})
+    data = _study(
+        zoo,
+        folder,
+        mode="pareto",
+        tasks=list(zoo.tasks[:2]),
+        fidelity={"rungs": RUNGS, "margin": 0.0},
+    )
     config = config_from_dict(data)
     study = run_study(config, progress=False)
     keys = [o.key for o in config.objectives.items]
@@ -267,10 +355,19 @@ def test_a_pareto_study_stops_only_dominated_candidates(zoo, tmp_path):
         if t.state != TrialState.PRUNED:
             continue
         stop = t.user_attrs["rung_stop"]
-        peers = [o for o in trials if o.number != t.number and o.user_attrs.get("rung_stop", 0) >= stop
-                 and o.user_attrs.get(ITEM_SCORES)]
-        assert any(dominated(t.user_attrs[ITEM_SCORES], o.user_attrs[ITEM_SCORES], keys, [1.0, 1.0], stop, 0.0)
-                   for o in peers), f"trial {t.number} was stopped without a trial dominating it"
+        peers = [
+            o
+            for o in trials
+            if o.number != t.number
+            and o.user_attrs.get("rung_stop", 0) >= stop
+            and o.user_attrs.get(ITEM_SCORES)
+        ]
+        assert any(
+            dominated(
+                t.user_attrs[ITEM_SCORES], o.user_attrs[ITEM_SCORES], keys, [1.0, 1.0], stop, 0.0
+            )
+            for o in peers
+        ), f"trial {t.number} was stopped without a trial dominating it"
     assert study.best_trials and all(t.state == TrialState.COMPLETE for t in study.best_trials)
 
 
@@ -301,24 +398,35 @@ def test_a_run_killed_between_rungs_resumes_with_nothing_counted_twice(zoo, tmp_
     assert dead.state == TrialState.FAIL
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == killed.number)
     assert retry.params == params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert min(retry.intermediate_values) == RUNGS[0]  # scored again from the first rung, on its own count
+    assert (
+        min(retry.intermediate_values) == RUNGS[0]
+    )  # scored again from the first rung, on its own count
     recs = records.read_trial_records(folder)
     assert {n for n, r in recs.items() if r["state"] in ("COMPLETE", "PRUNED")} == {
-        t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("by_size", [True, False])
-def test_a_groups_metric_adds_up_from_its_tasks_items_as_lm_eval_aggregates_it(zoo, tmp_path, by_size):
+def test_a_groups_metric_adds_up_from_its_tasks_items_as_lm_eval_aggregates_it(
+    zoo, tmp_path, by_size
+):
     """A group (as mmlu groups its subjects) scored in slices: its metric from the per-item scores
     equals lm-eval's own aggregate of a full call, weighted by size or not."""
     tasks = list(zoo.tasks[:2])
     (tmp_path / "group.yaml").write_text(
         f"group: zoo_pair\ntask: [{', '.join(tasks)}]\naggregate_metric_list:\n"
-        f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n")
+        f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n"
+    )
     model, tok = _model(zoo)
-    ev = HarnessEvaluator(["zoo_pair"], include_path=[zoo.tasks_dir, tmp_path], batch_size=32, builtin_tasks=False,
-                          order_seed=1)
+    ev = HarnessEvaluator(
+        ["zoo_pair"],
+        include_path=[zoo.tasks_dir, tmp_path],
+        batch_size=32,
+        builtin_tasks=False,
+        order_seed=1,
+    )
     ev.check_item_means(["zoo_pair/acc"])
     full = ev.evaluate(model, tok)
     scores: dict[str, list[float]] = {}

@@ -41,9 +41,15 @@ def _simple_evaluate(folder: Path, zoo, **options):
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},device=cpu", batch_size=32, tasks=GEN,
+        model="hf",
+        model_args=f"pretrained={folder},device=cpu",
+        batch_size=32,
+        tasks=GEN,
         task_manager=TaskManager(include_path=str(zoo.tasks_dir), include_defaults=False),
-        bootstrap_iters=0, log_samples=True, verbosity="ERROR", **options,
+        bootstrap_iters=0,
+        log_samples=True,
+        verbosity="ERROR",
+        **options,
     )
 
 
@@ -52,7 +58,9 @@ def _ours(folder: Path, zoo, **options):
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    ev = HarnessEvaluator(GEN, include_path=zoo.tasks_dir, split="test", batch_size=32, builtin_tasks=False, **options)
+    ev = HarnessEvaluator(
+        GEN, include_path=zoo.tasks_dir, split="test", batch_size=32, builtin_tasks=False, **options
+    )
     return ev.evaluate(model, tok)
 
 
@@ -60,26 +68,46 @@ def test_a_generative_task_scores_what_simple_evaluate_scores(zoo):
     folder = zoo.finetunes["sort"]
     ours, theirs = _ours(folder, zoo), _simple_evaluate(folder, zoo)
     for task in GEN:
-        assert ours.metrics[f"{task}/exact_match,answer"] == theirs["results"][task]["exact_match,answer"]
+        assert (
+            ours.metrics[f"{task}/exact_match,answer"]
+            == theirs["results"][task]["exact_match,answer"]
+        )
     # the answers were written by the model and filtered: the sort fine-tune writes sorts, not additions
-    assert ours.metrics["zoo_sort_gen/exact_match,answer"] > ours.metrics["zoo_add_gen/exact_match,answer"]
+    assert (
+        ours.metrics["zoo_sort_gen/exact_match,answer"]
+        > ours.metrics["zoo_add_gen/exact_match,answer"]
+    )
 
 
 def test_chat_template_system_instruction_and_gen_kwargs_reach_lm_eval(zoo, chat_model):
-    options = {"apply_chat_template": True, "system_instruction": "sort", "gen_kwargs": {"max_gen_toks": 2}}
+    options = {
+        "apply_chat_template": True,
+        "system_instruction": "sort",
+        "gen_kwargs": {"max_gen_toks": 2},
+    }
     ours, theirs = _ours(chat_model, zoo, **options), _simple_evaluate(chat_model, zoo, **options)
     for task in GEN:
-        assert ours.metrics[f"{task}/exact_match,answer"] == theirs["results"][task]["exact_match,answer"]
+        assert (
+            ours.metrics[f"{task}/exact_match,answer"]
+            == theirs["results"][task]["exact_match,answer"]
+        )
     prompt, generation = theirs["samples"]["zoo_add_gen"][0]["arguments"][0]
-    assert prompt.startswith("sort add ")  # the system instruction, then the user turn, through the template
+    assert prompt.startswith(
+        "sort add "
+    )  # the system instruction, then the user turn, through the template
     assert generation["max_gen_toks"] == 2 and generation["until"] == ["add", "succ", "rev", "sort"]
     plain = _ours(chat_model, zoo)
     assert plain.metrics != ours.metrics  # the options change what is scored
 
 
 def test_a_carve_splits_one_split_into_disjoint_search_and_held_out_items(zoo):
-    section = HarnessSection(tasks=GEN, include_path=str(zoo.tasks_dir), split="validation", holdout=0.4,
-                             builtin_tasks=False)
+    section = HarnessSection(
+        tasks=GEN,
+        include_path=str(zoo.tasks_dir),
+        split="validation",
+        holdout=0.4,
+        builtin_tasks=False,
+    )
     search, report = build_evaluator(section, "search"), build_evaluator(section, "report")
     assert (search.split, report.split) == ("validation", "validation")
     for task in GEN:
@@ -87,15 +115,27 @@ def test_a_carve_splits_one_split_into_disjoint_search_and_held_out_items(zoo):
         n = search.split_sizes[task]
         assert not a & b and a | b == set(range(n)) and len(b) == round(0.4 * n)
     again = build_evaluator(section.model_copy(update={"limit": 10}), "report")
-    assert all(set(again.item_ids[t]) <= set(report.item_ids[t]) and len(again.item_ids[t]) == 10 for t in GEN)
+    assert all(
+        set(again.item_ids[t]) <= set(report.item_ids[t]) and len(again.item_ids[t]) == 10
+        for t in GEN
+    )
     other = build_evaluator(section.model_copy(update={"holdout_seed": 1}), "report")
     assert other.item_ids != report.item_ids
 
 
 def test_a_generative_carved_study_searches_reports_and_keeps_its_carve(zoo, tmp_path):
     folder = tmp_path / "gen"
-    config = load_demo_config(str(folder), ["budget.n_trials=6", "workers.count=1", "evaluator.limit=20",
-                                            "sampler.n_startup_trials=2"], zoo=str(zoo.root), generative=True)
+    config = load_demo_config(
+        str(folder),
+        [
+            "budget.n_trials=6",
+            "workers.count=1",
+            "evaluator.limit=20",
+            "sampler.n_startup_trials=2",
+        ],
+        zoo=str(zoo.root),
+        generative=True,
+    )
     study_yaml = tmp_path / "gen.yaml"
     import yaml
 
@@ -110,7 +150,9 @@ def test_a_generative_carved_study_searches_reports_and_keeps_its_carve(zoo, tmp
 
     assert main(["report", str(folder), "--quiet"]) == 0
     best = study.best_trial
-    held = json.loads((folder / "heldout" / "validation-holdout" / f"{best.number}.json").read_text())["metrics"]
+    held = json.loads(
+        (folder / "heldout" / "validation-holdout" / f"{best.number}.json").read_text()
+    )["metrics"]
     assert set(held) == {f"{t}/exact_match,answer" for t in zoo.generative_tasks}
     page = (folder / "report.html").read_text()
     assert "validation-holdout" in page and "carved before the search began" in page
@@ -127,8 +169,13 @@ def test_batch_size_auto_lets_lm_eval_pick_the_batch_and_scores_the_same(zoo):
 
     model = AutoModelForCausalLM.from_pretrained(zoo.finetunes["sort"]).eval()
     tok = AutoTokenizer.from_pretrained(zoo.finetunes["sort"])
-    section = HarnessSection(tasks=["zoo_sort", "zoo_sort_gen"], include_path=str(zoo.tasks_dir), split="test",
-                             builtin_tasks=False, batch_size="auto")
+    section = HarnessSection(
+        tasks=["zoo_sort", "zoo_sort_gen"],
+        include_path=str(zoo.tasks_dir),
+        split="test",
+        builtin_tasks=False,
+        batch_size="auto",
+    )
     auto = build_evaluator(section, "search")
     fixed = build_evaluator(section.model_copy(update={"batch_size": 8}), "search")
     assert auto.evaluate(model, tok).metrics == fixed.evaluate(model, tok).metrics

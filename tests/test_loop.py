@@ -20,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_looping(llama_set, tmp_path, monkeypatch):
+def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_looping(
+    llama_set, tmp_path, monkeypatch
+):
     """Such failures used to count toward neither the failure window nor the budget: the loop asked forever."""
+
     def broken(params, space):
         raise ValueError("this proposal cannot be merged")
 
@@ -31,7 +34,11 @@ def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_loopin
         "study": {"name": "broken", "output_dir": str(folder)},
         "models": {"base": str(llama_set.base), "finetunes": [str(p) for p in llama_set.finetunes]},
         "space": {"methods": ["task_arithmetic"], "weight": [0.0, 1.0]},
-        "evaluator": {"kind": "perplexity", "text": str(write_text_corpus(tmp_path / "t.txt")), "window": 16},
+        "evaluator": {
+            "kind": "perplexity",
+            "text": str(write_text_corpus(tmp_path / "t.txt")),
+            "window": 16,
+        },
         "objectives": {"items": [{"task": "perplexity", "metric": "nll"}]},
         "budget": {"n_trials": 50},
         "workers": {"count": 1},
@@ -45,7 +52,9 @@ def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_loopin
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 10 and len(study.trials) == 10
     assert all("this proposal cannot be merged" in t.user_attrs["error"] for t in failed)
-    assert sorted(int(p.stem) for p in (folder / "trials").glob("*.json")) == [t.number for t in failed]
+    assert sorted(int(p.stem) for p in (folder / "trials").glob("*.json")) == [
+        t.number for t in failed
+    ]
 
 
 def test_the_report_picks_the_front_trial_best_on_the_mean_of_signed_objectives():
@@ -72,7 +81,9 @@ def test_the_demo_keeps_both_its_folder_and_the_set_overrides(tmp_path, monkeypa
 
 
 def test_the_generative_demo_config_is_built_in_code_and_equals_configs_demo_generative_yaml():
-    assert yaml.safe_load((REPO / "configs" / "demo-generative.yaml").read_text()) == demo_config(generative=True)
+    assert yaml.safe_load((REPO / "configs" / "demo-generative.yaml").read_text()) == demo_config(
+        generative=True
+    )
 
 
 def test_cpu_workers_split_the_cores_but_one_between_them():
@@ -88,8 +99,12 @@ def test_a_cpu_worker_process_waits_passively_unless_the_user_chose_a_policy(mon
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    assert worker_env(3) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
-                             "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    assert worker_env(3) == {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": "3",
+    }
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert worker_env(None) == {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -106,4 +121,6 @@ def test_a_candidate_whose_worker_died_runs_once_more_unless_it_timed_out_or_is_
     loop_mod.queue_again(study, study.trials[first.number], lost_worker_retry=True)
     retry = study.ask()
     assert retry.user_attrs == {"retry_of": first.number, "lost_worker_retry": True}
-    assert not loop_mod._retry_lost(retry, lost)  # the candidate itself may kill its worker: not a third time
+    assert not loop_mod._retry_lost(
+        retry, lost
+    )  # the candidate itself may kill its worker: not a third time

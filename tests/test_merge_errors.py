@@ -159,8 +159,12 @@ def test_merged_weights_overflowing_to_inf(tmp_path, capsys, llama_set):
 
 def test_merge_coefficients_beyond_float32(tmp_path, capsys, llama_set):
     # weight x lambda = 1e60 cannot even be passed to a float32 op: the same error as an overflow
-    recipe = {"method": "task_arithmetic", "base": str(llama_set.base),
-              "models": [{"path": str(llama_set.finetunes[0]), "weight": 1e30}], "parameters": {"lambda": 1e30}}
+    recipe = {
+        "method": "task_arithmetic",
+        "base": str(llama_set.base),
+        "models": [{"path": str(llama_set.finetunes[0]), "weight": 1e30}],
+        "parameters": {"lambda": 1e30},
+    }
     code, err, out = run_merge(tmp_path, capsys, recipe)
     assert_refused(code, err, out, "overflow float32", "lower the weights or lambda")
 
@@ -180,15 +184,21 @@ def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
     gone.wait()
     host = socket.gethostname()
     debris = {}
-    for label, owner in (("dead", {"host": host, "pid": gone.pid}), ("live", {"host": host, "pid": os.getpid()}),
-                         ("elsewhere", {"host": "another-host", "pid": gone.pid}), ("unowned", None)):
+    for label, owner in (
+        ("dead", {"host": host, "pid": gone.pid}),
+        ("live", {"host": host, "pid": os.getpid()}),
+        ("elsewhere", {"host": "another-host", "pid": gone.pid}),
+        ("unowned", None),
+    ):
         folder = tmp_path / f".merged.partial-{label}"
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
         if owner is not None:
             (folder / OWNER_FILE).write_text(json.dumps(owner))
         debris[label] = folder
-    export_merge(recipe_from_dict(ties_recipe(llama_set.base, [llama_set.finetunes[0]])), out, progress=False)
+    export_merge(
+        recipe_from_dict(ties_recipe(llama_set.base, [llama_set.finetunes[0]])), out, progress=False
+    )
     assert not debris["dead"].exists()
     assert all(debris[k].exists() for k in ("live", "elsewhere", "unowned"))
     assert not (out / OWNER_FILE).exists() and (out / "model.safetensors").is_file()
@@ -264,7 +274,10 @@ def test_all_weights_zero_under_normalize(tmp_path, capsys, llama_set):
 def test_linear_weights_summing_to_zero_under_normalize(tmp_path, capsys, llama_set):
     """Used to raise a bare ZeroDivisionError from inside the merge."""
     a, b = llama_set.finetunes[:2]
-    recipe = {"method": "linear", "models": [{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": -0.5}]}
+    recipe = {
+        "method": "linear",
+        "models": [{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": -0.5}],
+    }
     code, err, out = run_merge(tmp_path, capsys, recipe)
     assert_refused(code, err, out, "sum to 0", "normalize: false")
     recipe["parameters"] = {"normalize": False}  # the way out the message names works

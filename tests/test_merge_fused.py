@@ -36,7 +36,16 @@ from tests.test_merge_models import (
     reference_merge,
 )
 
-FAMILY = ["task_arithmetic", "ties", "ties_full", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock"]
+FAMILY = [
+    "task_arithmetic",
+    "ties",
+    "ties_full",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs_ties",
+    "della",
+    "model_stock",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +69,9 @@ def test_compiled_resident_merge_matches_the_reference_and_the_compiled_export_b
     merger, live = compiled_live[which]
     assert merger.kernels == "compiled"
     merger.apply(recipe, live)
-    exported = load_folder(export_merge(recipe, tmp_path / "merged", progress=False, kernels="compiled"))
+    exported = load_folder(
+        export_merge(recipe, tmp_path / "merged", progress=False, kernels="compiled")
+    )
     resident = live_state(live, exported)
     assert_equal_dicts(resident, exported)
     assert_close_dicts(resident, reference_merge(data))
@@ -75,25 +86,60 @@ def hand_merge(method: str, normalize: bool, dtype: torch.dtype, kernels: str) -
     deltas[1].view(-1)[::7] = 0.0
     deltas[2].view(-1)[::5] = -deltas[0].view(-1)[::5]  # opposite signs: the election has to choose
     deltas[0].view(-1)[::3] = 0.005  # equal magnitudes at the trim boundary
-    recipe = MergeRecipe(method=method, models=tuple(ModelEntry(path=f"m{k}") for k in range(3)), base="b",
-                         normalize=normalize, seed=4)
-    scalars = TensorScalars(weights=(0.7, -0.4, 1.1), densities=(0.4, 0.9, 1.0), lam=0.8, t=0.5,
-                            gammas=(0.05, 0.0, 0.1), epsilons=(0.1, 0.3, 0.2))
+    recipe = MergeRecipe(
+        method=method,
+        models=tuple(ModelEntry(path=f"m{k}") for k in range(3)),
+        base="b",
+        normalize=normalize,
+        seed=4,
+    )
+    scalars = TensorScalars(
+        weights=(0.7, -0.4, 1.1),
+        densities=(0.4, 0.9, 1.0),
+        lam=0.8,
+        t=0.5,
+        gammas=(0.05, 0.0, 0.1),
+        epsilons=(0.1, 0.3, 0.2),
+    )
     out = torch.empty(shape, dtype=dtype)
-    merge_tensor(recipe, "model.layers.0.mlp.up_proj.weight", scalars, TensorInputs(base, deltas), out, kernels=kernels)
+    merge_tensor(
+        recipe,
+        "model.layers.0.mlp.up_proj.weight",
+        scalars,
+        TensorInputs(base, deltas),
+        out,
+        kernels=kernels,
+    )
     return out
 
 
 @pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                    "breadcrumbs_ties", "della", "della_linear", "model_stock"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+    ],
+)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_the_compiled_kernel_computes_what_the_eager_one_computes(method, normalize):
     for dtype in (torch.float32, torch.float16):
         eager = hand_merge(method, normalize, dtype, "eager")
         compiled = hand_merge(method, normalize, dtype, "compiled")
-        assert bool((eager != hand_merge("task_arithmetic", False, dtype, "eager")).any()) or method == "task_arithmetic"
-        torch.testing.assert_close(compiled, eager, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+        assert (
+            bool((eager != hand_merge("task_arithmetic", False, dtype, "eager")).any())
+            or method == "task_arithmetic"
+        )
+        torch.testing.assert_close(
+            compiled, eager, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6
+        )
 
 
 @pytest.mark.slow  # torch.compile builds C++ kernels: seconds each
@@ -106,7 +152,9 @@ def test_a_non_finite_compiled_merge_is_refused(llama_set, compiled_live):
 
 
 def test_kernels_setting():
-    assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS - 1) == "eager"  # small models: no compile
+    assert (
+        resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS - 1) == "eager"
+    )  # small models: no compile
     assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS) == "compiled"
     assert resolve_kernels("auto", "cuda:1", 1000) == "compiled"
     assert resolve_kernels("compiled", "cpu", 1000) == "compiled"
@@ -130,7 +178,13 @@ def test_without_a_compiler_it_warns_once_and_merges_eagerly(tmp_path):
         "msgs = [str(w.message) for w in caught if 'compiled merge kernels' in str(w.message)]\n"
         "print(len(msgs), all(torch.equal(o, ref) for o in outs))\n"
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "True"], done.stdout + done.stderr[-2000:]

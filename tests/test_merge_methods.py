@@ -167,7 +167,7 @@ def kept_by_rank(delta: torch.Tensor, skip: int, count: int) -> torch.Tensor:
     flat = delta.reshape(-1).tolist()
     order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))
     mask = torch.zeros(len(flat), dtype=torch.bool)
-    mask[order[skip:skip + count]] = True
+    mask[order[skip : skip + count]] = True
     return mask.reshape(delta.shape)
 
 
@@ -185,7 +185,9 @@ def test_ties_with_tied_magnitudes_keeps_exactly_k_the_first_by_position():
     # 40 entries of 4 magnitudes (10 each) and signs: density 0.25 keeps 10 -> exactly the ten 4.0s;
     # density 0.3 keeps 12 -> the 4.0s and the first two 3.0s by position, whatever their sign
     gen = torch.Generator().manual_seed(7)
-    delta = (torch.randint(1, 5, (40,), generator=gen).float()) * torch.where(torch.rand(40, generator=gen) < 0.5, -1.0, 1.0)
+    delta = (torch.randint(1, 5, (40,), generator=gen).float()) * torch.where(
+        torch.rand(40, generator=gen) < 0.5, -1.0, 1.0
+    )
     for density in (0.25, 0.3, 0.5, 0.61):
         k = max(1, int(density * 40))
         out = merge("ties", torch.zeros(40), [delta], [1.0], densities=[density])
@@ -196,7 +198,10 @@ def test_resident_tables_and_exact_selection_give_the_same_bounds():
     # one task vector with many ties; bounds from the precomputed table and from selection agree
     gen = torch.Generator().manual_seed(3)
     delta = torch.randint(-20, 21, (50_000,), generator=gen).float() / 8
-    tabled, selected = methods.MagnitudeOrder(delta, table=True), methods.MagnitudeOrder(delta, table=False)
+    tabled, selected = (
+        methods.MagnitudeOrder(delta, table=True),
+        methods.MagnitudeOrder(delta, table=False),
+    )
     for density in (0.001, 0.1, 0.333, 0.5, 0.999):
         kept = methods.kept_range("magnitude", delta.numel(), density)
         assert tabled.bounds(kept) == selected.bounds(kept), density
@@ -237,12 +242,16 @@ def test_ties_density_one_keeps_everything_even_tiny_entries():
 # --- breadcrumbs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.3, 0.0), (0.9, 0.2), (0.05, 0.01), (0.999, 0.5)])
+@pytest.mark.parametrize(
+    "density,gamma", [(0.5, 0.1), (0.3, 0.0), (0.9, 0.2), (0.05, 0.01), (0.999, 0.5)]
+)
 def test_breadcrumbs_drops_the_largest_and_the_smallest(density, gamma):
     n = 1000
     delta = torch.randn(n, generator=torch.Generator().manual_seed(11))
     target, top = int(density * n), int(gamma * n)
-    skip = n - max(0, n - target - top) - target  # mergekit: fewer outliers set aside when the density needs them
+    skip = (
+        n - max(0, n - target - top) - target
+    )  # mergekit: fewer outliers set aside when the density needs them
     out = merge("breadcrumbs", torch.zeros(n), [delta], [1.0], densities=[density], gammas=[gamma])
     assert torch.equal(out != 0, kept_by_rank(delta, skip, target))
     close(out, torch.where(out != 0, delta, 0.0))  # no rescale: survivors as they are
@@ -250,19 +259,30 @@ def test_breadcrumbs_drops_the_largest_and_the_smallest(density, gamma):
 
 def test_breadcrumbs_density_one_keeps_everything_as_mergekit():
     delta = torch.randn(100, generator=torch.Generator().manual_seed(1))
-    close(merge("breadcrumbs", torch.zeros(100), [delta], [1.0], densities=[1.0], gammas=[0.1]), delta)
+    close(
+        merge("breadcrumbs", torch.zeros(100), [delta], [1.0], densities=[1.0], gammas=[0.1]), delta
+    )
 
 
 def test_breadcrumbs_ties_elects_signs_after_the_drops():
     # two entries of 6 kept per vector (density 0.5 after gamma 1/6 sets the largest aside)
     d1, d2 = t(9, 1, -3, 4, 0.5, -2), t(-1, 8, 3, -4, 2, 0.25)
-    out = merge("breadcrumbs_ties", torch.zeros(6), [d1, d2], [1.0, 1.0], densities=[0.5, 0.5], gammas=[1 / 6, 1 / 6])
+    out = merge(
+        "breadcrumbs_ties",
+        torch.zeros(6),
+        [d1, d2],
+        [1.0, 1.0],
+        densities=[0.5, 0.5],
+        gammas=[1 / 6, 1 / 6],
+    )
     k1 = kept_by_rank(d1, 1, 3)  # 4, -3, -2
     k2 = kept_by_rank(d2, 1, 3)  # -4, 3, 2
     a, b = torch.where(k1, d1, 0.0), torch.where(k2, d2, 0.0)
     elected = torch.where(a + b >= 0, 1.0, -1.0)
     agree_a, agree_b = a * elected > 0, b * elected > 0
-    close(out, torch.where(agree_a, a, 0.0) + torch.where(agree_b, b, 0.0))  # breadcrumbs_ties: no normalize
+    close(
+        out, torch.where(agree_a, a, 0.0) + torch.where(agree_b, b, 0.0)
+    )  # breadcrumbs_ties: no normalize
 
 
 # --- DARE ----------------------------------------------------------------------------------------
@@ -281,7 +301,10 @@ V2 = t(5, -1, -3, 2)
 def test_dare_linear_rescales_survivors():
     keep = draws(4, 0, 0) < 0.5
     close(merge("dare_linear", B4, [V1], [1.0], densities=[0.5]), torch.where(keep, V1 / 0.5, 0.0))
-    close(merge("dare_linear", B4, [V1], [1.0], densities=[0.5], rescale=False), torch.where(keep, V1, 0.0))
+    close(
+        merge("dare_linear", B4, [V1], [1.0], densities=[0.5], rescale=False),
+        torch.where(keep, V1, 0.0),
+    )
 
 
 def test_dare_two_models_weights_lambda_and_sign_election():
@@ -293,8 +316,10 @@ def test_dare_two_models_weights_lambda_and_sign_election():
     ties = torch.where(a * elected > 0, a, 0.0) + torch.where(b * elected > 0, 0.5 * b, 0.0)
     close(merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], seed=3), ties)
     divisor = (a * elected > 0).float() + 0.5 * (b * elected > 0).float()
-    close(merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], seed=3, normalize=True),
-          ties / torch.where(divisor == 0, 1.0, divisor))
+    close(
+        merge("dare_ties", B4, [V1, V2], [1.0, 0.5], densities=[0.5, 0.5], seed=3, normalize=True),
+        ties / torch.where(divisor == 0, 1.0, divisor),
+    )
 
 
 def test_draws_are_uniform_and_independent_of_chunking_and_keys():
@@ -303,8 +328,12 @@ def test_draws_are_uniform_and_independent_of_chunking_and_keys():
     assert abs(float(u.mean()) - 0.5) < 0.002
     counts = torch.histc(u, bins=16, min=0.0, max=1.0)
     assert float((counts / 1_000_000 - 1 / 16).abs().max()) < 0.002
-    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005  # neighbours uncorrelated
-    tail = methods.uniform(torch.arange(500_000, 1_000_000), torch.tensor(methods.draw_keys(0, 0, NAME)))
+    assert (
+        abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005
+    )  # neighbours uncorrelated
+    tail = methods.uniform(
+        torch.arange(500_000, 1_000_000), torch.tensor(methods.draw_keys(0, 0, NAME))
+    )
     assert torch.equal(tail, u[500_000:])  # a position's draw does not depend on its chunk
     for other in (draws(1000, 1, 0), draws(1000, 0, 1), draws(1000, 0, 0, "x")):
         assert float((other == u[:1000]).float().mean()) < 0.01
@@ -319,12 +348,14 @@ def test_draws_are_uniform_and_independent_of_chunking_and_keys():
 def _reference_uniform(i: int, keys: tuple[int, int]) -> float:
     """The draw's definition on Python integers: a lowbias32 round of the position's low 32 bits
     keyed by the tensor, the high bits folded in, a second round keyed by the model, top 24 bits."""
+
     def mix(x: int) -> int:
         for _ in range(2):
             x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
         return (x >> 16) ^ x
+
     shared = mix((i & 0xFFFFFFFF) ^ keys[0]) ^ (i >> 32)
-    return (mix(shared ^ keys[1]) >> 8) / 2 ** 24
+    return (mix(shared ^ keys[1]) >> 8) / 2**24
 
 
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
@@ -336,8 +367,15 @@ def test_draws_equal_the_unsigned_32_bit_definition_on_any_position_and_key(devi
     positions += [2**31 - 16 + j for j in range(31)]
     index = torch.tensor(positions, dtype=torch.int64, device=device)
     compiled = torch.compile(methods.uniform, dynamic=True)
-    for keys in [(0, 0), (0xFFFFFFFF, 0x80000000), (0x7FFFFFFF, 0xFFFFFFFE), methods.draw_keys(9, 2, NAME)]:
-        expected = torch.tensor([_reference_uniform(i, keys) for i in positions], dtype=torch.float32, device=device)
+    for keys in [
+        (0, 0),
+        (0xFFFFFFFF, 0x80000000),
+        (0x7FFFFFFF, 0xFFFFFFFE),
+        methods.draw_keys(9, 2, NAME),
+    ]:
+        expected = torch.tensor(
+            [_reference_uniform(i, keys) for i in positions], dtype=torch.float32, device=device
+        )
         k = torch.tensor(keys, device=device)
         assert torch.equal(methods.uniform(index, k), expected)
         assert torch.equal(compiled(index, k), expected)
@@ -347,7 +385,15 @@ def test_dare_keep_fraction_is_the_density():
     n = 1_000_000
     delta = torch.ones(n)
     for density in (0.1, 0.3, 0.4237, 0.75):
-        out = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[density], rescale=False, seed=5)
+        out = merge(
+            "dare_linear",
+            torch.zeros(n),
+            [delta],
+            [1.0],
+            densities=[density],
+            rescale=False,
+            seed=5,
+        )
         fraction = float((out != 0).float().mean())
         assert abs(fraction - density) < 0.002, (density, fraction)
 
@@ -358,7 +404,9 @@ def test_dare_rescale_preserves_mean():
     delta = torch.rand(n, generator=gen) + 0.5  # mean 1.0, all positive
     out = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9)
     assert abs(float(out.mean()) - float(delta.mean())) < 0.01
-    dropped = merge("dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9, rescale=False)
+    dropped = merge(
+        "dare_linear", torch.zeros(n), [delta], [1.0], densities=[0.3], seed=9, rescale=False
+    )
     assert float(dropped.mean()) < 0.35  # without rescale the mean shrinks to ~density
 
 
@@ -375,29 +423,52 @@ def test_della_keep_probabilities_follow_magnitude_ranks_within_rows():
     rows, width = 2000, 50
     delta = torch.randn(rows, width, generator=torch.Generator().manual_seed(4))
     density, eps = 0.5, 0.3
-    out = merge("della_linear", torch.zeros(rows, width), [delta], [1.0], densities=[density], epsilons=[eps],
-                rescale=False, seed=2)
+    out = merge(
+        "della_linear",
+        torch.zeros(rows, width),
+        [delta],
+        [1.0],
+        densities=[density],
+        epsilons=[eps],
+        rescale=False,
+        seed=2,
+    )
     ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)  # 0: smallest in its row
     p = density - eps + 2 * eps * ranks.float() / (width - 1)
     kept = out != 0
     assert abs(float(kept.float().mean()) - density) < 0.01
-    for rank in (0, width // 2, width - 1):  # the smallest kept at 0.2, the middle ~0.5, the largest at 0.8
+    for rank in (
+        0,
+        width // 2,
+        width - 1,
+    ):  # the smallest kept at 0.2, the middle ~0.5, the largest at 0.8
         share = float(kept[ranks == rank].float().mean())
         assert abs(share - float(p[ranks == rank][0])) < 0.04, (rank, share)
     u = draws(rows * width, 2, 0).reshape(rows, width)
-    assert torch.equal(kept, u < p)  # exactly the rule: keep where the draw is below the probability
+    assert torch.equal(
+        kept, u < p
+    )  # exactly the rule: keep where the draw is below the probability
 
 
 def test_della_rescales_each_survivor_by_its_keep_probability():
     delta = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
-    out = merge("della_linear", torch.zeros(8, 16), [delta], [1.0], densities=[0.6], epsilons=[0.2], seed=1)
+    out = merge(
+        "della_linear", torch.zeros(8, 16), [delta], [1.0], densities=[0.6], epsilons=[0.2], seed=1
+    )
     ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1).float() / 15
     p = 0.6 - 0.2 + 0.4 * ranks
     keep = draws(128, 1, 0).reshape(8, 16) < p
     close(out, torch.where(keep, delta / p, 0.0))
     # della: the same drops, then a sign election and the disjoint mean (its defaults)
-    both = merge("della", torch.zeros(8, 16), [delta, -delta], [1.0, 1.0], densities=[0.6, 0.6],
-                 epsilons=[0.2, 0.2], seed=1)
+    both = merge(
+        "della",
+        torch.zeros(8, 16),
+        [delta, -delta],
+        [1.0, 1.0],
+        densities=[0.6, 0.6],
+        epsilons=[0.2, 0.2],
+        seed=1,
+    )
     keep2 = draws(128, 1, 1).reshape(8, 16) < p
     a, b = torch.where(keep, delta / p, 0.0), torch.where(keep2, -delta / p, 0.0)
     elected = torch.where(a + b >= 0, 1.0, -1.0)
@@ -408,7 +479,15 @@ def test_della_rescales_each_survivor_by_its_keep_probability():
 
 def test_della_probabilities_are_clamped_to_0_1():
     delta = torch.randn(4, 100, generator=torch.Generator().manual_seed(6))
-    out = merge("della_linear", torch.zeros(4, 100), [delta], [1.0], densities=[0.9], epsilons=[0.3], rescale=False)
+    out = merge(
+        "della_linear",
+        torch.zeros(4, 100),
+        [delta],
+        [1.0],
+        densities=[0.9],
+        epsilons=[0.3],
+        rescale=False,
+    )
     ranks = delta.abs().argsort(dim=1, stable=True).argsort(dim=1)
     assert bool((out[ranks >= 67] != 0).all())  # p = 0.6 + 0.6 r reaches 1 at r = 2/3: always kept
 
@@ -477,7 +556,9 @@ def _slerp_closed_form(a: torch.Tensor, b: torch.Tensor, tt: float) -> torch.Ten
     """sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b, theta the angle of a and b."""
     a64, b64 = a.double(), b.double()
     theta = math.acos(float(torch.dot(a64, b64) / (a64.norm() * b64.norm())))
-    return ((math.sin((1 - tt) * theta) * a64 + math.sin(tt * theta) * b64) / math.sin(theta)).float()
+    return (
+        (math.sin((1 - tt) * theta) * a64 + math.sin(tt * theta) * b64) / math.sin(theta)
+    ).float()
 
 
 def test_nuslerp_t_comes_from_the_weights():
@@ -490,7 +571,10 @@ def test_nuslerp_over_the_whole_tensor_rows_and_columns():
     a = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     b = torch.tensor([[0.0, 2.0], [4.0, 3.0]])
     tt = 0.25
-    close(methods.nuslerp(a, b, tt), _slerp_closed_form(a.reshape(-1), b.reshape(-1), tt).reshape(2, 2))
+    close(
+        methods.nuslerp(a, b, tt),
+        _slerp_closed_form(a.reshape(-1), b.reshape(-1), tt).reshape(2, 2),
+    )
     rows = methods.nuslerp(a, b, tt, over="rows")
     for i in range(2):  # each row pair on its own angle: 90 degrees, then about 16
         close(rows[i], _slerp_closed_form(a[i], b[i], tt))
@@ -525,8 +609,10 @@ def test_nuslerp_through_the_engine_with_and_without_a_base():
     close(rows, base + methods.nuslerp(d0, d1, 0.75, over="rows"))
     # without: the models themselves (the reference is the first model, its task vector 0)
     m0, m1 = base, base + d1
-    close(merge("nuslerp", base, [torch.zeros(2, 2), d1], [1.0, 1.0], with_base=False),
-          _slerp_closed_form(m0.reshape(-1), m1.reshape(-1), 0.5).reshape(2, 2))
+    close(
+        merge("nuslerp", base, [torch.zeros(2, 2), d1], [1.0, 1.0], with_base=False),
+        _slerp_closed_form(m0.reshape(-1), m1.reshape(-1), 0.5).reshape(2, 2),
+    )
     assert not torch.allclose(out, merge("nuslerp", base, [d0, d1], [1.0, 3.0], with_base=False))
 
 
@@ -676,7 +762,9 @@ def test_overflow_in_the_cast_to_float16_is_caught():
     from merging.engine import NonFiniteMergeError, TensorInputs, TensorScalars, merge_tensor
     from merging.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict({"method": "task_arithmetic", "base": "b", "models": [{"path": "m", "weight": 1.0}]})
+    recipe = recipe_from_dict(
+        {"method": "task_arithmetic", "base": "b", "models": [{"path": "m", "weight": 1.0}]}
+    )
     scalars = TensorScalars(weights=(1.0,), densities=(1.0,), lam=1.0, t=0.5)
     inputs = TensorInputs(base=torch.zeros(4), deltas=[torch.full((4,), 1.0e5)])
     merge_tensor(recipe, "x", scalars, inputs, torch.empty(4))  # float32 holds 1e5
@@ -694,4 +782,6 @@ def test_all_finite_sees_nan_and_inf_and_survives_a_sum_that_overflows():
         assert not methods.all_finite(t)
     both = torch.tensor([1.0, float("inf"), float("-inf")])  # their sum is NaN, not inf
     assert not methods.all_finite(both)
-    assert methods.all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # float16 sum overflows too
+    assert methods.all_finite(
+        torch.full((4,), 6e4, dtype=torch.float16)
+    )  # float16 sum overflows too

@@ -91,14 +91,16 @@ def draws(shape, seed: int, k: int, name: str) -> torch.Tensor:
     n = 1
     for size in shape:
         n *= size
-    return methods.uniform(torch.arange(n), torch.tensor(methods.draw_keys(seed, k, name))).reshape(shape)
+    return methods.uniform(torch.arange(n), torch.tensor(methods.draw_keys(seed, k, name))).reshape(
+        shape
+    )
 
 
 def top_mask(tv: torch.Tensor, skip: int, count: int) -> torch.Tensor:
     """Keep positions skip .. skip+count-1 of |tv| sorted largest first, equal values by position."""
     order = torch.argsort(-tv.abs().reshape(-1), stable=True)
     mask = torch.zeros(tv.numel(), dtype=torch.bool)
-    mask[order[skip:skip + count]] = True
+    mask[order[skip : skip + count]] = True
     return mask.reshape(tv.shape)
 
 
@@ -113,7 +115,9 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
     num_layers = 1 + max(
         int(m.group(1)) for n in base if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", n))
     )
-    normalize = params.get("normalize", {"linear": True, "ties": True, "della": True}.get(method, False))
+    normalize = params.get(
+        "normalize", {"linear": True, "ties": True, "della": True}.get(method, False)
+    )
     rescale = params.get("rescale", True)
     seed = params.get("seed", 0)
     out = {}
@@ -144,15 +148,20 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
         if method == "model_stock":
             flat = [tv.double().reshape(-1) for tv in tvs]
             # mergekit's: the norms' product floored at 1e-6 (tiny task vectors of norm weights)
-            cos = [float(flat[i] @ flat[j] / max(float(flat[i].norm() * flat[j].norm()), 1e-6))
-                   for i in range(len(flat)) for j in range(i + 1, len(flat))]
+            cos = [
+                float(flat[i] @ flat[j] / max(float(flat[i].norm() * flat[j].norm()), 1e-6))
+                for i in range(len(flat))
+                for j in range(i + 1, len(flat))
+            ]
             c = sum(cos) / len(cos)
             ratio = len(flat) * c / (1 + (len(flat) - 1) * c)
             out[name] = b + ratio * sum(tvs) / len(tvs)
             continue
         if method == "ties":  # exactly the int(d*n) largest magnitudes, equal ones by position
-            tvs = [tv if d >= 1 else torch.where(top_mask(tv, 0, max(1, int(d * tv.numel()))), tv, 0.0)
-                   for tv, d in zip(tvs, dens)]
+            tvs = [
+                tv if d >= 1 else torch.where(top_mask(tv, 0, max(1, int(d * tv.numel()))), tv, 0.0)
+                for tv, d in zip(tvs, dens)
+            ]
         elif method.startswith("breadcrumbs"):
             gammas = [value_at(m.get("gamma", 0.01), depth, kind) for m in entries]
             trimmed = []
@@ -178,7 +187,11 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
                     continue
                 rows = tv.reshape(-1, tv.shape[-1])
                 ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
-                p = ((d - e) + 2 * e * ranks / max(rows.shape[1] - 1, 1)).clamp(0, 1).reshape(tv.shape)
+                p = (
+                    ((d - e) + 2 * e * ranks / max(rows.shape[1] - 1, 1))
+                    .clamp(0, 1)
+                    .reshape(tv.shape)
+                )
                 keep = draws(tv.shape, seed, k, name) < p
                 dropped.append(torch.where(keep, tv / p if rescale else tv, 0.0))
             tvs = dropped
@@ -198,13 +211,18 @@ def reference_merge(data: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_nuslerp(data: dict, params: dict, models: list[dict], b: torch.Tensor, name: str,
-                      w: list[float]) -> torch.Tensor:
+def reference_nuslerp(
+    data: dict, params: dict, models: list[dict], b: torch.Tensor, name: str, w: list[float]
+) -> torch.Tensor:
     """nuslerp in float64: of the task vectors given a base, else of the models; each vector pair
     (the whole tensor, each row or each column) on its own angle; a zero vector is orthogonal to
     everything (its unit vector is 0) and parallel pairs interpolate linearly."""
     tt = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
-    x, y = (models[0][name] - b, models[1][name] - b) if data.get("base") else (models[0][name], models[1][name])
+    x, y = (
+        (models[0][name] - b, models[1][name] - b)
+        if data.get("base")
+        else (models[0][name], models[1][name])
+    )
     x, y = x.double(), y.double()
     over = params.get("slerp_over", "tensor")
     if over == "tensor" or x.dim() == 1:
@@ -218,7 +236,9 @@ def reference_nuslerp(data: dict, params: dict, models: list[dict], b: torch.Ten
     cos = (ux * uy).sum(dim=1, keepdim=True).clamp(-1, 1)
     th = torch.acos(cos)
     parallel = (1 - cos * cos) <= 1e-16
-    spherical = (torch.sin((1 - tt) * th) * vx + torch.sin(tt * th) * vy) / torch.where(parallel, 1.0, torch.sin(th))
+    spherical = (torch.sin((1 - tt) * th) * vx + torch.sin(tt * th) * vy) / torch.where(
+        parallel, 1.0, torch.sin(th)
+    )
     res = torch.where(parallel, (1 - tt) * vx + tt * vy, spherical)
     res = res.T if over == "columns" and x.dim() > 1 else res
     res = res.reshape(x.shape)
@@ -316,16 +336,22 @@ def recipe_data(case: str, ms, *, with_base: bool = False) -> dict:
         data = {
             "method": "breadcrumbs_ties",
             "base": base,
-            "models": [{"path": f, "weight": w, "density": d, "gamma": g}
-                       for f, w, d, g in zip(fts, [1.0, 0.6, 0.8], [0.6, [0.3, 0.7], 0.5], [0.05, 0.01, 0.1])],
+            "models": [
+                {"path": f, "weight": w, "density": d, "gamma": g}
+                for f, w, d, g in zip(
+                    fts, [1.0, 0.6, 0.8], [0.6, [0.3, 0.7], 0.5], [0.05, 0.01, 0.1]
+                )
+            ],
             "parameters": {"lambda": 1.1},
         }
     elif case == "della":
         data = {
             "method": "della",
             "base": base,
-            "models": [{"path": f, "weight": w, "density": d, "epsilon": e}
-                       for f, w, d, e in zip(fts, [1.0, 0.7, 0.5], [0.6, 0.5, 0.4], [0.1, 0.2, 0.05])],
+            "models": [
+                {"path": f, "weight": w, "density": d, "epsilon": e}
+                for f, w, d, e in zip(fts, [1.0, 0.7, 0.5], [0.6, 0.5, 0.4], [0.1, 0.2, 0.05])
+            ],
             "parameters": {"seed": 5},
         }
     elif case == "model_stock":
@@ -334,11 +360,17 @@ def recipe_data(case: str, ms, *, with_base: bool = False) -> dict:
         data = {
             "method": "nuslerp",
             "base": base,
-            "models": [{"path": fts[0], "weight": {"attn": [0.2, 0.9], "default": 0.5}}, {"path": fts[1], "weight": 0.6}],
+            "models": [
+                {"path": fts[0], "weight": {"attn": [0.2, 0.9], "default": 0.5}},
+                {"path": fts[1], "weight": 0.6},
+            ],
             "parameters": {"slerp_over": "rows"},
         }
     elif case == "nuslerp_models":  # the models themselves (no base), whole tensors
-        data = {"method": "nuslerp", "models": [{"path": fts[0], "weight": 1.0}, {"path": fts[1], "weight": 3.0}]}
+        data = {
+            "method": "nuslerp",
+            "models": [{"path": fts[0], "weight": 1.0}, {"path": fts[1], "weight": 3.0}],
+        }
     elif case == "slerp":
         data = {
             "method": "slerp",
@@ -434,13 +466,17 @@ def test_resident_bit_identical_to_export(request, tmp_path, live_models, which,
     assert_equal_dicts(live_state(live, exported), exported)
 
 
-def test_resident_nuslerp_reuses_its_angles_for_other_weights_and_keeps_them_apart_per_slerp_over(tmp_path, gpt2_set):
+def test_resident_nuslerp_reuses_its_angles_for_other_weights_and_keeps_them_apart_per_slerp_over(
+    tmp_path, gpt2_set
+):
     # the merger computes the angles between the two task vectors once per slerp_over; later
     # candidates with other weights, or another slerp_over, must still equal their exports
     merger = ResidentMerger(str(gpt2_set.base), [str(p) for p in gpt2_set.finetunes[:2]])
     live = load_live_model(str(gpt2_set.base))
     data = recipe_data("nuslerp", gpt2_set)
-    for i, (w0, over) in enumerate([(0.2, "rows"), (0.9, "rows"), (0.9, "columns"), (0.4, "tensor")]):
+    for i, (w0, over) in enumerate(
+        [(0.2, "rows"), (0.9, "rows"), (0.9, "columns"), (0.4, "tensor")]
+    ):
         data["models"][0]["weight"] = w0
         data["parameters"]["slerp_over"] = over
         recipe = recipe_from_dict(data)

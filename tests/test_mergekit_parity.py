@@ -55,56 +55,98 @@ class Case:
 
 def _linear(ms: ModelSet) -> dict[str, Any]:
     paths = [ms.base, *ms.finetunes[:2]]
-    return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, (0.2, 0.5, 0.3))]}
+    return {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, (0.2, 0.5, 0.3))
+        ],
+    }
 
 
 def _task_arithmetic(ms: ModelSet) -> dict[str, Any]:
     weights = (0.7, 0.4, 0.55)
-    return {"merge_method": "task_arithmetic", "base_model": str(ms.base), "dtype": "float32",
-            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(ms.finetunes, weights)],
-            "parameters": {"lambda": 0.9}}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(ms.base),
+        "dtype": "float32",
+        "models": [
+            {"model": str(p), "parameters": {"weight": w}} for p, w in zip(ms.finetunes, weights)
+        ],
+        "parameters": {"lambda": 0.9},
+    }
 
 
 def _ties(densities: tuple[float, ...], weights: tuple[float, ...] = (0.6, 0.3, 0.5)):
     def config(ms: ModelSet) -> dict[str, Any]:
         ds = densities * len(ms.finetunes) if len(densities) == 1 else densities
-        return {"merge_method": "ties", "base_model": str(ms.base), "dtype": "float32",
-                "models": [{"model": str(p), "parameters": {"weight": w, "density": d}}
-                           for p, w, d in zip(ms.finetunes, weights, ds, strict=False)],
-                "parameters": {"normalize": True}}
+        return {
+            "merge_method": "ties",
+            "base_model": str(ms.base),
+            "dtype": "float32",
+            "models": [
+                {"model": str(p), "parameters": {"weight": w, "density": d}}
+                for p, w, d in zip(ms.finetunes, weights, ds, strict=False)
+            ],
+            "parameters": {"normalize": True},
+        }
+
     return config
 
 
 def _breadcrumbs(method: str, densities: tuple[float, ...], gammas: tuple[float, ...]):
     def config(ms: ModelSet) -> dict[str, Any]:
-        return {"merge_method": method, "base_model": str(ms.base), "dtype": "float32",
-                "models": [{"model": str(p), "parameters": {"weight": w, "density": d, "gamma": g}}
-                           for p, w, d, g in zip(ms.finetunes, (0.6, 0.3, 0.5), densities, gammas, strict=False)],
-                "parameters": {"lambda": 1.1}}
+        return {
+            "merge_method": method,
+            "base_model": str(ms.base),
+            "dtype": "float32",
+            "models": [
+                {"model": str(p), "parameters": {"weight": w, "density": d, "gamma": g}}
+                for p, w, d, g in zip(
+                    ms.finetunes, (0.6, 0.3, 0.5), densities, gammas, strict=False
+                )
+            ],
+            "parameters": {"lambda": 1.1},
+        }
+
     return config
 
 
 def _model_stock(ms: ModelSet) -> dict[str, Any]:
-    return {"merge_method": "model_stock", "base_model": str(ms.base), "dtype": "float32",
-            "models": [{"model": str(p)} for p in ms.finetunes]}
+    return {
+        "merge_method": "model_stock",
+        "base_model": str(ms.base),
+        "dtype": "float32",
+        "models": [{"model": str(p)} for p in ms.finetunes],
+    }
 
 
 def _nuslerp(with_base: bool, flatten: bool = True, row_wise: bool = False):
     def config(ms: ModelSet) -> dict[str, Any]:
-        out: dict[str, Any] = {"merge_method": "nuslerp", "dtype": "float32",
-                               "models": [{"model": str(p), "parameters": {"weight": w}}
-                                          for p, w in zip(ms.finetunes[:2], (0.7, 0.3))],
-                               "parameters": {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}}
+        out: dict[str, Any] = {
+            "merge_method": "nuslerp",
+            "dtype": "float32",
+            "models": [
+                {"model": str(p), "parameters": {"weight": w}}
+                for p, w in zip(ms.finetunes[:2], (0.7, 0.3))
+            ],
+            "parameters": {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
+        }
         if with_base:
             out["base_model"] = str(ms.base)
         return out
+
     return config
 
 
 def _slerp(ms: ModelSet) -> dict[str, Any]:
-    return {"merge_method": "slerp", "base_model": str(ms.base), "dtype": "float32",
-            "models": [{"model": str(ms.base)}, {"model": str(ms.finetunes[0])}], "parameters": {"t": 0.3}}
+    return {
+        "merge_method": "slerp",
+        "base_model": str(ms.base),
+        "dtype": "float32",
+        "models": [{"model": str(ms.base)}, {"model": str(ms.finetunes[0])}],
+        "parameters": {"t": 0.3},
+    }
 
 
 # Measured mismatches, each marked on its own case only (strict: a fix shows as XPASS and fails).
@@ -113,8 +155,8 @@ def _slerp(ms: ModelSet) -> dict[str, Any]:
 # theta = pi/2, and the result is sin(t pi/2) * other = 0.454 * other at t = 0.3, not 0.3 * other.
 KNOWN_MISMATCHES = {
     "gpt2-slerp": "slerp of an all-zero base tensor: basin lerps (0.3 * ft), mergekit 0.1.5 takes "
-                  "theta=pi/2 (sin(0.3*pi/2) = 0.454 * ft): 13 of 28 tensors (all biases), 655 of "
-                  "their 736 entries outside atol 1e-6 / rtol 1e-5, max abs diff 2.45e-05",
+    "theta=pi/2 (sin(0.3*pi/2) = 0.454 * ft): 13 of 28 tensors (all biases), 655 of "
+    "their 736 entries outside atol 1e-6 / rtol 1e-5, max abs diff 2.45e-05",
 }
 # Where equal magnitudes straddle a trim boundary of TIES or breadcrumbs, both tools keep exactly the
 # same count but choose different entries among the tied ones: basin the lowest positions, mergekit
@@ -143,7 +185,10 @@ def _tiny_cases() -> list:
             ("ties-d" + "-".join(map(str, per_model)), _ties(per_model)),
             ("slerp", _slerp),
             ("breadcrumbs", _breadcrumbs("breadcrumbs", (0.7, 0.5, 0.9), (0.05, 0.02, 0.1))),
-            ("breadcrumbs_ties", _breadcrumbs("breadcrumbs_ties", (0.5, 0.8, 0.6), (0.02, 0.1, 0.01))),
+            (
+                "breadcrumbs_ties",
+                _breadcrumbs("breadcrumbs_ties", (0.5, 0.8, 0.6), (0.02, 0.1, 0.01)),
+            ),
             ("model_stock", _model_stock),
             ("nuslerp", _nuslerp(with_base=True)),
             ("nuslerp-rows", _nuslerp(with_base=True, flatten=False)),
@@ -160,8 +205,10 @@ def _tiny_cases() -> list:
 _TIE_WEIGHTS = (1.0, 0.5, 0.5)
 BIG_CASES = [
     pytest.param(Case(cid, "tie_set", _ties(densities, _TIE_WEIGHTS)), id=cid, marks=_marks(cid))
-    for cid, densities in (("big-ties-on-group-boundaries", (0.25, 0.5, 0.75)),
-                           ("big-ties-inside-groups", (0.4, 0.6, 0.875)))
+    for cid, densities in (
+        ("big-ties-on-group-boundaries", (0.25, 0.5, 0.75)),
+        ("big-ties-inside-groups", (0.4, 0.6, 0.875)),
+    )
 ]
 
 
@@ -170,23 +217,36 @@ BIG_CASES = [
 # at each magnitude must match the keep probability (DARE: the density; DELLA: ranked within rows).
 def _random(method: str, density: float, epsilon: float = 0.0):
     def config(ms: ModelSet) -> dict[str, Any]:
-        p: dict[str, Any] = {"weight": 1.0, "density": density, **({"epsilon": epsilon} if epsilon else {})}
-        return {"merge_method": method, "base_model": str(ms.base), "dtype": "float32",
-                "models": [{"model": str(ms.finetunes[0]), "parameters": p}],
-                "parameters": {"rescale": False, "lambda": 1.0}}
+        p: dict[str, Any] = {
+            "weight": 1.0,
+            "density": density,
+            **({"epsilon": epsilon} if epsilon else {}),
+        }
+        return {
+            "merge_method": method,
+            "base_model": str(ms.base),
+            "dtype": "float32",
+            "models": [{"model": str(ms.finetunes[0]), "parameters": p}],
+            "parameters": {"rescale": False, "lambda": 1.0},
+        }
+
     return config
 
 
 RANDOM_CASES = [
     pytest.param(Case(cid, "tie_set", config), id=cid)
-    for cid, config in (("big-dare_linear", _random("dare_linear", 0.3)),
-                        ("big-della_linear", _random("della_linear", 0.5, 0.2)))
+    for cid, config in (
+        ("big-dare_linear", _random("dare_linear", 0.3)),
+        ("big-della_linear", _random("della_linear", 0.5, 0.2)),
+    )
 ]
 
 
 # --- the large model set ----------------------------------------------------------------------------
 
-MAGNITUDES = 4  # |T| / STEP takes the values 0 .. MAGNITUDES - 1, each on exactly 1 / MAGNITUDES of a tensor
+MAGNITUDES = (
+    4  # |T| / STEP takes the values 0 .. MAGNITUDES - 1, each on exactly 1 / MAGNITUDES of a tensor
+)
 STEP = 2.0**-10
 BASE_GRID = 2.0**-12
 
@@ -197,9 +257,19 @@ def build_tie_set(root: Path, n_finetunes: int = 3, seed: int = 0) -> ModelSet:
     shares of 0 .. MAGNITUDES-1) * (a random sign); every sum is exact in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     base = {k: torch.round(v * (1 / BASE_GRID)) * BASE_GRID for k, v in model.state_dict().items()}
@@ -245,16 +315,24 @@ def mergekit_results(request, tmp_path_factory) -> MergekitResults:
     """mergekit-yaml's merge of every case selected in this module, run concurrently (the runs are
     separate processes that mostly import)."""
     if mergekit_executable() is None:
-        pytest.fail("mergekit-yaml not found: `make venv` (the test extra pins mergekit==0.1.5) or set "
-                    "BASIN_MERGEKIT to a mergekit-yaml executable")
+        pytest.fail(
+            "mergekit-yaml not found: `make venv` (the test extra pins mergekit==0.1.5) or set "
+            "BASIN_MERGEKIT to a mergekit-yaml executable"
+        )
     cases = {}
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
-        if getattr(item, "module", None) is request.module and callspec and "case" in callspec.params:
+        if (
+            getattr(item, "module", None) is request.module
+            and callspec
+            and "case" in callspec.params
+        ):
             case = callspec.params["case"]
             cases[case.id] = case
     root = tmp_path_factory.mktemp("mergekit")
-    configs = {cid: case.config(request.getfixturevalue(case.models)) for cid, case in cases.items()}
+    configs = {
+        cid: case.config(request.getfixturevalue(case.models)) for cid, case in cases.items()
+    }
 
     def one(cid: str) -> Any:
         try:
@@ -270,24 +348,35 @@ def mergekit_results(request, tmp_path_factory) -> MergekitResults:
 # --- the comparison ------------------------------------------------------------------------------
 
 
-def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], label: str) -> None:
+def assert_same_tensors(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], label: str
+) -> None:
     assert sorted(ours) == sorted(theirs), (
         f"{label}: tensor names differ; only basin: {sorted(set(ours) - set(theirs))}, "
-        f"only mergekit: {sorted(set(theirs) - set(ours))}")
+        f"only mergekit: {sorted(set(theirs) - set(ours))}"
+    )
     for name in ours:
-        assert (ours[name].shape, ours[name].dtype) == (theirs[name].shape, theirs[name].dtype), name
+        assert (ours[name].shape, ours[name].dtype) == (theirs[name].shape, theirs[name].dtype), (
+            name
+        )
     bad = mismatch_summary(ours, theirs, atol=ATOL, rtol=RTOL)
     if bad:
         entries = sum(b for b, _, _ in bad.values())
         total = sum(n for _, n, _ in bad.values())
         worst = max(d for _, _, d in bad.values())
-        lines = [f"  {name}: {b} of {n} entries, max abs diff {d:.3g}"
-                 for name, (b, n, d) in sorted(bad.items(), key=lambda kv: -kv[1][0])[:12]]
-        pytest.fail(f"{label}: basin differs from mergekit in {len(bad)} of {len(ours)} tensors, {entries} "
-                    f"of their {total} entries (atol {ATOL}, rtol {RTOL}), max abs diff {worst:.3g}:\n"
-                    + "\n".join(lines))
+        lines = [
+            f"  {name}: {b} of {n} entries, max abs diff {d:.3g}"
+            for name, (b, n, d) in sorted(bad.items(), key=lambda kv: -kv[1][0])[:12]
+        ]
+        pytest.fail(
+            f"{label}: basin differs from mergekit in {len(bad)} of {len(ours)} tensors, {entries} "
+            f"of their {total} entries (atol {ATOL}, rtol {RTOL}), max abs diff {worst:.3g}:\n"
+            + "\n".join(lines)
+        )
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours[name], theirs[name], atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def boundary_ties(config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -333,15 +422,25 @@ def test_boundary_ties_find_the_straddling_magnitudes(tie_set):
     # and density 0.5 sets aside a top that ends inside the largest group and keeps down to 0.6 n,
     # inside the second smallest
     def config(density: float, method: str = "ties", gamma: float = 0.0) -> dict[str, Any]:
-        return {"merge_method": method, "base_model": str(tie_set.base),
-                "models": [{"model": str(tie_set.finetunes[0]), "parameters": {"density": density, "gamma": gamma}}]}
+        return {
+            "merge_method": method,
+            "base_model": str(tie_set.base),
+            "models": [
+                {
+                    "model": str(tie_set.finetunes[0]),
+                    "parameters": {"density": density, "gamma": gamma},
+                }
+            ],
+        }
 
     name = "model.layers.0.mlp.up_proj.weight"
     base = load_safetensors_folder(tie_set.base)[name]
     level = ((load_safetensors_folder(tie_set.finetunes[0])[name] - base).abs() / STEP).round()
     assert not boundary_ties(config(0.25))[name].any()
     assert torch.equal(boundary_ties(config(0.4))[name], level == 2)
-    assert torch.equal(boundary_ties(config(0.5, "breadcrumbs", 0.1))[name], (level == 3) | (level == 1))
+    assert torch.equal(
+        boundary_ties(config(0.5, "breadcrumbs", 0.1))[name], (level == 3) | (level == 1)
+    )
 
 
 @pytest.mark.parametrize("case", _tiny_cases())
@@ -350,26 +449,37 @@ def test_tiny_merge_matches_mergekit(case: Case, request, mergekit_results, tmp_
 
 
 @pytest.mark.parametrize("case", BIG_CASES)
-def test_ties_trim_boundaries_and_ties_match_mergekit(case: Case, request, mergekit_results, tmp_path):
+def test_ties_trim_boundaries_and_ties_match_mergekit(
+    case: Case, request, mergekit_results, tmp_path
+):
     _check(case, request, mergekit_results, tmp_path)
 
 
 @pytest.mark.parametrize("case", RANDOM_CASES)
-def test_random_methods_keep_entries_as_mergekit_does(case: Case, tie_set, mergekit_results, tmp_path):
+def test_random_methods_keep_entries_as_mergekit_does(
+    case: Case, tie_set, mergekit_results, tmp_path
+):
     config = case.config(tie_set)
     entry = config["models"][0]["parameters"]
     density, epsilon = entry["density"], entry.get("epsilon", 0.0)
-    outputs = {"basin": run_basin(config, tmp_path / "basin", approximate=True), "mergekit": mergekit_results.get(case)}
+    outputs = {
+        "basin": run_basin(config, tmp_path / "basin", approximate=True),
+        "mergekit": mergekit_results.get(case),
+    }
     base, ft = load_safetensors_folder(tie_set.base), load_safetensors_folder(tie_set.finetunes[0])
     kept = {tool: torch.zeros(MAGNITUDES, dtype=torch.float64) for tool in outputs}
-    expected = torch.zeros(MAGNITUDES, dtype=torch.float64)  # the sum of keep probabilities per level
+    expected = torch.zeros(
+        MAGNITUDES, dtype=torch.float64
+    )  # the sum of keep probabilities per level
     count = torch.zeros(MAGNITUDES, dtype=torch.float64)
     for name, b in base.items():
         tv = ft[name] - b
         level = (tv.abs() / STEP).round().long()
         if config["merge_method"] == "della_linear":  # rank within rows, smallest 0, largest 1
             rows = tv.abs().reshape(-1, tv.shape[-1])
-            ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).double() / (rows.shape[1] - 1)
+            ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).double() / (
+                rows.shape[1] - 1
+            )
             p = ((density - epsilon) + 2 * epsilon * ranks).clamp(0, 1).reshape(tv.shape)
         else:
             p = torch.full(tv.shape, density, dtype=torch.float64)
@@ -390,4 +500,8 @@ def test_random_methods_keep_entries_as_mergekit_does(case: Case, tie_set, merge
             assert abs(f - e) < 6 * sigma, (case.id, tool, lv, f, float(e))
     if config["merge_method"] == "della_linear":  # larger magnitudes are kept more often, in both
         for k in kept.values():
-            assert float(k[1] / count[1]) + 0.05 < float(k[2] / count[2]) < float(k[3] / count[3]) - 0.05
+            assert (
+                float(k[1] / count[1]) + 0.05
+                < float(k[2] / count[2])
+                < float(k[3] / count[3]) - 0.05
+            )

@@ -46,8 +46,14 @@ def test_a_wrong_password_is_refused_without_printing_it(zoo, server, tmp_path, 
     from search.cli import main
 
     wrong = server.url().replace(server.password, "not-the-pw-123")
-    config = write_config(tmp_path / "bad.yaml", study_config(
-        zoo, tmp_path / "bad", study={"name": "bad", "output_dir": str(tmp_path / "bad"), "storage": wrong}))
+    config = write_config(
+        tmp_path / "bad.yaml",
+        study_config(
+            zoo,
+            tmp_path / "bad",
+            study={"name": "bad", "output_dir": str(tmp_path / "bad"), "storage": wrong},
+        ),
+    )
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot be opened" in err and "password authentication failed" in err
@@ -55,15 +61,23 @@ def test_a_wrong_password_is_refused_without_printing_it(zoo, server, tmp_path, 
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_password_from_the_environment_stays_out_of_the_study_folder(zoo, server, tmp_path, monkeypatch):
+def test_a_password_from_the_environment_stays_out_of_the_study_folder(
+    zoo, server, tmp_path, monkeypatch
+):
     from search.config import config_from_dict
     from search.setup import load_study_folder, setup_study
 
     monkeypatch.setenv("BASIN_TEST_PG_PASSWORD", server.password)
     url = server.url().replace(server.password, "${BASIN_TEST_PG_PASSWORD}")
     folder = tmp_path / "env"
-    setup = setup_study(config_from_dict(study_config(zoo, folder, study={"name": "env", "output_dir": str(folder),
-                                                                         "storage": url})), resume=False)
+    setup = setup_study(
+        config_from_dict(
+            study_config(
+                zoo, folder, study={"name": "env", "output_dir": str(folder), "storage": url}
+            )
+        ),
+        resume=False,
+    )
     assert setup.study.get_trials(deepcopy=False)  # the baselines, queued in the database
     snapshot = (folder / records.CONFIG_FILE).read_text()
     assert "${BASIN_TEST_PG_PASSWORD}" in snapshot and server.password not in snapshot
@@ -71,7 +85,9 @@ def test_a_password_from_the_environment_stays_out_of_the_study_folder(zoo, serv
     assert len(again.get_trials(deepcopy=False)) == len(setup.study.get_trials(deepcopy=False))
 
 
-def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(zoo, server, tmp_path):
+def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(
+    zoo, server, tmp_path
+):
     """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder, finds
     the trial's heartbeat silent past the grace period (2 x heartbeat_s), fails it and queues its
     params again once, and finishes the budget. Nothing here depends on A's host or pid."""
@@ -79,27 +95,50 @@ def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(
     assert r.rc == 0 and r.held and r.not_silent == []
     assert r.numbers_ok and r.complete == r.budget and r.running_left == 0
     assert set(r.retries.values()) == {1}
-    assert len(r.requeue_s) == len(r.held) and all(s >= r.grace_s for s in r.requeue_s)  # never within the grace period
+    assert len(r.requeue_s) == len(r.held) and all(
+        s >= r.grace_s for s in r.requeue_s
+    )  # never within the grace period
 
 
-def test_status_of_a_postgres_study_shows_its_url_without_the_password(zoo, server, tmp_path, capsys):
+def test_status_of_a_postgres_study_shows_its_url_without_the_password(
+    zoo, server, tmp_path, capsys
+):
     from search.cli import main
     from search.config import config_from_dict
     from search.setup import setup_study
 
     folder = tmp_path / "status"
-    setup_study(config_from_dict(study_config(zoo, folder, study={"name": "status", "output_dir": str(folder),
-                                                                  "storage": server.url()})), resume=False)
+    setup_study(
+        config_from_dict(
+            study_config(
+                zoo,
+                folder,
+                study={"name": "status", "output_dir": str(folder), "storage": server.url()},
+            )
+        ),
+        resume=False,
+    )
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert server.url(with_password=False).replace("basin@", "basin:***@") in out and server.password not in out
+    assert (
+        server.url(with_password=False).replace("basin@", "basin:***@") in out
+        and server.password not in out
+    )
 
 
 def _run_one(zoo, tmp_path, server, name: str, n_trials: int, **sections):
     folder = tmp_path / "runner"
-    config = write_config(tmp_path / "runner.yaml", study_config(
-        zoo, folder, name=name, budget={"n_trials": n_trials},
-        study={"name": name, "output_dir": str(folder), "storage": server.url()}, **sections))
+    config = write_config(
+        tmp_path / "runner.yaml",
+        study_config(
+            zoo,
+            folder,
+            name=name,
+            budget={"n_trials": n_trials},
+            study={"name": name, "output_dir": str(folder), "storage": server.url()},
+            **sections,
+        ),
+    )
     log = tmp_path / "runner.log"
     rcs, leaked = wait_runs([start_basin(["run", str(config)], log)], folder)
     assert rcs == (0,) and leaked == [], tail(log)
@@ -107,7 +146,8 @@ def _run_one(zoo, tmp_path, server, name: str, n_trials: int, **sections):
 
 
 def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_exports_the_same_model(
-        zoo, server, tmp_path, monkeypatch, capsys):
+    zoo, server, tmp_path, monkeypatch, capsys
+):
     """A folder rebuilt from the database alone (`basin attach`) gives the runner's records, its
     front and a bit-identical export, and its config keeps the password out."""
     from safetensors.torch import load_file
@@ -130,20 +170,52 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
     assert main(["status", str(here)]) == 0 and main(["pareto", str(runner)]) == 0
     status_and_front_there = capsys.readouterr().out
     assert main(["pareto", str(here)]) == 0
-    assert capsys.readouterr().out in status_and_front_there  # the same front, whichever folder shows it
-    assert main(["report", str(here), "--no-heldout", "--quiet"]) == 0 and (here / "report.html").is_file()
+    assert (
+        capsys.readouterr().out in status_and_front_there
+    )  # the same front, whichever folder shows it
+    assert (
+        main(["report", str(here), "--no-heldout", "--quiet"]) == 0
+        and (here / "report.html").is_file()
+    )
     best = max(theirs.values(), key=lambda r: sum(r["values"]))["number"]
     for folder in (runner, here):
-        assert main(["export", str(folder), "--trial", str(best), "--out", str(folder / "model"), "--quiet"]) == 0
-    a, b = load_file(runner / "model" / "model.safetensors"), load_file(here / "model" / "model.safetensors")
+        assert (
+            main(
+                [
+                    "export",
+                    str(folder),
+                    "--trial",
+                    str(best),
+                    "--out",
+                    str(folder / "model"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    a, b = (
+        load_file(runner / "model" / "model.safetensors"),
+        load_file(here / "model" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert main(["attach", url, "--study", "attached", "--out", str(here)]) == 0  # again: nothing new to write
+    assert (
+        main(["attach", url, "--study", "attached", "--out", str(here)]) == 0
+    )  # again: nothing new to write
     assert "0 trial records written" in capsys.readouterr().out
     # a machine without the models (paths that exist only on the runners) attaches and reads the study too
     study = optuna.load_study(study_name="attached", storage=server.url())
     stored = study.user_attrs["config"]
-    study.set_user_attr("config", {**stored, "models": {**stored["models"], "base": "/runners/only/base",
-                                                        "finetunes": [f"/runners/only/ft{i}" for i in range(3)]}})
+    study.set_user_attr(
+        "config",
+        {
+            **stored,
+            "models": {
+                **stored["models"],
+                "base": "/runners/only/base",
+                "finetunes": [f"/runners/only/ft{i}" for i in range(3)],
+            },
+        },
+    )
     laptop = tmp_path / "no-models"
     assert main(["attach", url, "--study", "attached", "--out", str(laptop)]) == 0
     assert main(["status", str(laptop)]) == 0 and main(["pareto", str(laptop)]) == 0
@@ -152,16 +224,31 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
     assert records.read_trial_records(laptop)[best]["values"] == theirs[best]["values"]
 
 
-def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothing(zoo, server, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothing(
+    zoo, server, tmp_path, capsys, monkeypatch
+):
     from search.cli import main
 
     out = tmp_path / "nothing"
     assert main(["attach", server.url(), "--study", "x", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "holds a password" in err and "${BASIN_DB_PASSWORD}" in err and server.password not in err
+    assert (
+        "holds a password" in err and "${BASIN_DB_PASSWORD}" in err and server.password not in err
+    )
     monkeypatch.setenv("PW", server.password)
-    assert main(["attach", server.url().replace(server.password, "${PW}"), "--study", "no-such", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "attach",
+                server.url().replace(server.password, "${PW}"),
+                "--study",
+                "no-such",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "no study named 'no-such'" in capsys.readouterr().err
     assert not out.exists()
 
@@ -173,11 +260,22 @@ def test_a_runner_with_another_config_cannot_join_the_study(zoo, server, tmp_pat
 
     _run_one(zoo, tmp_path, server, "one-space", 2, baselines=False)
     other = tmp_path / "other"
-    config = write_config(tmp_path / "other.yaml", study_config(
-        zoo, other, name="one-space", budget={"n_trials": 4}, baselines=False,
-        space={"methods": ["ties"], "lambda": [0.5, 1.5]},
-        study={"name": "one-space", "output_dir": str(other), "storage": server.url()}))
+    config = write_config(
+        tmp_path / "other.yaml",
+        study_config(
+            zoo,
+            other,
+            name="one-space",
+            budget={"n_trials": 4},
+            baselines=False,
+            space={"methods": ["ties"], "lambda": [0.5, 1.5]},
+            study={"name": "one-space", "output_dir": str(other), "storage": server.url()},
+        ),
+    )
     assert main(["run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "created with a different config (it differs in: space)" in err and server.password not in err
+    assert (
+        "created with a different config (it differs in: space)" in err
+        and server.password not in err
+    )
     assert not other.exists()

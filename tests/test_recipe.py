@@ -201,12 +201,18 @@ def test_method_defaults(method):
 
 @pytest.mark.parametrize("method", sorted(NORMALIZE))
 def test_explicit_flags_override_defaults(method):
-    r = recipe_from_dict(
-        minimal(
-            method=method,
-            parameters={"normalize": not NORMALIZE[method], "rescale": not RESCALE[method]},
+    r = (
+        recipe_from_dict(
+            minimal(
+                method=method,
+                parameters={"normalize": not NORMALIZE[method], "rescale": not RESCALE[method]},
+            )
         )
-    ) if method in HAS_RESCALE else recipe_from_dict(minimal(method=method, parameters={"normalize": not NORMALIZE[method]}))
+        if method in HAS_RESCALE
+        else recipe_from_dict(
+            minimal(method=method, parameters={"normalize": not NORMALIZE[method]})
+        )
+    )
     assert r.normalize_ is (not NORMALIZE[method])
     assert r.rescale_ is (not RESCALE[method]) if method in HAS_RESCALE else not r.rescale_
 
@@ -429,7 +435,9 @@ def test_mergekit_round_trip_both_ways(text):
 
 def test_to_mergekit_ties_structure():
     r = parse(FULL)
-    with pytest.raises(MergeError, match="mergekit gives the final norm and the head a list's first value"):
+    with pytest.raises(
+        MergeError, match="mergekit gives the final norm and the head a list's first value"
+    ):
         to_mergekit(r)  # density [0.3, 0.8] over depth: lm_head would get 0.3 there, 0.8 here
     data = yaml.safe_load(to_mergekit(r, top_names=["model.norm.weight", "lm_head.weight"]))
     assert data["merge_method"] == "ties"
@@ -437,9 +445,14 @@ def test_to_mergekit_ties_structure():
     assert data["dtype"] == "bfloat16"
     assert data["models"][0] == {
         "model": "path/to/code-ft",
-        "parameters": {"weight": 0.7, "density": [
-            {"filter": "model.norm.weight", "value": 0.8}, {"filter": "lm_head.weight", "value": 0.8},
-            {"value": [0.3, 0.8]}]},
+        "parameters": {
+            "weight": 0.7,
+            "density": [
+                {"filter": "model.norm.weight", "value": 0.8},
+                {"filter": "lm_head.weight", "value": 0.8},
+                {"value": [0.3, 0.8]},
+            ],
+        },
     }
     assert data["models"][1]["parameters"]["weight"] == [
         {"filter": "attn", "value": 0.2},
@@ -464,12 +477,18 @@ def test_to_mergekit_slerp_structure():
 
 
 def test_from_mergekit_refuses_a_list_that_would_change_the_head():
-    data = {"merge_method": "task_arithmetic", "base_model": "b",
-            "models": [{"model": "a", "parameters": {"weight": [0.2, 0.8]}}]}
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": "b",
+        "models": [{"model": "a", "parameters": {"weight": [0.2, 0.8]}}],
+    }
     with pytest.raises(MergeError, match="first value of \\[0.2, 0.8\\]"):
         from_mergekit(data)
-    data["models"][0]["parameters"]["weight"] = [{"filter": "lm_head", "value": 0.8}, {"filter": "model.norm", "value": 0.8},
-                                                 {"value": [0.2, 0.8]}]
+    data["models"][0]["parameters"]["weight"] = [
+        {"filter": "lm_head", "value": 0.8},
+        {"filter": "model.norm", "value": 0.8},
+        {"value": [0.2, 0.8]},
+    ]
     assert from_mergekit(data).models[0].weight == LayerParam(default=(0.2, 0.8))
     data["models"][0]["parameters"]["weight"][0]["value"] = 0.5  # a head value basin cannot give
     with pytest.raises(MergeError, match="its filters give"):
@@ -483,8 +502,12 @@ def test_to_mergekit_linear_has_no_density():
 
 
 def test_to_mergekit_dare_is_refused_unless_approximate():
-    recipe = parse("method: dare_ties\nbase: B\nmodels: [{path: a, density: 0.5}]\nparameters: {seed: 7}\n")
-    with pytest.raises(MergeError, match="dare_ties drops entries at random.*L1 norm.*--approximate"):
+    recipe = parse(
+        "method: dare_ties\nbase: B\nmodels: [{path: a, density: 0.5}]\nparameters: {seed: 7}\n"
+    )
+    with pytest.raises(
+        MergeError, match="dare_ties drops entries at random.*L1 norm.*--approximate"
+    ):
         to_mergekit(recipe)
     text = to_mergekit(recipe, approximate=True)
     assert "approximate" in text.splitlines()[0] and "seed 7" in text.splitlines()[0]
@@ -494,9 +517,16 @@ def test_to_mergekit_dare_is_refused_unless_approximate():
     assert from_mergekit(data, approximate=True) == MergeRecipe(**{**recipe.__dict__, "seed": 0})
 
 
-@pytest.mark.parametrize("method,extra", [("breadcrumbs", {"gamma": 0.02}), ("breadcrumbs_ties", {"gamma": 0.03}),
-                                          ("della", {"epsilon": 0.1}), ("della_linear", {"epsilon": 0.05}),
-                                          ("model_stock", {})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("breadcrumbs", {"gamma": 0.02}),
+        ("breadcrumbs_ties", {"gamma": 0.03}),
+        ("della", {"epsilon": 0.1}),
+        ("della_linear", {"epsilon": 0.05}),
+        ("model_stock", {}),
+    ],
+)
 def test_new_methods_convert_both_ways(method, extra):
     models = [{"path": p, "weight": 0.6, "density": 0.4, **extra} for p in ("a", "c")]
     if method == "model_stock":
@@ -512,14 +542,25 @@ def test_new_methods_convert_both_ways(method, extra):
     assert from_mergekit(data, approximate=approximate) == recipe
 
 
-@pytest.mark.parametrize("base,over,flags", [
-    ("B", "tensor", {}),  # task vectors, whole tensors: mergekit's defaults
-    ("B", "rows", {"nuslerp_flatten": False, "nuslerp_row_wise": False}),
-    (None, "columns", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),  # the models themselves
-])
+@pytest.mark.parametrize(
+    "base,over,flags",
+    [
+        ("B", "tensor", {}),  # task vectors, whole tensors: mergekit's defaults
+        ("B", "rows", {"nuslerp_flatten": False, "nuslerp_row_wise": False}),
+        (
+            None,
+            "columns",
+            {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        ),  # the models themselves
+    ],
+)
 def test_nuslerp_converts_both_ways(base, over, flags):
-    data = {"method": "nuslerp", "models": [{"path": "a", "weight": 0.7}, {"path": "c", "weight": 0.3}],
-            "parameters": {"slerp_over": over}, **({"base": base} if base else {})}
+    data = {
+        "method": "nuslerp",
+        "models": [{"path": "a", "weight": 0.7}, {"path": "c", "weight": 0.3}],
+        "parameters": {"slerp_over": over},
+        **({"base": base} if base else {}),
+    }
     recipe = recipe_from_dict(data)
     assert recipe.slerp_over == over
     theirs = yaml.safe_load(to_mergekit(recipe))
@@ -530,13 +571,23 @@ def test_nuslerp_converts_both_ways(base, over, flags):
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
 
 
-@pytest.mark.parametrize("data,words", [
-    ({"method": "ties", "base": "B", "models": ["a"], "parameters": {"slerp_over": "rows"}},
-     ["slerp_over", "only nuslerp reads"]),
-    ({"method": "nuslerp", "models": ["a", "c"], "parameters": {"slerp_over": "row"}},
-     ["unknown parameters.slerp_over 'row'", "did you mean 'rows'", "tensor, rows, columns"]),
-    ({"method": "nuslerp", "models": ["a", "c", "d"]}, ["nuslerp merges exactly two models", "3"]),
-])
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        (
+            {"method": "ties", "base": "B", "models": ["a"], "parameters": {"slerp_over": "rows"}},
+            ["slerp_over", "only nuslerp reads"],
+        ),
+        (
+            {"method": "nuslerp", "models": ["a", "c"], "parameters": {"slerp_over": "row"}},
+            ["unknown parameters.slerp_over 'row'", "did you mean 'rows'", "tensor, rows, columns"],
+        ),
+        (
+            {"method": "nuslerp", "models": ["a", "c", "d"]},
+            ["nuslerp merges exactly two models", "3"],
+        ),
+    ],
+)
 def test_slerp_over_is_checked(data, words):
     with pytest.raises(MergeError) as err:
         recipe_from_dict(data)
@@ -570,24 +621,79 @@ def test_slerp_over_is_checked(data, words):
         ),
         ({"merge_method": "ties", "models": [{"model": "a"}]}, ["needs 'base'"]),
         # parameters basin does not know are refused by name, not dropped
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"epsilon": 0.1}},
-         ["parameters: epsilon has no basin equivalent"]),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"rescale": True}},
-         ["parameters.rescale", "L1 norm"]),
-        ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}],
-          "parameters": {"filter_wise": True}}, ["filter_wise", "per row"]),
-        ({"merge_method": "nearswap", "base_model": "b", "models": [{"model": "a"}]}, ["unknown method 'nearswap'"]),
-        ({"merge_method": "ties", "base_model": "b",
-          "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "gamma": 0.01}}]},
-         ["models[0].parameters: gamma has no basin equivalent"]),
-        ({"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "c"}],
-          "parameters": {"nuslerp_flatten": "no"}}, ["parameters.nuslerp_flatten", "true or false"]),
-        ({"merge_method": "nuslerp", "models": [{"model": "a"}, {"model": "c"}], "parameters": {"normalize": True}},
-         ["parameters: normalize has no basin equivalent for nuslerp"]),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a"}],
+                "parameters": {"epsilon": 0.1},
+            },
+            ["parameters: epsilon has no basin equivalent"],
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a"}],
+                "parameters": {"rescale": True},
+            },
+            ["parameters.rescale", "L1 norm"],
+        ),
+        (
+            {
+                "merge_method": "model_stock",
+                "base_model": "b",
+                "models": [{"model": "a"}, {"model": "c"}],
+                "parameters": {"filter_wise": True},
+            },
+            ["filter_wise", "per row"],
+        ),
+        (
+            {"merge_method": "nearswap", "base_model": "b", "models": [{"model": "a"}]},
+            ["unknown method 'nearswap'"],
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [
+                    {"model": "a", "parameters": {"weight": 1, "density": 0.5, "gamma": 0.01}}
+                ],
+            },
+            ["models[0].parameters: gamma has no basin equivalent"],
+        ),
+        (
+            {
+                "merge_method": "nuslerp",
+                "models": [{"model": "a"}, {"model": "c"}],
+                "parameters": {"nuslerp_flatten": "no"},
+            },
+            ["parameters.nuslerp_flatten", "true or false"],
+        ),
+        (
+            {
+                "merge_method": "nuslerp",
+                "models": [{"model": "a"}, {"model": "c"}],
+                "parameters": {"normalize": True},
+            },
+            ["parameters: normalize has no basin equivalent for nuslerp"],
+        ),
         # a filter narrower than all attention tensors is refused, not widened to all of them
-        ({"merge_method": "ties", "base_model": "b",
-          "models": [{"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}, {"value": 0.5}]}}]},
-         ["filter 'q_proj' has no basin equivalent", "other tensors too"]),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [
+                    {
+                        "model": "a",
+                        "parameters": {
+                            "weight": [{"filter": "q_proj", "value": 1}, {"value": 0.5}]
+                        },
+                    }
+                ],
+            },
+            ["filter 'q_proj' has no basin equivalent", "other tensors too"],
+        ),
     ],
 )
 def test_from_mergekit_errors(data, words):

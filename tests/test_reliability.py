@@ -56,14 +56,25 @@ def test_ten_sigkills_then_two_runners_lose_nothing(zoo, tmp_path):
     finish the study together. Nothing finished is lost or duplicated, no trial number is used twice,
     running trials are failed and queued again, no process leaks, and the budget is reached.
     (One scenario for both, to keep start-ups, about 15-30 s each here, few.)"""
-    r = kill_and_resume(zoo, tmp_path, kills=10, n_trials=40, moments=("early",) * 4 + ("completing",),
-                        early_s=(0.5, 6.0), final_runners=2)
+    r = kill_and_resume(
+        zoo,
+        tmp_path,
+        kills=10,
+        n_trials=40,
+        moments=("early",) * 4 + ("completing",),
+        early_s=(0.5, 6.0),
+        final_runners=2,
+    )
     assert r.kills == 10
     assert r.leaked == [], "processes outlived the kill"
     assert r.lost == [], "COMPLETE trials changed or disappeared"
-    assert r.integrity == [], "duplicates, numbers used twice, retries missing or records out of step"
+    assert r.integrity == [], (
+        "duplicates, numbers used twice, retries missing or records out of step"
+    )
     assert r.final_rc == 0
-    assert all(n > 0 for n in r.final_by_runner.values()), f"a runner added nothing: {r.final_by_runner}"
+    assert all(n > 0 for n in r.final_by_runner.values()), (
+        f"a runner added nothing: {r.final_by_runner}"
+    )
     # n_trials counts COMPLETE trials; runners check it and ask under one lock, so neither overshoots
     assert r.complete == r.budget
 
@@ -77,11 +88,17 @@ def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(zoo
     r = worker_faults(zoo, tmp_path)
     assert r.rc == 0 and r.complete == r.budget
     assert set(r.errors) == set(FAULT_KINDS.values()), r.errors
-    assert len(r.errors["worker_died"]) == 1 and len(r.errors["timeout"]) == 1 and len(r.errors["raised"]) == 1
+    assert (
+        len(r.errors["worker_died"]) == 1
+        and len(r.errors["timeout"]) == 1
+        and len(r.errors["raised"]) == 1
+    )
     assert r.unexpected == [] and r.integrity == []
     pids = [w.split(":")[1].split("/")[0] for w in r.workers]
     assert str(r.killed_pid) == pids[0]  # the worker of the first COMPLETE trial was the one killed
-    assert len(dict.fromkeys(pids)) == 3, r.workers  # then one restarted after the kill, one after the timeout
+    assert len(dict.fromkeys(pids)) == 3, (
+        r.workers
+    )  # then one restarted after the kill, one after the timeout
     assert str(r.timed_out_pid) == list(dict.fromkeys(pids))[1]
     # the run's local Ray serves on loopback only (node address 127.0.0.1, every listening socket)
     assert r.node_ips == {"127.0.0.1"}, r.node_ips
@@ -89,7 +106,9 @@ def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(zoo
 
 
 @pytest.mark.slow
-def test_sigkilled_export_leaves_nothing_at_the_target_and_the_next_export_sweeps_its_debris(tmp_path):
+def test_sigkilled_export_leaves_nothing_at_the_target_and_the_next_export_sweeps_its_debris(
+    tmp_path,
+):
     r = export_killed(build_big_zoo(tmp_path / "big"), tmp_path / "export")
     assert not r.target_exists
     assert len(r.partial_left) == 1  # SIGKILL leaves the unfinished folder beside the target ...
@@ -133,10 +152,19 @@ def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
 
     folder = tmp_path / "lock"
     records.open_storage(folder, None)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from search.records import file_lock, JOURNAL_LOCK\n"
-        f"lock = file_lock(Path({str(folder)!r}) / JOURNAL_LOCK); lock.acquire(); print('held', flush=True); time.sleep(600)")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from search.records import file_lock, JOURNAL_LOCK\n"
+                f"lock = file_lock(Path({str(folder)!r}) / JOURNAL_LOCK); lock.acquire(); print('held', flush=True); time.sleep(600)"
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     lock = records.file_lock(folder / records.JOURNAL_LOCK)
     with pytest.raises(Timeout):  # held while its holder lives ...
@@ -176,7 +204,9 @@ def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path,
     trial = s.study.ask()
     real_sleep, waits = time.sleep, []
 
-    def owner_appears(seconds: float) -> None:  # the live runner records itself while the other waits
+    def owner_appears(
+        seconds: float,
+    ) -> None:  # the live runner records itself while the other waits
         waits.append(seconds)
         if len(waits) == 1:
             trial.set_user_attr("runner", {"host": socket.gethostname(), "pid": other.pid})
@@ -197,7 +227,9 @@ def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path,
 def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
     s = setup(zoo, tmp_path / "stale")
     host = socket.gethostname()
-    ownerless = s.study.ask()  # a baseline, killed between ask and recording its runner: params not suggested yet
+    ownerless = (
+        s.study.ask()
+    )  # a baseline, killed between ask and recording its runner: params not suggested yet
     assert not ownerless.params
     own_pid = s.study.ask()  # a former run of a restarted container, which had this pid
     own_pid.set_user_attr("runner", {"host": host, "pid": os.getpid()})
@@ -215,13 +247,26 @@ def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
         other.wait()
     trials = s.study.get_trials()
     for t in (ownerless, own_pid):
-        assert trials[t.number].state == TrialState.FAIL and "queued again" in trials[t.number].user_attrs["error"]
+        assert (
+            trials[t.number].state == TrialState.FAIL
+            and "queued again" in trials[t.number].user_attrs["error"]
+        )
         retry = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
         assert len(retry) == 1 and retry[0].state == TrialState.WAITING
         assert retry[0].user_attrs.get("baseline") == trials[t.number].user_attrs.get("baseline")
-    expected = trials[ownerless.number].system_attrs["fixed_params"]  # the baseline's params survive
-    assert next(r for r in trials if r.user_attrs.get("retry_of") == ownerless.number).system_attrs["fixed_params"] == expected
-    assert trials[alive.number].state == TrialState.RUNNING and trials[elsewhere.number].state == TrialState.RUNNING
+    expected = trials[ownerless.number].system_attrs[
+        "fixed_params"
+    ]  # the baseline's params survive
+    assert (
+        next(r for r in trials if r.user_attrs.get("retry_of") == ownerless.number).system_attrs[
+            "fixed_params"
+        ]
+        == expected
+    )
+    assert (
+        trials[alive.number].state == TrialState.RUNNING
+        and trials[elsewhere.number].state == TrialState.RUNNING
+    )
 
 
 def test_the_budget_counts_the_running_trials_of_live_runners_only(zoo, tmp_path):
@@ -237,11 +282,15 @@ def test_the_budget_counts_the_running_trials_of_live_runners_only(zoo, tmp_path
     try:
         running = s.study.ask()
         running.set_user_attr("runner", {"host": host, "pid": other.pid})
-        assert claim(s.study, s.folder, runner, left) is None  # 1 COMPLETE + 1 running live = the budget
+        assert (
+            claim(s.study, s.folder, runner, left) is None
+        )  # 1 COMPLETE + 1 running live = the budget
     finally:
         other.kill()
         other.wait()
-    claimed = claim(s.study, s.folder, runner, left)  # its runner is gone: the budget has room again
+    claimed = claim(
+        s.study, s.folder, runner, left
+    )  # its runner is gone: the budget has room again
     assert claimed is not None and claimed.user_attrs["runner"] == runner
 
 
@@ -250,8 +299,11 @@ def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(zoo, tmp
     config = config_from_dict(study_config(zoo, folder))
     baselines = baseline_params(study_space(config))
     # what a run killed after queuing two baselines leaves: the study, its first attrs, two baselines
-    study = optuna.create_study(study_name="night", storage=records.open_storage(folder, None),
-                                directions=["maximize", "maximize"])
+    study = optuna.create_study(
+        study_name="night",
+        storage=records.open_storage(folder, None),
+        directions=["maximize", "maximize"],
+    )
     study.set_user_attr("directions", ["maximize", "maximize"])
     for name, params in baselines[:2]:
         study.enqueue_trial(params, user_attrs={"baseline": name})
@@ -284,20 +336,30 @@ def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, m
     config = config_from_dict(study_config(zoo, tmp_path / "interrupted", workers={"count": 2}))
     with pytest.raises(KeyboardInterrupt):
         run_study(config, progress=False)
-    trials = optuna.load_study(study_name="night", storage=records.open_storage(tmp_path / "interrupted", None)).trials
+    trials = optuna.load_study(
+        study_name="night", storage=records.open_storage(tmp_path / "interrupted", None)
+    ).trials
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stopped) == 2 and all("interrupted" in t.user_attrs["error"] for t in stopped)
     for t in stopped:
         retry = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
         assert len(retry) == 1 and retry[0].state == TrialState.WAITING
-        assert retry[0].system_attrs["fixed_params"] == t.params and retry[0].user_attrs["baseline"] == t.user_attrs["baseline"]
+        assert (
+            retry[0].system_attrs["fixed_params"] == t.params
+            and retry[0].user_attrs["baseline"] == t.user_attrs["baseline"]
+        )
 
 
 def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_path):
     s = setup(zoo, tmp_path / "nan", baselines=False)
     trial = s.study.ask()
     params = suggest(trial, s.space)
-    result = {"metrics": {"toy_pair/acc": float("nan"), "toy_next/acc": 0.5}, "worker": "w", "merge_s": 0.0, "eval_s": 0.0}
+    result = {
+        "metrics": {"toy_pair/acc": float("nan"), "toy_next/acc": 0.5},
+        "worker": "w",
+        "merge_s": 0.0,
+        "eval_s": 0.0,
+    }
     assert loop_mod._finish(s, Flight(trial, 0, params, {}), result) is False
     assert s.study.trials[trial.number].state == TrialState.FAIL
     record = json.loads((tmp_path / "nan" / "trials" / f"{trial.number}.json").read_text())
@@ -323,7 +385,9 @@ class CustomLlama(LlamaForCausalLM):
 """
 
 
-def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code(zoo, tmp_path, monkeypatch):
+def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code(
+    zoo, tmp_path, monkeypatch
+):
     """A base whose config.json maps the auto classes to a modeling file of its own: the worker of a
     config that does not mention trust_remote_code loads the stock Llama class and the file never
     runs; with trust_remote_code: true it runs (so the folder really carries code that would run).
@@ -339,8 +403,10 @@ def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code
     shutil.copytree(zoo.base, base)
     (base / "custom_llama.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
     hf_config = json.loads((base / "config.json").read_text())
-    hf_config["auto_map"] = {"AutoConfig": "custom_llama.CustomConfig",
-                             "AutoModelForCausalLM": "custom_llama.CustomLlama"}
+    hf_config["auto_map"] = {
+        "AutoConfig": "custom_llama.CustomConfig",
+        "AutoModelForCausalLM": "custom_llama.CustomLlama",
+    }
     (base / "config.json").write_text(json.dumps(hf_config))
 
     data = study_config(zoo, tmp_path / "study", models={"base": str(base)})
@@ -349,9 +415,16 @@ def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code
     assert type(worker.model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
-    trusted = config_from_dict(study_config(zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True}))
+    trusted = config_from_dict(
+        study_config(zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True})
+    )
     spec = worker_spec(trusted)
-    assert type(load_live_model(spec.models.base, trust_remote_code=spec.models.trust_remote_code)).__name__ == "CustomLlama"
+    assert (
+        type(
+            load_live_model(spec.models.base, trust_remote_code=spec.models.trust_remote_code)
+        ).__name__
+        == "CustomLlama"
+    )
     assert marker.exists()
 
 
@@ -377,14 +450,26 @@ def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):
     assert switch == ray_constants.ENABLE_RAY_CLUSTER  # restored afterwards
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("postgresql://basin:s3cret@db.example:5432/studies", "postgresql://basin:***@db.example:5432/studies"),
-    ("postgresql+psycopg2://basin:p@ss:w/rd@db/studies", "postgresql+psycopg2://basin:***@db/studies"),
-    ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
-    ("mysql://u:s3cret@h/db?password=s3cret&x=1", "mysql://u:***@h/db?password=***&x=1"),
-    ("sqlite:////tmp/s3cret/study.db", "sqlite:////tmp/s3cret/study.db"),
-    ("error from postgresql://basin:s3cret@h/db: refused", "error from postgresql://basin:***@h/db: refused"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (
+            "postgresql://basin:s3cret@db.example:5432/studies",
+            "postgresql://basin:***@db.example:5432/studies",
+        ),
+        (
+            "postgresql+psycopg2://basin:p@ss:w/rd@db/studies",
+            "postgresql+psycopg2://basin:***@db/studies",
+        ),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("mysql://u:s3cret@h/db?password=s3cret&x=1", "mysql://u:***@h/db?password=***&x=1"),
+        ("sqlite:////tmp/s3cret/study.db", "sqlite:////tmp/s3cret/study.db"),
+        (
+            "error from postgresql://basin:s3cret@h/db: refused",
+            "error from postgresql://basin:***@h/db: refused",
+        ),
+    ],
+)
 def test_storage_urls_are_printed_without_passwords(url, shown):
     assert records.redact(url) == shown
 
@@ -396,8 +481,15 @@ def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(zoo, tmp_
     finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
     from tests.support.scenarios import MF_RUNGS
 
-    r = kill_and_resume(zoo, tmp_path, kills=3, n_trials=14, moments=("rung", "early", "rung"),
-                        early_s=(0.5, 6.0), fidelity=MF_RUNGS)
+    r = kill_and_resume(
+        zoo,
+        tmp_path,
+        kills=3,
+        n_trials=14,
+        moments=("rung", "early", "rung"),
+        early_s=(0.5, 6.0),
+        fidelity=MF_RUNGS,
+    )
     assert r.kills == 3 and sum(m.startswith("rung") for m in r.moments) == 2
     assert r.leaked == [] and r.lost == [] and r.integrity == []
     assert r.final_rc == 0 and r.complete == r.budget

@@ -29,7 +29,11 @@ def finished(tmp_path_factory):
         "study": {"name": "tiny", "output_dir": str(root / "results")},
         "models": {"base": str(root / "base"), "finetunes": [str(root / n) for n in "abc"]},
         "space": {"methods": ["ties", "task_arithmetic"], "lambda": [0.5, 1.5]},
-        "evaluator": {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False},
+        "evaluator": {
+            "tasks": list(tasks.names),
+            "include_path": str(tasks.folder),
+            "builtin_tasks": False,
+        },
         "objectives": {"mode": "pareto", "items": [{"task": n} for n in tasks.names]},
         "budget": {"n_trials": 10},
         "workers": {"count": 2},
@@ -62,7 +66,11 @@ def test_pareto_table_lists_front_and_baselines(finished, capsys):
     for t in study.trials:
         name = t.user_attrs.get("baseline")
         if name and t not in study.best_trials and t.values:
-            row = next(line for line in out.splitlines() if re.match(rf"{t.number}\s+{re.escape(name)}\s", line))
+            row = next(
+                line
+                for line in out.splitlines()
+                if re.match(rf"{t.number}\s+{re.escape(name)}\s", line)
+            )
             beaten = any(dominates(f.values, t.values, directions) for f in study.best_trials)
             assert ("dominated by" in row) == beaten
 
@@ -73,7 +81,9 @@ def test_report_is_self_contained_with_real_images(finished):
     assert main(["report", str(root / "results"), "--quiet"]) == 0
     page = (root / "results" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
-    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page), "the report must not load anything external"
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page), (
+        "the report must not load anything external"
+    )
     assert "test" in page and "validation" in page
     import matplotlib.image
 
@@ -96,24 +106,57 @@ def test_export_reproduces_recorded_metrics(finished, tmp_path):
     config, study = load_study_folder(root / "results")
     trial = max(study.best_trials, key=lambda t: sum(t.values))
     out = tmp_path / "merged"
-    assert main(["export", str(root / "results"), "--trial", str(trial.number), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(root / "results"),
+                "--trial",
+                str(trial.number),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     lm = HFLM(pretrained=str(out), device="cpu", batch_size=16)
     result = lm_eval.simple_evaluate(
-        model=lm, tasks=[tasks.config(n, ("validation",)) for n in tasks.names],
-        task_manager=TaskManager(include_path=str(tasks.folder), include_defaults=False), bootstrap_iters=0,
+        model=lm,
+        tasks=[tasks.config(n, ("validation",)) for n in tasks.names],
+        task_manager=TaskManager(include_path=str(tasks.folder), include_defaults=False),
+        bootstrap_iters=0,
     )
     recorded = trial.user_attrs["metrics"]
     for name in tasks.names:
-        assert result["results"][name]["acc,none"] == pytest.approx(recorded[f"{name}/acc"], abs=1e-12)
+        assert result["results"][name]["acc,none"] == pytest.approx(
+            recorded[f"{name}/acc"], abs=1e-12
+        )
     mergekit = tmp_path / "recipe.yaml"
-    assert main(["export", str(root / "results"), "--trial", str(trial.number), "--out", str(mergekit), "--format", "mergekit"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(root / "results"),
+                "--trial",
+                str(trial.number),
+                "--out",
+                str(mergekit),
+                "--format",
+                "mergekit",
+            ]
+        )
+        == 0
+    )
     assert yaml.safe_load(mergekit.read_text())["merge_method"] == trial.params["method"]
 
 
 @pytest.mark.slow  # the finished study: a real Ray study
 def test_export_of_an_unknown_trial_is_refused(finished, tmp_path, capsys):
     root, _ = finished
-    assert main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["export", str(root / "results"), "--trial", "999", "--out", str(tmp_path / "x")]) == 2
+    )
     err = capsys.readouterr().err
     assert "not a complete trial" in err and "pick one of" in err and "basin pareto" in err
     assert not (tmp_path / "x").exists()
@@ -134,9 +177,16 @@ def test_the_recipe_figure_shows_what_the_method_reads():
     from merging import recipe_from_dict
     from search.report import plot_recipe
 
-    della = recipe_from_dict({"method": "della", "base": "b",
-                              "models": [{"path": "a", "density": [0.3, 0.6], "epsilon": 0.1}, {"path": "c"}]})
-    labels = [t.get_text() for t in plot_recipe(della, 4, ["a", "c"], "x").axes[0].get_yticklabels()]
+    della = recipe_from_dict(
+        {
+            "method": "della",
+            "base": "b",
+            "models": [{"path": "a", "density": [0.3, 0.6], "epsilon": 0.1}, {"path": "c"}],
+        }
+    )
+    labels = [
+        t.get_text() for t in plot_recipe(della, 4, ["a", "c"], "x").axes[0].get_yticklabels()
+    ]
     assert labels == ["a weight", "c weight", "a density", "c density", "a epsilon", "c epsilon"]
     ta = recipe_from_dict({"method": "task_arithmetic", "base": "b", "models": ["a", "c"]})
     labels = [t.get_text() for t in plot_recipe(ta, 4, ["a", "c"], "x").axes[0].get_yticklabels()]

@@ -29,14 +29,30 @@ from search.space import suggest
 
 N_WORKERS = 2
 LIMIT = 40  # items per task and candidate: keeps each evaluation well under a second
-RECORD_KEYS = {"number", "state", "baseline", "params", "recipe", "metrics", "values", "merge_s", "eval_s",
-               "wall_s", "worker", "error", "traceback"}
+RECORD_KEYS = {
+    "number",
+    "state",
+    "baseline",
+    "params",
+    "recipe",
+    "metrics",
+    "values",
+    "merge_s",
+    "eval_s",
+    "wall_s",
+    "worker",
+    "error",
+    "traceback",
+}
 # DARE-TIES (not normalized) with weights of 100 and more and a lambda near float32's largest value:
 # lambda * the mixed task vector overflows, so every dare_ties candidate raises NonFiniteMergeError in
 # the worker, while linear candidates (normalized by their weights) stay valid.
 OVERFLOW = {"weight": [100.0, 1000.0], "lambda": [1.0e38, 3.0e38]}
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+]
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
@@ -64,8 +80,13 @@ def study_dict(zoo, folder: Path, *, name: str = "e2e", **sections: Any) -> dict
         "study": {"name": name, "output_dir": str(folder)},
         "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
         "space": {"methods": ["linear", "task_arithmetic", "ties"], "lambda": [0.5, 1.5]},
-        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "limit": LIMIT,
-                      "builtin_tasks": False, "batch_size": 64},
+        "evaluator": {
+            "tasks": tasks,
+            "include_path": str(zoo.tasks_dir),
+            "limit": LIMIT,
+            "builtin_tasks": False,
+            "batch_size": 64,
+        },
         "objectives": {"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]},
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 4},
         "budget": {"n_trials": 10},
@@ -112,8 +133,14 @@ def resumed(zoo, ray_session, tmp_path_factory):
     stale_params = suggest(stale, setup.space)
 
     assert main(["resume", str(folder), "--set", "budget.n_trials=10", "--quiet"]) == 0
-    return {"folder": folder, "config_path": config_path, "first_trials": first_trials,
-            "first_records": first_records, "stale": stale.number, "stale_params": stale_params}
+    return {
+        "folder": folder,
+        "config_path": config_path,
+        "first_trials": first_trials,
+        "first_records": first_records,
+        "stale": stale.number,
+        "stale_params": stale_params,
+    }
 
 
 # --- single objective, records, status, resume --------------------------------------------------------------
@@ -125,7 +152,8 @@ def test_first_run_finishes_its_budget_with_baselines_first(resumed):
     # baselines were enqueued first: each fine-tune alone, uniform, task arithmetic, TIES (7: one waits)
     finetunes = yaml.safe_load(resumed["config_path"].read_text())["models"]["finetunes"]
     assert [t.user_attrs.get("baseline") for t in first] == (
-        [f"alone:{Path(p).name}" for p in finetunes] + ["uniform", "task_arithmetic", "ties"])
+        [f"alone:{Path(p).name}" for p in finetunes] + ["uniform", "task_arithmetic", "ties"]
+    )
 
 
 def test_resume_continues_without_losing_or_duplicating_trials(resumed):
@@ -138,7 +166,11 @@ def test_resume_continues_without_losing_or_duplicating_trials(resumed):
     by_number = {t.number: t for t in trials}
     for before in complete(resumed["first_trials"]):
         after = by_number[before.number]
-        assert after.state == before.state and after.values == before.values and after.params == before.params
+        assert (
+            after.state == before.state
+            and after.values == before.values
+            and after.params == before.params
+        )
     now = records.read_trial_records(folder)
     for number, record in resumed["first_records"].items():
         assert now[number] == record, f"record of trial {number} changed on resume"
@@ -165,7 +197,9 @@ def test_every_finished_trial_has_a_complete_record(resumed):
     keys = [o.key for o in config.objectives.items]
     recs = records.read_trial_records(folder)
     trials = trials_of(folder)
-    assert sorted(recs) == sorted(t.number for t in trials)  # the stale trial's record was written on resume
+    assert sorted(recs) == sorted(
+        t.number for t in trials
+    )  # the stale trial's record was written on resume
     stale = recs[resumed["stale"]]
     assert stale["state"] == "FAIL" and "stopped while this trial ran" in stale["error"]
     workers = set()
@@ -178,9 +212,15 @@ def test_every_finished_trial_has_a_complete_record(resumed):
         assert len(rec["recipe"]["models"]) == 4
         assert set(keys) <= set(rec["metrics"])
         assert rec["values"] == t.values
-        assert rec["values"][0] == pytest.approx(sum(o.weight * rec["metrics"][o.key] for o in config.objectives.items))
+        assert rec["values"][0] == pytest.approx(
+            sum(o.weight * rec["metrics"][o.key] for o in config.objectives.items)
+        )
         assert 0 <= rec["values"][0] <= 1
-        assert rec["merge_s"] > 0 and rec["eval_s"] > 0 and rec["wall_s"] >= rec["eval_s"] + rec["merge_s"]
+        assert (
+            rec["merge_s"] > 0
+            and rec["eval_s"] > 0
+            and rec["wall_s"] >= rec["eval_s"] + rec["merge_s"]
+        )
         assert rec["baseline"] == t.user_attrs.get("baseline")
         workers.add(rec["worker"])
     # "host:pid/index"; usually both workers take candidates, but one that starts much later may not
@@ -189,10 +229,16 @@ def test_every_finished_trial_has_a_complete_record(resumed):
 
 def test_status_names_the_best_trial_of_the_records_on_disk(resumed, capsys):
     """`basin status` reports as best the COMPLETE trial whose record on disk scores highest."""
-    recs = [r for r in records.read_trial_records(resumed["folder"]).values() if r["state"] == "COMPLETE"]
+    recs = [
+        r
+        for r in records.read_trial_records(resumed["folder"]).values()
+        if r["state"] == "COMPLETE"
+    ]
     top = max(r["values"][0] for r in recs)
     assert main(["status", str(resumed["folder"])]) == 0
-    best = re.search(r"^  best trial (\d+) \((.+)\): ([0-9.]+)$", capsys.readouterr().out, re.MULTILINE)
+    best = re.search(
+        r"^  best trial (\d+) \((.+)\): ([0-9.]+)$", capsys.readouterr().out, re.MULTILINE
+    )
     assert best, "no best line"
     number, name, value = int(best[1]), best[2], float(best[3])
     record = next(r for r in recs if r["number"] == number)
@@ -239,7 +285,10 @@ def test_an_existing_study_with_a_different_config_is_refused(resumed, tmp_path,
     # resuming a folder without a study is refused and creates nothing
     none = tmp_path / "none"
     with pytest.raises(ConfigError, match="holds no study to resume"):
-        setup_study(config_from_dict({**data, "study": {"name": "e2e", "output_dir": str(none)}}), resume=True)
+        setup_study(
+            config_from_dict({**data, "study": {"name": "e2e", "output_dir": str(none)}}),
+            resume=True,
+        )
     assert not none.exists()
 
 
@@ -249,10 +298,17 @@ def test_an_existing_study_with_a_different_config_is_refused(resumed, tmp_path,
 def test_pareto_study_has_a_front(zoo, ray_session, tmp_path, capsys):
     tasks = list(zoo.tasks)[:2]
     data = study_dict(
-        zoo, tmp_path / "pareto", name="pareto",
+        zoo,
+        tmp_path / "pareto",
+        name="pareto",
         space={"methods": ["linear", "ties"]},
-        evaluator={"tasks": tasks, "include_path": str(zoo.tasks_dir), "limit": LIMIT, "builtin_tasks": False,
-                   "batch_size": 64},
+        evaluator={
+            "tasks": tasks,
+            "include_path": str(zoo.tasks_dir),
+            "limit": LIMIT,
+            "builtin_tasks": False,
+            "batch_size": 64,
+        },
         objectives={"mode": "pareto", "items": [{"task": t} for t in tasks]},
         sampler={"name": "nsga2", "seed": 0},
         budget={"n_trials": 8},
@@ -277,7 +333,9 @@ def test_pareto_study_has_a_front(zoo, ray_session, tmp_path, capsys):
 def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(zoo, ray_session, tmp_path):
     folder = tmp_path / "failing"
     data = study_dict(
-        zoo, folder, name="failing",
+        zoo,
+        folder,
+        name="failing",
         space={"methods": ["linear", "dare_ties"], **OVERFLOW},
         sampler={"name": "random", "seed": 1},
         budget={"n_trials": 3},
@@ -303,23 +361,31 @@ def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(zoo, ray_sess
 def test_a_study_where_every_candidate_fails_stops_with_a_clear_error(zoo, ray_session, tmp_path):
     folder = tmp_path / "hopeless"
     data = study_dict(
-        zoo, folder, name="hopeless",
+        zoo,
+        folder,
+        name="hopeless",
         space={"methods": ["dare_ties"], **OVERFLOW},
         sampler={"name": "random", "seed": 0},
         budget={"n_trials": 5},
         baselines=False,
     )
-    with pytest.raises(RuntimeError, match=r"stopped: the last 10 candidates all failed; see the error in .*trials"):
+    with pytest.raises(
+        RuntimeError, match=r"stopped: the last 10 candidates all failed; see the error in .*trials"
+    ):
         run_study(config_from_dict(data), progress=False)
     trials = trials_of(folder)
     assert not complete(trials)
     assert 10 <= len(trials) <= 10 + N_WORKERS  # stopped at the guard, not looping on
     assert all(t.state == TrialState.FAIL for t in trials)  # nothing left RUNNING
-    errors = {json.loads(p.read_text())["error"].split(":")[0] for p in (folder / "trials").glob("*.json")}
+    errors = {
+        json.loads(p.read_text())["error"].split(":")[0] for p in (folder / "trials").glob("*.json")
+    }
     assert errors == {"NonFiniteMergeError"}
 
 
-def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(zoo, ray_session, tmp_path, monkeypatch):
+def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(
+    zoo, ray_session, tmp_path, monkeypatch
+):
     """What a worker's own process reports: torch threads from its share of the cores (or
     workers.threads) and OpenMP's passive wait policy, or the one the user set."""
     from search.setup import worker_spec
@@ -332,10 +398,14 @@ def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(zoo,
         infos = pool.ready()
     finally:
         pool.shutdown()
-    assert [(i["threads"], i["omp_wait_policy"]) for i in infos] == [(cpu_threads(N_WORKERS), "PASSIVE")] * N_WORKERS
+    assert [(i["threads"], i["omp_wait_policy"]) for i in infos] == [
+        (cpu_threads(N_WORKERS), "PASSIVE")
+    ] * N_WORKERS
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    config = config_from_dict(study_dict(zoo, tmp_path / "threads", workers={"count": 1, "threads": 2}))
+    config = config_from_dict(
+        study_dict(zoo, tmp_path / "threads", workers={"count": 1, "threads": 2})
+    )
     pool = WorkerPool(worker_spec(config), 1)
     try:
         (info,) = pool.ready()

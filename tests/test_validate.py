@@ -25,7 +25,11 @@ def config(llama_set, tasks, root: Path, **sections: Any) -> Path:
         "study": {"name": "check", "output_dir": str(root / "study")},
         "models": {"base": str(llama_set.base), "finetunes": [str(p) for p in llama_set.finetunes]},
         "space": {"methods": ["task_arithmetic"], "weight": [0.0, 1.0]},
-        "evaluator": {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False},
+        "evaluator": {
+            "tasks": list(tasks.names),
+            "include_path": str(tasks.folder),
+            "builtin_tasks": False,
+        },
         "objectives": {"items": [{"task": "toy_next", "metric": "acc"}]},
         "workers": {"count": 1},
     }
@@ -52,7 +56,12 @@ def test_a_good_config_validates_with_nothing_left_unchecked(llama_set, tasks, t
 
 
 def test_an_unknown_metric_fails_validate_as_it_fails_run(llama_set, tasks, tmp_path, capsys):
-    path = config(llama_set, tasks, tmp_path, objectives={"items": [{"task": "toy_pair", "metric": "acc_nrom"}]})
+    path = config(
+        llama_set,
+        tasks,
+        tmp_path,
+        objectives={"items": [{"task": "toy_pair", "metric": "acc_nrom"}]},
+    )
     (v_code, v_err), (r_code, r_err) = both(path, capsys)
     assert v_code == r_code == 2 and v_err == r_err
     assert "unknown metric 'toy_pair/acc_nrom'; did you mean 'toy_pair/acc_norm'" in v_err
@@ -74,38 +83,76 @@ def test_a_filtered_generative_metric_needs_its_filter_name(zoo, tmp_path, capsy
     assert "did you mean 'zoo_add_gen/exact_match,answer'?" in v_err
 
 
-def test_a_task_without_the_asked_split_fails_and_points_at_the_carve(llama_set, tasks, tmp_path, capsys):
+def test_a_task_without_the_asked_split_fails_and_points_at_the_carve(
+    llama_set, tasks, tmp_path, capsys
+):
     only_test = tmp_path / "only_test"
     only_test.mkdir()
     (only_test / "toy_next.yaml").write_text(yaml.safe_dump(tasks.config("toy_next", ("test",))))
-    path = config(llama_set, tasks, tmp_path, evaluator={"tasks": ["toy_next"], "include_path": str(only_test),
-                                                          "builtin_tasks": False})
+    path = config(
+        llama_set,
+        tasks,
+        tmp_path,
+        evaluator={"tasks": ["toy_next"], "include_path": str(only_test), "builtin_tasks": False},
+    )
     (v_code, v_err), (r_code, r_err) = both(path, capsys)
     assert v_code == r_code == 2 and v_err == r_err
     assert "task 'toy_next' has no validation split" in v_err and "holdout: 0.3" in v_err
 
 
 def test_incompatible_models_fail_validate(llama_set, gpt2_set, tasks, tmp_path, capsys):
-    path = config(llama_set, tasks, tmp_path, models={"base": str(llama_set.base),
-                                                      "finetunes": [str(llama_set.finetunes[0]), str(gpt2_set.finetunes[0])]})
+    path = config(
+        llama_set,
+        tasks,
+        tmp_path,
+        models={
+            "base": str(llama_set.base),
+            "finetunes": [str(llama_set.finetunes[0]), str(gpt2_set.finetunes[0])],
+        },
+    )
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("basin: error:") and "Traceback" not in err
 
 
 def test_search_items_that_are_the_report_items_are_flagged(llama_set, tasks, tmp_path, capsys):
-    path = config(llama_set, tasks, tmp_path, evaluator={"tasks": list(tasks.names), "include_path": str(tasks.folder),
-                                                          "builtin_tasks": False, "split": "test", "report_split": "test"})
+    path = config(
+        llama_set,
+        tasks,
+        tmp_path,
+        evaluator={
+            "tasks": list(tasks.names),
+            "include_path": str(tasks.folder),
+            "builtin_tasks": False,
+            "split": "test",
+            "report_split": "test",
+        },
+    )
     assert main(["validate", str(path)]) == 0
-    assert "warning: evaluator.split and evaluator.report_split are both 'test'" in capsys.readouterr().out
-    carved = config(llama_set, tasks, tmp_path, evaluator={"tasks": list(tasks.names), "include_path": str(tasks.folder),
-                                                            "builtin_tasks": False, "split": "test", "holdout": 0.25})
+    assert (
+        "warning: evaluator.split and evaluator.report_split are both 'test'"
+        in capsys.readouterr().out
+    )
+    carved = config(
+        llama_set,
+        tasks,
+        tmp_path,
+        evaluator={
+            "tasks": list(tasks.names),
+            "include_path": str(tasks.folder),
+            "builtin_tasks": False,
+            "split": "test",
+            "holdout": 0.25,
+        },
+    )
     assert main(["validate", str(carved)]) == 0
     assert "warning" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(tmp_path, capsys, monkeypatch):
+def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     path = REPO / "configs" / "leaderboard-qwen2.5-7b.yaml"
@@ -124,7 +171,9 @@ def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(tmp_p
     assert "unknown metric 'gsm8k/exact_match'; did you mean" in capsys.readouterr().err
 
 
-def test_validate_prints_each_workers_memory_plan_from_the_headers(llama_set, tasks, tmp_path, capsys):
+def test_validate_prints_each_workers_memory_plan_from_the_headers(
+    llama_set, tasks, tmp_path, capsys
+):
     import torch
     from safetensors.torch import load_file
 
@@ -132,19 +181,29 @@ def test_validate_prints_each_workers_memory_plan_from_the_headers(llama_set, ta
     from search.config import load_config
     from search.memory import GiB, memory_plan
 
-    path = config(llama_set, tasks, tmp_path, space={"methods": ["ties", "dare_ties"], "weight": [0.0, 1.0]})
+    path = config(
+        llama_set, tasks, tmp_path, space={"methods": ["ties", "dare_ties"], "weight": [0.0, 1.0]}
+    )
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    params = sum(t.numel() for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point())
+    params = sum(
+        t.numel()
+        for t in load_file(llama_set.base / "model.safetensors").values()
+        if t.is_floating_point()
+    )
     plan = dict(memory_plan(load_config(str(path))).fixed)
     assert plan["base"] == plan["live model"] == 4 * params  # float32
     assert plan["task vectors (3 fine-tunes)"] == 3 * 4 * params
-    tensors = sum(1 for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point())
+    tensors = sum(
+        1 for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point()
+    )
     # the tables are host memory: a note, not part of what must fit the GPU; DARE's draws are not stored
     assert not any("magnitude" in what or "DARE" in what for what in plan)
     tables = 3 * tensors * 1001 * TABLE_POINT_BYTES
     assert f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory" in out
-    assert MagnitudeOrder(torch.randn(5000), table=True).table_bytes() == 1001 * TABLE_POINT_BYTES  # what it holds
+    assert (
+        MagnitudeOrder(torch.randn(5000), table=True).table_bytes() == 1001 * TABLE_POINT_BYTES
+    )  # what it holds
     assert "memory plan of each worker (float32 on auto)" in out
     for what in ("base", "task vectors (3 fine-tunes)", "evaluation estimate"):
         assert what in out
@@ -152,15 +211,22 @@ def test_validate_prints_each_workers_memory_plan_from_the_headers(llama_set, ta
 
 
 def test_a_plan_that_cannot_fit_the_named_gpu_is_refused_and_one_that_barely_fits_is_warned(
-        llama_set, tasks, tmp_path, capsys):
+    llama_set, tasks, tmp_path, capsys
+):
     from search.config import load_config
     from search.memory import GiB, memory_plan
 
     path = config(llama_set, tasks, tmp_path, workers={"count": 1, "gpu_memory_gib": 1e-6})
     (v_code, v_err), (r_code, r_err) = both(path, capsys)
     assert v_code == r_code == 2
-    assert "one worker needs" in v_err and "more than the 0.0 GiB of its GPU (workers.gpu_memory_gib: 1e-06)" in v_err
-    assert "the largest part is task vectors (3 fine-tunes)" in r_err and not (tmp_path / "study").exists()
+    assert (
+        "one worker needs" in v_err
+        and "more than the 0.0 GiB of its GPU (workers.gpu_memory_gib: 1e-06)" in v_err
+    )
+    assert (
+        "the largest part is task vectors (3 fine-tunes)" in r_err
+        and not (tmp_path / "study").exists()
+    )
     plan = memory_plan(load_config(str(path)))
     between = (plan.fixed_bytes + plan.total_bytes) / 2 / GiB
     path = config(llama_set, tasks, tmp_path, workers={"count": 1, "gpu_memory_gib": between})

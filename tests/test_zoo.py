@@ -87,8 +87,11 @@ def test_tasks_load_in_lm_eval_with_distinct_splits(zoo: Zoo) -> None:
 
 
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_second_build_reuses_the_zoo(zoo: Zoo, capsys) -> None:
@@ -99,7 +102,9 @@ def test_second_build_reuses_the_zoo(zoo: Zoo, capsys) -> None:
     assert "[zoo]" not in capsys.readouterr().out  # a build reports each model it trains
     assert again == zoo
     assert _stamps(zoo.root) == before and (zoo.root / "zoo.json").read_bytes() == manifest
-    assert not list(zoo.root.parent.glob(f".{zoo.root.name}.*"))  # no build or trash folder beside it
+    assert not list(
+        zoo.root.parent.glob(f".{zoo.root.name}.*")
+    )  # no build or trash folder beside it
 
 
 def test_data_is_deterministic_and_depends_on_the_seed(tmp_path: Path, zoo: Zoo) -> None:
@@ -191,12 +196,22 @@ def test_adapter_equals_simple_evaluate_on_a_zoo_model(zoo: Zoo) -> None:
     folder = next(iter(zoo.finetunes.values()))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    ours = HarnessEvaluator(zoo.tasks, include_path=zoo.tasks_dir, split="validation", batch_size=64,
-                            builtin_tasks=False).evaluate(model, tok)
+    ours = HarnessEvaluator(
+        zoo.tasks,
+        include_path=zoo.tasks_dir,
+        split="validation",
+        batch_size=64,
+        builtin_tasks=False,
+    ).evaluate(model, tok)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},device=cpu", batch_size=64, tasks=["zoo_validation"],
+        model="hf",
+        model_args=f"pretrained={folder},device=cpu",
+        batch_size=64,
+        tasks=["zoo_validation"],
         task_manager=TaskManager(include_path=str(zoo.tasks_dir), include_defaults=False),
-        bootstrap_iters=0, log_samples=False, verbosity="ERROR",
+        bootstrap_iters=0,
+        log_samples=False,
+        verbosity="ERROR",
     )
     for name in zoo.tasks:
         assert ours.metrics[f"{name}/acc"] == out["results"][name]["acc,none"], name

@@ -85,7 +85,9 @@ def write_task_files(root: Path, final_root: Path, skills: list[str]) -> Path:
             "metadata": {"version": 1.0},
         }
         _write(tasks_dir / f"{task_name(skill)}.yaml", config)
-        _write(tasks_dir / f"{generative_task_name(skill)}.yaml", _generative(config, skill, skills))
+        _write(
+            tasks_dir / f"{generative_task_name(skill)}.yaml", _generative(config, skill, skills)
+        )
     names = [task_name(s) for s in skills]
     aggregate = [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}]
     _write(
@@ -113,16 +115,35 @@ def write_task_files(root: Path, final_root: Path, skills: list[str]) -> Path:
 
 def _generative(config: dict, skill: str, skills: list[str]) -> dict:
     """The generate_until form of a skill's multiple-choice task, over the same items."""
-    out = {k: v for k, v in config.items() if k not in ("output_type", "doc_to_choice", "doc_to_target", "metric_list")}
-    out.update({
-        "task": generative_task_name(skill),
-        "output_type": "generate_until",
-        "doc_to_target": "{{choices[label]}}",
-        "generation_kwargs": {"until": list(skills), "max_gen_toks": GEN_TOKENS, "do_sample": False},
-        "filter_list": [{"name": GEN_FILTER, "filter": [
-            {"function": "regex", "regex_pattern": "([0-9](?: [0-9])*)"}, {"function": "take_first"}]}],
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-    })
+    out = {
+        k: v
+        for k, v in config.items()
+        if k not in ("output_type", "doc_to_choice", "doc_to_target", "metric_list")
+    }
+    out.update(
+        {
+            "task": generative_task_name(skill),
+            "output_type": "generate_until",
+            "doc_to_target": "{{choices[label]}}",
+            "generation_kwargs": {
+                "until": list(skills),
+                "max_gen_toks": GEN_TOKENS,
+                "do_sample": False,
+            },
+            "filter_list": [
+                {
+                    "name": GEN_FILTER,
+                    "filter": [
+                        {"function": "regex", "regex_pattern": "([0-9](?: [0-9])*)"},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            "metric_list": [
+                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+            ],
+        }
+    )
     return out
 
 

@@ -31,14 +31,25 @@ sys.path.insert(0, str(REPO))
 CHECKPOINTS = (1 / 6, 1 / 3, 1 / 2, 1.0)  # shares of the budget at which the curves are printed
 
 
-def study_dict(zoo: Any, folder: Path, items: int, fidelity: dict[str, Any] | None) -> dict[str, Any]:
+def study_dict(
+    zoo: Any, folder: Path, items: int, fidelity: dict[str, Any] | None
+) -> dict[str, Any]:
     tasks = list(zoo.tasks)
     data = {
         "study": {"name": "bench", "output_dir": str(folder)},
         "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
-        "space": {"methods": ["ties", "dare_ties", "task_arithmetic"], "weight": [0.0, 1.0],
-                  "density": [0.2, 1.0], "lambda": [0.3, 1.5]},
-        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "builtin_tasks": False, "batch_size": 64},
+        "space": {
+            "methods": ["ties", "dare_ties", "task_arithmetic"],
+            "weight": [0.0, 1.0],
+            "density": [0.2, 1.0],
+            "lambda": [0.3, 1.5],
+        },
+        "evaluator": {
+            "tasks": tasks,
+            "include_path": str(zoo.tasks_dir),
+            "builtin_tasks": False,
+            "batch_size": 64,
+        },
         "objectives": {"items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]},
         "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 10},
         "budget": {"n_trials": None, "items": items},
@@ -54,7 +65,10 @@ def curve(study: Any) -> list[tuple[int, float, float]]:
     each finished trial, in the order they finished."""
     from optuna.trial import TrialState
 
-    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.datetime_complete), key=lambda t: t.datetime_complete)
+    trials = sorted(
+        (t for t in study.get_trials(deepcopy=False) if t.datetime_complete),
+        key=lambda t: t.datetime_complete,
+    )
     began = min(t.datetime_start for t in trials)
     out, spent, best = [], 0, float("-inf")
     for t in trials:
@@ -74,7 +88,9 @@ def to_reach(points: list[tuple[int, float, float]], target: float) -> tuple[int
     return next(((s, w) for s, b, w in points if b >= target), None)
 
 
-def run(zoo: Any, items: int, fidelity: dict[str, Any] | None) -> tuple[list[tuple[int, float, float]], float, int, int]:
+def run(
+    zoo: Any, items: int, fidelity: dict[str, Any] | None
+) -> tuple[list[tuple[int, float, float]], float, int, int]:
     from optuna.trial import TrialState
 
     from search.config import config_from_dict
@@ -82,20 +98,32 @@ def run(zoo: Any, items: int, fidelity: dict[str, Any] | None) -> tuple[list[tup
 
     with tempfile.TemporaryDirectory(prefix="basin-bench-fidelity-") as tmp:
         start = time.perf_counter()
-        study = run_study(config_from_dict(study_dict(zoo, Path(tmp) / "study", items, fidelity)), progress=False)
+        study = run_study(
+            config_from_dict(study_dict(zoo, Path(tmp) / "study", items, fidelity)), progress=False
+        )
         wall = time.perf_counter() - start
         trials = study.get_trials(deepcopy=False)
         return curve(study), wall, len(trials), sum(t.state == TrialState.PRUNED for t in trials)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--trials", type=int, default=60, help="the budget: this many full-fidelity candidates' items")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=60,
+        help="the budget: this many full-fidelity candidates' items",
+    )
     parser.add_argument("--rungs", type=int, nargs="+", default=[24, 72])
     parser.add_argument("--keep", type=float, default=0.2)
-    parser.add_argument("--cache", type=Path,
-                        default=Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"))
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"),
+    )
     args = parser.parse_args()
 
     import optuna
@@ -105,11 +133,15 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fidelity = {"rungs": args.rungs, "keep": args.keep}
-    print(f"budget: {args.trials} full-fidelity candidates' items; multi-fidelity rungs {args.rungs}, keep {args.keep}")
+    print(
+        f"budget: {args.trials} full-fidelity candidates' items; multi-fidelity rungs {args.rungs}, keep {args.keep}"
+    )
     ok = True
     for seed in args.seeds:
         zoo = build_zoo(args.cache / "zoo" / f"seed{seed}", seed=seed)
-        sizes = HarnessEvaluator(list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False).item_counts
+        sizes = HarnessEvaluator(
+            list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False
+        ).item_counts
         budget = args.trials * sum(sizes.values())
         full, full_wall, full_n, _ = run(zoo, budget, None)
         multi, multi_wall, multi_n, pruned = run(zoo, budget, fidelity)
@@ -117,8 +149,10 @@ def main() -> None:
         reach, own = to_reach(multi, final - 0.005), to_reach(full, final)
         print(f"\nzoo seed {seed}: search items per task {sizes}; budget {budget:,} items")
         print(f"  full : {full_n} candidates, {full_wall:.0f} s")
-        print(f"  multi: {multi_n} candidates ({pruned} pruned), {multi_wall:.0f} s "
-              f"(wall-clock {multi_wall / full_wall:.2f}x full's for the same items)")
+        print(
+            f"  multi: {multi_n} candidates ({pruned} pruned), {multi_wall:.0f} s "
+            f"(wall-clock {multi_wall / full_wall:.2f}x full's for the same items)"
+        )
         print("  best full-search-set score against items spent:")
         print("    items        full     multi")
         for share in CHECKPOINTS:
@@ -127,11 +161,23 @@ def main() -> None:
         reached = reach is not None and reach[0] <= budget / 3
         equal = multi[-1][1] >= final
         ok &= reached and equal
-        print(f"  full found its final best {final:.4f} after {own[0]:,} items ({own[0] / budget:.2f} of them), {own[1]:.0f} s")
-        where = (f"{reach[0]:,} items, {reach[0] / budget:.2f} of full's, {reach[1]:.0f} s ({reach[1] / full_wall:.2f}x "
-                 "full's whole run)") if reach is not None else "never"
-        print(f"  reach: multi reached {final:.4f} - 0.005 after {where}: {'met' if reached else 'MISSED'} (goal <= 0.33)")
-        print(f"  equal: at equal items multi {multi[-1][1]:.4f} vs full {final:.4f}: {'met' if equal else 'MISSED'}")
+        print(
+            f"  full found its final best {final:.4f} after {own[0]:,} items ({own[0] / budget:.2f} of them), {own[1]:.0f} s"
+        )
+        where = (
+            (
+                f"{reach[0]:,} items, {reach[0] / budget:.2f} of full's, {reach[1]:.0f} s ({reach[1] / full_wall:.2f}x "
+                "full's whole run)"
+            )
+            if reach is not None
+            else "never"
+        )
+        print(
+            f"  reach: multi reached {final:.4f} - 0.005 after {where}: {'met' if reached else 'MISSED'} (goal <= 0.33)"
+        )
+        print(
+            f"  equal: at equal items multi {multi[-1][1]:.4f} vs full {final:.4f}: {'met' if equal else 'MISSED'}"
+        )
     sys.exit(0 if ok else 1)
 
 

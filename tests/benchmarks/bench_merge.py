@@ -31,18 +31,35 @@ from safetensors.torch import load_file, save_file
 from merging import ResidentMerger, export_merge, load_live_model, recipe_from_dict
 
 GOALS = {"task_arithmetic": 1.2, "ties": 1.5, "dare_linear": 1.5, "dare_ties": 1.5}  # x the floor
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "model_stock",
-           "nuslerp")
+METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs_ties",
+    "della",
+    "model_stock",
+    "nuslerp",
+)
 TWO_MODELS = ("nuslerp",)  # merged from the first two fine-tunes (always eager: nothing to compile)
 KERNELS = ("eager", "compiled")
 
 
-def build_models(root: Path, hidden: int, layers: int, n_models: int = 3) -> tuple[str, list[str], int]:
+def build_models(
+    root: Path, hidden: int, layers: int, n_models: int = 3
+) -> tuple[str, list[str], int]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                         num_key_value_heads=max(1, hidden // 64), tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -95,18 +112,31 @@ def resident_bytes(merger: ResidentMerger, live: torch.nn.Module) -> int:
 def recipe(method: str, base: str, models: list[str]):
     weights = [0.5, 0.3, 0.2]
     if method in TWO_MODELS:
-        return recipe_from_dict({"method": method, "base": base, "parameters": {"slerp_over": "rows"},
-                                 "models": [{"path": m, "weight": w} for m, w in zip(models[:2], weights)]})
-    return recipe_from_dict({
-        "method": method, "base": base,
-        "models": [{"path": m, "weight": w, **({"density": 0.5} if method != "model_stock" else {})}
-                   for m, w in zip(models, weights)],
-        "parameters": {"lambda": 1.0, "seed": 0},
-    })
+        return recipe_from_dict(
+            {
+                "method": method,
+                "base": base,
+                "parameters": {"slerp_over": "rows"},
+                "models": [{"path": m, "weight": w} for m, w in zip(models[:2], weights)],
+            }
+        )
+    return recipe_from_dict(
+        {
+            "method": method,
+            "base": base,
+            "models": [
+                {"path": m, "weight": w, **({"density": 0.5} if method != "model_stock" else {})}
+                for m, w in zip(models, weights)
+            ],
+            "parameters": {"lambda": 1.0, "seed": 0},
+        }
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
@@ -115,7 +145,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="basin-bench-"))
     try:
         base, models, n_params = build_models(root, args.hidden, args.layers)
-        print(f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}")
+        print(
+            f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}"
+        )
         mergers = {k: ResidentMerger(base, models, device=args.device, kernels=k) for k in KERNELS}
         pair = ResidentMerger(base, models[:2], device=args.device)  # for TWO_MODELS
         merger = mergers["eager"]
@@ -127,17 +159,30 @@ def main() -> None:
             with torch.no_grad():
                 for name in merger.names:
                     b, t = merger.base[name], [d[name] for d in merger.deltas]
-                    targets[name].copy_(b + weights[0] * t[0] + weights[1] * t[1] + weights[2] * t[2])
+                    targets[name].copy_(
+                        b + weights[0] * t[0] + weights[1] * t[1] + weights[2] * t[2]
+                    )
 
-        bandwidth = copy_bandwidth(max(t.numel() for t in merger.base.values()) * 32, args.device, args.repeats)
-        floor = {m: bytes_moved(m, n_params, 2 if m in TWO_MODELS else len(models)) / bandwidth for m in METHODS}
-        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; a task-arithmetic candidate moves "
-              f"{bytes_moved('task_arithmetic', n_params, len(models)) / 1e9:.2f} GB: floor "
-              f"{floor['task_arithmetic'] * 1000:.0f} ms")
+        bandwidth = copy_bandwidth(
+            max(t.numel() for t in merger.base.values()) * 32, args.device, args.repeats
+        )
+        floor = {
+            m: bytes_moved(m, n_params, 2 if m in TWO_MODELS else len(models)) / bandwidth
+            for m in METHODS
+        }
+        print(
+            f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; a task-arithmetic candidate moves "
+            f"{bytes_moved('task_arithmetic', n_params, len(models)) / 1e9:.2f} GB: floor "
+            f"{floor['task_arithmetic'] * 1000:.0f} ms"
+        )
         ref_s = timed(reference, args.repeats, args.device)
-        print(f"plain torch base + sum w*T: {ref_s * 1000:.0f} ms per candidate, {ref_s / floor['task_arithmetic']:.2f}x the floor")
-        print(f"{'method':<16}{'floor ms':>10}{'eager ms':>10}{'x floor':>9}{'compiled ms':>13}{'x floor':>9}{'goal':>7}"
-              f"{'first call s':>14}")
+        print(
+            f"plain torch base + sum w*T: {ref_s * 1000:.0f} ms per candidate, {ref_s / floor['task_arithmetic']:.2f}x the floor"
+        )
+        print(
+            f"{'method':<16}{'floor ms':>10}{'eager ms':>10}{'x floor':>9}{'compiled ms':>13}{'x floor':>9}{'goal':>7}"
+            f"{'first call s':>14}"
+        )
         for method in METHODS:
             r = recipe(method, base, models)
             row, first = [], 0.0
@@ -146,18 +191,26 @@ def main() -> None:
                 t0 = time.perf_counter()
                 merge(r, live)  # first call: tables, and for "compiled" the compile
                 first = time.perf_counter() - t0 if k == "compiled" else first
-                row.append(timed(lambda r=r, merge=merge: merge(r, live), args.repeats, args.device))
+                row.append(
+                    timed(lambda r=r, merge=merge: merge(r, live), args.repeats, args.device)
+                )
             goal = f"<={GOALS[method]}" if method in GOALS else ""
             f = floor[method]
-            print(f"{method:<16}{f * 1000:>10.0f}{row[0] * 1000:>10.0f}{row[0] / f:>9.2f}{row[1] * 1000:>13.0f}"
-                  f"{row[1] / f:>9.2f}{goal:>7}{first:>14.1f}")
+            print(
+                f"{method:<16}{f * 1000:>10.0f}{row[0] * 1000:>10.0f}{row[0] / f:>9.2f}{row[1] * 1000:>13.0f}"
+                f"{row[1] / f:>9.2f}{goal:>7}{first:>14.1f}"
+            )
         model_bytes = n_params * 4
         for k in KERNELS:
             held = resident_bytes(mergers[k], live)
-            print(f"resident per worker ({k} merger and the live model): {held / 1e9:.2f} GB = "
-                  f"{held / model_bytes:.2f} x the model; (2 + {len(models)}) x model = {(2 + len(models)) * model_bytes / 1e9:.2f} GB")
+            print(
+                f"resident per worker ({k} merger and the live model): {held / 1e9:.2f} GB = "
+                f"{held / model_bytes:.2f} x the model; (2 + {len(models)}) x model = {(2 + len(models)) * model_bytes / 1e9:.2f} GB"
+            )
         if args.device == "cuda":
-            print(f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB (both mergers, the live model, scratch)")
+            print(
+                f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB (both mergers, the live model, scratch)"
+            )
 
         def copy(sources: list[str], n_written: int) -> float:
             t0 = time.perf_counter()
@@ -169,15 +222,21 @@ def main() -> None:
 
         copy_all = copy([base, *models], n_written=4)
         read_all_write_one = copy([base, *models], n_written=1)
-        print(f"copying the 4 source files safetensors->safetensors: {copy_all:.2f} s; reading the 4 and "
-              f"writing one model: {read_all_write_one:.2f} s")
+        print(
+            f"copying the 4 source files safetensors->safetensors: {copy_all:.2f} s; reading the 4 and "
+            f"writing one model: {read_all_write_one:.2f} s"
+        )
         for k in KERNELS:
             out = root / f"out-{k}"
             t0 = time.perf_counter()
-            export_merge(recipe("ties", base, models), out, progress=False, device=args.device, kernels=k)
+            export_merge(
+                recipe("ties", base, models), out, progress=False, device=args.device, kernels=k
+            )
             export_s = time.perf_counter() - t0
-            print(f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} to the copy (goal <=2), "
-                  f"{export_s / read_all_write_one:.2f} to read 4 + write 1")
+            print(
+                f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} to the copy (goal <=2), "
+                f"{export_s / read_all_write_one:.2f} to read 4 + write 1"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

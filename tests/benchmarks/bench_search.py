@@ -45,17 +45,38 @@ ZOO_DIR = REPO / ".zoo" / "seed0"
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def zoo_config(zoo: Any, folder: Path, name: str, *, n_trials: int, sampler: dict[str, Any],
-               limit: int | None, workers: int = 2, baselines: bool = False) -> dict[str, Any]:
+def zoo_config(
+    zoo: Any,
+    folder: Path,
+    name: str,
+    *,
+    n_trials: int,
+    sampler: dict[str, Any],
+    limit: int | None,
+    workers: int = 2,
+    baselines: bool = False,
+) -> dict[str, Any]:
     tasks = list(zoo.tasks)
     return {
         "study": {"name": name, "output_dir": str(folder)},
         "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
-        "space": {"methods": ["linear", "task_arithmetic", "ties", "dare_ties"], "weight": [0.0, 1.0],
-                  "density": [0.1, 1.0], "lambda": [0.3, 1.5]},
-        "evaluator": {"tasks": tasks, "include_path": str(zoo.tasks_dir), "limit": limit,
-                      "builtin_tasks": False, "batch_size": 64},
-        "objectives": {"mode": "single", "items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks]},
+        "space": {
+            "methods": ["linear", "task_arithmetic", "ties", "dare_ties"],
+            "weight": [0.0, 1.0],
+            "density": [0.1, 1.0],
+            "lambda": [0.3, 1.5],
+        },
+        "evaluator": {
+            "tasks": tasks,
+            "include_path": str(zoo.tasks_dir),
+            "limit": limit,
+            "builtin_tasks": False,
+            "batch_size": 64,
+        },
+        "objectives": {
+            "mode": "single",
+            "items": [{"task": t, "weight": 1.0 / len(tasks)} for t in tasks],
+        },
         "sampler": sampler,
         "budget": {"n_trials": n_trials},
         "workers": {"count": workers},
@@ -87,15 +108,29 @@ def pct(x: float) -> str:
 def bench_overhead(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
     from search import records
 
-    print(f"\n== a. per-trial overhead: {args.overhead_trials} trials on the zoo, 2 workers, "
-          f"limit {args.limit or 'none (full validation split)'}", flush=True)
+    print(
+        f"\n== a. per-trial overhead: {args.overhead_trials} trials on the zoo, 2 workers, "
+        f"limit {args.limit or 'none (full validation split)'}",
+        flush=True,
+    )
     restart_ray()
     folder = scratch / "overhead"
     t0 = time.perf_counter()
-    run(zoo_config(zoo, folder, "overhead", n_trials=args.overhead_trials,
-                   sampler={"name": "tpe", "seed": 0, "n_startup_trials": 10}, limit=args.limit, baselines=True))
+    run(
+        zoo_config(
+            zoo,
+            folder,
+            "overhead",
+            n_trials=args.overhead_trials,
+            sampler={"name": "tpe", "seed": 0, "n_startup_trials": 10},
+            limit=args.limit,
+            baselines=True,
+        )
+    )
     total = time.perf_counter() - t0
-    recs = [r for _, r in sorted(records.read_trial_records(folder).items()) if r["state"] == "COMPLETE"]
+    recs = [
+        r for _, r in sorted(records.read_trial_records(folder).items()) if r["state"] == "COMPLETE"
+    ]
     first_of_worker: dict[str, int] = {}
     for r in recs:
         first_of_worker.setdefault(r["worker"], r["number"])
@@ -103,17 +138,28 @@ def bench_overhead(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
     overhead = [(r["wall_s"] - r["eval_s"]) / r["wall_s"] for r in steady]
     merge = [r["merge_s"] / r["wall_s"] for r in steady]
     rest = [(r["wall_s"] - r["eval_s"] - r["merge_s"]) for r in steady]
-    print(f"  {len(recs)} complete trials, {len(first_of_worker)} workers; study wall {total:.1f} s "
-          f"(study setup and worker start-up included)")
-    print("  first trial per worker (left out as warm-up): "
-          + ", ".join(f"{next(r['wall_s'] for r in recs if r['number'] == n):.1f} s" for n in first_of_worker.values()))
-    print(f"  steady trials: median wall {statistics.median(r['wall_s'] for r in steady):.3f} s, "
-          f"median eval_s {statistics.median(r['eval_s'] for r in steady):.3f} s, "
-          f"median merge_s {statistics.median(r['merge_s'] for r in steady):.3f} s, "
-          f"median loop/Ray/driver {statistics.median(rest) * 1000:.0f} ms")
-    print(f"  overhead (wall - eval_s) / wall, median over {len(steady)} trials: {pct(statistics.median(overhead))}"
-          f"  (merge alone: {pct(statistics.median(merge))}; max {pct(max(overhead))})  goal <= 10%: "
-          f"{'met' if statistics.median(overhead) <= 0.10 else 'NOT met'}")
+    print(
+        f"  {len(recs)} complete trials, {len(first_of_worker)} workers; study wall {total:.1f} s "
+        f"(study setup and worker start-up included)"
+    )
+    print(
+        "  first trial per worker (left out as warm-up): "
+        + ", ".join(
+            f"{next(r['wall_s'] for r in recs if r['number'] == n):.1f} s"
+            for n in first_of_worker.values()
+        )
+    )
+    print(
+        f"  steady trials: median wall {statistics.median(r['wall_s'] for r in steady):.3f} s, "
+        f"median eval_s {statistics.median(r['eval_s'] for r in steady):.3f} s, "
+        f"median merge_s {statistics.median(r['merge_s'] for r in steady):.3f} s, "
+        f"median loop/Ray/driver {statistics.median(rest) * 1000:.0f} ms"
+    )
+    print(
+        f"  overhead (wall - eval_s) / wall, median over {len(steady)} trials: {pct(statistics.median(overhead))}"
+        f"  (merge alone: {pct(statistics.median(merge))}; max {pct(max(overhead))})  goal <= 10%: "
+        f"{'met' if statistics.median(overhead) <= 0.10 else 'NOT met'}"
+    )
     print(f"  part a took {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -146,21 +192,34 @@ class SleepWorker:
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "pid": os.getpid()}
 
-    def run(self, recipe: dict[str, Any], role: str = "search", items: int | None = None, rung: bool = False) -> dict[str, Any]:
+    def run(
+        self,
+        recipe: dict[str, Any],
+        role: str = "search",
+        items: int | None = None,
+        rung: bool = False,
+    ) -> dict[str, Any]:
         import hashlib
         import json as _json
         import random
         import time as _time
 
         start = _time.time()
-        seed = int(hashlib.sha256(_json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], 16)
+        seed = int(
+            hashlib.sha256(_json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], 16
+        )
         rng = random.Random(seed)
         sleep = rng.uniform(self.LOW, self.HIGH)
         _time.sleep(sleep)
         metrics = {f"{task}/acc": rng.random() for task in self.spec.evaluator.task_names}
         metrics.update({"bench/start": start, "bench/end": _time.time(), "bench/sleep": sleep})
-        return {"worker": f"sleep:{os.getpid()}/{self.index}", "metrics": metrics,
-                "higher_is_better": {k: True for k in metrics}, "merge_s": 0.0, "eval_s": sleep}
+        return {
+            "worker": f"sleep:{os.getpid()}/{self.index}",
+            "metrics": metrics,
+            "higher_is_better": {k: True for k in metrics},
+            "merge_s": 0.0,
+            "eval_s": sleep,
+        }
 
 
 def greedy_makespan(sleeps: list[float], machines: int) -> float:
@@ -174,7 +233,7 @@ def greedy_makespan(sleeps: list[float], machines: int) -> float:
 
 def barrier_makespan(sleeps: list[float], machines: int) -> float:
     """Generation barrier: dispatch `machines` jobs, wait for all, repeat."""
-    return sum(max(sleeps[i:i + machines]) for i in range(0, len(sleeps), machines))
+    return sum(max(sleeps[i : i + machines]) for i in range(0, len(sleeps), machines))
 
 
 def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
@@ -182,8 +241,11 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
     from tests.support.tiny import build_model, build_tasks
 
     n_workers, n_trials = args.schedule_workers, args.schedule_trials
-    print(f"\n== b. scheduling: {n_workers} simulated GPU workers, {n_trials} trials sleeping "
-          f"{SleepWorker.LOW:g}-{SleepWorker.HIGH:g} s", flush=True)
+    print(
+        f"\n== b. scheduling: {n_workers} simulated GPU workers, {n_trials} trials sleeping "
+        f"{SleepWorker.LOW:g}-{SleepWorker.HIGH:g} s",
+        flush=True,
+    )
     t0 = time.perf_counter()
     restart_ray()
     model = build_model(scratch / "tiny" / "base", seed=0)
@@ -197,7 +259,11 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
         "study": {"name": "schedule", "output_dir": str(folder)},
         "models": {"base": str(model), "finetunes": [str(p) for p in finetunes]},
         "space": {"methods": ["ties", "task_arithmetic"], "lambda": [0.5, 1.5]},
-        "evaluator": {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False},
+        "evaluator": {
+            "tasks": list(tasks.names),
+            "include_path": str(tasks.folder),
+            "builtin_tasks": False,
+        },
         "objectives": {"items": [{"task": t} for t in tasks.names]},
         "sampler": {"name": args.schedule_sampler, "seed": 0},
         "budget": {"n_trials": n_trials},
@@ -207,7 +273,9 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
     t_run = time.perf_counter()
     run(data, worker_cls=SleepWorker)
     run_wall = time.perf_counter() - t_run
-    recs = [r for _, r in sorted(records.read_trial_records(folder).items()) if r["state"] == "COMPLETE"]
+    recs = [
+        r for _, r in sorted(records.read_trial_records(folder).items()) if r["state"] == "COMPLETE"
+    ]
     assert len(recs) == n_trials, f"expected {n_trials} complete trials, got {len(recs)}"
     sleeps = [r["metrics"]["bench/sleep"] for r in recs]  # in trial (= dispatch) order
     start = min(r["metrics"]["bench/start"] for r in recs)
@@ -225,17 +293,27 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
         runs.sort(key=lambda m: m["bench/start"])
         gaps += [b["bench/start"] - a["bench/end"] for a, b in zip(runs, runs[1:])]
     first_starts = sorted(runs[0]["bench/start"] - start for runs in by_worker.values())
-    print(f"  {len(recs)} trials on {len(by_worker)} workers; sum of sleeps {sum(sleeps):.1f} s; "
-          f"run_study wall {run_wall:.1f} s (actor start-up included)")
+    print(
+        f"  {len(recs)} trials on {len(by_worker)} workers; sum of sleeps {sum(sleeps):.1f} s; "
+        f"run_study wall {run_wall:.1f} s (actor start-up included)"
+    )
     print(f"  first candidate start per worker, after the first: max {max(first_starts):.3f} s")
-    print(f"  dispatch gap on a worker (end -> next start): median {statistics.median(gaps) * 1000:.0f} ms, "
-          f"max {max(gaps) * 1000:.0f} ms")
+    print(
+        f"  dispatch gap on a worker (end -> next start): median {statistics.median(gaps) * 1000:.0f} ms, "
+        f"max {max(gaps) * 1000:.0f} ms"
+    )
     print(f"  ideal (sum / {n_workers}):                {ideal:7.2f} s")
-    print(f"  measured, no barrier (run_study):   {makespan:7.2f} s  = {makespan / ideal:.3f} x ideal  goal <= 1.10: "
-          f"{'met' if makespan / ideal <= 1.10 else 'NOT met'}")
-    print(f"  simulated, no barrier, no overhead: {greedy:7.2f} s  = {greedy / ideal:.3f} x ideal  "
-          f"(measured / simulated = {makespan / greedy:.3f})")
-    print(f"  simulated, generation barrier:      {barrier_time:7.2f} s  = {barrier_time / ideal:.3f} x ideal")
+    print(
+        f"  measured, no barrier (run_study):   {makespan:7.2f} s  = {makespan / ideal:.3f} x ideal  goal <= 1.10: "
+        f"{'met' if makespan / ideal <= 1.10 else 'NOT met'}"
+    )
+    print(
+        f"  simulated, no barrier, no overhead: {greedy:7.2f} s  = {greedy / ideal:.3f} x ideal  "
+        f"(measured / simulated = {makespan / greedy:.3f})"
+    )
+    print(
+        f"  simulated, generation barrier:      {barrier_time:7.2f} s  = {barrier_time / ideal:.3f} x ideal"
+    )
     print(f"  part b took {time.perf_counter() - t0:.0f} s", flush=True)
     restart_ray()
 
@@ -246,10 +324,12 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
 def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
     from optuna.trial import TrialState
 
-    print(f"\n== c. search quality: {args.trials} trials per study, seeds {list(range(args.seeds))}, "
-          f"limit {args.limit or 'none (full validation split)'}, baselines {'on' if args.baselines else 'off'}, "
-          f"{args.quality_workers} worker{'s' if args.quality_workers > 1 else ''}",
-          flush=True)
+    print(
+        f"\n== c. search quality: {args.trials} trials per study, seeds {list(range(args.seeds))}, "
+        f"limit {args.limit or 'none (full validation split)'}, baselines {'on' if args.baselines else 'off'}, "
+        f"{args.quality_workers} worker{'s' if args.quality_workers > 1 else ''}",
+        flush=True,
+    )
     restart_ray()
     t0 = time.perf_counter()
     results: dict[str, list[float]] = {"tpe": [], "random": []}
@@ -260,10 +340,22 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
             cfg = {"name": sampler, "seed": seed}
             if sampler == "tpe":
                 cfg["n_startup_trials"] = args.startup
-            study = run(zoo_config(zoo, scratch / f"quality-{sampler}-{seed}", f"quality-{sampler}-{seed}",
-                                   n_trials=args.trials, sampler=cfg, limit=args.limit, baselines=args.baselines,
-                                   workers=args.quality_workers))
-            done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+            study = run(
+                zoo_config(
+                    zoo,
+                    scratch / f"quality-{sampler}-{seed}",
+                    f"quality-{sampler}-{seed}",
+                    n_trials=args.trials,
+                    sampler=cfg,
+                    limit=args.limit,
+                    baselines=args.baselines,
+                    workers=args.quality_workers,
+                )
+            )
+            done = sorted(
+                study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                key=lambda t: t.number,
+            )
             best, curve = float("-inf"), []
             for t in done:
                 best = max(best, t.values[0])
@@ -271,14 +363,19 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
             results[sampler].append(best)
             curves[sampler].append(curve)
             failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-            print(f"  seed {seed} {sampler:<6}: best mean accuracy {best:.4f} ({len(done)} complete, {failed} failed, "
-                  f"{time.perf_counter() - ts:.0f} s)", flush=True)
+            print(
+                f"  seed {seed} {sampler:<6}: best mean accuracy {best:.4f} ({len(done)} complete, {failed} failed, "
+                f"{time.perf_counter() - ts:.0f} s)",
+                flush=True,
+            )
     for sampler, values in results.items():
         marks = [m for m in (10, 20, args.trials) if m <= args.trials]
         at = {m: statistics.mean(c[min(m, len(c)) - 1] for c in curves[sampler]) for m in marks}
-        print(f"  {sampler:<6}: mean best {statistics.mean(values):.4f} over {len(values)} seeds "
-              f"(per seed {', '.join(f'{v:.4f}' for v in values)}); mean best after "
-              + ", ".join(f"{m}: {v:.4f}" for m, v in at.items()))
+        print(
+            f"  {sampler:<6}: mean best {statistics.mean(values):.4f} over {len(values)} seeds "
+            f"(per seed {', '.join(f'{v:.4f}' for v in values)}); mean best after "
+            + ", ".join(f"{m}: {v:.4f}" for m, v in at.items())
+        )
     print(f"  part c took {time.perf_counter() - t0:.0f} s", flush=True)
     restart_ray()
 
@@ -287,24 +384,44 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="overhead,schedule,quality",
-                        help="comma-separated: overhead, schedule, quality")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="items per task and candidate in parts a and c (default: the full validation split)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--parts",
+        default="overhead,schedule,quality",
+        help="comma-separated: overhead, schedule, quality",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="items per task and candidate in parts a and c (default: the full validation split)",
+    )
     parser.add_argument("--overhead-trials", type=int, default=16)
     parser.add_argument("--schedule-workers", type=int, default=8)
-    parser.add_argument("--schedule-trials", type=int, default=96,
-                        help="trials in part b; with fewer, the last candidates' uneven ends weigh more "
-                             "(at 48 even the zero-overhead schedule ranged 1.05-1.12x ideal over runs)")
+    parser.add_argument(
+        "--schedule-trials",
+        type=int,
+        default=96,
+        help="trials in part b; with fewer, the last candidates' uneven ends weigh more "
+        "(at 48 even the zero-overhead schedule ranged 1.05-1.12x ideal over runs)",
+    )
     parser.add_argument("--schedule-sampler", default="tpe", choices=["tpe", "random"])
     parser.add_argument("--trials", type=int, default=40, help="trials per study in part c")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler in part c")
-    parser.add_argument("--startup", type=int, default=10, help="TPE's random start-up trials in part c")
-    parser.add_argument("--baselines", action="store_true", help="enqueue the baselines in part c too")
-    parser.add_argument("--quality-workers", type=int, default=1,
-                        help="workers per study in part c (1: reproducible from the seed)")
+    parser.add_argument(
+        "--startup", type=int, default=10, help="TPE's random start-up trials in part c"
+    )
+    parser.add_argument(
+        "--baselines", action="store_true", help="enqueue the baselines in part c too"
+    )
+    parser.add_argument(
+        "--quality-workers",
+        type=int,
+        default=1,
+        help="workers per study in part c (1: reproducible from the seed)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the study folders (printed)")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -324,8 +441,11 @@ def main(argv: list[str] | None = None) -> None:
 
         t = time.perf_counter()
         zoo = build_zoo(ZOO_DIR, seed=0, progress=True)
-        print(f"zoo: {zoo.root} ({len(zoo.finetunes)} fine-tunes, tasks {', '.join(zoo.tasks)}; "
-              f"ready in {time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"zoo: {zoo.root} ({len(zoo.finetunes)} fine-tunes, tasks {', '.join(zoo.tasks)}; "
+            f"ready in {time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
     try:
         if "overhead" in parts:
             bench_overhead(zoo, scratch, args)

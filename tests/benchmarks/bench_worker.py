@@ -49,9 +49,16 @@ def one_busy_core() -> Iterator[None]:
 def recipes(zoo: Any, count: int) -> list[dict[str, Any]]:
     """`count` linear merges with random weights (seeded): a real merge per candidate."""
     rng = random.Random(0)
-    return [{"method": "linear", "base": str(zoo.base),
-             "models": [{"path": str(p), "weight": rng.uniform(0.1, 1.0)} for p in zoo.finetunes.values()]}
-            for _ in range(count)]
+    return [
+        {
+            "method": "linear",
+            "base": str(zoo.base),
+            "models": [
+                {"path": str(p), "weight": rng.uniform(0.1, 1.0)} for p in zoo.finetunes.values()
+            ],
+        }
+        for _ in range(count)
+    ]
 
 
 def evaluator_spec(zoo_dir: Path, generative: bool):
@@ -74,7 +81,9 @@ class InProcess:
         from merging import ResidentMerger, load_live_model
 
         models = spec.models
-        self.merger = ResidentMerger(models.base, list(models.finetunes), device="cpu", dtype=models.dtype)
+        self.merger = ResidentMerger(
+            models.base, list(models.finetunes), device="cpu", dtype=models.dtype
+        )
         self.model = load_live_model(models.base, device="cpu", dtype=models.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(models.base))
         self.evaluator = build_evaluator(spec.evaluator, "search")
@@ -99,7 +108,9 @@ class InProcess:
             torch.set_num_threads(saved)
 
 
-def in_worker(spec: Any, todo: list[dict[str, Any]], *, before: bool) -> tuple[list[float], dict[str, Any]]:
+def in_worker(
+    spec: Any, todo: list[dict[str, Any]], *, before: bool
+) -> tuple[list[float], dict[str, Any]]:
     """eval_s of each candidate as a Ray worker reports it, and the worker's info."""
     from dataclasses import replace
 
@@ -127,7 +138,9 @@ def plural(n: int, word: str) -> str:
 
 
 def described(info: dict[str, Any]) -> str:
-    return f"{plural(info['threads'], 'thread')}, OMP_WAIT_POLICY={info['omp_wait_policy'] or 'unset'}"
+    return (
+        f"{plural(info['threads'], 'thread')}, OMP_WAIT_POLICY={info['omp_wait_policy'] or 'unset'}"
+    )
 
 
 def median(values: list[float]) -> float:
@@ -135,8 +148,16 @@ def median(values: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", type=Path, default=Path(os.environ.get("BASIN_TEST_CACHE", Path.home() / ".cache" / "basin-tests")) / "zoo" / "seed0")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        default=Path(os.environ.get("BASIN_TEST_CACHE", Path.home() / ".cache" / "basin-tests"))
+        / "zoo"
+        / "seed0",
+    )
     parser.add_argument("--candidates", type=int, default=8)
     args = parser.parse_args()
 
@@ -153,8 +174,10 @@ def main() -> None:
     todo = recipes(zoo, args.candidates + 1)
     cores, default_threads = cpu_slots(), torch.get_num_threads()
     start_ray(None, 1, 0, cpus=cores)
-    print(f"{cores} cores; torch default threads {default_threads}; {args.candidates} candidates per row "
-          f"(+1 warm-up), median eval seconds; ratio to the quiet in-process reference")
+    print(
+        f"{cores} cores; torch default threads {default_threads}; {args.candidates} candidates per row "
+        f"(+1 warm-up), median eval seconds; ratio to the quiet in-process reference"
+    )
     ok = True
     for kind, generative in (("multiple choice", False), ("generative", True)):
         spec = evaluator_spec(args.zoo, generative)
@@ -163,7 +186,12 @@ def main() -> None:
         for load in ("quiet", "busy"):
             with one_busy_core() if load == "busy" else contextlib.nullcontext():
                 for threads in sorted({1, default_threads}):
-                    rows.append((f"{load:5s} in-process ({plural(threads, 'thread')})", median(here.times(todo, threads))))
+                    rows.append(
+                        (
+                            f"{load:5s} in-process ({plural(threads, 'thread')})",
+                            median(here.times(todo, threads)),
+                        )
+                    )
                 times, info = in_worker(spec, todo, before=False)
                 rows.append((f"{load:5s} worker ({described(info)})", median(times)))
                 times, info = in_worker(spec, todo, before=True)
@@ -173,7 +201,9 @@ def main() -> None:
         for label, value in rows:
             print(f"  {label:55s} {value:8.3f} s  {value / reference:6.2f}x")
         for load, goal in (("quiet", 1.3), ("busy", 2.0)):
-            ratio = next(v for label, v in rows if label.startswith(f"{load:5s} worker")) / reference
+            ratio = (
+                next(v for label, v in rows if label.startswith(f"{load:5s} worker")) / reference
+            )
             met = ratio <= goal
             ok &= met
             print(f"  goal: {load} worker <= {goal}x: {ratio:.2f}x {'met' if met else 'MISSED'}")

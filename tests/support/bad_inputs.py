@@ -62,7 +62,9 @@ class BadInputEnv:
         path = self.root / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         if text is None:
-            text = yaml.safe_dump(study_config(self.zoo, self.out(name), **sections), sort_keys=False)
+            text = yaml.safe_dump(
+                study_config(self.zoo, self.out(name), **sections), sort_keys=False
+            )
         path.write_text(text)
         return ["run", str(path)]
 
@@ -73,67 +75,210 @@ class BadInputEnv:
 PASSWORD = "s3cr3t-Pa55"
 
 
-def _models(env: BadInputEnv, base: Path | str | None = None, finetunes: list | None = None, **extra: Any) -> dict:
-    return {"base": str(base or env.zoo.base), "finetunes": [str(p) for p in (finetunes or env.zoo.finetunes)], **extra}
+def _models(
+    env: BadInputEnv, base: Path | str | None = None, finetunes: list | None = None, **extra: Any
+) -> dict:
+    return {
+        "base": str(base or env.zoo.base),
+        "finetunes": [str(p) for p in (finetunes or env.zoo.finetunes)],
+        **extra,
+    }
 
 
 BAD_INPUTS: tuple[BadInput, ...] = (
-    BadInput("malformed YAML", ("not valid YAML",),
-             lambda e: e.config("malformed", "study: {name: x\nmodels: [a, b\n")),
-    BadInput("config is not a mapping", ("must be a YAML mapping",), lambda e: e.config("list", "- a\n- b\n")),
-    BadInput("config file missing", ("config file not found",), lambda e: ["run", str(e.root / "nowhere.yaml")]),
-    BadInput("unknown key", ("sampler.nmae", "unknown key", "did you mean 'name'"),
-             lambda e: e.config("unknown_key", sampler={"nmae": "tpe"})),
-    BadInput("unknown section", ("budgett", "unknown key", "did you mean 'budget'"),
-             lambda e: e.config("unknown_section", budgett={"n_trials": 3})),
-    BadInput("wrong type", ("budget.n_trials", "valid integer", "many"),
-             lambda e: e.config("wrong_type", budget={"n_trials": "many"})),
-    BadInput("out of range density", ("density", "(0, 1]"),
-             lambda e: e.config("density", space={"methods": ["ties"], "density": [0.0, 1.5]})),
-    BadInput("reversed range", ("lam", "above high"), lambda e: e.config("reversed", space={"lambda": [2.0, 1.0]})),
-    BadInput("zero workers", ("workers.count", "greater than or equal to 1"),
-             lambda e: e.config("zero_workers", workers={"count": 0})),
-    BadInput("unknown merge method", ("space.methods", "tie", "'ties'"),
-             lambda e: e.config("method", space={"methods": ["tie"]})),
-    BadInput("no budget", ("give n_trials, timeout or items",), lambda e: e.config("no_budget", budget={"n_trials": None})),
-    BadInput("bad study name", ("study.name", "pattern"), lambda e: e.config("name", study={"name": "a/b"})),
-    BadInput("fine-tune listed twice", ("listed twice",),
-             lambda e: e.config("twice", models=_models(e, finetunes=[e.zoo.finetunes[0]] * 2))),
-    BadInput("pareto with one objective", ("pareto needs at least two",),
-             lambda e: e.config("pareto1", objectives={"mode": "pareto", "items": [{"task": "toy_pair"}]})),
-    BadInput("objective on a task not evaluated", ("toy_pari", "did you mean 'toy_pair'"),
-             lambda e: e.config("objective_task", objectives={"mode": "pareto", "items": [{"task": "toy_pari"}, {"task": "toy_next"}]})),
-    BadInput("slerp with three models", ("slerp", "exactly two"), lambda e: e.config("slerp", space={"methods": ["slerp"]})),
-    BadInput("empty search space", ("nothing to search",),
-             lambda e: e.config("empty_space", space={"methods": ["ties"], "weight": 0.5, "density": 0.5, "lambda": 1.0})),
-    BadInput("missing model folder", ("model folder not found", "no_such_model"),
-             lambda e: e.config("missing_model", models=_models(e, base=e.root / "no_such_model"))),
-    BadInput("model folder without config.json", ("config.json",),
-             lambda e: e.config("no_config", models=_models(e, finetunes=[e.no_config, *e.zoo.finetunes[1:]]))),
-    BadInput("incompatible models", ("differ in the shape", "identical shapes"),
-             lambda e: e.config("incompatible", models=_models(e, finetunes=[e.wider, *e.zoo.finetunes[1:]]))),
-    BadInput("pickle-only model", ("pickle", "allow_pickle"),
-             lambda e: e.config("pickle", models=_models(e, finetunes=[e.pickled, *e.zoo.finetunes[1:]]))),
-    BadInput("unknown task", ("unknown task", "toy_nxt", "toy_next"),
-             lambda e: e.config("unknown_task", evaluator={"tasks": ["toy_pair", "toy_nxt"]},
-                                objectives={"mode": "pareto", "items": [{"task": "toy_pair"}, {"task": "toy_nxt"}]})),
-    BadInput("unknown metric", ("f1", "acc"),
-             lambda e: e.config("unknown_metric", objectives={"mode": "pareto", "items": [{"task": "toy_pair", "metric": "f1"}, {"task": "toy_next"}]})),
-    BadInput("storage server not reachable", ("cannot be opened", "***", "leave study.storage empty"),
-             lambda e: e.config("postgres", study={"name": "pg", "output_dir": str(e.out("postgres")),
-                                                   "storage": f"postgresql://basin:{PASSWORD}@127.0.0.1:1/studies"}),
-             absent=(PASSWORD,)),
-    BadInput("storage file in a missing folder", ("cannot be opened", "sqlite"),
-             lambda e: e.config("sqlite", study={"name": "sq", "output_dir": str(e.out("sqlite")),
-                                                 "storage": f"sqlite:///{e.root}/no/such/dir/study.db"})),
-    BadInput("existing study, different config", ("different config", "basin resume", "study.name"),
-             lambda e: e.config("different", study={"name": "night", "output_dir": str(e.study)}, space={"methods": ["ties"]})),
-    BadInput("resume of a folder that is no study", ("not a study folder",), lambda e: ["resume", str(e.root / "configs")]),
-    BadInput("bad --set override", ("key.sub=value",), lambda e: [*e.config("override"), "--set", "budget.n_trials"]),
-    BadInput("export of a trial that is not complete", ("not a complete trial", "pick one of"),
-             lambda e: ["export", str(e.study), "--trial", "999", "--out", str(e.out("export"))]),
-    BadInput("status with an unreachable password URL", ("cannot be opened", "***"),
-             lambda e: ["status", str(_password_study(e))], absent=(PASSWORD,)),
+    BadInput(
+        "malformed YAML",
+        ("not valid YAML",),
+        lambda e: e.config("malformed", "study: {name: x\nmodels: [a, b\n"),
+    ),
+    BadInput(
+        "config is not a mapping",
+        ("must be a YAML mapping",),
+        lambda e: e.config("list", "- a\n- b\n"),
+    ),
+    BadInput(
+        "config file missing",
+        ("config file not found",),
+        lambda e: ["run", str(e.root / "nowhere.yaml")],
+    ),
+    BadInput(
+        "unknown key",
+        ("sampler.nmae", "unknown key", "did you mean 'name'"),
+        lambda e: e.config("unknown_key", sampler={"nmae": "tpe"}),
+    ),
+    BadInput(
+        "unknown section",
+        ("budgett", "unknown key", "did you mean 'budget'"),
+        lambda e: e.config("unknown_section", budgett={"n_trials": 3}),
+    ),
+    BadInput(
+        "wrong type",
+        ("budget.n_trials", "valid integer", "many"),
+        lambda e: e.config("wrong_type", budget={"n_trials": "many"}),
+    ),
+    BadInput(
+        "out of range density",
+        ("density", "(0, 1]"),
+        lambda e: e.config("density", space={"methods": ["ties"], "density": [0.0, 1.5]}),
+    ),
+    BadInput(
+        "reversed range",
+        ("lam", "above high"),
+        lambda e: e.config("reversed", space={"lambda": [2.0, 1.0]}),
+    ),
+    BadInput(
+        "zero workers",
+        ("workers.count", "greater than or equal to 1"),
+        lambda e: e.config("zero_workers", workers={"count": 0}),
+    ),
+    BadInput(
+        "unknown merge method",
+        ("space.methods", "tie", "'ties'"),
+        lambda e: e.config("method", space={"methods": ["tie"]}),
+    ),
+    BadInput(
+        "no budget",
+        ("give n_trials, timeout or items",),
+        lambda e: e.config("no_budget", budget={"n_trials": None}),
+    ),
+    BadInput(
+        "bad study name",
+        ("study.name", "pattern"),
+        lambda e: e.config("name", study={"name": "a/b"}),
+    ),
+    BadInput(
+        "fine-tune listed twice",
+        ("listed twice",),
+        lambda e: e.config("twice", models=_models(e, finetunes=[e.zoo.finetunes[0]] * 2)),
+    ),
+    BadInput(
+        "pareto with one objective",
+        ("pareto needs at least two",),
+        lambda e: e.config(
+            "pareto1", objectives={"mode": "pareto", "items": [{"task": "toy_pair"}]}
+        ),
+    ),
+    BadInput(
+        "objective on a task not evaluated",
+        ("toy_pari", "did you mean 'toy_pair'"),
+        lambda e: e.config(
+            "objective_task",
+            objectives={"mode": "pareto", "items": [{"task": "toy_pari"}, {"task": "toy_next"}]},
+        ),
+    ),
+    BadInput(
+        "slerp with three models",
+        ("slerp", "exactly two"),
+        lambda e: e.config("slerp", space={"methods": ["slerp"]}),
+    ),
+    BadInput(
+        "empty search space",
+        ("nothing to search",),
+        lambda e: e.config(
+            "empty_space", space={"methods": ["ties"], "weight": 0.5, "density": 0.5, "lambda": 1.0}
+        ),
+    ),
+    BadInput(
+        "missing model folder",
+        ("model folder not found", "no_such_model"),
+        lambda e: e.config("missing_model", models=_models(e, base=e.root / "no_such_model")),
+    ),
+    BadInput(
+        "model folder without config.json",
+        ("config.json",),
+        lambda e: e.config(
+            "no_config", models=_models(e, finetunes=[e.no_config, *e.zoo.finetunes[1:]])
+        ),
+    ),
+    BadInput(
+        "incompatible models",
+        ("differ in the shape", "identical shapes"),
+        lambda e: e.config(
+            "incompatible", models=_models(e, finetunes=[e.wider, *e.zoo.finetunes[1:]])
+        ),
+    ),
+    BadInput(
+        "pickle-only model",
+        ("pickle", "allow_pickle"),
+        lambda e: e.config(
+            "pickle", models=_models(e, finetunes=[e.pickled, *e.zoo.finetunes[1:]])
+        ),
+    ),
+    BadInput(
+        "unknown task",
+        ("unknown task", "toy_nxt", "toy_next"),
+        lambda e: e.config(
+            "unknown_task",
+            evaluator={"tasks": ["toy_pair", "toy_nxt"]},
+            objectives={"mode": "pareto", "items": [{"task": "toy_pair"}, {"task": "toy_nxt"}]},
+        ),
+    ),
+    BadInput(
+        "unknown metric",
+        ("f1", "acc"),
+        lambda e: e.config(
+            "unknown_metric",
+            objectives={
+                "mode": "pareto",
+                "items": [{"task": "toy_pair", "metric": "f1"}, {"task": "toy_next"}],
+            },
+        ),
+    ),
+    BadInput(
+        "storage server not reachable",
+        ("cannot be opened", "***", "leave study.storage empty"),
+        lambda e: e.config(
+            "postgres",
+            study={
+                "name": "pg",
+                "output_dir": str(e.out("postgres")),
+                "storage": f"postgresql://basin:{PASSWORD}@127.0.0.1:1/studies",
+            },
+        ),
+        absent=(PASSWORD,),
+    ),
+    BadInput(
+        "storage file in a missing folder",
+        ("cannot be opened", "sqlite"),
+        lambda e: e.config(
+            "sqlite",
+            study={
+                "name": "sq",
+                "output_dir": str(e.out("sqlite")),
+                "storage": f"sqlite:///{e.root}/no/such/dir/study.db",
+            },
+        ),
+    ),
+    BadInput(
+        "existing study, different config",
+        ("different config", "basin resume", "study.name"),
+        lambda e: e.config(
+            "different",
+            study={"name": "night", "output_dir": str(e.study)},
+            space={"methods": ["ties"]},
+        ),
+    ),
+    BadInput(
+        "resume of a folder that is no study",
+        ("not a study folder",),
+        lambda e: ["resume", str(e.root / "configs")],
+    ),
+    BadInput(
+        "bad --set override",
+        ("key.sub=value",),
+        lambda e: [*e.config("override"), "--set", "budget.n_trials"],
+    ),
+    BadInput(
+        "export of a trial that is not complete",
+        ("not a complete trial", "pick one of"),
+        lambda e: ["export", str(e.study), "--trial", "999", "--out", str(e.out("export"))],
+    ),
+    BadInput(
+        "status with an unreachable password URL",
+        ("cannot be opened", "***"),
+        lambda e: ["status", str(_password_study(e))],
+        absent=(PASSWORD,),
+    ),
 )
 
 
@@ -191,7 +336,11 @@ def run_bad_input(case: BadInput, env: BadInputEnv) -> BadInputResult:
         rc = exc.code
     finally:
         search.loop.WorkerPool = saved
-    leftovers = [str(p) for p in (env.root / "out").glob("*") if not before.get(p, False)] if (env.root / "out").exists() else []
+    leftovers = (
+        [str(p) for p in (env.root / "out").glob("*") if not before.get(p, False)]
+        if (env.root / "out").exists()
+        else []
+    )
     if (env.study / "config.yaml").read_text() != existing:
         leftovers.append(f"{env.study}/config.yaml changed")
     return BadInputResult(case, rc, err.getvalue(), leftovers)

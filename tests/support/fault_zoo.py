@@ -26,7 +26,9 @@ class FaultZoo:
     finetunes: tuple[Path, ...]
     tasks: Path
     hooked: Path  # tasks whose doc_to_text obeys `control` (see HOOKS)
-    loud: Path | None = None  # the first fine-tune with its lm_head scaled by 1000 (task vectors that overflow)
+    loud: Path | None = (
+        None  # the first fine-tune with its lm_head scaled by 1000 (task vectors that overflow)
+    )
 
     @property
     def control(self) -> Path:
@@ -103,13 +105,19 @@ def build_fault_zoo(root: Path, *, n_items: int = 30) -> FaultZoo:
     tasks = build_tasks(root / "tasks", n_items=n_items)
     hooked = root / "hooked"
     hooked.mkdir(exist_ok=True)
-    (hooked / "hooks.py").write_text(HOOKS.format(control=str(hooked / "control"), busy=str(hooked / "busy")))
+    (hooked / "hooks.py").write_text(
+        HOOKS.format(control=str(hooked / "control"), busy=str(hooked / "busy"))
+    )
     for name in tasks.names:
         text = yaml.safe_dump(task_config(name, tasks.data_files[name]), sort_keys=False)
-        text = text.replace("doc_to_text: '{{context.strip()}}'", "doc_to_text: !function hooks.doc_to_text")
+        text = text.replace(
+            "doc_to_text: '{{context.strip()}}'", "doc_to_text: !function hooks.doc_to_text"
+        )
         assert "!function" in text, text
         (hooked / f"{name}.yaml").write_text(text)
-    zoo = FaultZoo(root, base, finetunes, tasks.folder, hooked, loud=_loud_copy(finetunes[0], root / "loud"))
+    zoo = FaultZoo(
+        root, base, finetunes, tasks.folder, hooked, loud=_loud_copy(finetunes[0], root / "loud")
+    )
     zoo.set_mode("ok")
     return zoo
 
@@ -118,8 +126,14 @@ def shared_fault_zoo(base: Path) -> FaultZoo:
     """build_fault_zoo into base/reliability-zoo once (test modules share it within a pytest session)."""
     root, done = base / "reliability-zoo", base / "reliability-zoo" / ".built"
     if done.exists():
-        return FaultZoo(root, root / "base", tuple(root / f"ft{i}" for i in range(3)), root / "tasks",
-                        root / "hooked", root / "loud")
+        return FaultZoo(
+            root,
+            root / "base",
+            tuple(root / f"ft{i}" for i in range(3)),
+            root / "tasks",
+            root / "hooked",
+            root / "loud",
+        )
     zoo = build_fault_zoo(root)
     done.touch()
     return zoo
@@ -141,26 +155,36 @@ def build_big_zoo(root: Path) -> FaultZoo:
     """Models large enough (~20 MB each) that an export lasts a moment."""
     root.mkdir(parents=True, exist_ok=True)
     base = build_model(root / "base", seed=0, hidden=256, layers=8)
-    finetunes = tuple(build_model(root / f"ft{i}", seed=i + 1, hidden=256, layers=8) for i in range(3))
+    finetunes = tuple(
+        build_model(root / f"ft{i}", seed=i + 1, hidden=256, layers=8) for i in range(3)
+    )
     tasks = build_tasks(root / "tasks", n_items=4)
     return FaultZoo(root, base, finetunes, tasks.folder, tasks.folder)
 
 
-def study_config(zoo: FaultZoo, folder: Path, *, name: str = "night", hooked: bool = False,
-                 **sections: Any) -> dict:
+def study_config(
+    zoo: FaultZoo, folder: Path, *, name: str = "night", hooked: bool = False, **sections: Any
+) -> dict:
     """A study over the zoo (one CPU worker, two objectives); `sections` update whole sections."""
     data: dict[str, Any] = {
         "study": {"name": name, "output_dir": str(folder)},
         "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes]},
         "space": {"methods": ["ties", "task_arithmetic", "dare_ties"], "lambda": [0.5, 1.5]},
-        "evaluator": {"tasks": ["toy_pair", "toy_next"], "include_path": str(zoo.hooked if hooked else zoo.tasks),
-                      "builtin_tasks": False},
+        "evaluator": {
+            "tasks": ["toy_pair", "toy_next"],
+            "include_path": str(zoo.hooked if hooked else zoo.tasks),
+            "builtin_tasks": False,
+        },
         "objectives": {"mode": "pareto", "items": [{"task": "toy_pair"}, {"task": "toy_next"}]},
         "budget": {"n_trials": 12},
         "workers": {"count": 1},
     }
     for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+        data[key] = (
+            {**data[key], **value}
+            if isinstance(value, dict) and isinstance(data.get(key), dict)
+            else value
+        )
     return data
 
 
@@ -176,7 +200,9 @@ def study_with_one_trial(zoo: FaultZoo, folder: Path, **sections: Any) -> tuple[
     from search.setup import setup_study
     from search.space import suggest
 
-    setup = setup_study(config_from_dict(study_config(zoo, folder, baselines=False, **sections)), resume=False)
+    setup = setup_study(
+        config_from_dict(study_config(zoo, folder, baselines=False, **sections)), resume=False
+    )
     trial = setup.study.ask()
     suggest(trial, setup.space)
     setup.study.tell(trial, [0.5, 0.5])

@@ -66,13 +66,17 @@ def load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_mergekit(config: dict[str, Any], out_dir: Path, *, timeout: float = TIMEOUT_S) -> dict[str, torch.Tensor]:
+def run_mergekit(
+    config: dict[str, Any], out_dir: Path, *, timeout: float = TIMEOUT_S
+) -> dict[str, torch.Tensor]:
     """Write `config` as YAML, merge it with mergekit-yaml into `out_dir` (CPU, offline) and return
     the merged tensors. Raises RuntimeError with mergekit's stderr when it fails."""
     exe = mergekit_executable()
     if exe is None:
-        raise RuntimeError(f"mergekit-yaml not found: install the test extra (pip install -e '.[test]') "
-                           f"or set {MERGEKIT_ENV} to a mergekit-yaml executable")
+        raise RuntimeError(
+            f"mergekit-yaml not found: install the test extra (pip install -e '.[test]') "
+            f"or set {MERGEKIT_ENV} to a mergekit-yaml executable"
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out_dir.parent / f"{out_dir.name}.mergekit.yml"
@@ -89,7 +93,9 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, timeout: float = TIME
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"mergekit-yaml ran past {timeout}s: {' '.join(cmd)}\nstderr:\n{e.stderr}") from e
+        raise RuntimeError(
+            f"mergekit-yaml ran past {timeout}s: {' '.join(cmd)}\nstderr:\n{e.stderr}"
+        ) from e
     if proc.returncode != 0:
         raise RuntimeError(
             f"mergekit-yaml failed (exit {proc.returncode}): {' '.join(cmd)}\n"
@@ -99,20 +105,29 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, timeout: float = TIME
     return load_safetensors_folder(out_dir)
 
 
-def run_basin(config: dict[str, Any], out_dir: Path, *, device: str = "cpu",
-              kernels: str = "auto", approximate: bool = False) -> dict[str, torch.Tensor]:
+def run_basin(
+    config: dict[str, Any],
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    kernels: str = "auto",
+    approximate: bool = False,
+) -> dict[str, torch.Tensor]:
     """basin's merge of the same mergekit config (merging.mergekit_yaml.from_mergekit, then the
     streaming export), returned as tensors. `approximate`: accept random methods (their draws differ)."""
     from merging.export import export_merge
     from merging.mergekit_yaml import from_mergekit
 
     recipe = from_mergekit(config, approximate=approximate)
-    out = export_merge(recipe, Path(out_dir), force=True, device=device, progress=False, kernels=kernels)
+    out = export_merge(
+        recipe, Path(out_dir), force=True, device=device, progress=False, kernels=kernels
+    )
     return load_safetensors_folder(out)
 
 
-def mismatch_summary(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *,
-                     atol: float, rtol: float) -> dict[str, tuple[int, int, float]]:
+def mismatch_summary(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, atol: float, rtol: float
+) -> dict[str, tuple[int, int, float]]:
     """{name: (entries outside atol + rtol * |theirs|, entries, max abs difference)} for every tensor
     of both that differs; missing names and shape or dtype differences are reported as KeyError /
     ValueError by the caller's asserts, not here."""

@@ -18,7 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/14/bin")
+BIN_DIRS = (
+    "/usr/lib/postgresql/15/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/14/bin",
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,10 @@ def bin_dir() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    raise RuntimeError(f"no PostgreSQL server binaries (initdb, pg_ctl) in {', '.join(BIN_DIRS)} or on PATH; "
-                       "install postgresql (15 or later) to run the PostgreSQL tests")
+    raise RuntimeError(
+        f"no PostgreSQL server binaries (initdb, pg_ctl) in {', '.join(BIN_DIRS)} or on PATH; "
+        "install postgresql (15 or later) to run the PostgreSQL tests"
+    )
 
 
 def _as_owner(cmd: list[str], owner: str | None) -> list[str]:
@@ -64,20 +70,56 @@ def postgres_server(password: str = "s3cret-pw") -> Iterator[Server]:
     pwfile.write_text(password)
     if owner:
         os.chown(pwfile, pwd.getpwnam(owner).pw_uid, -1)
-    run = lambda cmd: subprocess.run(_as_owner(cmd, owner), check=True, capture_output=True, text=True)  # noqa: E731
+    run = lambda cmd: subprocess.run(
+        _as_owner(cmd, owner), check=True, capture_output=True, text=True
+    )  # noqa: E731
     try:
-        run([str(bins / "initdb"), "-D", str(data), "-U", "basin", "--auth=scram-sha-256", f"--pwfile={pwfile}",
-             "-E", "UTF8", "--no-sync"])
+        run(
+            [
+                str(bins / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "basin",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        )
         options = f"-c listen_addresses='' -c unix_socket_directories={sock} -c fsync=off -c max_connections=200"
-        run([str(bins / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start"])
+        run(
+            [
+                str(bins / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "server.log"),
+                "-w",
+                "start",
+            ]
+        )
         env = {**os.environ, "PGPASSWORD": password}
-        subprocess.run([str(bins / "createdb"), "-h", str(sock), "-U", "basin", "basin"], check=True,
-                       capture_output=True, env=env)
+        subprocess.run(
+            [str(bins / "createdb"), "-h", str(sock), "-U", "basin", "basin"],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         yield Server(sock, "basin", password)
     except subprocess.CalledProcessError as exc:
         log = (root / "server.log").read_text() if (root / "server.log").is_file() else ""
-        raise RuntimeError(f"PostgreSQL did not start: {' '.join(exc.cmd)}: {exc.stderr}\n{log[-2000:]}") from None
+        raise RuntimeError(
+            f"PostgreSQL did not start: {' '.join(exc.cmd)}: {exc.stderr}\n{log[-2000:]}"
+        ) from None
     finally:
-        subprocess.run(_as_owner([str(bins / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], owner),
-                       capture_output=True)
+        subprocess.run(
+            _as_owner(
+                [str(bins / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], owner
+            ),
+            capture_output=True,
+        )
         shutil.rmtree(root, ignore_errors=True)

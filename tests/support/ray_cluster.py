@@ -19,14 +19,18 @@ from pathlib import Path
 from tests.support.runs import ENV, kill_tree, wait_for
 
 RAY = Path(sys.executable).parent / "ray"
-OBJECT_STORE_BYTES = 100_000_000  # each node's shared-memory store; the default takes a third of RAM
+OBJECT_STORE_BYTES = (
+    100_000_000  # each node's shared-memory store; the default takes a third of RAM
+)
 
 
 @dataclass
 class RayCluster:
     address: str
     root: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # node name -> its `ray start --block`
+    procs: dict[str, subprocess.Popen] = field(
+        default_factory=dict
+    )  # node name -> its `ray start --block`
     ids: dict[str, str] = field(default_factory=dict)  # node name -> Ray node id
 
     def kill(self, name: str) -> list[str]:
@@ -42,9 +46,13 @@ def _free_port() -> int:
 
 def alive_nodes(address: str) -> dict[str, str]:
     """Custom-resource name -> node id of the cluster's live nodes, asked from a driver of its own."""
-    code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False, configure_logging=False); "
-            "print(json.dumps([[n['NodeID'], list(n['Resources'])] for n in ray.nodes() if n['Alive']]))")
-    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    code = (
+        f"import json, ray; ray.init(address={address!r}, log_to_driver=False, configure_logging=False); "
+        "print(json.dumps([[n['NodeID'], list(n['Resources'])] for n in ray.nodes() if n['Alive']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
+    )
     if out.returncode != 0:
         return {}
     nodes = json.loads(out.stdout.strip().splitlines()[-1])
@@ -52,22 +60,46 @@ def alive_nodes(address: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(names: tuple[str, ...] = ("node_head", "node_b"), cpus: int = 1) -> Iterator[RayCluster]:
+def ray_cluster(
+    names: tuple[str, ...] = ("node_head", "node_b"), cpus: int = 1
+) -> Iterator[RayCluster]:
     """Start the head (names[0]) and join the other nodes to it; stop them all at the end."""
-    root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    root = Path(
+        tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    )  # short: Ray's socket paths have a length limit
     port = _free_port()
     cluster = RayCluster(address=f"127.0.0.1:{port}", root=root)
     try:
         for i, name in enumerate(names):
-            where = ["--head", f"--port={port}", f"--temp-dir={root}", "--include-dashboard=false"] if i == 0 \
+            where = (
+                ["--head", f"--port={port}", f"--temp-dir={root}", "--include-dashboard=false"]
+                if i == 0
                 else [f"--address={cluster.address}"]
+            )
             log = open(root / f"{name}.log", "ab")  # noqa: SIM115 (the node writes it until it is stopped)
             cluster.procs[name] = subprocess.Popen(
-                [str(RAY), "start", *where, f"--num-cpus={cpus}", f"--resources={json.dumps({name: 1})}",
-                 f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats", "--block"],
-                env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            wait_for(lambda n=name: n in alive_nodes(cluster.address), cluster.procs[name], f"Ray node {name} to join",
-                     root / f"{name}.log", poll_s=0.5)
+                [
+                    str(RAY),
+                    "start",
+                    *where,
+                    f"--num-cpus={cpus}",
+                    f"--resources={json.dumps({name: 1})}",
+                    f"--object-store-memory={OBJECT_STORE_BYTES}",
+                    "--disable-usage-stats",
+                    "--block",
+                ],
+                env=ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            wait_for(
+                lambda n=name: n in alive_nodes(cluster.address),
+                cluster.procs[name],
+                f"Ray node {name} to join",
+                root / f"{name}.log",
+                poll_s=0.5,
+            )
         cluster.ids = alive_nodes(cluster.address)
         yield cluster
     finally:

@@ -19,8 +19,16 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 BASIN = Path(sys.executable).with_name("basin")
-ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+ENV = {
+    **os.environ,
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TQDM_DISABLE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
 COMPLETE_OP = '"state":1,'  # a journal line that sets a trial COMPLETE (TrialState.COMPLETE == 1)
 PROMOTED_OP = '{"promoted_to":'  # a journal line that marks a candidate promoted to its next rung
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
@@ -32,8 +40,14 @@ def start_basin(args: list[str], log: Path) -> subprocess.Popen:
     """`basin ARGS` in a session of its own, so it and all it starts (Ray) can be killed together."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen([str(BASIN), *args, "--quiet"], cwd=REPO, env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(BASIN), *args, "--quiet"],
+            cwd=REPO,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float = 60.0) -> list[str]:
@@ -65,8 +79,9 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 60.0) -> list[str]:
     return names
 
 
-def wait_runs(procs: list[subprocess.Popen], folder: Path, *,
-              stall_s: float = HANG_S) -> tuple[tuple[int, ...], list[str]]:
+def wait_runs(
+    procs: list[subprocess.Popen], folder: Path, *, stall_s: float = HANG_S
+) -> tuple[tuple[int, ...], list[str]]:
     """Wait for `basin` runs on the study in `folder` to end, however long they take while its
     journal grows; raise when it has not grown for `stall_s` (a hang). Then kill any run still
     going. Returns (exit codes, processes that outlived their run)."""
@@ -86,8 +101,15 @@ def wait_runs(procs: list[subprocess.Popen], folder: Path, *,
             leaked += kill_tree(p) if p.poll() is None else []
 
 
-def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen | None, what: str, log: Path | None = None,
-             *, timeout: float = HANG_S, poll_s: float = POLL_S) -> bool:
+def wait_for(
+    predicate: Callable[[], bool],
+    proc: subprocess.Popen | None,
+    what: str,
+    log: Path | None = None,
+    *,
+    timeout: float = HANG_S,
+    poll_s: float = POLL_S,
+) -> bool:
     """Poll until predicate(); False when proc exited first; raise after `timeout` (a hang)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -105,11 +127,15 @@ def ray_exposure(pid: int) -> tuple[list[tuple[str, str]], set[str]]:
     listening, ips = [], set()
     for p in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            listening += [(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            listening += [
+                (p.name(), c.laddr.ip)
+                for c in p.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
             for arg in p.cmdline():
                 for flag in ("--node_ip_address=", "--node-ip-address="):
                     if arg.startswith(flag):
-                        ips.add(arg[len(flag):])
+                        ips.add(arg[len(flag) :])
     return listening, ips
 
 

@@ -44,8 +44,9 @@ from tests.support.views import (
 )
 
 
-def start_runners_together(zoo: FaultZoo, config: Path, folder: Path, logs: list[Path], *,
-                           then: str = "ok") -> list[subprocess.Popen]:
+def start_runners_together(
+    zoo: FaultZoo, config: Path, folder: Path, logs: list[Path], *, then: str = "ok"
+) -> list[subprocess.Popen]:
     """`basin run CONFIG` once per log, every evaluation held until each run has asked for a trial;
     then the hook is set to `then`. (Unheld, a run whose Ray starts first can spend the whole budget
     before the other has a worker up, most of all on a busy machine.)"""
@@ -55,8 +56,13 @@ def start_runners_together(zoo: FaultZoo, config: Path, folder: Path, logs: list
     seen = [text.count(runner_mark(p.pid)) for p in procs]
     try:
         for proc, n, log in zip(procs, seen, logs):
-            wait_for(lambda p=proc, n=n: journal_text(folder).count(runner_mark(p.pid)) > n, proc,
-                     f"run {proc.pid} to ask for a trial", log, poll_s=0.2)
+            wait_for(
+                lambda p=proc, n=n: journal_text(folder).count(runner_mark(p.pid)) > n,
+                proc,
+                f"run {proc.pid} to ask for a trial",
+                log,
+                poll_s=0.2,
+            )
     except BaseException:
         for proc in procs:
             kill_tree(proc)
@@ -68,6 +74,7 @@ def start_runners_together(zoo: FaultZoo, config: Path, folder: Path, logs: list
 
 # --- fault 1: SIGKILL `basin run` / `basin resume` at random moments --------------------------------------
 
+
 @dataclass
 class KillReport:
     kills: int = 0
@@ -77,27 +84,45 @@ class KillReport:
     integrity: list[str] = field(default_factory=list)
     requeued: int = 0  # trials failed as stopped and queued again
     held: list[int] = field(default_factory=list)  # trials RUNNING right after a kill
-    held_between_rungs: int = 0  # "rung" kills that left a candidate RUNNING with a rung's value reported
-    not_requeued: list[int] = field(default_factory=list)  # held trials not failed and queued again in the end
+    held_between_rungs: int = (
+        0  # "rung" kills that left a candidate RUNNING with a rung's value reported
+    )
+    not_requeued: list[int] = field(
+        default_factory=list
+    )  # held trials not failed and queued again in the end
     complete: int = 0  # COMPLETE or PRUNED
     pruned: int = 0
     budget: int = 0
     final_rc: int | None = None  # of the last run (the worst of them, with final_runners=2)
-    final_by_runner: dict[int, int] = field(default_factory=dict)  # COMPLETE trials per final runner
+    final_by_runner: dict[int, int] = field(
+        default_factory=dict
+    )  # COMPLETE trials per final runner
     seconds: float = 0.0
 
 
 ALL_MOMENTS = ("early", "asked", "completing")
 
 
-MF_OBJECTIVES = {"mode": "single", "items": [{"task": "toy_pair", "weight": 0.5}, {"task": "toy_next", "weight": 0.5}]}
+MF_OBJECTIVES = {
+    "mode": "single",
+    "items": [{"task": "toy_pair", "weight": 0.5}, {"task": "toy_next", "weight": 0.5}],
+}
 MF_RUNGS = {"rungs": [8, 16]}  # of the fault zoo's 30 items per task
 
 
-def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int = 60, seed: int = 0,
-                    moments: tuple[str, ...] = ALL_MOMENTS, early_s: tuple[float, float] = (0.5, 8.0),
-                    final_runners: int = 1, fidelity: dict | None = None,
-                    say: Callable[[str], None] = lambda s: None) -> KillReport:
+def kill_and_resume(
+    zoo: FaultZoo,
+    root: Path,
+    *,
+    kills: int = 10,
+    n_trials: int = 60,
+    seed: int = 0,
+    moments: tuple[str, ...] = ALL_MOMENTS,
+    early_s: tuple[float, float] = (0.5, 8.0),
+    final_runners: int = 1,
+    fidelity: dict | None = None,
+    say: Callable[[str], None] = lambda s: None,
+) -> KillReport:
     """Start the study, SIGKILL it (and its Ray) at a random moment, resume, ... `kills` times, then
     let the last resume finish. Kill moments rotate through `moments`: early (a random time in
     `early_s` after the start: imports, setup, Ray starting), soon after this run asked its first
@@ -109,8 +134,12 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
     rng, t0 = random.Random(seed), time.monotonic()
     folder, log = root / "study", root / "kills.log"
     extra = {} if fidelity is None else {"fidelity": fidelity, "objectives": MF_OBJECTIVES}
-    config = write_config(root / "kills.yaml", study_config(zoo, folder, name="kills", hooked=True,
-                                                            budget={"n_trials": n_trials}, **extra))
+    config = write_config(
+        root / "kills.yaml",
+        study_config(
+            zoo, folder, name="kills", hooked=True, budget={"n_trials": n_trials}, **extra
+        ),
+    )
     zoo.set_mode("ok")
     report, ever_complete = KillReport(budget=n_trials), {}
     attempt = 0
@@ -121,29 +150,52 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
             raise RuntimeError(f"only {report.kills} kills in {attempt} attempts\n{tail(log)}")
         before, before_recs = storage_view(folder), records_view(folder)
         ever_complete.update({t.number: t for t in before if t.state in DONE})
-        args = ["resume", str(folder)] if (folder / "config.yaml").is_file() else ["run", str(config)]
-        proc = start_basin([*args, "--set", f"budget.n_trials={report.budget}"] if args[0] == "resume" else args, log)
+        args = (
+            ["resume", str(folder)] if (folder / "config.yaml").is_file() else ["run", str(config)]
+        )
+        proc = start_basin(
+            [*args, "--set", f"budget.n_trials={report.budget}"] if args[0] == "resume" else args,
+            log,
+        )
         started, text = time.monotonic(), journal_text(folder)
         n_asked, n_complete = text.count(runner_mark(proc.pid)), text.count(COMPLETE_OP)
         if mode == "early":
             delay = rng.uniform(*early_s)
-            alive = wait_for(lambda: time.monotonic() - started >= delay, proc, "the kill moment", log)  # noqa: B023
+            alive = wait_for(
+                lambda: time.monotonic() - started >= delay, proc, "the kill moment", log
+            )  # noqa: B023
         elif mode == "asked":
-            alive = wait_for(lambda: journal_text(folder).count(runner_mark(proc.pid)) > n_asked, proc,  # noqa: B023
-                             "the first ask", log)
+            alive = wait_for(
+                lambda: journal_text(folder).count(runner_mark(proc.pid)) > n_asked,
+                proc,  # noqa: B023
+                "the first ask",
+                log,
+            )
             delay = rng.uniform(0.0, 2.0)
             time.sleep(delay)  # a random moment after the event, not a wait for one
-        elif mode == "rung":  # multi-fidelity: just after a promotion, the candidate held between rungs
+        elif (
+            mode == "rung"
+        ):  # multi-fidelity: just after a promotion, the candidate held between rungs
             n_promoted = text.count(PROMOTED_OP)
-            alive = wait_for(lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted, proc,  # noqa: B023
-                             "a promotion", log)
+            alive = wait_for(
+                lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted,
+                proc,  # noqa: B023
+                "a promotion",
+                log,
+            )
             delay = 0.0
         else:
-            alive = wait_for(lambda: journal_text(folder).count(COMPLETE_OP) > n_complete, proc,  # noqa: B023
-                             "the first completed trial", log)
+            alive = wait_for(
+                lambda: journal_text(folder).count(COMPLETE_OP) > n_complete,
+                proc,  # noqa: B023
+                "the first completed trial",
+                log,
+            )
             delay = rng.uniform(0.0, 1.0)
             time.sleep(delay)
-        if not alive or proc.poll() is not None:  # it finished the budget before the kill: raise the budget
+        if (
+            not alive or proc.poll() is not None
+        ):  # it finished the budget before the kill: raise the budget
             if proc.wait() != 0:
                 raise RuntimeError(f"basin {args[0]} failed (rc {proc.returncode})\n{tail(log)}")
             report.budget += 20
@@ -155,24 +207,45 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
         after, after_recs = storage_view(folder), records_view(folder)
         report.lost += changed_complete(before, before_recs, after, after_recs)
         report.held += [t.number for t in after if t.state == "RUNNING"]
-        report.held_between_rungs += mode == "rung" and any(t.state == "RUNNING" and t.rungs for t in after)
+        report.held_between_rungs += mode == "rung" and any(
+            t.state == "RUNNING" and t.rungs for t in after
+        )
     try:
         if final_runners == 1:
-            procs = [start_basin(["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log)]
+            procs = [
+                start_basin(
+                    ["resume", str(folder), "--set", f"budget.n_trials={report.budget}"], log
+                )
+            ]
         else:  # `basin run CONFIG` on an existing study resumes it; budget as raised above
-            write_config(config, study_config(zoo, folder, name="kills", hooked=True, budget={"n_trials": report.budget},
-                                              **extra))
-            procs = start_runners_together(zoo, config, folder, [root / f"final-{i}.log" for i in range(final_runners)])
+            write_config(
+                config,
+                study_config(
+                    zoo,
+                    folder,
+                    name="kills",
+                    hooked=True,
+                    budget={"n_trials": report.budget},
+                    **extra,
+                ),
+            )
+            procs = start_runners_together(
+                zoo, config, folder, [root / f"final-{i}.log" for i in range(final_runners)]
+            )
         rcs, leaked = wait_runs(procs, folder)
     finally:
         zoo.set_mode("ok")
     report.final_rc, report.leaked = max(rcs), report.leaked + leaked
     final, final_recs = storage_view(folder), records_view(folder)
-    report.final_by_runner = {p.pid: sum(t.state in DONE and t.runner == p.pid for t in final) for p in procs}
+    report.final_by_runner = {
+        p.pid: sum(t.state in DONE and t.runner == p.pid for t in final) for p in procs
+    }
     ever: list[TrialView] = list(ever_complete.values())
     report.lost += changed_complete(ever, {}, final, final_recs)
     report.integrity = integrity_problems(final, final_recs)
-    report.integrity += [f"trial {t.number} is still RUNNING" for t in final if t.state == "RUNNING"]
+    report.integrity += [
+        f"trial {t.number} is still RUNNING" for t in final if t.state == "RUNNING"
+    ]
     requeued = {t.number for t in final if t.state == "FAIL" and "queued again" in (t.error or "")}
     report.requeued = len(requeued)
     report.not_requeued = [n for n in report.held if n not in requeued]
@@ -184,6 +257,7 @@ def kill_and_resume(zoo: FaultZoo, root: Path, *, kills: int = 10, n_trials: int
 
 # --- fault 2: a worker killed mid-candidate, an evaluation that raises, a candidate past its time limit,
 #     NaN merges: one study, driven phase by phase through the hooked tasks ---------------------------
+
 
 @dataclass
 class FaultReport:
@@ -197,32 +271,59 @@ class FaultReport:
     budget: int = 0
     unexpected: list[str] = field(default_factory=list)  # failures of no injected kind
     integrity: list[str] = field(default_factory=list)
-    listening: list[tuple[str, str]] = field(default_factory=list)  # (process, address) of the run's servers
-    node_ips: set[str] = field(default_factory=set)  # node addresses on the Ray processes' command lines
+    listening: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (process, address) of the run's servers
+    node_ips: set[str] = field(
+        default_factory=set
+    )  # node addresses on the Ray processes' command lines
 
 
 FAULT_KINDS = {  # error text -> kind
-    "injected evaluation failure": "raised", "worker died": "worker_died",
-    "candidate_timeout": "timeout", "NaN or inf": "nan",
+    "injected evaluation failure": "raised",
+    "worker died": "worker_died",
+    "candidate_timeout": "timeout",
+    "NaN or inf": "nan",
 }
 # With the loud fine-tune, task vectors scaled by lambda ~1e38 overflow float32: every task_arithmetic
 # candidate is non-finite (NonFiniteMergeError in the worker), while linear (normalized weights) stays
 # finite. The random sampler's draws are fixed by its seed; with this one no long run of
 # task_arithmetic draws can stop the study as "all failing".
-FAULT_SPACE = {"methods": ["linear", "task_arithmetic"], "weight": [0.5, 1.0], "lambda": [1.0e38, 3.0e38]}
+FAULT_SPACE = {
+    "methods": ["linear", "task_arithmetic"],
+    "weight": [0.5, 1.0],
+    "lambda": [1.0e38, 3.0e38],
+}
 FAULT_SAMPLER = {"name": "random", "seed": 8}
 # The candidate time limit: only the candidate held on purpose may reach it, so it sits far above
 # what a candidate (well under a second here) takes on a loaded machine.
 CANDIDATE_TIMEOUT_S = 20.0
 
 
-def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: float = CANDIDATE_TIMEOUT_S,
-                  say: Callable[[str], None] = lambda s: None) -> FaultReport:
+def worker_faults(
+    zoo: FaultZoo,
+    root: Path,
+    *,
+    n_trials: int = 14,
+    timeout_s: float = CANDIDATE_TIMEOUT_S,
+    say: Callable[[str], None] = lambda s: None,
+) -> FaultReport:
     t0, folder, log = time.monotonic(), root / "faults", root / "faults.log"
-    config = write_config(root / "faults.yaml", study_config(
-        zoo, folder, name="faults", hooked=True, space=FAULT_SPACE, sampler=FAULT_SAMPLER, baselines=False,
-        models={"finetunes": [str(zoo.loud), *map(str, zoo.finetunes[1:])]},
-        budget={"n_trials": n_trials}, workers={"count": 1, "candidate_timeout": timeout_s}))
+    config = write_config(
+        root / "faults.yaml",
+        study_config(
+            zoo,
+            folder,
+            name="faults",
+            hooked=True,
+            space=FAULT_SPACE,
+            sampler=FAULT_SAMPLER,
+            baselines=False,
+            models={"finetunes": [str(zoo.loud), *map(str, zoo.finetunes[1:])]},
+            budget={"n_trials": n_trials},
+            workers={"count": 1, "candidate_timeout": timeout_s},
+        ),
+    )
     zoo.set_mode("ok")
     zoo.busy.unlink(missing_ok=True)
     report = FaultReport(budget=n_trials)
@@ -232,15 +333,25 @@ def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: f
         return any(text in (r.get("error") or "") for r in records_view(folder).values())
 
     def completed_by_another(pid: int) -> bool:  # a COMPLETE trial from a worker other than pid
-        return any(r["state"] == "COMPLETE" and worker_pid(r["worker"]) != pid for r in records_view(folder).values())
+        return any(
+            r["state"] == "COMPLETE" and worker_pid(r["worker"]) != pid
+            for r in records_view(folder).values()
+        )
 
     def wait(predicate: Callable[[], bool], what: str) -> None:
         wait_for(predicate, proc, what, log, poll_s=0.1)
 
     try:
         # a completed trial names its worker "host:pid/index": that pid is the one to kill later
-        wait(lambda: any(r["state"] == "COMPLETE" for r in records_view(folder).values()), "a first COMPLETE trial")
-        first = next(r for r in sorted(records_view(folder).values(), key=lambda r: r["number"]) if r["state"] == "COMPLETE")
+        wait(
+            lambda: any(r["state"] == "COMPLETE" for r in records_view(folder).values()),
+            "a first COMPLETE trial",
+        )
+        first = next(
+            r
+            for r in sorted(records_view(folder).values(), key=lambda r: r["number"])
+            if r["state"] == "COMPLETE"
+        )
         first_worker = worker_pid(first["worker"])
         report.listening, report.node_ips = ray_exposure(proc.pid)
         say(f"worker pid {first_worker}; the next evaluation raises")
@@ -264,9 +375,17 @@ def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: f
         wait(lambda: not process_alive(report.timed_out_pid), "the timeout to stop the worker")
         zoo.set_mode("ok")
         wait(lambda: failed_with("candidate_timeout"), "the timed-out trial to fail")
-        wait(lambda: completed_by_another(first_worker) and any(
-            r["state"] == "COMPLETE" and worker_pid(r["worker"]) not in (first_worker, report.timed_out_pid)
-            for r in records_view(folder).values()), "a trial completed by the worker restarted after the timeout")
+        wait(
+            lambda: (
+                completed_by_another(first_worker)
+                and any(
+                    r["state"] == "COMPLETE"
+                    and worker_pid(r["worker"]) not in (first_worker, report.timed_out_pid)
+                    for r in records_view(folder).values()
+                )
+            ),
+            "a trial completed by the worker restarted after the timeout",
+        )
         say("waiting for the study to finish its budget")
         (report.rc,), _ = wait_runs([proc], folder)
     finally:
@@ -291,6 +410,7 @@ def worker_faults(zoo: FaultZoo, root: Path, *, n_trials: int = 14, timeout_s: f
 
 # --- fault 3: two runners on one study at once ---------------------------------------------------------
 
+
 @dataclass
 class ConcurrentReport:
     rcs: tuple = ()
@@ -302,16 +422,25 @@ class ConcurrentReport:
     seconds: float = 0.0
 
 
-def concurrent_runners(zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s: float = 0.01) -> ConcurrentReport:
+def concurrent_runners(
+    zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s: float = 0.01
+) -> ConcurrentReport:
     """Two `basin run` of one config started together, both holding a trial before any candidate is
     scored; then candidates paced (pace_s per item) so that their turns interleave."""
     t0, folder = time.monotonic(), root / "shared"
-    config = write_config(root / "shared.yaml", study_config(zoo, folder, name="shared", hooked=True,
-                                                               budget={"n_trials": n_trials}))
+    config = write_config(
+        root / "shared.yaml",
+        study_config(zoo, folder, name="shared", hooked=True, budget={"n_trials": n_trials}),
+    )
     report = ConcurrentReport(budget=n_trials)
     try:
-        procs = start_runners_together(zoo, config, folder, [root / f"shared-{i}.log" for i in range(2)],
-                                       then=f"sleep {pace_s}")
+        procs = start_runners_together(
+            zoo,
+            config,
+            folder,
+            [root / f"shared-{i}.log" for i in range(2)],
+            then=f"sleep {pace_s}",
+        )
         report.rcs, report.leaked = wait_runs(procs, folder)
     finally:
         zoo.set_mode("ok")
@@ -319,7 +448,9 @@ def concurrent_runners(zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s:
     report.by_runner = dict(Counter(t.runner for t in trials if t.state == "COMPLETE"))
     report.complete = sum(t.state == "COMPLETE" for t in trials)
     report.integrity = integrity_problems(trials, recs)
-    report.integrity += [f"trial {t.number} is still {t.state}" for t in trials if t.state in ("RUNNING",)]
+    report.integrity += [
+        f"trial {t.number} is still {t.state}" for t in trials if t.state in ("RUNNING",)
+    ]
     baselines = Counter(t.baseline for t in trials if t.baseline and t.retry_of is None)
     report.integrity += [f"baseline {b} queued {n} times" for b, n in baselines.items() if n > 1]
     report.seconds = time.monotonic() - t0
@@ -328,14 +459,19 @@ def concurrent_runners(zoo: FaultZoo, root: Path, *, n_trials: int = 16, pace_s:
 
 # --- fault 4: `basin export` killed in the middle ------------------------------------------------------
 
+
 @dataclass
 class ExportKillReport:
     killed_after_s: float = 0.0
     target_exists: bool = True
-    partial_left: list[str] = field(default_factory=list)  # the temporary folder a SIGKILL cannot remove
+    partial_left: list[str] = field(
+        default_factory=list
+    )  # the temporary folder a SIGKILL cannot remove
     clean_export_s: float = 0.0
     clean_export_ok: bool = False
-    partial_after_clean: list[str] = field(default_factory=list)  # what the next export did not sweep
+    partial_after_clean: list[str] = field(
+        default_factory=list
+    )  # what the next export did not sweep
 
 
 def export_killed(big: FaultZoo, root: Path, *, clean: bool = True) -> ExportKillReport:

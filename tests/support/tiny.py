@@ -46,8 +46,9 @@ def save_tokenizer(folder: Path) -> None:
     _save_tokenizer(word_level_tokenizer(VOCAB), folder)
 
 
-def llama_config(*, hidden: int = 32, layers: int = 2, intermediate: int | None = None,
-                 positions: int = 128):
+def llama_config(
+    *, hidden: int = 32, layers: int = 2, intermediate: int | None = None, positions: int = 128
+):
     """A LlamaConfig over VOCAB: 4 heads, 2 key-value heads, untied embeddings."""
     from transformers import LlamaConfig
 
@@ -70,8 +71,15 @@ def gpt2_config():
     """A GPT2Config over VOCAB: hidden 32, 2 layers, 4 heads (tied embeddings, as GPT-2 has)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=len(VOCAB), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                      bos_token_id=2, eos_token_id=3)
+    return GPT2Config(
+        vocab_size=len(VOCAB),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
 
 
 def build_model(folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
