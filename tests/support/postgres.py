@@ -70,9 +70,10 @@ def postgres_server(password: str = "s3cret-pw") -> Iterator[Server]:
     pwfile.write_text(password)
     if owner:
         os.chown(pwfile, pwd.getpwnam(owner).pw_uid, -1)
-    run = lambda cmd: subprocess.run(
-        _as_owner(cmd, owner), check=True, capture_output=True, text=True
-    )  # noqa: E731
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(_as_owner(cmd, owner), check=True, capture_output=True, text=True)
+
     try:
         run(
             [

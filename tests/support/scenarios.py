@@ -162,12 +162,15 @@ def kill_and_resume(
         if mode == "early":
             delay = rng.uniform(*early_s)
             alive = wait_for(
-                lambda: time.monotonic() - started >= delay, proc, "the kill moment", log
-            )  # noqa: B023
+                lambda: time.monotonic() - started >= delay,  # noqa: B023
+                proc,
+                "the kill moment",
+                log,
+            )
         elif mode == "asked":
             alive = wait_for(
-                lambda: journal_text(folder).count(runner_mark(proc.pid)) > n_asked,
-                proc,  # noqa: B023
+                lambda: journal_text(folder).count(runner_mark(proc.pid)) > n_asked,  # noqa: B023
+                proc,
                 "the first ask",
                 log,
             )
@@ -178,16 +181,16 @@ def kill_and_resume(
         ):  # multi-fidelity: just after a promotion, the candidate held between rungs
             n_promoted = text.count(PROMOTED_OP)
             alive = wait_for(
-                lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted,
-                proc,  # noqa: B023
+                lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted,  # noqa: B023
+                proc,
                 "a promotion",
                 log,
             )
             delay = 0.0
         else:
             alive = wait_for(
-                lambda: journal_text(folder).count(COMPLETE_OP) > n_complete,
-                proc,  # noqa: B023
+                lambda: journal_text(folder).count(COMPLETE_OP) > n_complete,  # noqa: B023
+                proc,
                 "the first completed trial",
                 log,
             )
