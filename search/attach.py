@@ -17,10 +17,10 @@ from pathlib import Path
 
 import optuna
 
-from search import records
+from search import attrs, records
 from search.config import ConfigError, config_from_dict, config_to_dict
+from search.folder import storage_error, study_space
 from search.recovery import sync_records
-from search.setup import CONFIG_ATTR, NUM_LAYERS_ATTR, SPLIT_SIZES_ATTR, storage_error, study_space
 
 
 def attach(url: str, name: str, folder: Path) -> tuple[Path, int]:
@@ -50,7 +50,7 @@ def attach(url: str, name: str, folder: Path) -> tuple[Path, int]:
             f"it holds {', '.join(sorted(names)) if names else 'no study yet'}"
         )
     study = optuna.load_study(study_name=name, storage=storage)
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = study.user_attrs.get(attrs.CONFIG)
     if stored is None:
         raise ConfigError(
             f"study '{name}' holds no config (it was created by an older basin); copy the config "
@@ -69,10 +69,10 @@ def attach(url: str, name: str, folder: Path) -> tuple[Path, int]:
                 f"{folder} already holds another study ('{present.get('name')}'); choose another --out"
             )
     records.write_config_snapshot(folder, data)
-    if (sizes := study.user_attrs.get(SPLIT_SIZES_ATTR)) is not None:
+    if (sizes := study.user_attrs.get(attrs.SPLIT_SIZES)) is not None:
         records.write_carve(folder, config.evaluator, sizes)
     before = len(list((folder / "trials").glob("*.json")))
     sync_records(
-        study, folder, study_space(config, study.user_attrs.get(NUM_LAYERS_ATTR))
+        study, folder, study_space(config, study.user_attrs.get(attrs.NUM_LAYERS))
     )  # no models needed
     return folder, len(list((folder / "trials").glob("*.json"))) - before

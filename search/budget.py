@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import compat, fidelity, records
+from search import attrs, compat, fidelity, records
 from search.config import BudgetSection
 from search.recovery import runner_alive
 
@@ -21,7 +21,7 @@ class Budget:
     def __init__(self, study: optuna.Study, budget: BudgetSection) -> None:
         self.study, self.budget = study, budget
         self.started = time.perf_counter()
-        self.elapsed_before = float(study.user_attrs.get("elapsed_s", 0.0))
+        self.elapsed_before = float(study.user_attrs.get(attrs.ELAPSED_S, 0.0))
 
     def elapsed_s(self) -> float:
         """Seconds searched over all runs of the study, this one included."""
@@ -67,5 +67,5 @@ def claim(
         compat.record_heartbeat(
             study, trial
         )  # at once: a trial never heard from is never found silent
-        trial.set_user_attr("runner", runner)
+        trial.set_user_attr(attrs.RUNNER, runner)
         return trial

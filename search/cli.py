@@ -179,8 +179,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _pareto(args: argparse.Namespace) -> int:
+    from search.folder import load_study_folder
     from search.pareto import pareto_table
-    from search.setup import load_study_folder
 
     _, study = load_study_folder(args.folder)
     print(pareto_table(study, top=args.top))
@@ -202,7 +202,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from merging import export_merge, to_mergekit
-    from search.setup import load_study_folder, trial_recipe
+    from search.folder import load_study_folder, trial_recipe
 
     config, study = load_study_folder(args.folder)
     if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":

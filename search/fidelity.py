@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import FidelitySection, ObjectivesSection
-from search.objectives import objective_values
+from search import attrs
+from search.config import FidelitySection, ObjectivesSection, StudyConfig
+from search.result import RungScores
 
 PEERS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-ITEM_SCORES = "item_scores"  # user attr: per objective, its per-item scores (one list per task) up to the last rung
 
 
 class KeepBestPruner(optuna.pruners.BasePruner):
@@ -49,7 +49,7 @@ class KeepBestPruner(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or trial.user_attrs.get("baseline"):
+        if step is None or trial.user_attrs.get(attrs.BASELINE):
             return False
         value = trial.intermediate_values[step]
         peers = [
@@ -111,16 +111,16 @@ def pareto_go_on(
     margin: float,
 ) -> bool:
     """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more than the noise."""
-    if trial.user_attrs.get("baseline"):
+    if trial.user_attrs.get(attrs.BASELINE):
         return True
     keys = [o.key for o in objectives.items]
     signs = [1.0 if d == "maximize" else -1.0 for d in directions]
     for other in study.get_trials(deepcopy=False, states=PEERS):
-        theirs = other.user_attrs.get(ITEM_SCORES)
+        theirs = other.user_attrs.get(attrs.ITEM_SCORES)
         if (
             other.number == trial.number
             or not theirs
-            or other.user_attrs.get("rung_stop", 0) < stop
+            or other.user_attrs.get(attrs.RUNG_STOP, 0) < stop
         ):
             continue
         if all(k in theirs for k in keys) and dominated(scores, theirs, keys, signs, stop, margin):
@@ -137,61 +137,74 @@ def kept_scores(scores: Parts, keys: Sequence[str], up_to: int) -> dict[str, lis
     }
 
 
-def note_items(trial: optuna.trial.Trial, result: dict[str, Any], rung: int) -> None:
+def note_items(trial: optuna.trial.Trial, rung: int, scores: RungScores) -> None:
     """Record on the trial the rung it reached and the items it scored (per task and in all)."""
-    if "items" in result:
-        trial.set_user_attr("rung", rung)
-        trial.set_user_attr("rung_stop", result["stop"])
-        trial.set_user_attr("items_per_task", result["items"])
-        trial.set_user_attr("items", sum(result["items"].values()))
+    trial.set_user_attr(attrs.RUNG, rung)
+    trial.set_user_attr(attrs.RUNG_STOP, scores.stop)
+    trial.set_user_attr(attrs.ITEMS_PER_TASK, scores.items)
+    trial.set_user_attr(attrs.ITEMS, scores.total)
 
 
-def go_on(s: Any, flight: Any, result: dict[str, Any]) -> bool:
-    """After a rung's result (s: the StudySetup, flight: the loop's Flight): True when the candidate
-    is promoted (the caller sends the next rung to its worker); False when the result is to be told:
-    the last rung, an error, or a stop (then `flight.pruned` is set)."""
-    if s.rungs is None or "error" in result:
-        return False
-    trial, cfg = flight.trial, s.config
-    note_items(trial, result, flight.rung)
-    if flight.rung == len(s.rungs) - 1:
-        return False
-    try:
-        values = objective_values(cfg.objectives, s.directions, result["metrics"])
-    except (KeyError, TypeError, ValueError):
-        return False  # the loop fails the trial with the reason
-    if not all(math.isfinite(v) for v in values):
-        return False
-    stop, keys = result["stop"], [o.key for o in cfg.objectives.items]
-    trial.set_user_attr(ITEM_SCORES, kept_scores(result["item_scores"], keys, s.rungs[-2]))
-    if len(s.study.directions) == 1:
-        trial.report(values[0], step=stop)
-        promoted = not trial.should_prune()
-    else:
-        promoted = pareto_go_on(
-            s.study,
-            trial,
-            result["item_scores"],
-            stop,
-            cfg.objectives,
-            s.directions,
-            cfg.fidelity.margin,
+@dataclass(frozen=True)
+class Rungs:
+    """A study's rungs, and the rule that promotes a candidate from one to the next."""
+
+    items: tuple[int | None, ...]  # items per task of each rung; the last is None (all of them)
+    objectives: ObjectivesSection
+    directions: tuple[str, ...]  # each objective's
+    margin: float  # the Pareto rule's, in standard errors
+
+    @classmethod
+    def plan(
+        cls, config: StudyConfig, sizes: dict[str, int], directions: Sequence[str]
+    ) -> Rungs | None:
+        """The study's rungs over its search items per task; None without a fidelity section."""
+        if config.fidelity is None:
+            return None
+        return cls(
+            tuple(rung_items(config.fidelity, sizes)),
+            config.objectives,
+            tuple(directions),
+            config.fidelity.margin,
         )
-    if not promoted:
-        flight.pruned = True
-        return False
-    flight.rung += 1
-    trial.set_user_attr(
-        "promoted_to", s.rungs[flight.rung]
-    )  # items per task it is now scored to (None: all)
-    flight.merge_s += result["merge_s"]
-    flight.eval_s += result["eval_s"]
-    return True
+
+    @property
+    def first(self) -> int | None:
+        return self.items[0]
+
+    def last(self, rung: int) -> bool:
+        return rung == len(self.items) - 1
+
+    def promote(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.Trial,
+        rung: int,
+        values: Sequence[float],
+        scores: RungScores,
+    ) -> bool:
+        """Whether a candidate scored at `rung` (not the last; `values` its objective values there)
+        goes on to the next rung. Records on the trial what later comparisons read."""
+        keys = [o.key for o in self.objectives.items]
+        kept = kept_scores(scores.item_scores, keys, self.items[-2])
+        trial.set_user_attr(attrs.ITEM_SCORES, kept)
+        if len(study.directions) == 1:
+            trial.report(values[0], step=scores.stop)
+            return not trial.should_prune()
+        return pareto_go_on(
+            study,
+            trial,
+            scores.item_scores,
+            scores.stop,
+            self.objectives,
+            self.directions,
+            self.margin,
+        )
 
 
 def trial_items(trial: FrozenTrial | optuna.trial.Trial) -> int:
     """Items a trial scored, over all tasks (0 before its first rung)."""
-    return int(trial.user_attrs.get("items", 0))
+    return int(trial.user_attrs.get(attrs.ITEMS, 0))
 
 
 def spent(trials: Sequence[FrozenTrial]) -> tuple[int, int]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
+from search.pool import InProcessPool, Pool
 from search.records import write_json_atomic
+from search.workers import WorkerSpec
 
 
 def heldout_path(folder: Path, split: str, number: int) -> Path:
@@ -27,22 +28,33 @@ def read_heldout(folder: Path, split: str) -> dict[int, dict[str, float]]:
 
 
 def score_heldout(
-    folder: Path, spec: Any, recipes: dict[int, dict], split: str, progress: bool = True
+    folder: Path,
+    spec: WorkerSpec,
+    recipes: dict[int, dict],
+    split: str,
+    progress: bool = True,
+    pool: Pool | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Score the trials not yet scored in the report role with one in-process worker; returns all scores.
+    """Score the trials not yet scored in the report role; returns every score kept for `split`.
 
-    `split` names what the report role scores (the evaluator section's label), and the folder they are kept in.
+    `split` names what the report role scores (the evaluator section's label) and the folder the
+    scores are kept in. `pool` runs the candidates (default: one worker in this process).
     """
-    from search.workers import CandidateWorker
-
     todo = {n: r for n, r in recipes.items() if not heldout_path(folder, split, n).is_file()}
-    if todo:
-        worker = CandidateWorker(spec)
+    if not todo:
+        return read_heldout(folder, split)
+    own = pool is None
+    pool = pool or InProcessPool(spec)
+    try:
         for number, recipe in tqdm(
             sorted(todo.items()), desc=f"scoring on {split}", disable=not progress
         ):
-            result = worker.run(recipe, role="report")
-            if "error" in result:
-                raise RuntimeError(f"trial {number} failed on the {split} split: {result['error']}")
-            write_json_atomic(heldout_path(folder, split, number), {"metrics": result["metrics"]})
+            ref = pool.submit(0, recipe, "report")
+            result = pool.result(pool.wait([ref], None)[0])
+            if not result.ok:
+                raise RuntimeError(f"trial {number} failed on the {split} split: {result.error}")
+            write_json_atomic(heldout_path(folder, split, number), {"metrics": result.metrics})
+    finally:
+        if own:
+            pool.shutdown()
     return read_heldout(folder, split)

@@ -10,7 +10,6 @@ merged weights, scores the next rung's items.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -22,29 +21,38 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from merging.recipe import recipe_to_dict
-from search import compat, fidelity, records
+from search import attrs, compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
-from search.objectives import objective_values
+from search.objectives import checked_values
+from search.pool import Pool, PoolFactory, ray_pool
 from search.recovery import Heartbeat, fail_and_requeue, queue_again
+from search.result import WorkerResult
 from search.setup import StudySetup, setup_study
 from search.space import recipe_from_params, suggest
-from search.workers import WorkerPool
 
 POLL_S = 1.0
 
 
 @dataclass
 class Flight:
+    """A candidate in flight: its trial, the worker that holds it, and what it has cost so far."""
+
     trial: optuna.trial.Trial
     worker: int
     params: dict[str, Any]
     recipe: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
     rung: int = 0  # multi-fidelity: the rung being scored
-    merge_s: float = 0.0
+    merge_s: float = 0.0  # over the rungs scored before this one
     eval_s: float = 0.0
     pruned: bool = False
+
+    def promote(self, result: WorkerResult) -> None:
+        """On to the next rung, on the same worker; this rung's time is kept."""
+        self.rung += 1
+        self.merge_s += result.merge_s
+        self.eval_s += result.eval_s
 
 
 def run_study(
@@ -53,41 +61,36 @@ def run_study(
     resume: bool = False,
     progress: bool = True,
     worker_cls: type | None = None,
+    pool: PoolFactory | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study until its budget is spent; returns the Optuna study.
 
-    `worker_cls` replaces `CandidateWorker` (same constructor and `run`), e.g. for benchmarks.
+    `worker_cls` replaces `CandidateWorker` (same constructor and `run`), e.g. for benchmarks;
+    `pool` builds the pool the workers run in (default: Ray actors, search.pool.ray_pool).
     """
     compat.check_versions()
     with compat.quiet_optuna():
         s = setup_study(config, resume=resume)
-        pool = WorkerPool(
-            s.spec,
-            config.workers.count,
-            gpus_per_worker=config.workers.gpus_per_worker,
-            address=config.workers.address,
-            worker_cls=worker_cls,
-        )
+        workers = (pool or ray_pool)(s.spec, config.workers, worker_cls)
         in_flight: dict[Any, Flight] = {}
         try:
-            _loop(s, pool, in_flight, progress)
+            _loop(s, workers, in_flight, progress)
         finally:
             try:
-                for (
-                    flight
-                ) in in_flight.values():  # interrupted (Ctrl-C, an error): no candidate is lost
+                # interrupted (Ctrl-C, an error): no candidate is lost
+                for flight in in_flight.values():
                     fail_and_requeue(
                         s.study,
                         flight.trial,
                         "interrupted before the candidate finished; its params were queued again",
                     )
             finally:
-                pool.shutdown()
+                workers.shutdown()
     return s.study
 
 
-def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progress: bool) -> None:
-    study, cfg = s.study, s.config
+def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool) -> None:
+    study, cfg, rungs = s.study, s.config, s.rungs
     budget = Budget(study, cfg.budget)
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     bar = tqdm(
@@ -114,17 +117,14 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
             trial := claim(study, s.folder, runner, more, cfg.study.storage)
         ) is not None:
             if (flight := _propose(s, trial, worker)) is None:
-                recent.append(
-                    False
-                )  # a proposal that fails every time must end the study, not loop
+                recent.append(False)  # a proposal that fails every time must end the study
                 continue
             free.remove(worker)
-            in_flight[
-                pool.submit(worker, flight.recipe, items=_first_rung(s), rung=s.rungs is not None)
-            ] = flight
+            first = rungs.first if rungs else None
+            in_flight[pool.submit(worker, flight.recipe, items=first, rung=bool(rungs))] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
         heartbeat.beat([f.trial for f in in_flight.values()])
-        study.set_user_attr("elapsed_s", budget.elapsed_s())
+        study.set_user_attr(attrs.ELAPSED_S, budget.elapsed_s())
         if finished:
             bar.set_postfix_str(_postfix(s), refresh=True)
         if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
@@ -132,13 +132,18 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
         finished = pool.wait(list(in_flight), timeout=POLL_S)
         for ref in finished:
             flight, result = in_flight.pop(ref), pool.result(ref)
-            if fidelity.go_on(
-                s, flight, result
-            ):  # on to the next rung, on the worker that holds it
-                in_flight[pool.more(flight.worker, s.rungs[flight.rung])] = flight
-                continue
+            values, error = judge(s, flight, result)
+            if rungs and result.rung is not None:
+                fidelity.note_items(flight.trial, flight.rung, result.rung)
+            if rungs and error is None and not rungs.last(flight.rung):
+                if rungs.promote(study, flight.trial, flight.rung, values, result.rung):
+                    flight.promote(result)  # the worker still holds the candidate's weights
+                    flight.trial.set_user_attr(attrs.PROMOTED_TO, rungs.items[flight.rung])
+                    in_flight[pool.more(flight.worker, rungs.items[flight.rung])] = flight
+                    continue
+                flight.pruned = True
             free.append(flight.worker)
-            ok = _finish(s, flight, result)
+            ok = finish(s, flight, result, values, error)
             recent.append(ok)
             bar.update(1 if ok else 0)
         _stop_overdue(s, pool, in_flight)
@@ -151,21 +156,35 @@ def _loop(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight], progres
 
 
 def _propose(s: StudySetup, trial: optuna.trial.Trial, worker: int) -> Flight | None:
-    """The trial's params and recipe; a proposal that cannot become a recipe fails its trial, not the study."""
+    """The trial's params and recipe; a proposal that cannot become a recipe fails its trial."""
     try:
         params = suggest(trial, s.space)
         recipe = recipe_to_dict(recipe_from_params(params, s.space))
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        trial.set_user_attr("error", error)
+        trial.set_user_attr(attrs.ERROR, error)
         s.study.tell(trial, state=TrialState.FAIL)
         records.write_trial_record(s.folder, records.trial_record(trial, None, None, error))
         return None
     return Flight(trial, worker, params, recipe)
 
 
-def _first_rung(s: StudySetup) -> int | None:
-    return s.rungs[0] if s.rungs is not None else None
+def judge(
+    s: StudySetup, flight: Flight, result: WorkerResult
+) -> tuple[list[float] | None, str | None]:
+    """The result's objective values, or why the candidate fails its trial (one of the two)."""
+    if result.error is not None:
+        if flight.trial.user_attrs.get(attrs.TIMED_OUT):
+            limit = s.config.workers.candidate_timeout
+            return (
+                None,
+                f"the candidate exceeded workers.candidate_timeout ({limit} s) and was stopped",
+            )
+        return None, result.error
+    try:
+        return checked_values(s.config.objectives, s.directions, result.metrics), None
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, str(exc)
 
 
 def _window(workers: int) -> int:
@@ -177,86 +196,81 @@ def _failing(recent: list[bool], workers: int) -> bool:
     return len(recent) >= window and not any(recent[-window:])
 
 
-def _stop_overdue(s: StudySetup, pool: WorkerPool, in_flight: dict[Any, Flight]) -> None:
+def _stop_overdue(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight]) -> None:
     limit = s.config.workers.candidate_timeout
     if limit is None:
         return
     now = time.perf_counter()
     for flight in in_flight.values():
-        if now - flight.started > limit and not flight.trial.user_attrs.get("timed_out"):
-            flight.trial.set_user_attr("timed_out", True)
+        if now - flight.started > limit and not flight.trial.user_attrs.get(attrs.TIMED_OUT):
+            flight.trial.set_user_attr(attrs.TIMED_OUT, True)
             pool.restart(flight.worker)  # its result arrives as an error
 
 
-def _finish(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
+def finish(
+    s: StudySetup,
+    flight: Flight,
+    result: WorkerResult,
+    values: list[float] | None,
+    error: str | None,
+) -> bool:
     """Tell Optuna and write the trial's record; True when the candidate completed. A trial another
     runner failed meanwhile (found silent; its retry runs instead) is left as that runner left it."""
     try:
-        return _tell(s, flight, result)
+        return _tell(s, flight, result, values, error)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
 
 
-def _tell(s: StudySetup, flight: Flight, result: dict[str, Any]) -> bool:
-    trial, cfg = flight.trial, s.config
+def _tell(
+    s: StudySetup,
+    flight: Flight,
+    result: WorkerResult,
+    values: list[float] | None,
+    error: str | None,
+) -> bool:
+    trial = flight.trial
     wall = time.perf_counter() - flight.started
-    error = result.get("error")
-    if error and flight.trial.user_attrs.get("timed_out"):
-        error = f"the candidate exceeded workers.candidate_timeout ({cfg.workers.candidate_timeout} s) and was stopped"
-    values = None
-    if error is None:
-        try:
-            values = objective_values(cfg.objectives, s.directions, result["metrics"])
-        except (KeyError, TypeError, ValueError) as exc:
-            error = str(exc)
-        else:  # Optuna would fail such a trial silently while its record said COMPLETE
-            if not all(math.isfinite(v) for v in values):
-                error, values = (
-                    f"the objective values {values} are not finite (NaN or inf): the candidate is broken",
-                    None,
-                )
-    trial.set_user_attr("worker", result.get("worker"))
-    if result.get("node"):
-        trial.set_user_attr("node", result["node"])  # the Ray node it ran on
-    retry = error is not None and _retry_lost(trial, result)
+    trial.set_user_attr(attrs.WORKER, result.worker)
+    if result.node:
+        trial.set_user_attr(attrs.NODE, result.node)
+    retry = error is not None and retry_lost(trial, result)
     if retry:
         error += "; its params were queued again, to run once more on a worker that lives"
     state = None
     if error is None:
-        fidelity.note_items(trial, result, flight.rung)
         if s.rungs is None:
-            trial.set_user_attr("items", sum(s.sizes.values()))
-        trial.set_user_attr("metrics", result["metrics"])
-        trial.set_user_attr("merge_s", flight.merge_s + result["merge_s"])
-        trial.set_user_attr("eval_s", flight.eval_s + result["eval_s"])
-        if (
-            flight.pruned
-        ):  # single objective: told with its last reported value; Pareto: without values
+            trial.set_user_attr(attrs.ITEMS, sum(s.sizes.values()))
+        trial.set_user_attr(attrs.METRICS, result.metrics)
+        trial.set_user_attr(attrs.MERGE_S, flight.merge_s + result.merge_s)
+        trial.set_user_attr(attrs.EVAL_S, flight.eval_s + result.eval_s)
+        # single objective: told with its last reported value; Pareto: without values
+        if flight.pruned:
             state = "PRUNED"
             told = s.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
             told = s.study.tell(trial, values, skip_if_finished=True)
     else:
-        trial.set_user_attr("error", error)
+        trial.set_user_attr(attrs.ERROR, error)
         told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
-        return False  # another runner found it silent and failed it (its retry runs instead): no record
+        return False  # another runner found it silent and failed it (its retry runs instead)
     if retry:
         queue_again(s.study, told, lost_worker_retry=True)
-    record = records.trial_record(trial, flight.recipe, wall, error, result.get("traceback"), state)
+    record = records.trial_record(trial, flight.recipe, wall, error, result.traceback, state)
     record["values"] = values
     records.write_trial_record(s.folder, record)
     return error is None
 
 
-def _retry_lost(trial: optuna.trial.Trial, result: dict[str, Any]) -> bool:
+def retry_lost(trial: optuna.trial.Trial, result: WorkerResult) -> bool:
     """A candidate whose worker died (a lost node, a killed process) runs once more elsewhere; not one
     stopped for its time limit, nor the retry of one whose worker died (the candidate may be the cause)."""
-    attrs = trial.user_attrs
+    stored = trial.user_attrs
     return (
-        bool(result.get("worker_lost"))
-        and not attrs.get("timed_out")
-        and not attrs.get("lost_worker_retry")
+        result.worker_lost
+        and not stored.get(attrs.TIMED_OUT)
+        and not stored.get(attrs.LOST_WORKER_RETRY)
     )
 
 

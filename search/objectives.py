@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from search.config import ObjectivesSection
@@ -38,3 +39,18 @@ def objective_values(
             for o, d in zip(objectives.items, directions)
         )
     ]
+
+
+def checked_values(
+    objectives: ObjectivesSection, directions: list[str], metrics: dict[str, float]
+) -> list[float]:
+    """`objective_values`, refusing values Optuna cannot rank; ValueError/KeyError say why.
+
+    Optuna would fail a trial told NaN silently while its record said COMPLETE.
+    """
+    values = objective_values(objectives, directions, metrics)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(
+            f"the objective values {values} are not finite (NaN or inf): the candidate is broken"
+        )
+    return values

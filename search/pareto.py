@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import attrs
+
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
     """Whether values a are at least as good as b everywhere and better somewhere."""
@@ -25,7 +27,7 @@ def front_and_baselines(
 ) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
     """The Pareto front (single objective: the `top` best trials) and the baseline trials."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    baselines = [t for t in complete if t.user_attrs.get("baseline")]
+    baselines = [t for t in complete if t.user_attrs.get(attrs.BASELINE)]
     if len(study.directions) > 1:
         front = sorted(study.best_trials, key=lambda t: t.number)
     else:
@@ -35,7 +37,7 @@ def front_and_baselines(
 
 
 def objective_names(study: optuna.Study) -> list[str]:
-    keys = study.user_attrs.get("objective_keys") or [
+    keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or [
         f"objective {i}" for i in range(len(study.directions))
     ]
     return ["score"] if len(study.directions) == 1 else list(keys)
@@ -52,7 +54,7 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
         rows.append(
             [
                 str(t.number),
-                t.user_attrs.get("baseline") or "search",
+                t.user_attrs.get(attrs.BASELINE) or "search",
                 t.params.get("method", "-"),
                 *(f"{v:.4f}" for v in t.values),
                 "front" if len(directions) > 1 else "",
@@ -66,7 +68,7 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
         rows.append(
             [
                 str(t.number),
-                t.user_attrs["baseline"],
+                t.user_attrs[attrs.BASELINE],
                 t.params.get("method", "-"),
                 *(f"{v:.4f}" for v in t.values),
                 note,

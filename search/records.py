@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
-from search import compat
+from search import attrs, compat
 
 CONFIG_FILE = "config.yaml"
 CARVE_FILE = "carve.json"
@@ -64,25 +64,25 @@ def trial_record(
     state: COMPLETE or FAIL (by `error`) unless given (PRUNED). With multi-fidelity, `rung` is the
     last rung the trial was scored on and `items` the items it scored per task.
     """
-    attrs = t.user_attrs
+    stored = t.user_attrs
     return {
         "number": t.number,
         "state": state or ("COMPLETE" if error is None else "FAIL"),
-        "baseline": attrs.get("baseline"),
-        "retry_of": attrs.get("retry_of"),
+        "baseline": stored.get(attrs.BASELINE),
+        "retry_of": stored.get(attrs.RETRY_OF),
         "params": t.params,
         "recipe": recipe,
-        "metrics": attrs.get("metrics"),
+        "metrics": stored.get(attrs.METRICS),
         "values": getattr(t, "values", None),
-        "merge_s": attrs.get("merge_s"),
-        "eval_s": attrs.get("eval_s"),
+        "merge_s": stored.get(attrs.MERGE_S),
+        "eval_s": stored.get(attrs.EVAL_S),
         "wall_s": wall,
-        "worker": attrs.get("worker"),
-        "node": attrs.get("node"),
+        "worker": stored.get(attrs.WORKER),
+        "node": stored.get(attrs.NODE),
         "error": error,
         "traceback": traceback,
-        "rung": attrs.get("rung"),
-        "items": attrs.get("items_per_task"),
+        "rung": stored.get(attrs.RUNG),
+        "items": stored.get(attrs.ITEMS_PER_TASK),
     }
 
 

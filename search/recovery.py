@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from merging.process import pid_alive
 from merging.recipe import recipe_to_dict
-from search import compat, records
+from search import attrs, compat, records
 from search.space import SearchSpace, recipe_from_params
 
 OWNERLESS_GRACE_S = 5.0  # a live runner records itself on a trial milliseconds after asking for it
@@ -40,12 +40,12 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
     while young := [
         _age_s(t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not t.user_attrs.get("runner") and _age_s(t) < grace_s
+        if not t.user_attrs.get(attrs.RUNNER) and _age_s(t) < grace_s
     ]:
         time.sleep(grace_s - min(young) + 0.1)
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("runner")
+        owner = t.user_attrs.get(attrs.RUNNER)
         if owner and (
             owner.get("host") != host or (owner.get("pid") != me and pid_alive(owner.get("pid")))
         ):
@@ -96,7 +96,7 @@ class Heartbeat:
 
 def runner_alive(t: optuna.trial.FrozenTrial) -> bool:
     """Whether a running trial has a live runner that will finish it (a dead runner's is requeued later)."""
-    owner = t.user_attrs.get("runner")
+    owner = t.user_attrs.get(attrs.RUNNER)
     return not owner or owner.get("host") != socket.gethostname() or pid_alive(owner.get("pid"))
 
 
@@ -109,18 +109,18 @@ def fail_and_requeue(
 ) -> None:
     """Fail a trial that will not finish and queue its params again, as a retry linked by retry_of."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-    compat.set_user_attr_of(study, frozen, "error", reason)
+    compat.set_user_attr_of(study, frozen, attrs.ERROR, reason)
     study.tell(frozen.number, state=TrialState.FAIL)
     queue_again(study, frozen)
 
 
-def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **attrs: Any) -> None:
+def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **extra: Any) -> None:
     """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline name)."""
-    attrs |= {k: v for k, v in frozen.user_attrs.items() if k == "baseline"} | {
-        "retry_of": frozen.number
+    extra |= {k: v for k, v in frozen.user_attrs.items() if k == attrs.BASELINE} | {
+        attrs.RETRY_OF: frozen.number
     }
     # the enqueued params: a baseline or retry asked but killed before its params were suggested
-    study.enqueue_trial({**compat.enqueued_params(frozen), **frozen.params}, user_attrs=attrs)
+    study.enqueue_trial({**compat.enqueued_params(frozen), **frozen.params}, user_attrs=extra)
 
 
 def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
@@ -138,7 +138,7 @@ def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
                 t,
                 recipe,
                 None,
-                t.user_attrs.get("error"),
+                t.user_attrs.get(attrs.ERROR),
                 state="PRUNED" if t.state == TrialState.PRUNED else None,
             )
             records.write_trial_record(folder, record)

@@ -23,12 +23,13 @@ from optuna.trial import FrozenTrial, TrialState
 from evaluators.config import has_report
 from merging.catalog import PER_MODEL, method_spec
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
+from search import attrs
 from search.compat import quiet_optuna
 from search.config import StudyConfig
 from search.fidelity import trial_items
+from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
 from search.pareto import front_and_baselines, objective_names
-from search.setup import load_study_folder, study_space, trial_recipe, worker_spec
 from search.summary import items_line
 
 BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
@@ -109,7 +110,7 @@ def plot_front(study: optuna.Study, names: list[str]) -> Figure:
             )
             for t in baselines:
                 ax.annotate(
-                    t.user_attrs["baseline"],
+                    t.user_attrs[attrs.BASELINE],
                     (t.values[i], t.values[j]),
                     fontsize=7,
                     xytext=(4, 4),
@@ -262,7 +263,7 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
     )
 
 
-def _chosen(study: optuna.Study, trial: int | None) -> FrozenTrial:
+def chosen_trial(study: optuna.Study, trial: int | None) -> FrozenTrial:
     if trial is not None:
         return study.trials[trial]
     if len(study.directions) == 1:
@@ -287,7 +288,7 @@ def _table(
     for label, t in rows:
         cells = []
         for k in keys:
-            val, held = t.user_attrs.get("metrics", {}).get(k), heldout.get(t.number, {}).get(k)
+            val, held = t.user_attrs.get(attrs.METRICS, {}).get(k), heldout.get(t.number, {}).get(k)
             cells.append(f"<td>{val:.4f}</td>" if val is not None else "<td>-</td>")
             cells.append(f"<td>{held:.4f}</td>" if held is not None else "<td>-</td>")
         body.append(f"<tr><td>{html.escape(label)}</td><td>{t.number}</td>{''.join(cells)}</tr>")
@@ -309,7 +310,7 @@ def write_report(
     names = objective_names(study)
     figures_dir = folder / "figures"
     figures_dir.mkdir(exist_ok=True)
-    chosen = _chosen(study, trial)
+    chosen = chosen_trial(study, trial)
     recipe = trial_recipe(config, chosen)
     space = study_space(config)
     with quiet_optuna():
@@ -333,10 +334,11 @@ def write_report(
     refs = [
         t
         for t in baselines
-        if t.user_attrs["baseline"].startswith("alone:") or t.user_attrs["baseline"] == "uniform"
+        if t.user_attrs[attrs.BASELINE].startswith("alone:")
+        or t.user_attrs[attrs.BASELINE] == "uniform"
     ]
     rows = [(f"{'Pareto' if len(study.directions) > 1 else 'best'} trial", t) for t in finalists]
-    rows += [(t.user_attrs["baseline"], t) for t in refs]
+    rows += [(t.user_attrs[attrs.BASELINE], t) for t in refs]
     split = config.evaluator.label("report")
     heldout = {}
     if score_heldout_split and has_report(config.evaluator):

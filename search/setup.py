@@ -1,6 +1,6 @@
 """Everything before the first candidate: checks, the study folder, storage, sampler, baselines.
 
-Also the way back into an existing study folder (status, pareto, report, export).
+The way back into an existing study folder (status, pareto, report, export) is search/folder.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Any
 
 import optuna
 
-from search import records
+from search import attrs, records
 from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
-from search.fidelity import make_pruner, rung_items
+from search.fidelity import Rungs, make_pruner
+from search.folder import storage_error, study_space, worker_spec
 from search.objectives import resolve_directions, study_directions
 from search.recovery import requeue_stale, sync_records
-from search.space import SearchSpace, baseline_params, build_space, recipe_from_params
+from search.space import SearchSpace, baseline_params
 from search.workers import WorkerSpec
 
 
@@ -32,15 +33,12 @@ class StudySetup:
     directions: list[str]
     spec: WorkerSpec
     sizes: dict[str, int]  # search items per task (after carve and limit)
-    rungs: (
-        list[int | None] | None
-    )  # multi-fidelity: items per task of each rung (None: all); None when off
+    rungs: Rungs | None  # multi-fidelity: the rungs and the promotion rule; None when off
 
 
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = (
-        None if cfg.seed is None else cfg.seed + offset
-    )  # a resumed or second run must not replay draws
+    # a resumed or second run must not replay draws
+    seed = None if cfg.seed is None else cfg.seed + offset
     if cfg.name == "tpe":
         with (
             warnings.catch_warnings()
@@ -62,35 +60,6 @@ def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSa
     if cfg.name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def worker_spec(config: StudyConfig) -> WorkerSpec:
-    """What every worker of this study builds: the config sections it needs, local paths made absolute."""
-    return WorkerSpec(
-        models=config.models.resolved(),
-        evaluator=config.evaluator.resolved(),
-        space=config.space,
-        threads=config.workers.threads,
-        fidelity_seed=config.fidelity.seed if config.fidelity is not None else None,
-    )
-
-
-def study_space(config: StudyConfig, num_layers: int | None = None) -> SearchSpace:
-    """The study's search space, over the absolute model paths the workers use. The layer count
-    comes from the base model's config unless given (the study stores it: NUM_LAYERS_ATTR)."""
-    from merging.checkpoint import resolve_model_dir
-
-    models = config.models.resolved()
-    base_dir = None if num_layers is not None else resolve_model_dir(config.models.base)
-    space = build_space(config, base_dir, num_layers)
-    return SearchSpace(
-        **{**space.__dict__, "base": models.base, "model_paths": tuple(models.finetunes)}
-    )
-
-
-def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial):
-    """The MergeRecipe a finished trial scored, rebuilt from its stored params."""
-    return recipe_from_params(trial.params, study_space(config))
 
 
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
@@ -118,12 +87,12 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
             records.write_carve(folder, config.evaluator, split_sizes)
             study = _open_study(config, folder, directions)
             records.write_config_snapshot(folder, config_to_dict(config))
-            if study.user_attrs.get("search_items") != sizes:
-                study.set_user_attr("search_items", sizes)
-            if study.user_attrs.get(SPLIT_SIZES_ATTR) != split_sizes:
-                study.set_user_attr(SPLIT_SIZES_ATTR, split_sizes)
-            if study.user_attrs.get(NUM_LAYERS_ATTR) != space.num_layers:
-                study.set_user_attr(NUM_LAYERS_ATTR, space.num_layers)
+            if study.user_attrs.get(attrs.SEARCH_ITEMS) != sizes:
+                study.set_user_attr(attrs.SEARCH_ITEMS, sizes)
+            if study.user_attrs.get(attrs.SPLIT_SIZES) != split_sizes:
+                study.set_user_attr(attrs.SPLIT_SIZES, split_sizes)
+            if study.user_attrs.get(attrs.NUM_LAYERS) != space.num_layers:
+                study.set_user_attr(attrs.NUM_LAYERS, space.num_layers)
             _enqueue_baselines(config, study, space)
             requeue_stale(study)
             sync_records(study, folder, space)
@@ -131,7 +100,7 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    rungs = rung_items(config.fidelity, sizes) if config.fidelity is not None else None
+    rungs = Rungs.plan(config, sizes, directions)
     return StudySetup(config, folder, study, space, directions, worker_spec(config), sizes, rungs)
 
 
@@ -274,37 +243,27 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         # Every run of the study (first, resumed, or one more runner) draws from its own stream: runners
         # that open the study while it holds the same trials (the baselines, say) would otherwise
         # propose the same params. Under the runners' lock, so no two runs get the same number.
-        runs = int(study.user_attrs.get(RUNS_ATTR, 0))
-        study.set_user_attr(RUNS_ATTR, runs + 1)
+        runs = int(study.user_attrs.get(attrs.RUNS, 0))
+        study.set_user_attr(attrs.RUNS, runs + 1)
         study.sampler = make_sampler(config.sampler, offset=existing + runs * 1_000_003)
     except Exception as exc:
         raise storage_error(
             config.study.storage or str(folder / records.JOURNAL_FILE), exc
         ) from None
-    if "directions" not in study.user_attrs:
-        study.set_user_attr("directions", directions)
-        study.set_user_attr("objective_keys", [o.key for o in config.objectives.items])
+    if attrs.DIRECTIONS not in study.user_attrs:
+        study.set_user_attr(attrs.DIRECTIONS, directions)
+        study.set_user_attr(attrs.OBJECTIVE_KEYS, [o.key for o in config.objectives.items])
     _check_same_study(config, study)
     return study
-
-
-RUNS_ATTR = "runs_started"  # runs that opened the study: each one's sampler seed differs
-CONFIG_ATTR = "config"  # the study's config, kept in its storage: `basin attach` rebuilds a study folder from it
-SPLIT_SIZES_ATTR = (
-    "split_sizes"  # items per task of the search split before carving (the carve's input)
-)
-NUM_LAYERS_ATTR = (
-    "num_layers"  # of the base model: the search space's depth, without the models at hand
-)
 
 
 def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
     """The first runner stores its config in the study; a runner joining it later (from any machine,
     with its own folder) must search the same space on the same models and tasks."""
     mine = config_to_dict(config)
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = study.user_attrs.get(attrs.CONFIG)
     if stored is None:
-        study.set_user_attr(CONFIG_ATTR, mine)
+        study.set_user_attr(attrs.CONFIG, mine)
         return
     theirs, ours = _shared_part(config_to_dict(config_from_dict(stored))), _shared_part(mine)
     if theirs != ours:
@@ -329,18 +288,10 @@ def _shared_part(snapshot: dict) -> dict:
 def _enqueue_baselines(config: StudyConfig, study: optuna.Study, space: SearchSpace) -> None:
     # Until the flag is set, not "no trials yet": a run killed halfway through enqueuing must
     # not lose the remaining baselines (skip_if_exists leaves out those already queued or run).
-    if config.baselines and not study.user_attrs.get("baselines_enqueued"):
+    if config.baselines and not study.user_attrs.get(attrs.BASELINES_ENQUEUED):
         for name, params in baseline_params(space):
-            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-        study.set_user_attr("baselines_enqueued", True)
-
-
-def storage_error(url: str, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"study.storage {records.redact(url)} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
-        "check the URL, that the server runs and its driver is installed, or leave study.storage "
-        "empty to use a journal file in the study folder"
-    )
+            study.enqueue_trial(params, user_attrs={attrs.BASELINE: name}, skip_if_exists=True)
+        study.set_user_attr(attrs.BASELINES_ENQUEUED, True)
 
 
 def _search_part(snapshot: dict) -> dict:
@@ -356,25 +307,3 @@ def _count_trials(storage: Any, name: str) -> int:
         return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     except KeyError:
         return 0
-
-
-def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
-    """The config and Optuna study of an existing study folder."""
-    folder = Path(folder)
-    try:
-        snapshot = records.read_config_snapshot(folder)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    config = config_from_dict(snapshot, str(folder / records.CONFIG_FILE))
-    try:
-        storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
-        return config, optuna.load_study(study_name=config.study.name, storage=storage)
-    except KeyError:
-        raise ConfigError(
-            f"{folder}: its storage holds no study named '{config.study.name}'; "
-            f"was it moved? start it again with `basin run CONFIG`"
-        ) from None
-    except Exception as exc:  # status, pareto, export: the same redacted message as run
-        raise storage_error(
-            config.study.storage or str(folder / records.JOURNAL_FILE), exc
-        ) from None

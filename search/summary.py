@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from search import fidelity
+from search import attrs, fidelity
 from search.records import redact
 
 
@@ -17,7 +17,7 @@ def _duration(seconds: float) -> str:
 
 
 def _describe(trial: optuna.trial.FrozenTrial) -> str:
-    name = trial.user_attrs.get("baseline")
+    name = trial.user_attrs.get(attrs.BASELINE)
     method = trial.params.get("method") or "-"
     values = ", ".join(f"{v:.4f}" for v in trial.values)
     return f"trial {trial.number} ({name or method}): {values}"
@@ -36,7 +36,7 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
         print(line)
     if not complete:
         return
-    baselines = [t for t in complete if t.user_attrs.get("baseline")]
+    baselines = [t for t in complete if t.user_attrs.get(attrs.BASELINE)]
     if len(study.directions) == 1:
         print(f"best  {_describe(study.best_trial)}")
         if baselines:
@@ -50,7 +50,7 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
 
 def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str | None:
     """Items scored against what the same finished trials would have cost on every search item."""
-    sizes = study.user_attrs.get("search_items")
+    sizes = study.user_attrs.get(attrs.SEARCH_ITEMS)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if not sizes or not finished:
         return None
@@ -63,7 +63,7 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
 
 
 def print_status(folder: Path) -> None:
-    from search.setup import load_study_folder
+    from search.folder import load_study_folder
 
     config, study = load_study_folder(folder)
     trials = study.get_trials(deepcopy=False)

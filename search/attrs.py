@@ -1,0 +1,38 @@
+"""The names of what basin stores on Optuna trials and studies (their user attrs), in one place.
+
+Everything here outlives the process that wrote it: in the journal file or the database, where a
+resumed run, another runner, `basin attach` and the report read it back. Renaming one breaks every
+study stored before, so a name here changes only with a way to read the old one.
+"""
+
+# --- on a trial ---------------------------------------------------------------------------------
+BASELINE = (
+    "baseline"  # the baseline's name (alone:<model>, uniform, ...); absent on searched trials
+)
+RUNNER = "runner"  # {"host", "pid"} of the run that asked for the trial
+RETRY_OF = "retry_of"  # the number of the failed trial whose params this one runs again
+LOST_WORKER_RETRY = "lost_worker_retry"  # queued again once because its worker died
+TIMED_OUT = "timed_out"  # stopped for workers.candidate_timeout
+ERROR = "error"  # why the trial failed
+METRICS = "metrics"  # "<task>/<metric>" -> value, on the search split
+MERGE_S = "merge_s"
+EVAL_S = "eval_s"
+WORKER = "worker"  # host:pid/index of the worker that scored it
+NODE = "node"  # the Ray node that worker ran on
+ITEMS = "items"  # items scored, summed over the tasks (the items budget counts these)
+ITEMS_PER_TASK = "items_per_task"  # multi-fidelity: items scored per task
+RUNG = "rung"  # multi-fidelity: the last rung scored (0 is the first)
+RUNG_STOP = "rung_stop"  # multi-fidelity: items per task scored up to that rung
+PROMOTED_TO = "promoted_to"  # multi-fidelity: items per task it was promoted to (None: all)
+ITEM_SCORES = "item_scores"  # multi-fidelity: per objective, per-item scores up to the last rung
+
+# --- on a study ---------------------------------------------------------------------------------
+DIRECTIONS = "directions"  # each objective's, as the config or the metric gives it
+OBJECTIVE_KEYS = "objective_keys"  # each objective's "<task>/<metric>"
+SEARCH_ITEMS = "search_items"  # items per task the search scores (after carve and limit)
+SPLIT_SIZES = "split_sizes"  # items per task of the search split before carving (the carve's input)
+NUM_LAYERS = "num_layers"  # of the base model: the search space's depth, without the models at hand
+RUNS = "runs_started"  # runs that opened the study: each one's sampler seed differs
+CONFIG = "config"  # the study's config: `basin attach` rebuilds a study folder from it
+BASELINES_ENQUEUED = "baselines_enqueued"  # set once every baseline is queued
+ELAPSED_S = "elapsed_s"  # search time over every run of the study
