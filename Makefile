@@ -3,8 +3,9 @@
 # where one is provided instead of a multi-GB CUDA build.
 #
 # Tests:
-#   make test       ruff, then the whole suite (what CI runs, via .ci/run); prints the 15 slowest tests.
-#   make test-fast  ruff, then the tests not marked slow (no Ray study, no toy zoo, no torch.compile):
+#   make test       lint (ruff check, ruff format --check), then the whole suite (what CI runs,
+#                   via .ci/run); prints the 15 slowest tests.
+#   make test-fast  lint, then the tests not marked slow (no Ray study, no toy zoo, no torch.compile):
 #                   the quick loop while developing, under 3 minutes on a 2-core machine.
 # The suite keeps the toy zoo it builds in $BASIN_TEST_CACHE (default ~/.cache/basin-tests), not in
 # the checkout; .zoo/ is the demo's.
@@ -25,19 +26,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,postgres]"
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
-test-fast: $(STAMP)
-	$(BIN)/ruff check .
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/basin demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

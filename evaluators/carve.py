@@ -24,6 +24,7 @@ class Carve:
     fraction: float
     seed: int = 0
     part: Part = "search"
+    split: str = ""  # the split it cuts (for the record and the report)
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:

@@ -1,4 +1,5 @@
-"""Every place basin reaches into lm-eval's internals, each checked against the version it was written for.
+"""Every place basin reaches into lm-eval's internals, each checked against the version it was
+written for.
 
 basin is tested with lm-eval `TESTED_LM_EVAL` (pinned in pyproject.toml). Each patch below checks
 that the internal it relies on is there before it touches it. A speed patch whose internal is gone
@@ -28,7 +29,8 @@ def lm_eval_version() -> str:
 
 
 def check_lm_eval() -> None:
-    """Warn once when the installed lm-eval is not the version these patches were checked against."""
+    """Warn once when the installed lm-eval is not the version these patches were checked
+    against."""
     found = lm_eval_version()
     if found != TESTED_LM_EVAL and "version" not in _warned:
         _warned.add("version")
@@ -103,7 +105,7 @@ def template_cache_info() -> Any:
     return patched.cache_info() if patched is not None else None
 
 
-# --- per-wrapper tokenization memo --------------------------------------------------------------
+# --- per-wrapper tokenization memo ------------------------------------------------------------
 # Every call sends the same request strings through the same tokenizer, yet HFLM re-tokenizes them
 # each time (about half of what was left of the per-call overhead after the template cache). The
 # memo lives on our own HFLM instance only (an instance attribute shadowing its tok_encode), so a
@@ -144,7 +146,7 @@ def memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
     lm.tok_encode = tok_encode
 
 
-# --- quiet repeated calls -------------------------------------------------------------------------
+# --- quiet repeated calls ---------------------------------------------------------------------
 # lm-eval passes `disable=` explicitly to most of its tqdm bars, so TQDM_DISABLE has no effect.
 # While `QUIET` is set (only inside a non-verbose evaluator call) the bars in the modules below
 # are forced off; outside it they behave as lm-eval wrote them. A module without a `tqdm` name
@@ -170,7 +172,7 @@ def gate_tqdm_bars() -> None:
         module.tqdm = gated
 
 
-# --- the items a task scores -------------------------------------------------------------------------
+# --- the items a task scores ------------------------------------------------------------------
 # lm-eval's `Task.eval_docs` is a property over `test_docs()` / `validation_docs()`, and it re-reads
 # and re-processes the dataset on every evaluation. An instance attribute named `<split>_docs`
 # shadows the method, so lm-eval scores exactly the documents we selected, processed once.
@@ -183,8 +185,9 @@ def pin_docs(task: Any, split: str, docs: list[Any]) -> None:
     method = f"{split}_docs"
     if not callable(getattr(type(task), method, None)) or not hasattr(type(task), "eval_docs"):
         raise EvaluatorError(
-            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no {method}() / eval_docs to select "
-            f"items with; basin is tested with lm-eval {TESTED_LM_EVAL}: install lm-eval=={TESTED_LM_EVAL}"
+            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no {method}() / eval_docs "
+            f"to select items with; basin is tested with lm-eval {TESTED_LM_EVAL}: "
+            f"install lm-eval=={TESTED_LM_EVAL}"
         )
 
     def pinned() -> list[Any]:
@@ -207,8 +210,9 @@ def fewshot_per_item(task: Any, seed: int) -> None:
     original = getattr(task, "fewshot_context", None)
     if original is None or not hasattr(getattr(task, "sampler", None), "set_rnd"):
         raise EvaluatorError(
-            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no fewshot_context / sampler.set_rnd to "
-            f"seed few-shot examples per item with; basin is tested with lm-eval {TESTED_LM_EVAL}: "
+            f"lm-eval {lm_eval_version()}: {type(task).__name__} has no fewshot_context / "
+            "sampler.set_rnd to seed few-shot examples per item with; "
+            f"basin is tested with lm-eval {TESTED_LM_EVAL}: "
             f"install lm-eval=={TESTED_LM_EVAL}, or score these tasks zero-shot (num_fewshot: 0)"
         )
 
@@ -221,7 +225,7 @@ def fewshot_per_item(task: Any, seed: int) -> None:
     task.fewshot_context = seeded
 
 
-# --- task definitions without their data ------------------------------------------------------------
+# --- task definitions without their data ------------------------------------------------------
 # lm-eval builds every task object with its dataset: `TaskManager.load` constructs ConfigurableTask,
 # whose __init__ downloads and processes the data. To check names, splits and metrics before any
 # data is read (and where the data is on a hub this machine cannot reach), the task factory is
@@ -230,7 +234,8 @@ def fewshot_per_item(task: Any, seed: int) -> None:
 
 
 def load_definitions(manager: Any, names: list[str]) -> dict[str, Any]:
-    """`manager.load(names)` with each leaf task a data-free `Definition` (groups as lm-eval builds them)."""
+    """`manager.load(names)` with each leaf task a data-free `Definition` (groups as lm-eval
+    builds them)."""
     from unittest import mock
 
     from evaluators.protocol import EvaluatorError

@@ -1,14 +1,20 @@
-"""The evaluator section of a study config, and the one place evaluators are built from it.
+"""The evaluator kinds: each kind's config section, which carries everything about the kind.
 
 `kind: harness` (the default) scores lm-eval tasks; `kind: perplexity` scores a text file. A study
 scores candidates in two roles: "search" (what the sampler sees) and "report" (held-out scores of
-the finalists). Each section says what each role scores; `build_evaluator` builds it.
+the finalists). A section says what each role scores, builds the evaluator of a role (`build`),
+checks its task definitions without their data (`check_tasks`) and estimates what evaluation
+needs on the device (`memory_estimate`). KINDS registers each kind once; the config's
+`evaluator` field, its error messages and `build_evaluator` are derived from it.
+
+A new kind is a section class here, with these methods, and one entry in KINDS.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -21,18 +27,49 @@ from pydantic import (
 )
 
 from evaluators.carve import Carve
-from evaluators.protocol import Evaluator, EvaluatorError
+from evaluators.protocol import Evaluator, EvaluatorError, TaskInfo
 
 Role = Literal["search", "report"]
 ROLES: tuple[str, ...] = ("search", "report")
 
 
+EVAL_TOKENS = 1024  # tokens per sequence in a memory estimate (prompt and answer of a typical item)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What evaluating one candidate needs on the device on top of the model."""
+
+    what: str
+    bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def sequence_bytes(shape: dict, batch: int, tokens: int, width: int) -> int:
+    """Logits (model dtype) and their float32 log-softmax for a batch, plus the KV cache, from a
+    Hugging Face config.json's fields."""
+    shape = shape.get("text_config", shape)  # multimodal configs keep the language model's apart
+    vocab = shape.get("vocab_size", 0)
+    layers = shape.get("num_hidden_layers") or shape.get("n_layer") or 0
+    hidden = shape.get("hidden_size") or shape.get("n_embd") or 0
+    heads = shape.get("num_attention_heads") or shape.get("n_head") or 1
+    kv_heads = shape.get("num_key_value_heads") or heads
+    head_dim = shape.get("head_dim") or hidden // heads
+    n = batch * tokens
+    return n * vocab * (width + 4) + 2 * layers * n * kv_heads * head_dim * width
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # where a config names the kind's tasks (for messages) and whether it scores items one by one
+    # (multi-fidelity and the items budget need that)
+    tasks_field: ClassVar[str] = "evaluator.tasks"
+    scores_items: ClassVar[bool] = True
+
 
 class HarnessSection(_Section):
-    """lm-eval tasks (local yaml files or built-ins), scored on one split for search, another for reports.
+    """lm-eval tasks (local yaml files or built-ins): one split for search, another for reports.
 
     With `holdout`, the one `split` is carved in two (evaluators/carve.py): the search scores one
     part, the report the held-out other.
@@ -95,18 +132,66 @@ class HarnessSection(_Section):
             return f"{self.split}-search" if role == "search" else f"{self.split}-holdout"
         return self.split if role == "search" else self.report_split
 
+    @classmethod
+    def raw_task_names(cls, raw: dict) -> Any:
+        """The task names of a section not yet validated (for checks across sections)."""
+        return raw.get("tasks")
+
+    @property
+    def has_report(self) -> bool:
+        """Whether the section names something held out for the report to score."""
+        return True
+
     def carve(self, role: Role) -> Carve | None:
+        """The carve of the one scored split a role scores, or None when the split is not carved."""
         if self.holdout is None:
             return None
-        return Carve(self.holdout, self.holdout_seed, "search" if role == "search" else "holdout")
+        part = "search" if role == "search" else "holdout"
+        return Carve(self.holdout, self.holdout_seed, part, split=self.split)
+
+    def build(self, role: Role, limit: int | None, order_seed: int | None) -> Evaluator:
+        from evaluators.harness import HarnessEvaluator
+
+        search_split = role == "search" or self.holdout is not None
+        return HarnessEvaluator(
+            self,
+            split=self.split if search_split else self.report_split,
+            carve=self.carve(role),
+            order_seed=order_seed,
+            limit=limit or self.limit,
+        )
+
+    def check_tasks(self, metrics: list[str]) -> TaskInfo:
+        from evaluators.harness import check_task_definitions
+
+        found = check_task_definitions(
+            self.tasks,
+            include_path=self.include_paths,
+            builtin_tasks=self.builtin_tasks,
+            split=self.split,
+            metrics=metrics,
+        )
+        return TaskInfo(found.directions, found.hub_datasets)
+
+    def memory_estimate(self, shape: dict, width: int) -> MemoryEstimate:
+        batch = self.batch_size if isinstance(self.batch_size, int) else 1
+        what = f"evaluation estimate (batch {batch} x {EVAL_TOKENS} tokens: logits, KV cache)"
+        notes = []
+        if self.batch_size == "auto":
+            notes.append(
+                "evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the "
+                "largest batch that fits"
+            )
+        return MemoryEstimate(what, sequence_bytes(shape, batch, EVAL_TOKENS, width), notes)
 
     def overlap(self) -> str | None:
         """Why the report would score items the search saw, or None when it does not."""
         if self.holdout is None and self.split == self.report_split:
             return (
-                f"evaluator.split and evaluator.report_split are both '{self.split}': the report scores the "
-                "very items the search chose its recipes on, so its held-out scores are not held out; carve "
-                "the split instead (evaluator.holdout: 0.3), or report on another split"
+                f"evaluator.split and evaluator.report_split are both '{self.split}': the report "
+                "scores the very items the search chose its recipes on, so its held-out scores are "
+                "not held out; carve the split instead (evaluator.holdout: 0.3), or report on "
+                "another split"
             )
         return None
 
@@ -118,7 +203,8 @@ class HarnessSection(_Section):
 
 
 class PerplexitySection(_Section):
-    """Perplexity over fixed token windows of a text file: `text` for search, `report_text` held out."""
+    """Perplexity over fixed token windows of a text file: `text` for search, `report_text` held
+    out."""
 
     kind: Literal["perplexity"]
     name: str = Field(default="perplexity", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -128,12 +214,57 @@ class PerplexitySection(_Section):
     batch_size: int = Field(default=8, ge=1)
     limit: int | None = Field(default=None, ge=1)  # windows per candidate
 
+    tasks_field: ClassVar[str] = "evaluator.name (the perplexity evaluator's task)"
+    scores_items: ClassVar[bool] = False
+
+    @classmethod
+    def raw_task_names(cls, raw: dict) -> Any:
+        return [raw.get("name") or "perplexity"]
+
     @property
     def task_names(self) -> list[str]:
         return [self.name]
 
+    @property
+    def has_report(self) -> bool:
+        return self.report_text is not None
+
     def label(self, role: Role) -> str:
         return Path(self.text).name if role == "search" else Path(self.report_text or "-").name
+
+    def carve(self, role: Role) -> Carve | None:
+        return None
+
+    def build(self, role: Role, limit: int | None, order_seed: int | None) -> Evaluator:
+        from evaluators.perplexity import PerplexityEvaluator
+
+        if order_seed is not None:
+            raise EvaluatorError(
+                "multi-fidelity (order_seed) scores lm-eval items; "
+                "the perplexity evaluator has none"
+            )
+        path = self.text if role == "search" else self.report_text
+        if path is None:
+            raise EvaluatorError(
+                "evaluator.report_text is not set: there is no held-out text to score; "
+                "give evaluator.report_text, or skip held-out scores (basin report --no-heldout)"
+            )
+        return PerplexityEvaluator(
+            path,
+            window=self.window,
+            batch_size=self.batch_size,
+            limit=limit or self.limit,
+            name=self.name,
+        )
+
+    def check_tasks(self, metrics: list[str]) -> TaskInfo:
+        probe = self.build("search", None, None)
+        return TaskInfo({key: probe.higher_is_better(key) for key in metrics}, {})
+
+    def memory_estimate(self, shape: dict, width: int) -> MemoryEstimate:
+        batch, tokens = self.batch_size, self.window
+        what = f"evaluation estimate (batch {batch} x {tokens} tokens: logits, KV cache)"
+        return MemoryEstimate(what, sequence_bytes(shape, self.batch_size, self.window, width))
 
     def overlap(self) -> str | None:
         if (
@@ -141,8 +272,8 @@ class PerplexitySection(_Section):
             and Path(self.report_text).resolve() == Path(self.text).resolve()
         ):
             return (
-                "evaluator.report_text is evaluator.text: the report scores the very text the search chose its "
-                "recipes on; give a held-out text file"
+                "evaluator.report_text is evaluator.text: the report scores the very text the "
+                "search chose its recipes on; give a held-out text file"
             )
         return None
 
@@ -151,24 +282,28 @@ class PerplexitySection(_Section):
         return self.model_copy(update={"text": _absolute(self.text), "report_text": report})
 
 
+KINDS: dict[str, type[HarnessSection | PerplexitySection]] = {
+    "harness": HarnessSection,
+    "perplexity": PerplexitySection,
+}
+
+
 def _kind(value: Any) -> str:
-    kind = (
-        value.get("kind", "harness")
-        if isinstance(value, dict)
-        else getattr(value, "kind", "harness")
-    )
+    if isinstance(value, dict):
+        kind = value.get("kind", "harness")
+    else:
+        kind = getattr(value, "kind", "harness")
     return kind if kind in KINDS else "unknown"
 
 
 EvaluatorSection = Annotated[
-    Annotated[HarnessSection, Tag("harness")] | Annotated[PerplexitySection, Tag("perplexity")],
+    Union[tuple(Annotated[section, Tag(name)] for name, section in KINDS.items())],  # noqa: UP007
     Discriminator(
         _kind,
         custom_error_type="evaluator_kind",
-        custom_error_message="unknown evaluator kind; Known: harness, perplexity",
+        custom_error_message=f"unknown evaluator kind; Known: {', '.join(KINDS)}",
     ),
 ]
-KINDS: dict[str, type[_Section]] = {"harness": HarnessSection, "perplexity": PerplexitySection}
 
 
 def _absolute(path: str) -> str:
@@ -185,55 +320,11 @@ def build_evaluator(
 ) -> Evaluator:
     """The evaluator that scores `role` as `section` describes; `limit` overrides the section's.
 
-    order_seed: the items in a seeded order that slices can be scored from (multi-fidelity; harness only).
+    order_seed: the items in a seeded order that slices can be scored from (multi-fidelity; only
+    kinds that score items).
     """
     if role not in ROLES:
         raise EvaluatorError(f"unknown role {role!r}; Known: {', '.join(ROLES)}")
-    if isinstance(section, HarnessSection):
-        from evaluators.harness import HarnessEvaluator
-
-        return HarnessEvaluator(
-            section.tasks,
-            include_path=section.include_paths or None,
-            split=section.split
-            if role == "search" or section.holdout is not None
-            else section.report_split,
-            carve=section.carve(role),
-            order_seed=order_seed,
-            batch_size=section.batch_size,
-            limit=limit or section.limit,
-            sample_seed=section.sample_seed,
-            num_fewshot=section.num_fewshot,
-            apply_chat_template=section.apply_chat_template,
-            fewshot_as_multiturn=section.fewshot_as_multiturn,
-            system_instruction=section.system_instruction,
-            gen_kwargs=section.gen_kwargs,
-            builtin_tasks=section.builtin_tasks,
-        )
-    if isinstance(section, PerplexitySection):
-        from evaluators.perplexity import PerplexityEvaluator
-
-        if order_seed is not None:
-            raise EvaluatorError(
-                "multi-fidelity (order_seed) scores lm-eval items; the perplexity evaluator has none"
-            )
-
-        path = section.text if role == "search" else section.report_text
-        if path is None:
-            raise EvaluatorError(
-                "evaluator.report_text is not set: there is no held-out text to score; "
-                "give evaluator.report_text, or skip held-out scores (basin report --no-heldout)"
-            )
-        return PerplexityEvaluator(
-            path,
-            window=section.window,
-            batch_size=section.batch_size,
-            limit=limit or section.limit,
-            name=section.name,
-        )
-    raise EvaluatorError(f"not an evaluator section: {type(section).__name__}")
-
-
-def has_report(section: HarnessSection | PerplexitySection) -> bool:
-    """Whether the section names something held out for the report to score."""
-    return not isinstance(section, PerplexitySection) or section.report_text is not None
+    if type(section) not in KINDS.values():
+        raise EvaluatorError(f"not an evaluator section: {type(section).__name__}")
+    return section.build(role, limit, order_seed)

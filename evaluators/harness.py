@@ -16,12 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from evaluators import compat
 from evaluators.carve import Carve
 from evaluators.compat import disable_template_cache, enable_template_cache, template_cache_info
 from evaluators.protocol import EvalResult, EvaluatorError
+
+if TYPE_CHECKING:
+    from evaluators.config import HarnessSection
 
 __all__ = [
     "HarnessEvaluator",
@@ -104,7 +107,8 @@ def _builtin_manager() -> Any:
 
 
 def _task_manager(names: Sequence[str], include_path: list[str], builtins: bool) -> Any:
-    """A TaskManager that knows every name, indexing lm-eval's ~14,000 built-ins only if a name is not local."""
+    """A TaskManager that knows every name, indexing lm-eval's ~14,000 built-ins only if a name is
+    not local."""
     from lm_eval.tasks import TaskManager
 
     if not include_path and not builtins:
@@ -120,7 +124,8 @@ def _task_manager(names: Sequence[str], include_path: list[str], builtins: bool)
         if name not in manager.all_tasks:
             local_names = local.all_tasks if local is not None else []
             where = (
-                f" Known local tasks: {', '.join(local_names) or 'none'} (in {', '.join(include_path)})."
+                f" Known local tasks: {', '.join(local_names) or 'none'}"
+                f" (in {', '.join(include_path)})."
                 if include_path
                 else " No include_path was given; pass include_path=<folder of task yaml files>"
                 " for local tasks."
@@ -168,7 +173,8 @@ _LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
 @dataclass(frozen=True)
 class TaskDefinitions:
-    """What the task definitions say, read without their data (evaluators/compat.py: load_definitions)."""
+    """What the task definitions say, read without their data
+    (evaluators/compat.py: load_definitions)."""
 
     directions: dict[str, bool]  # the asked metric keys -> higher is better
     hub_datasets: dict[str, str]  # task -> the hub dataset its data comes from (not a local file)
@@ -182,8 +188,8 @@ def check_task_definitions(
     split: Split = "validation",
     metrics: Sequence[str] = (),
 ) -> TaskDefinitions:
-    """Unknown tasks, a split a task lacks and unknown metrics raise EvaluatorError, with the messages
-    the evaluator itself gives, before any data is read."""
+    """Unknown tasks, a split a task lacks and unknown metrics raise EvaluatorError, with the
+    messages the evaluator itself gives, before any data is read."""
     paths = [str(Path(p).expanduser().resolve()) for p in include_path]
     with _quiet(True, level=logging.ERROR):
         definitions = compat.load_definitions(
@@ -215,7 +221,8 @@ def _check_split(name: str, task: Any, split: Split) -> None:
         raise EvaluatorError(
             f"task {name!r} has no {split} split; its config declares: {available}. "
             + (
-                f"Choose split={other[0]!r} (with holdout: 0.3 to carve it into search and report items)"
+                f"Choose split={other[0]!r} "
+                "(with holdout: 0.3 to carve it into search and report items)"
                 if other
                 else f"Declare {_SPLIT_FIELDS[split]} in the task's yaml"
             )
@@ -239,7 +246,8 @@ def _force_split(name: str, task: Any, split: Split) -> None:
 def _select(
     items: Sequence[int], limit: int | None, sample_seed: int | None, name: str
 ) -> list[int]:
-    """Item indices to score among `items`: all, the first `limit`, or `limit` drawn once from `sample_seed`."""
+    """Item indices to score among `items`: all, the first `limit`, or `limit` drawn once from
+    `sample_seed`."""
     if limit is None:
         return list(items)
     if sample_seed is None:
@@ -261,76 +269,64 @@ def _key(task: str, metric: str, filter_name: str) -> str:
 class HarnessEvaluator:
     """Scores a live model on lm-eval tasks; built once per worker, called once per candidate.
 
-    tasks: lm-eval task (or group) names; looked up in `include_path` first. Only if one is not
-        found there, and builtin_tasks is True, are lm-eval's built-in tasks indexed (~15 s).
-    split: "validation" (for the search) or "test" (for reports); a task lacking it is an error.
-    batch_size, device: passed to HFLM; if `device` is given the model is moved there in place
-        (its Parameter objects stay the same) when first wrapped; None leaves it where it is.
-    limit: score only the first `limit` items of each task. With `sample_seed`, score instead
-        `limit` items drawn at random once, at construction, from that seed (and the task name);
-        every call scores the same items, and the per-call `limit` of `evaluate` takes a prefix.
+    section: what to score and how, as a study's config says it: the tasks (or groups), looked up
+        in its include_path first (only if one is not found there, and builtin_tasks is on, are
+        lm-eval's built-in tasks indexed, ~15 s); batch_size for HFLM; sample_seed (see `limit`);
+        num_fewshot (None: the task's own, else 0), apply_chat_template (a name picks one of the
+        tokenizer's templates), fewshot_as_multiturn and system_instruction, as simple_evaluate's;
+        gen_kwargs, merged into every generate_until task's own, as simple_evaluate does.
+    split: "validation" or "test", the one this role scores; a task lacking it is an error.
     carve: score one part of a seeded cut of the split (evaluators/carve.py) before `limit` applies.
     order_seed: put each task's items in an order drawn from this seed (and the task name), so that
         any prefix is a uniform sample, and let `evaluate(items=...)` score a slice of that order
         (multi-fidelity rungs); each item's few-shot examples are then drawn from a seed of its own,
         so an item scores the same in whichever slice it comes.
-    num_fewshot: as simple_evaluate's (None: the task's own, else 0).
-    apply_chat_template, fewshot_as_multiturn, system_instruction: as simple_evaluate's; the chat
-        template is the tokenizer's (a name picks one of several).
-    gen_kwargs: generation settings merged into every generate_until task's own, as simple_evaluate does.
+    limit: score only the first `limit` items of each task (None: the section's). With the
+        section's `sample_seed`, score instead `limit` items drawn at random once, at construction,
+        from that seed (and the task name); every call scores the same items, and the per-call
+        `limit` of `evaluate` takes a prefix.
     metrics: report only these, as "<task>/<metric>" or a bare metric name for every task.
     cache_templates: memoise lm-eval's jinja compilation (see `compat.enable_template_cache`).
-    cache_tokens: memoise the wrapper's tokenization of request strings (see `compat.memoise_tok_encode`).
+    cache_tokens: memoise the wrapper's tokenization of request strings
+        (see `compat.memoise_tok_encode`).
     verbose: keep lm-eval's per-call progress bars and logs.
     """
 
     def __init__(
         self,
-        tasks: Sequence[str],
+        section: HarnessSection,
         *,
-        include_path: str | Path | Sequence[str | Path] | None = None,
-        split: Split = "validation",
-        batch_size: int | str = 8,
-        device: str | None = None,
-        limit: int | None = None,
-        sample_seed: int | None = None,
+        split: Split,
         carve: Carve | None = None,
         order_seed: int | None = None,
-        num_fewshot: int | None = None,
-        apply_chat_template: bool | str = False,
-        fewshot_as_multiturn: bool = True,
-        system_instruction: str | None = None,
-        gen_kwargs: dict[str, Any] | None = None,
+        limit: int | None = None,
         metrics: Sequence[str] | None = None,
-        builtin_tasks: bool = True,
         cache_templates: bool = True,
         cache_tokens: bool = True,
         verbose: bool = False,
     ) -> None:
-        if isinstance(tasks, str) or not tasks:
-            raise EvaluatorError(f"tasks must be a non-empty list of task names, got {tasks!r}")
         if split not in ("validation", "test"):
             raise EvaluatorError(f"split must be 'validation' or 'test', got {split!r}")
+        limit = section.limit if limit is None else limit
         _check_count(limit, "limit")
+        sample_seed = section.sample_seed
         if sample_seed is not None and limit is None:
             raise EvaluatorError("sample_seed draws `limit` items at random; give limit too")
-        if isinstance(include_path, (str, Path)):
-            include_path = [include_path]
-        paths = [str(Path(p).expanduser().resolve()) for p in include_path or []]
+        paths = [str(Path(p).expanduser().resolve()) for p in section.include_paths]
         for path in paths:
             if not Path(path).is_dir():
                 raise EvaluatorError(f"include_path {path} is not a folder of task yaml files")
 
+        batch_size = section.batch_size
         if batch_size != "auto":
             _check_count(batch_size, "batch_size")
         self.split: Split = split
         self.batch_size = batch_size
         self.chat = {
-            "apply_chat_template": apply_chat_template,
-            "fewshot_as_multiturn": fewshot_as_multiturn,
-            "system_instruction": system_instruction,
+            "apply_chat_template": section.apply_chat_template,
+            "fewshot_as_multiturn": section.fewshot_as_multiturn,
+            "system_instruction": section.system_instruction,
         }
-        self.device = device
         self.verbose = verbose
         self.cache_tokens = cache_tokens
         compat.check_lm_eval()
@@ -338,7 +334,7 @@ class HarnessEvaluator:
             enable_template_cache()
 
         with _quiet(not verbose, level=logging.WARNING):  # keep warnings about task configs
-            self._task_dict = _load_tasks(list(tasks), paths, builtin_tasks)
+            self._task_dict = _load_tasks(list(section.tasks), paths, section.builtin_tasks)
         self._item_ids: dict[str, tuple[int, ...]] = {}
         self._docs: dict[str, list[Any]] = {}
         self.order_seed = order_seed
@@ -354,9 +350,10 @@ class HarnessEvaluator:
             self._docs[name] = [all_docs[i] for i in ids]
             compat.pin_docs(task, split, self._docs[name])
             self._item_ids[name] = tuple(ids)
-            self._set_fewshot(task, num_fewshot)
+            self._set_fewshot(task, section.num_fewshot)
             if order_seed is not None and task.get_config("num_fewshot"):
                 compat.fewshot_per_item(task, order_seed)
+            gen_kwargs = section.gen_kwargs
             if gen_kwargs and task.get_config("output_type") == "generate_until":
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self._metric_filter = self._resolve_metrics(metrics)
@@ -426,19 +423,24 @@ class HarnessEvaluator:
             if task_name not in tasks:
                 leaves = groups.get(key, ([], True))[0]
                 if not leaves:
-                    why = "is a group's metric that lm-eval does not aggregate as a mean of its tasks'"
+                    why = (
+                        "is a group's metric that lm-eval does not aggregate "
+                        "as a mean of its tasks'"
+                    )
             for leaf in leaves:
                 leaf_task, leaf_metric = leaf.split("/", 1)
                 aggregate = tasks[leaf_task].aggregation().get(leaf_metric.split(",", 1)[0])
                 if aggregate is not mean and why is None:
                     why = (
                         f"is aggregated by {getattr(aggregate, '__name__', aggregate)}"
-                        f"{f' in task {leaf_task!r}' if leaf != key else ''}, not as a mean of per-item scores"
+                        f"{f' in task {leaf_task!r}' if leaf != key else ''}, "
+                        "not as a mean of per-item scores"
                     )
             if why:
                 raise EvaluatorError(
-                    f"fidelity scores items in rungs and adds up per-item scores, but {key!r} {why}; name "
-                    "objectives that are a task's per-item mean (such as acc or exact_match), or remove the fidelity section"
+                    "fidelity scores items in rungs and adds up per-item scores, "
+                    f"but {key!r} {why}; name objectives that are a task's per-item mean "
+                    "(such as acc or exact_match), or remove the fidelity section"
                 )
 
     @functools.cached_property
@@ -564,13 +566,6 @@ class HarnessEvaluator:
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         """HFLM around the live model: built on first use, rebuilt only for another model."""
-        import torch
-
-        if self.device is not None:
-            target = torch.device(self.device)
-            here = model.device
-            if target.type != here.type or target.index not in (None, here.index):
-                model.to(target)
         if (
             self._lm is not None
             and self._bound is not None

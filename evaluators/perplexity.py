@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evaluators.protocol import EvalResult, EvaluatorError
+from evaluators.protocol import EvalResult, EvaluatorError, ItemScores
 
 
 class PerplexityEvaluator:
@@ -87,12 +88,43 @@ class PerplexityEvaluator:
                 windows = windows[:cap]
         return windows
 
+    # Windows are cut from the text by the model's tokenizer, so they are not known before a model
+    # is scored, and they are not items that scores add up over: no slices, no item counts.
+    NO_ITEMS = (
+        "the perplexity evaluator scores token windows of a text, not items in slices; "
+        "multi-fidelity and the items budget need evaluator.kind: harness"
+    )
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {}
+
+    @property
+    def item_counts(self) -> dict[str, int]:
+        return {}
+
+    def item_metrics(
+        self, scores: dict[str, Sequence[float]]
+    ) -> tuple[dict[str, float], ItemScores]:
+        raise EvaluatorError(self.NO_ITEMS)
+
+    def check_item_means(self, keys: Sequence[str]) -> None:
+        raise EvaluatorError(self.NO_ITEMS)
+
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        limit: int | None = None,
+        per_item: bool = False,
+        items: tuple[int, int] | None = None,
     ) -> EvalResult:
         """Score `model` as its weights are now."""
         import torch
 
+        if items is not None:
+            raise EvaluatorError(self.NO_ITEMS)
         _check_limit(limit)
         windows = self._windows(model, tokenizer, limit)
         if model.training:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,22 +42,70 @@ class EvalResult:
         return value if self.higher_is_better[key] else -value
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """What an evaluator section's task definitions say, before any data is loaded."""
+
+    higher_is_better: dict[str, bool]  # each metric asked about: its direction
+    hub_datasets: dict[str, str]  # task -> the hub dataset its data comes from (none: local)
+
+
+ItemScores = dict[str, list[list[float]]]  # per metric key, its per-item scores: one list per task
+
+
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores a model that is already in memory; called again after its weights change in place.
+    """Everything search asks of an evaluator: it scores a model that is already in memory, and is
+    called again after the model's weights change in place.
 
-    limit: score only the first `limit` items of each task on this call (the same items every
-        call); None scores every item the evaluator was built for.
-    per_item: also return per-item scores (EvalResult.per_item).
-    metric_keys: every "<task>/<metric>" the evaluator can report, known before any model is scored.
-    higher_is_better: a metric's direction; an unknown key raises EvaluatorError naming the known ones.
+    Items are what an evaluator scores one by one (a task's documents); multi-fidelity scores them
+    in slices and adds up per-item scores. An evaluator that scores no items (perplexity) has no
+    item counts, and refuses `items=` and `check_item_means` with an EvaluatorError saying so.
     """
 
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every "<task>/<metric>" it can report, known before any model is scored."""
+        ...
+
+    def higher_is_better(self, key: str) -> bool:
+        """A metric's direction; an unknown key raises EvaluatorError naming the known ones."""
+        ...
+
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None, per_item: bool = False
-    ) -> EvalResult: ...
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        limit: int | None = None,
+        per_item: bool = False,
+        items: tuple[int, int] | None = None,
+    ) -> EvalResult:
+        """Score the model as its weights are now.
+
+        limit: only the first `limit` items of each task (the same items every call); None: all.
+        per_item: also return per-item scores (EvalResult.per_item).
+        items: (start, stop): only that slice of each task's items, with per-item scores.
+        """
+        ...
 
     @property
-    def metric_keys(self) -> tuple[str, ...]: ...
+    def split_sizes(self) -> dict[str, int]:
+        """Items per task of the scored split before any carve or limit (the carve's input)."""
+        ...
 
-    def higher_is_better(self, key: str) -> bool: ...
+    @property
+    def item_counts(self) -> dict[str, int]:
+        """Items per task it scores (after carve and limit)."""
+        ...
+
+    def item_metrics(
+        self, scores: dict[str, Sequence[float]]
+    ) -> tuple[dict[str, float], ItemScores]:
+        """Metrics from per-item scores of the tasks, as a full evaluation computes them; with each
+        metric's per-item scores as one list per task it adds up from."""
+        ...
+
+    def check_item_means(self, keys: Sequence[str]) -> None:
+        """Raise EvaluatorError unless each metric key adds up from per-item scores (a mean)."""
+        ...

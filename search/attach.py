@@ -66,13 +66,13 @@ def attach(url: str, name: str, folder: Path) -> tuple[Path, int]:
             records.storage_url(url),
         ):
             raise ConfigError(
-                f"{folder} already holds another study ('{present.get('name')}'); choose another --out"
+                f"{folder} already holds another study ('{present.get('name')}'); "
+                "choose another --out"
             )
     records.write_config_snapshot(folder, data)
     if (sizes := study.user_attrs.get(attrs.SPLIT_SIZES)) is not None:
         records.write_carve(folder, config.evaluator, sizes)
     before = len(list((folder / "trials").glob("*.json")))
-    sync_records(
-        study, folder, study_space(config, study.user_attrs.get(attrs.NUM_LAYERS))
-    )  # no models needed
+    # no models needed
+    sync_records(study, folder, study_space(config, study.user_attrs.get(attrs.NUM_LAYERS)))
     return folder, len(list((folder / "trials").glob("*.json"))) - before

@@ -6,9 +6,8 @@ study stored before, so a name here changes only with a way to read the old one.
 """
 
 # --- on a trial ---------------------------------------------------------------------------------
-BASELINE = (
-    "baseline"  # the baseline's name (alone:<model>, uniform, ...); absent on searched trials
-)
+# the baseline's name (alone:<model>, uniform, ...); absent on searched trials
+BASELINE = "baseline"
 RUNNER = "runner"  # {"host", "pid"} of the run that asked for the trial
 RETRY_OF = "retry_of"  # the number of the failed trial whose params this one runs again
 LOST_WORKER_RETRY = "lost_worker_retry"  # queued again once because its worker died

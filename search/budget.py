@@ -15,8 +15,8 @@ from search.recovery import runner_alive
 
 
 class Budget:
-    """Time left, fewer finished (complete or pruned) plus running trials (of every live runner) than
-    n_trials, and fewer items scored than `items`."""
+    """Time left, fewer finished (complete or pruned) plus running trials (of every live runner)
+    than n_trials, and fewer items scored than `items`."""
 
     def __init__(self, study: optuna.Study, budget: BudgetSection) -> None:
         self.study, self.budget = study, budget
@@ -30,6 +30,11 @@ class Budget:
     def items_spent(self) -> int:
         """Evaluation items scored by every trial so far (multi-fidelity trials record theirs)."""
         return fidelity.spent(self.study.get_trials(deepcopy=False))[0]
+
+    def finished(self) -> int:
+        """Trials finished (complete or pruned) by every runner."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        return len(self.study.get_trials(deepcopy=False, states=done))
 
     def left(self) -> bool:
         if self.budget.timeout is not None and self.elapsed_s() >= self.budget.timeout:
@@ -64,8 +69,7 @@ def claim(
         if not more():
             return None
         trial = study.ask()
-        compat.record_heartbeat(
-            study, trial
-        )  # at once: a trial never heard from is never found silent
+        # at once: a trial never heard from is never found silent
+        compat.record_heartbeat(study, trial)
         trial.set_user_attr(attrs.RUNNER, runner)
         return trial

@@ -15,8 +15,10 @@ EXIT_USAGE = 2
 
 def _merge(args: argparse.Namespace) -> int:
     from merging import export_merge, load_recipe
+    from search.outputs import check_output
 
     recipe = load_recipe(args.recipe)
+    check_output(args.out, _inputs(recipe))
     out = export_merge(
         recipe,
         args.out,
@@ -28,6 +30,11 @@ def _merge(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _inputs(recipe) -> list[str]:
+    """The model folders (or hub ids) a recipe reads."""
+    return [p for p in (recipe.base, *(m.path for m in recipe.models)) if p]
 
 
 def _top_names(recipe) -> list[str] | None:
@@ -111,14 +118,16 @@ def _attach(args: argparse.Namespace) -> int:
 
     folder, written = attach(args.url, args.study, Path(args.out or Path("results") / args.study))
     print(
-        f"study '{args.study}' attached in {folder} ({written} trial records written); now `basin status {folder}`, "
-        f"`basin pareto`, `report`, `export`, or `basin resume {folder}` to run one more runner here"
+        f"study '{args.study}' attached in {folder} ({written} trial records written); "
+        f"now `basin status {folder}`, `basin pareto`, `report`, `export`, "
+        f"or `basin resume {folder}` to run one more runner here"
     )
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """What `basin run` checks before any worker starts, except what needs a hub this machine cannot reach."""
+    """What `basin run` checks before any worker starts, except what needs a hub this machine
+    cannot reach."""
     from merging.checkpoint import is_hub_id
     from search.config import load_config
     from search.setup import (
@@ -135,8 +144,9 @@ def _validate(args: argparse.Namespace) -> int:
         check_models(config)  # a missing local folder: the same error as run
     if hub_models:
         unchecked.append(
-            f"models {', '.join(hub_models)}: no such local folder, and as hub ids neither cached nor "
-            "reachable from here; `basin run` downloads them (needs the hub, and a token for gated models)"
+            f"models {', '.join(hub_models)}: no such local folder, and as hub ids neither cached "
+            "nor reachable from here; `basin run` downloads them (needs the hub, and a token for "
+            "gated models)"
         )
     tasks = check_tasks(config)
     if tasks.hub_datasets:
@@ -148,11 +158,12 @@ def _validate(args: argparse.Namespace) -> int:
             for d, t in by_dataset.items()
         ]
         unchecked.append(
-            f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics were "
-            "checked from their definitions, `basin run` downloads the data"
+            f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics "
+            "were checked from their definitions, `basin run` downloads the data"
         )
     if not unchecked:
-        check_models_and_tasks(config)  # everything is here: the data too, exactly as run checks it
+        # everything is here: the data too, exactly as run checks it
+        check_models_and_tasks(config)
     n = len(config.models.finetunes)
     print(
         f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
@@ -203,6 +214,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from merging import export_merge, to_mergekit
     from search.folder import load_study_folder, trial_recipe
+    from search.outputs import check_output
 
     config, study = load_study_folder(args.folder)
     if not 0 <= args.trial < len(study.trials) or study.trials[args.trial].state.name != "COMPLETE":
@@ -212,8 +224,14 @@ def _export(args: argparse.Namespace) -> int:
             f"{' ...' if len(done) > 20 else ''} (`basin pareto {args.folder}` shows the best)"
         )
     recipe = trial_recipe(config, study.trials[args.trial])
+    check_output(args.out, [*_inputs(recipe), args.folder])
     if args.format == "mergekit":
         out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(
+                f"{out} is a folder; --format mergekit writes one YAML file: give a file name, "
+                f"e.g. {out / 'recipe.yaml'}"
+            )
         if out.exists() and not args.force:
             raise ConfigError(f"{out} already exists; choose another --out or pass --force")
         out.write_text(
@@ -239,7 +257,8 @@ def _zoo(args: argparse.Namespace) -> int:
 
     zoo = build_zoo(args.out, seed=args.seed, force=args.force, progress=not args.quiet)
     print(
-        f"zoo in {zoo.root}: base {zoo.base.name}, fine-tunes {', '.join(zoo.finetunes)}, tasks {', '.join(zoo.tasks)}"
+        f"zoo in {zoo.root}: base {zoo.base.name}, fine-tunes {', '.join(zoo.finetunes)}, "
+        f"tasks {', '.join(zoo.tasks)}"
     )
     return 0
 
@@ -251,9 +270,8 @@ def _demo(args: argparse.Namespace) -> int:
     from search.pareto import pareto_table
     from search.report import write_report
 
-    config = load_demo_config(
-        args.out, args.set, zoo=DEMO_ZOO, generative=args.generative
-    )  # fails before the build
+    # fails before the build
+    config = load_demo_config(args.out, args.set, zoo=DEMO_ZOO, generative=args.generative)
     print(f"1/3 building the toy zoo in {DEMO_ZOO} (reused when already built)")
     build_zoo(DEMO_ZOO, seed=0, progress=not args.quiet)
     print(f"2/3 running the demo study into {config.study.folder}")
@@ -305,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--approximate",
         action="store_true",
-        help="convert methods that drop at random (dare_*, della*) although the weights will differ",
+        help="convert methods that drop at random (dare_*, della*) "
+        "although the weights will differ",
     )
     p.set_defaults(func=_convert)
 
@@ -380,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--approximate",
         action="store_true",
-        help="with --format mergekit: write dare_* / della* recipes although mergekit's draws differ",
+        help="with --format mergekit: write dare_* / della* recipes "
+        "although mergekit's draws differ",
     )
     p.add_argument("--device", help="merge on this device (default cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -398,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the toy zoo, run the demo study (configs/demo.yaml), print the front, write the report",
+        help="build the toy zoo, run the demo study (configs/demo.yaml), print the front, "
+        "write the report",
     )
     p.add_argument("--out", help="study folder (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -425,9 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     args = build_parser().parse_args(argv)
-    optuna.logging.set_verbosity(
-        optuna.logging.WARNING
-    )  # basin prints its own progress and summaries
+    # basin prints its own progress and summaries
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return args.func(args)
     except (MergeError, ConfigError, EvaluatorError) as exc:

@@ -1,4 +1,5 @@
-"""Every place basin reaches into Optuna's or Ray's internals, each checked against the version it was written for.
+"""Every place basin reaches into Optuna's or Ray's internals, each checked against the version it
+was written for.
 
 basin is tested with Optuna `TESTED["optuna"]` and Ray `TESTED["ray"]` (pyproject.toml pins both).
 Each function here says which internal it uses and why no public API does the job; each checks
@@ -40,7 +41,8 @@ def _missing(package: str, what: str) -> CompatError:
 
 
 def set_user_attr_of(study: Any, trial: Any, key: str, value: Any) -> None:
-    """Set a user attr on a running trial of the study, also one that another (dead) runner asked for.
+    """Set a user attr on a running trial of the study, also one that another (dead) runner asked
+    for.
 
     Optuna's public `Trial.set_user_attr` needs the Trial object of the runner that asked; a
     runner recovering a dead runner's trial only has its FrozenTrial, so this writes through the

@@ -1,4 +1,7 @@
-"""The study config: a YAML file validated by pydantic, every error named with its field and value."""
+"""The study config: a YAML file validated by pydantic.
+
+Every error is named with its field and value.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evaluators.config import KINDS, EvaluatorSection
 from merging.catalog import METHODS, PARAMS, SLERP_OVER, check_model_count, method_spec
 
-SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")
+SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")  # search.setup.make_sampler builds each
 Method = Literal[METHODS]  # the method table's names (merging/catalog.py)
 Range = float | tuple[float, float]
 
@@ -44,9 +47,8 @@ class ModelsSection(_Strict):
     finetunes: list[str] = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
-    kernels: Literal["auto", "eager", "compiled"] = (
-        "auto"  # merge kernels (merging/fused.py): auto = compiled on CUDA and for big models on a CPU
-    )
+    # merge kernels (merging/fused.py): auto = compiled on CUDA and for big models on a CPU
+    kernels: Literal["auto", "eager", "compiled"] = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -58,7 +60,10 @@ class ModelsSection(_Strict):
         return v
 
     def resolved(self) -> ModelsSection:
-        """The same section with local model paths made absolute (workers may run elsewhere); hub ids unchanged."""
+        """The same section, local model paths made absolute (workers may run elsewhere).
+
+        Hub ids are left unchanged.
+        """
         return self.model_copy(
             update={
                 "base": _absolute(self.base),
@@ -73,7 +78,8 @@ def _absolute(path: str) -> str:
 
 
 class SpaceSection(_Strict):
-    # Default: task arithmetic with lambda searched, the method found reliably above the base (README)
+    # Default: task arithmetic with lambda searched, the method found reliably above the
+    # base (README)
     methods: list[Method] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
     granularity: Literal["model", "group", "anchors"] = "model"
     group_size: int = Field(default=1, ge=1)  # layers per group, for granularity: group
@@ -87,9 +93,8 @@ class SpaceSection(_Strict):
     t: Range = PARAMS["t"].search
     normalize: bool | None = None  # None: each method's default
     seed: int = 0  # DARE's draws; fixed so candidates share random numbers
-    slerp_over: Literal[SLERP_OVER] = (
-        "tensor"  # nuslerp: whole tensors, or each pair of rows or columns
-    )
+    # nuslerp: whole tensors, or each pair of rows or columns
+    slerp_over: Literal[SLERP_OVER] = "tensor"
 
     @field_validator("weight", "density", "gamma", "epsilon", "lam", "t", mode="before")
     @classmethod
@@ -135,19 +140,17 @@ class ObjectivesSection(_Strict):
 
 
 class SamplerSection(_Strict):
-    name: Literal["tpe", "cmaes", "nsga2", "gp", "random"] = "tpe"
+    name: Literal[SAMPLERS] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(default=10, ge=0)
 
 
 class BudgetSection(_Strict):
-    n_trials: int | None = Field(
-        default=50, ge=1
-    )  # candidates finished (scored to the end or pruned)
+    # candidates finished (scored to the end or pruned)
+    n_trials: int | None = Field(default=50, ge=1)
     timeout: float | None = Field(default=None, gt=0)  # seconds of search, over all runs
-    items: int | None = Field(
-        default=None, ge=1
-    )  # evaluation items scored, over all trials and tasks
+    # evaluation items scored, over all trials and tasks
+    items: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _some_budget(self) -> BudgetSection:
@@ -157,15 +160,16 @@ class BudgetSection(_Strict):
 
 
 class FidelitySection(_Strict):
-    """Multi-fidelity search (search/fidelity.py): candidates scored on growing item rungs, most stopped early."""
+    """Multi-fidelity search (search/fidelity.py): candidates scored on growing item rungs.
+
+    Most candidates are stopped early.
+    """
 
     rungs: list[int] = Field(min_length=1)  # items per task of each rung before the full search set
-    keep: float = Field(
-        default=0.2, gt=0, le=1
-    )  # single objective: share of candidates promoted at a rung
-    margin: float = Field(
-        default=1.0, ge=0
-    )  # Pareto: dominated by more than this many standard errors
+    # single objective: share of candidates promoted at a rung
+    keep: float = Field(default=0.2, gt=0, le=1)
+    # Pareto: dominated by more than this many standard errors
+    margin: float = Field(default=1.0, ge=0)
     seed: int = 0  # the items' order, hence which items each rung holds
 
     @field_validator("rungs")
@@ -173,28 +177,24 @@ class FidelitySection(_Strict):
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(n < 1 for n in v) or any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(
-                f"rungs must be positive item counts in increasing order, such as [32, 128]; got {v}"
+                "rungs must be positive item counts in increasing order, such as [32, 128]; "
+                f"got {v}"
             )
         return v
 
 
 class WorkersSection(_Strict):
     count: int = Field(default=1, ge=1)
-    gpus_per_worker: float = Field(
-        default=0, ge=0
-    )  # 0: CPU workers, torch threads split between them
-    threads: int | None = Field(
-        default=None, ge=1
-    )  # torch threads per worker; None: a CPU worker's share of the cores but one
-    address: str | None = (
-        None  # an existing Ray cluster ("auto" or host:port); None starts a local one
-    )
-    candidate_timeout: float | None = Field(
-        default=None, gt=0
-    )  # seconds before a candidate is failed
-    gpu_memory_gib: float | None = Field(
-        default=None, gt=0
-    )  # each worker's GPU; validate and run check the memory plan
+    # 0: CPU workers, torch threads split between them
+    gpus_per_worker: float = Field(default=0, ge=0)
+    # torch threads per worker; None: a CPU worker's share of the cores but one
+    threads: int | None = Field(default=None, ge=1)
+    # an existing Ray cluster ("auto" or host:port); None starts a local one
+    address: str | None = None
+    # seconds before a candidate is failed
+    candidate_timeout: float | None = Field(default=None, gt=0)
+    # each worker's GPU; validate and run check the memory plan
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
 
 
 class StudyConfig(_Strict):
@@ -233,15 +233,9 @@ def cross_problems(data: dict) -> list[str]:
 
     problems = []
     kind = get("evaluator", "kind") or "harness"
-    tasks = {
-        "harness": get("evaluator", "tasks"),
-        "perplexity": [get("evaluator", "name") or "perplexity"],
-    }.get(kind)
-    where = (
-        "evaluator.tasks"
-        if kind == "harness"
-        else "evaluator.name (the perplexity evaluator's task)"
-    )
+    section = KINDS.get(kind)
+    raw = get("evaluator")
+    tasks = section.raw_task_names(raw) if section is not None and isinstance(raw, dict) else None
     items = get("objectives", "items")
     if isinstance(tasks, list) and isinstance(items, list):
         for i, obj in enumerate(items):
@@ -250,17 +244,24 @@ def cross_problems(data: dict) -> list[str]:
                 close = difflib.get_close_matches(task, [str(t) for t in tasks], n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else "."
                 problems.append(
-                    f"objectives.items[{i}].task: '{task}' is not among {where}{hint} Known: {', '.join(map(str, tasks))}"
+                    f"objectives.items[{i}].task: '{task}' is not among {section.tasks_field}"
+                    f"{hint} Known: {', '.join(map(str, tasks))}"
                 )
     if get("objectives", "mode") == "pareto" and isinstance(items, list) and len(items) < 2:
         problems.append(
             "objectives.mode: pareto needs at least two objectives; use mode: single for one"
         )
-    if get("fidelity") is not None and kind != "harness":
-        problems.append(
-            f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has none. "
-            "Remove the fidelity section, or use evaluator.kind: harness"
-        )
+    if section is not None and not section.scores_items:
+        if get("fidelity") is not None:
+            problems.append(
+                f"fidelity: multi-fidelity scores lm-eval items in rungs; the {kind} evaluator has "
+                "none. Remove the fidelity section, or use evaluator.kind: harness"
+            )
+        if get("budget", "items") is not None:
+            problems.append(
+                f"budget.items: the items budget counts scored lm-eval items; the {kind} evaluator "
+                "has none. Use budget.n_trials or budget.timeout"
+            )
     methods, finetunes = get("space", "methods"), get("models", "finetunes")
     if isinstance(methods, list) and isinstance(finetunes, list):
         for name in methods:
@@ -374,8 +375,8 @@ def _known_fields(loc: tuple, data: Any = None) -> list[str]:
 def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{source}: a study config must be a YAML mapping with study, models, evaluator and objectives "
-            "(configs/demo.yaml is an example)"
+            f"{source}: a study config must be a YAML mapping with study, models, evaluator and "
+            "objectives (configs/demo.yaml is an example)"
         )
     try:
         return StudyConfig.model_validate(data)
@@ -404,8 +405,8 @@ def read_config_data(path: str | Path) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: a study config must be a YAML mapping with study, models, evaluator and objectives "
-            "(configs/demo.yaml is an example)"
+            f"{path}: a study config must be a YAML mapping with study, models, evaluator and "
+            "objectives (configs/demo.yaml is an example)"
         )
     return data
 

@@ -16,7 +16,8 @@ SKILLS = ("add", "succ", "rev", "sort")
 
 
 def demo_config(zoo: str = DEMO_ZOO, *, generative: bool = False) -> dict[str, Any]:
-    """A Pareto search over the toy zoo's four skills that finishes in about a minute on a laptop CPU.
+    """A Pareto search over the toy zoo's four skills that finishes in about a minute on a laptop
+    CPU.
 
     generative: instead, one score (the mean exact match of the four skills' generative tasks,
     answers written by the model), searched on part of the validation split with the rest held

@@ -35,7 +35,8 @@ PEERS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
 class KeepBestPruner(optuna.pruners.BasePruner):
-    """Prune unless the trial's value at its last rung is among the best `keep` share reported there.
+    """Prune unless the trial's value at its last rung is among the best `keep` share reported
+    there.
 
     With n trials at a rung (the trial included), the best max(1, ceil(keep * n)) go on, so the
     first trial at a rung always does; among equal values the earlier trial ranks first.
@@ -74,9 +75,8 @@ def rung_items(fidelity: FidelitySection, sizes: dict[str, int]) -> list[int | N
     return [n for n in fidelity.rungs if n < full] + [None]
 
 
-Parts = dict[
-    str, Sequence[Sequence[float]]
-]  # per key, per-item scores in one list per task (a group's: several)
+# per key, per-item scores in one list per task (a group's: several)
+Parts = dict[str, Sequence[Sequence[float]]]
 
 
 def _rung(parts: Sequence[Sequence[float]], n: int) -> list[float]:
@@ -110,7 +110,8 @@ def pareto_go_on(
     directions: Sequence[str],
     margin: float,
 ) -> bool:
-    """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more than the noise."""
+    """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more
+    than the noise."""
     if trial.user_attrs.get(attrs.BASELINE):
         return True
     keys = [o.key for o in objectives.items]
@@ -129,7 +130,8 @@ def pareto_go_on(
 
 
 def kept_scores(scores: Parts, keys: Sequence[str], up_to: int) -> dict[str, list[list[float]]]:
-    """The per-item scores stored with a trial for later comparisons: the objectives', up to the last rung."""
+    """The per-item scores stored with a trial for later comparisons: the objectives', up to the
+    last rung."""
     return {
         k: [[round(float(v), 6) for v in part[:up_to]] for part in scores[k]]
         for k in keys

@@ -18,7 +18,8 @@ from search.workers import WorkerSpec
 
 
 def worker_spec(config: StudyConfig) -> WorkerSpec:
-    """What every worker of this study builds: the config sections it needs, local paths made absolute."""
+    """What every worker of this study builds: the config sections it needs, local paths made
+    absolute."""
     return WorkerSpec(
         models=config.models.resolved(),
         evaluator=config.evaluator.resolved(),
@@ -48,8 +49,9 @@ def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> MergeR
 
 def storage_error(url: str, exc: Exception) -> ConfigError:
     """The message for a storage that cannot be opened, its password hidden."""
+    reason = records.redact(str(exc))[:300]
     return ConfigError(
-        f"study.storage {records.redact(url)} cannot be opened ({type(exc).__name__}: {records.redact(str(exc))[:300]}); "
+        f"study.storage {records.redact(url)} cannot be opened ({type(exc).__name__}: {reason}); "
         "check the URL, that the server runs and its driver is installed, or leave study.storage "
         "empty to use a journal file in the study folder"
     )

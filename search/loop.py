@@ -71,6 +71,8 @@ def run_study(
     compat.check_versions()
     with compat.quiet_optuna():
         s = setup_study(config, resume=resume)
+        if not Budget(s.study, config.budget).left():
+            return s.study  # nothing to run: no worker is started
         workers = (pool or ray_pool)(s.spec, config.workers, worker_cls)
         in_flight: dict[Any, Flight] = {}
         try:
@@ -149,8 +151,9 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
+        failed = len(recent[-_window(cfg.workers.count) :])
         raise RuntimeError(
-            f"stopped: the last {len(recent[-_window(cfg.workers.count) :])} candidates all failed; "
+            f"stopped: the last {failed} candidates all failed; "
             f"see the error in {s.folder / 'trials'}"
         )
 
@@ -214,8 +217,9 @@ def finish(
     values: list[float] | None,
     error: str | None,
 ) -> bool:
-    """Tell Optuna and write the trial's record; True when the candidate completed. A trial another
-    runner failed meanwhile (found silent; its retry runs instead) is left as that runner left it."""
+    """Tell Optuna and write the trial's record; True when the candidate completed. A trial
+    another runner failed meanwhile (found silent; its retry runs instead) is left as that runner
+    left it."""
     try:
         return _tell(s, flight, result, values, error)
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -264,8 +268,9 @@ def _tell(
 
 
 def retry_lost(trial: optuna.trial.Trial, result: WorkerResult) -> bool:
-    """A candidate whose worker died (a lost node, a killed process) runs once more elsewhere; not one
-    stopped for its time limit, nor the retry of one whose worker died (the candidate may be the cause)."""
+    """A candidate whose worker died (a lost node, a killed process) runs once more elsewhere; not
+    one stopped for its time limit, nor the retry of one whose worker died (the candidate may be
+    the cause)."""
     stored = trial.user_attrs
     return (
         result.worker_lost

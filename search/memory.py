@@ -2,10 +2,11 @@
 
 A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
 the live model candidates are written into (the magnitude tables of TIES and breadcrumbs are on the
-host, and stated in a note; DARE's and DELLA's draws are computed in place), the scratch of one tensor's merge,
-and what evaluation needs on top (logits and their log-softmax for a batch, the KV cache). The
-first five are fixed by the model set; the last grows with the batch and the sequence length, so it
-is an estimate at EVAL_TOKENS tokens per sequence.
+host, and stated in a note; DARE's and DELLA's draws are computed in place), the scratch of one
+tensor's merge, and what evaluation needs on top (logits and their log-softmax for a batch, the KV
+cache). The first four are fixed by the model set; the last grows with the batch and the sequence
+length, so it is an estimate, which the evaluator section gives (evaluators/config.py:
+memory_estimate).
 
 A plan whose fixed part exceeds the GPU cannot run at any batch size and is refused; one whose
 estimate exceeds it gets a warning (lower evaluator.batch_size, or use `auto`).
@@ -20,9 +21,6 @@ from merging.catalog import method_spec
 from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, StudyConfig
 
-EVAL_TOKENS = (
-    1024  # tokens per sequence in the evaluation estimate (prompt and answer of a typical item)
-)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GiB = 1024**3
 
@@ -76,20 +74,14 @@ def memory_plan(
     if any(method_spec(m).magnitude_ranked for m in config.space.methods):
         tables = n_ft * len(floats) * (TABLE_POINTS + 1) * TABLE_POINT_BYTES
         notes.append(
-            f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory, not on the GPU"
+            f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory, "
+            "not on the GPU"
         )
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
-    batch = (
-        config.evaluator.batch_size
-        if isinstance(getattr(config.evaluator, "batch_size", 1), int)
-        else 1
-    )
-    evaluation = _evaluation(shape, batch, width)
-    if getattr(config.evaluator, "batch_size", None) == "auto":
-        notes.append(
-            "evaluator.batch_size is auto: the estimate is for one sequence; lm-eval picks the largest batch that fits"
-        )
+    estimate = config.evaluator.memory_estimate(shape, width)
+    evaluation = (estimate.what, estimate.bytes)
+    notes += estimate.notes
     return MemoryPlan(fixed, evaluation, capacity, capacity_from, notes)
 
 
@@ -100,41 +92,26 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _evaluation(shape: dict, batch: int, width: int) -> tuple[str, int]:
-    """Logits (model dtype) and their float32 log-softmax for a batch, plus the KV cache."""
-    shape = shape.get(
-        "text_config", shape
-    )  # multimodal configs keep the language model's shape apart
-    vocab = shape.get("vocab_size", 0)
-    layers = shape.get("num_hidden_layers") or shape.get("n_layer") or 0
-    hidden = shape.get("hidden_size") or shape.get("n_embd") or 0
-    heads = shape.get("num_attention_heads") or shape.get("n_head") or 1
-    kv_heads = shape.get("num_key_value_heads") or heads
-    head_dim = shape.get("head_dim") or hidden // heads
-    tokens = batch * EVAL_TOKENS
-    logits = tokens * vocab * (width + 4)
-    cache = 2 * layers * tokens * kv_heads * head_dim * width
-    return (
-        f"evaluation estimate (batch {batch} x {EVAL_TOKENS} tokens: logits, KV cache)",
-        logits + cache,
-    )
-
-
 def check_fits(plan: MemoryPlan) -> str | None:
-    """Refuse a plan whose fixed part cannot fit its GPU; return a warning when only the estimate does not."""
+    """Refuse a plan whose fixed part cannot fit its GPU.
+
+    Returns a warning when only the estimate does not fit, else None.
+    """
     if plan.capacity is None:
         return None
     if plan.fixed_bytes > plan.capacity:
         biggest = max(plan.fixed, key=lambda row: row[1])
         raise ConfigError(
-            f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more than the "
-            f"{plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the largest part is {biggest[0]} "
-            f"({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, a 16-bit models.dtype, or a GPU with more memory"
+            f"one worker needs {plan.fixed_bytes / GiB:.1f} GiB before it scores anything, more "
+            f"than the {plan.capacity / GiB:.1f} GiB of its GPU ({plan.capacity_from}); the "
+            f"largest part is {biggest[0]} ({biggest[1] / GiB:.1f} GiB). Use fewer fine-tunes, "
+            "a 16-bit models.dtype, or a GPU with more memory"
         )
     if plan.total_bytes > plan.capacity:
         return (
             f"with evaluation the plan is {plan.total_bytes / GiB:.1f} GiB, more than the "
-            f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size (or set it to auto)"
+            f"{plan.capacity / GiB:.1f} GiB of the GPU: lower evaluator.batch_size "
+            "(or set it to auto)"
         )
     return None
 
@@ -143,9 +120,8 @@ def gpu_capacity(config: StudyConfig) -> tuple[int | None, str]:
     """The memory each worker's GPU has: workers.gpu_memory_gib, else this machine's first GPU when
     the workers use GPUs, else unknown."""
     if config.workers.gpu_memory_gib is not None:
-        return int(
-            config.workers.gpu_memory_gib * GiB
-        ), f"workers.gpu_memory_gib: {config.workers.gpu_memory_gib:g}"
+        gib = config.workers.gpu_memory_gib
+        return int(gib * GiB), f"workers.gpu_memory_gib: {gib:g}"
     if config.workers.gpus_per_worker > 0:
         import torch
 

@@ -44,7 +44,8 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 
 def pareto_table(study: optuna.Study, top: int = 5) -> str:
-    """Rows: the front (or top trials), then the baselines; a baseline the front dominates is marked."""
+    """Rows: the front (or top trials), then the baselines; a baseline the front dominates is
+    marked."""
     front, baselines = front_and_baselines(study, top)
     directions = [d.name.lower() for d in study.directions]
     names = objective_names(study)
@@ -78,8 +79,9 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    scored = ", ".join(f"{n} {d}" for n, d in zip(names, directions))
     title = (
-        f"Pareto front: {len(front)} trials ({', '.join(f'{n} {d}' for n, d in zip(names, directions))})"
+        f"Pareto front: {len(front)} trials ({scored})"
         if len(directions) > 1
         else f"top {len(front)} trials (score: weighted objectives, maximize)"
     )

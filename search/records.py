@@ -3,7 +3,8 @@
 results/<study>/
   config.yaml        the validated config the study was created with
   journal.log        Optuna's journal storage (unless a storage URL is configured)
-  .journal.lock      file lock held by the journal's writers; .setup.lock: held while a run sets up or claims a trial
+  .journal.lock      file lock held by the journal's writers
+  .setup.lock        file lock held while a run sets up or claims a trial
   trials/<n>.json    params, recipe, metrics, objective values, timings, worker, error
   carve.json         with evaluator.holdout: each task's search and held-out item indices
 """
@@ -20,18 +21,22 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from filelock import FileLock
 
 from search import attrs, compat
 
+if TYPE_CHECKING:
+    from evaluators.config import EvaluatorSection
+
 CONFIG_FILE = "config.yaml"
 CARVE_FILE = "carve.json"
 JOURNAL_FILE = "journal.log"
 JOURNAL_LOCK = ".journal.lock"  # lock file of the journal's writers
-SETUP_LOCK = ".setup.lock"  # lock file of study setup and trial claims (a second file: two locks on one file block each other)
+# a file apart from the journal's: two locks on one file block each other
+SETUP_LOCK = ".setup.lock"  # lock file of study setup and trial claims
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -110,7 +115,10 @@ def redact(url: str) -> str:
 
 
 def literal_password(url: str) -> bool:
-    """Whether a storage URL spells out a password (rather than naming an environment variable, ${VAR})."""
+    """Whether a storage URL spells out a password.
+
+    A password taken from an environment variable (${VAR}) does not count.
+    """
     found = re.findall(r"://[^:/@\s]*:(\S*)@", url) + re.findall(r"(?i)password=([^&\s]*)", url)
     return any(p and not re.fullmatch(r"\$\{\w+\}|\$\w+", p) for p in found)
 
@@ -127,19 +135,20 @@ def file_lock(path: Path) -> FileLock:
 
 @contextlib.contextmanager
 def study_lock(folder: Path, storage: str | None = None, name: str = "") -> Iterator[None]:
-    """Hold the lock runners of a study share: they set the study up (and claim trials) one at a time.
+    """Hold the lock runners of a study share: they set it up (and claim trials) one at a time.
 
     Runners on one machine share the study folder's lock. With a PostgreSQL storage the lock is
     also a transaction-scoped advisory lock in the database, keyed by the study name, so runners
     on different machines (each with its own folder) take turns too.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / SETUP_LOCK), _database_lock(storage, name):
+    with file_lock(folder / SETUP_LOCK), database_lock(storage, name):
         yield
 
 
 @contextlib.contextmanager
-def _database_lock(storage: str | None, name: str) -> Iterator[None]:
+def database_lock(storage: str | None, name: str) -> Iterator[None]:
+    """With a PostgreSQL storage: a transaction-scoped advisory lock keyed by `name`."""
     if not storage or _scheme(storage) not in ("postgresql", "postgres"):
         yield
         return
@@ -149,10 +158,8 @@ def _database_lock(storage: str | None, name: str) -> Iterator[None]:
     from sqlalchemy import text
 
     key = int.from_bytes(hashlib.sha256(f"basin:{name}".encode()).digest()[:8], "big", signed=True)
-    with (
-        engine.connect() as conn,
-        conn.begin(),
-    ):  # released when the transaction ends, or the connection drops
+    # released when the transaction ends, or the connection drops
+    with engine.connect() as conn, conn.begin():
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield
 
@@ -165,8 +172,11 @@ def _lock_engine(url: str):
 
 
 def storage_url(configured: str) -> str:
-    """The storage URL with environment variables expanded: `postgresql+psycopg://basin:${BASIN_DB_PASSWORD}@db/basin`
-    keeps the password out of the config and of the study folder's snapshot of it."""
+    """The storage URL with environment variables expanded.
+
+    `postgresql+psycopg://basin:${BASIN_DB_PASSWORD}@db/basin` keeps the password out of the
+    config and of the study folder's snapshot of it.
+    """
     return os.path.expandvars(configured)
 
 
@@ -174,7 +184,10 @@ RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
 
 
 def _scheme(url: str) -> str:
-    """The database of a storage URL without its driver: postgresql+psycopg://... -> postgresql ('' if none)."""
+    """The database of a storage URL without its driver ('' if none).
+
+    postgresql+psycopg://... -> postgresql
+    """
     return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
 
 
@@ -190,9 +203,8 @@ def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None =
         if "://" not in url:
             return configured
         if heartbeat_s and _scheme(url) in RDB_SCHEMES:
-            with (
-                warnings.catch_warnings()
-            ):  # heartbeats are "experimental" in Optuna; basin tests the version it pins
+            # heartbeats are "experimental" in Optuna; basin tests the version it pins
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s
@@ -218,12 +230,13 @@ def read_config_snapshot(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{folder} is not a study folder (no {CONFIG_FILE}); give the folder `basin run` created"
+            f"{folder} is not a study folder (no {CONFIG_FILE}); give the folder `basin run` "
+            "created"
         )
     return yaml.safe_load(path.read_text())
 
 
-def write_carve(folder: Path, evaluator: Any, split_sizes: dict[str, int]) -> None:
+def write_carve(folder: Path, evaluator: EvaluatorSection, split_sizes: dict[str, int]) -> None:
     """Record the carve of a study with evaluator.holdout, or check it against the recorded one.
 
     The cut is a pure function of the seed, the task and its item count; a task whose item count
@@ -232,14 +245,15 @@ def write_carve(folder: Path, evaluator: Any, split_sizes: dict[str, int]) -> No
     """
     from evaluators.carve import carve_ids
 
-    if getattr(evaluator, "holdout", None) is None:
+    cut = evaluator.carve("search")
+    if cut is None:
         return
     carve = {
-        "split": evaluator.split,
-        "holdout": evaluator.holdout,
-        "holdout_seed": evaluator.holdout_seed,
+        "split": cut.split,
+        "holdout": cut.fraction,
+        "holdout_seed": cut.seed,
         "tasks": {
-            task: carve_ids(n, task, evaluator.holdout, evaluator.holdout_seed)
+            task: carve_ids(n, task, cut.fraction, cut.seed)
             for task, n in sorted(split_sizes.items())
         },
     }
@@ -254,10 +268,11 @@ def write_carve(folder: Path, evaluator: Any, split_sizes: dict[str, int]) -> No
             )
             from search.config import ConfigError
 
+            which = ", ".join(changed) or "the split"
             raise ConfigError(
-                f"{path}: the carve of {', '.join(changed) or 'the split'} differs from the one this study "
-                "began with (the task's data changed?); its held-out items would no longer be held out. "
-                "Restore the data the study began with, or start a new study"
+                f"{path}: the carve of {which} differs from the one this study began with (the "
+                "task's data changed?); its held-out items would no longer be held out. Restore "
+                "the data the study began with, or start a new study"
             )
         return
     write_json_atomic(path, carve)

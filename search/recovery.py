@@ -1,4 +1,5 @@
-"""After a crash: trials a dead run left RUNNING are failed and queued again; missing records are written.
+"""After a crash: trials a dead run left RUNNING are failed and queued again; missing records are
+written.
 
 A trial belongs to the runner recorded in its `runner` user attr (host and pid). On this host a
 runner whose pid is gone is dead, and its trials are stale. With a database storage, running
@@ -28,7 +29,8 @@ OWNERLESS_GRACE_S = 5.0  # a live runner records itself on a trial milliseconds 
 
 
 def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> list[int]:
-    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params again.
+    """Trials left RUNNING by a dead run on this host: mark them failed and queue their params
+    again.
 
     A trial without a runner attr comes from a run that died between ask and recording itself, or
     from a live runner recording itself right now: wait until such trials are `grace_s` old rather
@@ -59,8 +61,9 @@ def requeue_stale(study: optuna.Study, grace_s: float = OWNERLESS_GRACE_S) -> li
 
 def requeue_silent(study: optuna.Study, mine: set[int] = frozenset()) -> list[int]:
     """Running trials whose heartbeat went silent past the grace period (a runner that died on any
-    host): fail them and queue their params again. Call it under the runners' lock (records.study_lock),
-    so two runners cannot requeue one trial twice. `mine`: this runner's trials, alive whatever the clock says."""
+    host): fail them and queue their params again. Call it under the runners' lock
+    (records.study_lock), so two runners cannot requeue one trial twice. `mine`: this runner's
+    trials, alive whatever the clock says."""
     stale = [n for n in compat.stale_trials(study) if n not in mine]
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number in stale:
@@ -95,7 +98,8 @@ class Heartbeat:
 
 
 def runner_alive(t: optuna.trial.FrozenTrial) -> bool:
-    """Whether a running trial has a live runner that will finish it (a dead runner's is requeued later)."""
+    """Whether a running trial has a live runner that will finish it (a dead runner's is requeued
+    later)."""
     owner = t.user_attrs.get(attrs.RUNNER)
     return not owner or owner.get("host") != socket.gethostname() or pid_alive(owner.get("pid"))
 
@@ -107,7 +111,8 @@ def _age_s(t: optuna.trial.FrozenTrial) -> float:
 def fail_and_requeue(
     study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str
 ) -> None:
-    """Fail a trial that will not finish and queue its params again, as a retry linked by retry_of."""
+    """Fail a trial that will not finish and queue its params again, as a retry linked by
+    retry_of."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
     compat.set_user_attr_of(study, frozen, attrs.ERROR, reason)
     study.tell(frozen.number, state=TrialState.FAIL)
@@ -115,7 +120,8 @@ def fail_and_requeue(
 
 
 def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **extra: Any) -> None:
-    """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline name)."""
+    """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline
+    name)."""
     extra |= {k: v for k, v in frozen.user_attrs.items() if k == attrs.BASELINE} | {
         attrs.RETRY_OF: frozen.number
     }
@@ -124,7 +130,8 @@ def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **extra: 
 
 
 def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
-    """Write the record of any finished trial that has none (a run killed between tell and write)."""
+    """Write the record of any finished trial that has none (a run killed between tell and
+    write)."""
     have = {int(p.stem) for p in (folder / "trials").glob("*.json")}
     for t in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

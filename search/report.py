@@ -20,7 +20,6 @@ import yaml
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from evaluators.config import has_report
 from merging.catalog import PER_MODEL, method_spec
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search import attrs
@@ -125,7 +124,10 @@ def plot_front(study: optuna.Study, names: list[str]) -> Figure:
 
 
 def _titled(ax, title: str) -> Figure:
-    """Optuna's figure with our title in place of Optuna's (which may sit at the left or the centre)."""
+    """Optuna's figure with our title in place of Optuna's.
+
+    Optuna's may sit at the left or the centre, so every place is cleared.
+    """
     for loc in ("left", "center", "right"):
         ax.set_title("", loc=loc)
     ax.set_title(title)
@@ -133,7 +135,7 @@ def _titled(ax, title: str) -> Figure:
 
 
 def plot_history(study: optuna.Study, names: list[str]) -> Figure:
-    """Best score against trial number; for several objectives, the front's hypervolume against trial number."""
+    """Best score against trial number; for several objectives, the front's hypervolume instead."""
     from optuna.visualization.matplotlib import plot_hypervolume_history, plot_optimization_history
 
     if len(names) == 1:
@@ -152,7 +154,10 @@ def plot_history(study: optuna.Study, names: list[str]) -> Figure:
 
 
 def plot_items(study: optuna.Study, names: list[str]) -> Figure:
-    """Each objective's best complete score against the items scored so far (multi-fidelity's cost axis)."""
+    """Each objective's best complete score against the items scored so far.
+
+    Items scored are multi-fidelity's cost axis.
+    """
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     trials = sorted(
@@ -227,7 +232,10 @@ def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], ti
 
 
 def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
-    """Parameter importances (fANOVA); for several objectives, for their mean, each signed so larger is better."""
+    """Parameter importances (fANOVA); for several objectives, for their mean.
+
+    Each objective enters the mean signed so that larger is better.
+    """
     from optuna.visualization.matplotlib import plot_param_importances
 
     signs = _signs(study)
@@ -237,9 +245,8 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
         else (lambda t: sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
     )
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # "importances ... to achieve low target values": the sign does not matter
+        # "importances ... to achieve low target values": the sign does not matter
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
             ax = plot_param_importances(
                 study, target=target, target_name=names[0] if len(names) == 1 else "mean objective"
@@ -341,7 +348,7 @@ def write_report(
     rows += [(t.user_attrs[attrs.BASELINE], t) for t in refs]
     split = config.evaluator.label("report")
     heldout = {}
-    if score_heldout_split and has_report(config.evaluator):
+    if score_heldout_split and config.evaluator.has_report:
         recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows}
         heldout = score_heldout(folder, worker_spec(config), recipes, split, progress=progress)
     table = _table(config, rows, heldout, split)
@@ -360,14 +367,14 @@ def write_report(
     search = html.escape(config.evaluator.label("search"))
     no_heldout = (
         ""
-        if has_report(config.evaluator)
+        if config.evaluator.has_report
         else " This study names no held-out data (evaluator.report_text)."
     )
     if (overlap := config.evaluator.overlap()) is not None:
         no_heldout += f"</p><p class='warning'><b>Warning:</b> {html.escape(overlap)}."
-    elif getattr(config.evaluator, "holdout", None) is not None:
+    elif (carve := config.evaluator.carve("report")) is not None:
         no_heldout += (
-            f" The held-out items are {config.evaluator.holdout:.0%} of {config.evaluator.split}, carved "
+            f" The held-out items are {carve.fraction:.0%} of {carve.split}, carved "
             "before the search began (carve.json); the search never scored them."
         )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -375,25 +382,31 @@ def write_report(
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     if config.fidelity is not None:
         spent = items_line(study, study.get_trials(deepcopy=False))
+        rungs = ", ".join(map(str, config.fidelity.rungs))
         no_heldout += (
             f"</p><p>Multi-fidelity: {n_pruned} candidates were stopped early (PRUNED) on rungs of "
-            f"{', '.join(map(str, config.fidelity.rungs))} items per task; {html.escape(spent or '')}. "
+            f"{rungs} items per task; {html.escape(spent or '')}. "
             "Every finalist was scored on the whole search set."
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>basin report: {html.escape(config.study.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
+    study_name, held_split = html.escape(config.study.name), html.escape(split)
+    # a backslash at a line's end continues the line: the page has no line break there
+    page = f"""<!doctype html><html><head><meta charset="utf-8">\
+<title>basin report: {study_name}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}\
+img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}
 .warning{{background:#fdecea;border:1px solid #d1495b;padding:.6em}}</style></head><body>
-<h1>basin report: {html.escape(config.study.name)}</h1>
+<h1>basin report: {study_name}</h1>
 <p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(", ".join(names))}
 ({config.objectives.mode}); sampler {config.sampler.name}.</p>
 <h2>Finalists against the parents</h2>
-<p>Scores on the search split ({search}) and on the held-out split ({html.escape(split)}); a
-finalist that leads on {search} but not on {html.escape(split)} has fitted the search set.{no_heldout}</p>
+<p>Scores on the search split ({search}) and on the held-out split ({held_split}); a
+finalist that leads on {search} but not on {held_split} has fitted the search set.{no_heldout}</p>
 {table}{sections}
 <h2>Recipe of trial {chosen.number}</h2><pre>{recipe_yaml}</pre>
-<p>Export it: <code>basin export {html.escape(str(folder))} --trial {chosen.number} --out DIR</code></p>
+<p>Export it: <code>basin export {html.escape(str(folder))} --trial {chosen.number} \
+--out DIR</code></p>
 </body></html>"""
     out = folder / "report.html"
     out.write_text(page)

@@ -15,7 +15,8 @@ class RungScores:
 
     stop: int  # items per task scored (the rung's; a smaller task is scored whole)
     items: dict[str, int]  # items scored per task
-    item_scores: dict[str, list[list[float]]]  # per metric key, one list of per-item scores per task
+    # per metric key, one list of per-item scores per task
+    item_scores: dict[str, list[list[float]]]
 
     @property
     def total(self) -> int:
@@ -36,7 +37,8 @@ class WorkerResult:
     rung: RungScores | None = None  # multi-fidelity only
     error: str | None = None
     traceback: str | None = None
-    worker_lost: bool = False  # the worker died during the candidate (not the candidate's own error)
+    # the worker died during the candidate (not the candidate's own error)
+    worker_lost: bool = False
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,17 @@ from typing import Any
 import optuna
 
 from search import attrs, records
-from search.config import ConfigError, SamplerSection, StudyConfig, config_from_dict, config_to_dict
+from search.config import (
+    ConfigError,
+    SamplerSection,
+    StudyConfig,
+    config_from_dict,
+    config_to_dict,
+)
 from search.fidelity import Rungs, make_pruner
 from search.folder import storage_error, study_space, worker_spec
 from search.objectives import resolve_directions, study_directions
+from search.outputs import check_writable_under
 from search.recovery import requeue_stale, sync_records
 from search.space import SearchSpace, baseline_params
 from search.workers import WorkerSpec
@@ -36,30 +44,36 @@ class StudySetup:
     rungs: Rungs | None  # multi-fidelity: the rungs and the promotion rule; None when off
 
 
-def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
-    # a resumed or second run must not replay draws
-    seed = None if cfg.seed is None else cfg.seed + offset
-    if cfg.name == "tpe":
-        with (
-            warnings.catch_warnings()
-        ):  # multivariate/group/constant_liar are "experimental" in Optuna; basin pins it
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
-                seed=seed,
-                n_startup_trials=cfg.n_startup_trials,
-                multivariate=True,
-                group=True,
-                constant_liar=True,
-            )
-    if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False
+def _tpe(cfg: SamplerSection, seed: int | None) -> optuna.samplers.BaseSampler:
+    # multivariate, group and constant_liar are "experimental" in Optuna; basin pins its version
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=cfg.n_startup_trials,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
         )
-    if cfg.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if cfg.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
-    return optuna.samplers.RandomSampler(seed=seed)
+
+
+_SAMPLERS: dict[str, Callable[[SamplerSection, int | None], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "cmaes": lambda cfg, seed: optuna.samplers.CmaEsSampler(
+        seed=seed, n_startup_trials=cfg.n_startup_trials, warn_independent_sampling=False
+    ),
+    "nsga2": lambda cfg, seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "gp": lambda cfg, seed: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=cfg.n_startup_trials
+    ),
+    "random": lambda cfg, seed: optuna.samplers.RandomSampler(seed=seed),
+}
+
+
+def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; its seed moved by `offset` (a resumed or second run must not
+    replay the draws of the first)."""
+    return _SAMPLERS[cfg.name](cfg, None if cfg.seed is None else cfg.seed + offset)
 
 
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
@@ -69,6 +83,11 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     this call created is removed again if setup fails, so a mistake leaves nothing half-made.
     """
     folder = config.study.folder
+    check_writable_under(folder, "study.output_dir")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"study folder {folder} is a file; choose another study.output_dir or study.name"
+        )
     created = not folder.exists()
     try:
         _check_resumable(config, folder, resume)
@@ -78,15 +97,15 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         space = study_space(config)
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
-        if (
-            config.study.storage
-        ):  # a wrong URL or password fails here, with its message, before any lock
+        # a wrong URL or password fails here, with its message, before any lock
+        if config.study.storage:
             _reach_storage(config.study.storage)
-        # runners starting at once (here or, with a database, anywhere) set the study up one after the other
+        # runners starting at once (here or, with a database, anywhere) set the study up one
+        # after the other
         with records.study_lock(folder, config.study.storage, config.study.name):
             records.write_carve(folder, config.evaluator, split_sizes)
             study = _open_study(config, folder, directions)
-            records.write_config_snapshot(folder, config_to_dict(config))
+            _store_config(config, folder, study)
             if study.user_attrs.get(attrs.SEARCH_ITEMS) != sizes:
                 study.set_user_attr(attrs.SEARCH_ITEMS, sizes)
             if study.user_attrs.get(attrs.SPLIT_SIZES) != split_sizes:
@@ -104,10 +123,28 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     return StudySetup(config, folder, study, space, directions, worker_spec(config), sizes, rungs)
 
 
+def _store_config(config: StudyConfig, folder: Path, study: optuna.Study) -> None:
+    """Keep the config this run searches with in the study folder, unless its budget runs nothing
+    more: a resume must not rewrite what it does not run (status would read "done 10 of 3")."""
+    from search.budget import Budget
+
+    snapshot = folder / records.CONFIG_FILE
+    if snapshot.is_file() and not Budget(study, config.budget).left():
+        finished = Budget(study, config.budget).finished()
+        print(
+            f"basin: the budget is spent ({finished} finished trials): nothing to run, and "
+            f"{snapshot} is left as it was; extend the budget with "
+            f"`basin resume {folder} --set budget.n_trials=N`",
+            file=sys.stderr,
+        )
+        return
+    records.write_config_snapshot(folder, config_to_dict(config))
+
+
 def search_sizes(config: StudyConfig, split_sizes: dict[str, int]) -> dict[str, int]:
     """Items per task the search scores: the split, carved, then limited."""
     section = config.evaluator
-    carve = getattr(section, "carve", lambda role: None)("search")
+    carve = section.carve("search")
     out = {}
     for task, n in split_sizes.items():
         n = len(carve.ids(n, task)) if carve is not None else n
@@ -142,18 +179,20 @@ def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, in
     check_models(config)
     directions = check_tasks(config).directions
     try:
-        probe = build_evaluator(
-            config.evaluator.resolved(), "search", limit=1
-        )  # the data, one item scored
+        # the data, one item scored
+        probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)
         if config.fidelity is not None:
             probe.check_item_means([o.key for o in config.objectives.items])
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
-    return directions, dict(getattr(probe, "split_sizes", {}))
+    return directions, dict(probe.split_sizes)
 
 
 def _check_memory(config: StudyConfig) -> None:
-    """Refuse a study whose workers cannot hold their models on the GPU they have (when that is known)."""
+    """Refuse a study whose workers cannot hold their models on the GPU they have.
+
+    Nothing is checked when that GPU's memory is not known.
+    """
     from search.memory import check_fits, gpu_capacity, memory_plan
 
     capacity, source = gpu_capacity(config)
@@ -164,7 +203,10 @@ def _check_memory(config: StudyConfig) -> None:
 
 
 def check_models(config: StudyConfig) -> None:
-    """Same architecture, tensor names, shapes and vocabulary, from the models' headers (no weights read)."""
+    """Same architecture, tensor names, shapes and vocabulary, from the models' headers.
+
+    No weights are read.
+    """
     from merging import Checkpoint, check_compatible
 
     models = config.models.resolved()
@@ -198,40 +240,52 @@ class TaskCheck:
 
 
 def check_tasks(config: StudyConfig) -> TaskCheck:
-    """The tasks' definitions, without their data: unknown tasks, a missing split, unknown metrics."""
-    from evaluators import EvaluatorError, HarnessSection, build_evaluator
-    from evaluators.harness import check_task_definitions
+    """The tasks' definitions, without their data.
+
+    Refuses unknown tasks, a missing split and unknown metrics.
+    """
+    from evaluators import EvaluatorError
 
     section, keys = config.evaluator.resolved(), [o.key for o in config.objectives.items]
     try:
-        if isinstance(section, HarnessSection):
-            found = check_task_definitions(
-                section.tasks,
-                include_path=section.include_paths,
-                builtin_tasks=section.builtin_tasks,
-                split=section.split,
-                metrics=keys,
-            )
-            flags, hub = found.directions, found.hub_datasets
-        else:
-            probe = build_evaluator(section, "search")
-            flags, hub = {key: probe.higher_is_better(key) for key in keys}, {}
+        found = section.check_tasks(keys)
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
-    return TaskCheck(resolve_directions(config.objectives, flags.__getitem__), hub)
+    directions = resolve_directions(config.objectives, found.higher_is_better.__getitem__)
+    return TaskCheck(directions, found.hub_datasets)
 
 
 def _reach_storage(url: str) -> None:
+    """Open the storage once: a wrong URL or password fails here with its message, and a fresh
+    database gets Optuna's tables, under the database's lock so that runners starting together
+    do not create them twice (the second would fail on a type that already exists)."""
     try:
-        records.open_storage(Path("."), url)
+        with records.database_lock(url, "basin-schema"):
+            records.open_storage(Path("."), url)
     except Exception as exc:
         raise storage_error(url, exc) from None
 
 
 def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> optuna.Study:
+    journal = folder / records.JOURNAL_FILE
+    had_journal = journal.exists()
     try:
         storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         existing = _count_trials(storage, config.study.name)
+    except Exception as exc:
+        raise storage_error(config.study.storage or str(journal), exc) from None
+    kept = records.read_trial_records(folder) if existing == 0 else {}
+    if kept:
+        if not config.study.storage and not had_journal:
+            journal.unlink(missing_ok=True)  # opening it made an empty one: leave nothing new
+        where = config.study.storage and records.redact(config.study.storage) or str(journal)
+        raise ConfigError(
+            f"{folder} holds {len(kept)} trial records but the study's storage ({where}) holds "
+            f"no trial of study '{config.study.name}' (was it deleted or moved?); running would "
+            "start the study over and overwrite those records. Restore the storage and resume, "
+            f"or move {folder / 'trials'} away to start afresh"
+        )
+    try:
         study = optuna.create_study(
             study_name=config.study.name,
             storage=storage,
@@ -240,24 +294,23 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
             sampler=optuna.samplers.RandomSampler(),
             pruner=make_pruner(config.fidelity),
         )
-        # Every run of the study (first, resumed, or one more runner) draws from its own stream: runners
-        # that open the study while it holds the same trials (the baselines, say) would otherwise
-        # propose the same params. Under the runners' lock, so no two runs get the same number.
+        # Every run of the study (first, resumed, or one more runner) draws from its own stream:
+        # runners that open the study while it holds the same trials (the baselines, say) would
+        # otherwise propose the same params. Under the runners' lock, so no two runs get the same
+        # number.
         runs = int(study.user_attrs.get(attrs.RUNS, 0))
         study.set_user_attr(attrs.RUNS, runs + 1)
         study.sampler = make_sampler(config.sampler, offset=existing + runs * 1_000_003)
     except Exception as exc:
-        raise storage_error(
-            config.study.storage or str(folder / records.JOURNAL_FILE), exc
-        ) from None
+        raise storage_error(config.study.storage or str(journal), exc) from None
     if attrs.DIRECTIONS not in study.user_attrs:
         study.set_user_attr(attrs.DIRECTIONS, directions)
         study.set_user_attr(attrs.OBJECTIVE_KEYS, [o.key for o in config.objectives.items])
-    _check_same_study(config, study)
+    check_same_study(config, study)
     return study
 
 
-def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
+def check_same_study(config: StudyConfig, study: optuna.Study) -> None:
     """The first runner stores its config in the study; a runner joining it later (from any machine,
     with its own folder) must search the same space on the same models and tasks."""
     mine = config_to_dict(config)
@@ -269,9 +322,9 @@ def _check_same_study(config: StudyConfig, study: optuna.Study) -> None:
     if theirs != ours:
         differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
         raise ConfigError(
-            f"study '{config.study.name}' in its storage was created with a different config (it differs "
-            f"in: {', '.join(differ)}); join it with the config it was created with (`basin attach` "
-            "writes it into a study folder here), or choose another study.name"
+            f"study '{config.study.name}' in its storage was created with a different config (it "
+            f"differs in: {', '.join(differ)}); join it with the config it was created with "
+            "(`basin attach` writes it into a study folder here), or choose another study.name"
         )
 
 
@@ -295,7 +348,10 @@ def _enqueue_baselines(config: StudyConfig, study: optuna.Study, space: SearchSp
 
 
 def _search_part(snapshot: dict) -> dict:
-    """The parts of a config that define the study (budget, workers and merge kernels may change on resume)."""
+    """The parts of a config that define the study.
+
+    Budget, workers and merge kernels may change on resume, so they are left out.
+    """
     part = {k: v for k, v in snapshot.items() if k not in ("budget", "workers")}
     part["study"] = {k: v for k, v in part.get("study", {}).items() if k != "output_dir"}
     part["models"] = {k: v for k, v in part.get("models", {}).items() if k != "kernels"}

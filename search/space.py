@@ -1,10 +1,11 @@
-"""The search space: trial -> params (`suggest`), params -> MergeRecipe (`recipe_from_params`, pure).
+"""The search space: trial -> params (`suggest`), params -> MergeRecipe (`recipe_from_params`,
+pure).
 
 Parameter names: `method`; `weight.<model>[.<attn|mlp>][.<slot>]` and likewise `density`, `gamma`
-and `epsilon` per fine-tune, where the method reads them (merging/catalog.py); `lambda`; `t`. Slots are the granularity's depth positions: none for one value
-per model, `g<j>` per group of consecutive layers, `a<j>` per anchor depth. With split_attn_mlp,
-attention and MLP tensors get their own slots and the plain name holds the value of the rest
-(norms, embeddings, head).
+and `epsilon` per fine-tune, where the method reads them (merging/catalog.py); `lambda`; `t`.
+Slots are the granularity's depth positions: none for one value per model, `g<j>` per group of
+consecutive layers, `a<j>` per anchor depth. With split_attn_mlp, attention and MLP tensors get
+their own slots and the plain name holds the value of the rest (norms, embeddings, head).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SearchSpace:
         return ("",)
 
     def names(self, kind: str, model: str) -> list[str]:
-        """Parameter names of one per-model quantity ('weight' or 'density') over slots and parts."""
+        """Parameter names of one per-model quantity ('weight' or 'density') over slots and
+        parts."""
         parts = ["attn.", "mlp."] if self.config.split_attn_mlp else [""]
         names = [
             f"{kind}.{model}.{part}{slot}".rstrip(".") for part in parts for slot in self.slots
@@ -151,7 +153,8 @@ def _layer_param(
             # one value per layer, each layer taking its group's value
             return tuple(slots[i // space.config.group_size] for i in range(space.num_layers))
         if grid is not None and len(slots) > 1:
-            # the anchors' interpolation at every layer, on the grid: the stored values are the applied ones
+            # the anchors' interpolation at every layer, on the grid: the stored values are the
+            # applied ones
             over = LayerParam(default=tuple(slots))
             span = max(space.num_layers - 1, 1)
             return tuple(

@@ -28,9 +28,10 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    searched = _duration(float(study.user_attrs.get("elapsed_s", 0.0)))
     print(
-        f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, {f'{pruned} pruned, ' if pruned else ''}"
-        f"{len(failed)} failed, {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))} searched"
+        f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, "
+        f"{f'{pruned} pruned, ' if pruned else ''}{len(failed)} failed, {searched} searched"
     )
     if pruned and (line := items_line(study, trials)) is not None:
         print(line)
@@ -81,9 +82,11 @@ def print_status(folder: Path) -> None:
     storage = redact(config.study.storage) if config.study.storage else f"{folder}/journal.log"
     print(f"study '{config.study.name}' ({config.objectives.mode}, storage {storage})")
     pruned = f" (pruned {counts[TrialState.PRUNED]})" if config.fidelity is not None else ""
+    done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    of_budget = f" of {budget}" if budget else ""
     print(
-        f"  done {counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]}{f' of {budget}' if budget else ''}{pruned}, "
-        f"failed {counts[TrialState.FAIL]}, running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}"
+        f"  done {done}{of_budget}{pruned}, failed {counts[TrialState.FAIL]}, "
+        f"running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}"
     )
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")

@@ -47,7 +47,8 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class _Held:
-    """Multi-fidelity: the candidate a worker holds between rungs, and its per-item scores so far."""
+    """Multi-fidelity: the candidate a worker holds between rungs, and its per-item scores so
+    far."""
 
     scored: int = 0  # items per task scored
     scores: dict[str, list[float]] = field(default_factory=dict)
@@ -157,8 +158,8 @@ class CandidateWorker:
         return self._result(metrics, flags, eval_s=time.perf_counter() - t0, rung=scores)
 
     def _score(self, items: int | None) -> tuple[dict[str, float], dict[str, bool], RungScores]:
-        """Score the held candidate's items from where it stopped up to `items` per task; its metrics
-        are the means of every per-item score it has."""
+        """Score the held candidate's items from where it stopped up to `items` per task; its
+        metrics are the means of every per-item score it has."""
         evaluator, held = self.evaluator("search"), self._held
         counts = evaluator.item_counts
         stop = max(counts.values()) if items is None else min(items, max(counts.values()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fault_zoo import FaultZoo, shared_fault_zoo
 from tests.support.tiny import ModelSet, build_model_set, gpt2_config, llama_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,10 +25,17 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def zoo():
-    """The toy zoo of seed 0: built on first use (a few minutes), reused from the cache afterwards."""
+    """The toy zoo of seed 0: built on first use (a few minutes), reused from the cache
+    afterwards."""
     from evaluators.zoo import build_zoo
 
     return build_zoo(cache_dir() / "zoo" / "seed0", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fault_zoo(tmp_path_factory) -> FaultZoo:
+    """Tiny models and tasks with a fault hook (tests/support/fault_zoo.py), not the toy zoo."""
+    return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,12 @@ import subprocess
 import pytest
 
 from tests.support.bad_inputs import BAD_INPUTS, BadInput, BadInputEnv, run_bad_input
-from tests.support.fault_zoo import shared_fault_zoo
 from tests.support.runs import BASIN, ENV, HANG_S, REPO
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> BadInputEnv:
-    return BadInputEnv(
-        shared_fault_zoo(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("bad")
-    )
+def env(fault_zoo, tmp_path_factory) -> BadInputEnv:
+    return BadInputEnv(fault_zoo, tmp_path_factory.mktemp("bad"))
 
 
 def test_the_valid_config_the_cases_change_gets_past_setup(env):
@@ -35,7 +32,8 @@ def test_bad_input_gives_one_message_exit_2_and_leaves_nothing(case, env):
 
 
 def test_a_pickle_only_model_is_refused_by_the_real_command_line(env):
-    """The console script itself, on the security default: pickle loading stays off unless allowed."""
+    """The console script itself, on the security default: pickle loading stays off unless
+    allowed."""
     case = next(c for c in BAD_INPUTS if c.name == "pickle-only model")
     proc = subprocess.run(
         [str(BASIN), *case.argv(env)],

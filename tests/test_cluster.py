@@ -5,30 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.fault_zoo import shared_fault_zoo
 from tests.support.many_machines import node_loss
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return shared_fault_zoo(tmp_path_factory.getbasetemp())
-
-
 def test_a_study_spreads_over_two_nodes_and_finishes_on_the_head_when_the_other_node_dies(
-    zoo, tmp_path
+    fault_zoo, tmp_path
 ):
     """Both nodes complete trials (each trial records its node); then, with a candidate in flight on
-    each worker, the second node is SIGKILLed: only its candidate fails, as a lost worker, its params
-    run again on the head, and the study finishes its budget there."""
-    r = node_loss(zoo, tmp_path, n_trials=12)
+    each worker, the second node is SIGKILLed: only its candidate fails, as a lost worker, its
+    params run again on the head, and the study finishes its budget there."""
+    r = node_loss(fault_zoo, tmp_path, n_trials=12)
     assert r.rc == 0 and r.leaked == [] and r.integrity == []
     assert r.nodes_before == {"node_head", "node_b"}
     assert r.complete == r.budget
-    assert len(r.failed) == 1, (
-        r.failed
-    )  # the candidate in flight on the lost node, and nothing else
+    # the candidate in flight on the lost node, and nothing else
+    assert len(r.failed) == 1, r.failed
     ((lost, error),) = r.failed.items()
     assert "worker died" in error and "queued again" in error
     assert r.retried_on == {lost: "node_head"}

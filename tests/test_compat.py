@@ -1,5 +1,5 @@
-"""The patches of other libraries' internals: pinned where they were checked, guarded where they touch,
-and no import of basin changes another library's global state."""
+"""The patches of other libraries' internals: pinned where they were checked, guarded where they
+touch, and no import of basin changes another library's global state."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 from importlib.metadata import version
-from pathlib import Path
 
 import optuna
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from evaluators import EvaluatorError
 from evaluators import compat as lm_compat
 from search import compat
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.runs import REPO
 
 
 def _pins() -> dict[str, str]:
@@ -39,7 +37,8 @@ def test_the_patched_libraries_are_pinned_to_the_versions_their_patches_were_che
 
 def test_importing_basin_leaves_optuna_matplotlib_and_warnings_as_they_were():
     code = (
-        "import warnings, optuna, matplotlib, torch, transformers, lm_eval.evaluator, ray, tqdm  # their own filters\n"
+        # their own filters
+        "import warnings, optuna, matplotlib, torch, transformers, lm_eval.evaluator, ray, tqdm\n"
         "before = (optuna.logging.get_verbosity(), list(warnings.filters))\n"
         "import search.loop, search.report, search.cli, search.setup, evaluators.harness\n"
         "after = (optuna.logging.get_verbosity(), list(warnings.filters))\n"

@@ -6,11 +6,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
 
 from search.cli import main
-from search.config import ConfigError, StudyConfig, load_config
+from search.config import SAMPLERS, ConfigError, SamplerSection, StudyConfig, load_config
 
 MINIMAL: dict[str, Any] = {
     "study": {"name": "demo"},
@@ -43,7 +44,7 @@ def problems(tmp_path: Path, data: Any, overrides: list[str] | None = None) -> s
     return str(info.value)
 
 
-# --- valid configs ---------------------------------------------------------------------------------
+# --- valid configs --------------------------------------------------------------------------------
 
 
 def test_minimal_config_passes_with_documented_defaults(tmp_path):
@@ -51,10 +52,8 @@ def test_minimal_config_passes_with_documented_defaults(tmp_path):
     assert isinstance(config, StudyConfig)
     assert config.study.name == "demo"
     assert config.study.folder == Path("results") / "demo"
-    assert config.space.methods == ["task_arithmetic"] and config.space.lam == (
-        0.3,
-        1.5,
-    )  # searched, not fixed at 1
+    assert config.space.methods == ["task_arithmetic"]
+    assert config.space.lam == (0.3, 1.5)  # searched, not fixed at 1
     assert config.space.granularity == "model"
     assert config.objectives.mode == "single"
     assert config.sampler.name == "tpe"
@@ -96,7 +95,7 @@ def test_full_config_passes(tmp_path):
     assert [o.key for o in config.objectives.items] == ["zoo_add/acc", "zoo_copy/acc_norm"]
 
 
-# --- every problem at once ---------------------------------------------------------------------------
+# --- every problem at once ------------------------------------------------------------------------
 
 
 def test_several_wrong_fields_are_reported_in_one_error(tmp_path):
@@ -136,7 +135,8 @@ def test_several_wrong_fields_are_reported_in_one_error(tmp_path):
 
 
 def test_several_problems_inside_the_space_section_are_all_reported(tmp_path):
-    # density out of range, a reversed weight range and t outside [0, 1]: three problems, three lines
+    # density out of range, a reversed weight range and t outside [0, 1]: three problems, three
+    # lines
     message = problems(tmp_path, edited(space={"density": 0, "weight": [1, 0], "t": [0, 2]}))
     assert "density" in message
     assert "weight: low 1.0 is above high 0.0" in message
@@ -184,7 +184,7 @@ def test_unknown_key_inside_a_list_item_gets_did_you_mean(tmp_path):
     assert "Known: task, metric, weight, direction" in message
 
 
-# --- out-of-range values -----------------------------------------------------------------------------
+# --- out-of-range values --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_file_problems(tmp_path):
         load_config(write(tmp_path, ["a", "list"], "list.yaml"))
 
 
-# --- --set overrides -----------------------------------------------------------------------------------
+# --- --set overrides ------------------------------------------------------------------------------
 
 
 def test_set_overrides_nested_keys_numbers_and_lists(tmp_path):
@@ -316,10 +316,8 @@ def test_set_overrides_nested_keys_numbers_and_lists(tmp_path):
     assert config.space.lam == 0.7
     assert config.space.granularity == "group" and config.space.group_size == 2
     assert config.study.name == "other"
-    assert config.evaluator.limit == 40 and config.evaluator.tasks == [
-        "zoo_add",
-        "zoo_copy",
-    ]  # siblings kept
+    assert config.evaluator.limit == 40
+    assert config.evaluator.tasks == ["zoo_add", "zoo_copy"]  # siblings kept
     assert config.workers.count == 4
     assert config.sampler.seed is None
     assert config.baselines is False
@@ -345,7 +343,7 @@ def test_malformed_set_overrides(tmp_path, item, expected):
     assert expected in problems(tmp_path, MINIMAL, [item])
 
 
-# --- basin validate ------------------------------------------------------------------------------------
+# --- basin validate -------------------------------------------------------------------------------
 
 
 def test_basin_validate_bad_config(tmp_path, capsys):
@@ -364,14 +362,14 @@ def test_basin_validate_missing_file(tmp_path, capsys):
 
 
 def test_runners_of_one_study_may_differ_in_their_resources_but_not_in_what_they_search():
-    """The first runner stores its config in the study; the next (any machine, any folder) is checked against it."""
-    import optuna
+    """The first runner stores its config in the study; the next (any machine, any folder) is
+    checked against it."""
 
     from search.config import config_from_dict
-    from search.setup import _check_same_study
+    from search.setup import check_same_study
 
     study = optuna.create_study()
-    _check_same_study(config_from_dict(MINIMAL), study)
+    check_same_study(config_from_dict(MINIMAL), study)
     assert study.user_attrs["config"]["space"]["methods"] == ["task_arithmetic"]
     own = edited(
         models={**MINIMAL["models"], "device": "cuda:1"},
@@ -385,7 +383,7 @@ def test_runners_of_one_study_may_differ_in_their_resources_but_not_in_what_they
         budget={"n_trials": 500},
         workers={"count": 8, "gpus_per_worker": 1},
     )
-    _check_same_study(config_from_dict(own), study)
+    check_same_study(config_from_dict(own), study)
     for other, differs in (
         (edited(space={"methods": ["ties"]}), "space"),
         (edited(evaluator={**MINIMAL["evaluator"], "limit": 50}), "evaluator"),
@@ -394,4 +392,12 @@ def test_runners_of_one_study_may_differ_in_their_resources_but_not_in_what_they
         with pytest.raises(
             ConfigError, match=rf"created with a different config \(it differs in: {differs}\)"
         ):
-            _check_same_study(config_from_dict(other), study)
+            check_same_study(config_from_dict(other), study)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_name_the_config_accepts_builds_a_sampler(name):
+    from search.setup import make_sampler
+
+    sampler = make_sampler(SamplerSection(name=name, seed=3), offset=2)
+    assert isinstance(sampler, optuna.samplers.BaseSampler)

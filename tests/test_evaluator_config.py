@@ -19,7 +19,7 @@ from evaluators import (
 from evaluators.config import build_evaluator
 from search.cli import main
 from search.config import ConfigError, config_from_dict
-from search.setup import load_study_folder, worker_spec
+from search.folder import load_study_folder, worker_spec
 from tests.support.tiny import build_tasks, write_text_corpus
 
 
@@ -136,9 +136,8 @@ def test_workers_get_the_frozen_sections_with_absolute_paths(
     )
     config = config_from_dict(data)
     spec = worker_spec(config)
-    assert (
-        spec.evaluator.text == str(texts[0]) and config.evaluator.text == texts[0].name
-    )  # the config is kept
+    assert spec.evaluator.text == str(texts[0])
+    assert config.evaluator.text == texts[0].name  # the config is kept
     assert spec.models.base == str(llama_set.base.resolve()) and spec.evaluator.window == 16
     assert spec.space == config.space
     with pytest.raises(Exception, match="frozen"):
@@ -168,7 +167,8 @@ def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(
     config, study = load_study_folder(folder)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 5
-    # minimising nll through a maximised weighted score: the score is -nll, the best trial has the lowest nll
+    # minimising nll through a maximised weighted score: the score is -nll, the best trial has the
+    # lowest nll
     best = study.best_trial
     assert best.values[0] == pytest.approx(-best.user_attrs["metrics"]["perplexity/nll"])
     assert best.user_attrs["metrics"]["perplexity/nll"] == min(
@@ -198,3 +198,54 @@ def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(
     )
     assert held["perplexity/nll"] == pytest.approx(expected, rel=1e-5)
     assert "held.txt" in (folder / "report.html").read_text()
+
+
+def test_every_kind_declares_all_that_search_asks_of_its_section_and_evaluator(tmp_path, texts):
+    """What search calls without probing: each section's registry methods, and each evaluator's
+    protocol members (an evaluator that scores no items refuses the item calls by name)."""
+    from evaluators.config import KINDS
+    from evaluators.protocol import Evaluator
+
+    tasks = build_tasks(tmp_path / "tasks", n_items=6)
+    sections = {
+        "harness": HarnessSection(
+            tasks=list(tasks.names), include_path=str(tasks.folder), builtin_tasks=False
+        ),
+        "perplexity": PerplexitySection(
+            kind="perplexity", text=str(texts[0]), report_text=str(texts[1])
+        ),
+    }
+    assert set(sections) == set(KINDS)
+    shape = {"vocab_size": 100, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
+    for kind, section in sections.items():
+        assert isinstance(section, KINDS[kind])
+        evaluator = build_evaluator(section, "search")
+        assert isinstance(evaluator, Evaluator), kind
+        info = section.check_tasks([evaluator.metric_keys[0]])
+        assert set(info.higher_is_better) == {evaluator.metric_keys[0]}
+        estimate = section.memory_estimate(shape, 2)
+        assert estimate.bytes > 0 and "evaluation estimate" in estimate.what
+        assert section.carve("search") is None and section.has_report
+    harness = build_evaluator(sections["harness"], "search")
+    assert harness.item_counts == harness.split_sizes and min(harness.item_counts.values()) > 0
+    perplexity = build_evaluator(sections["perplexity"], "search")
+    assert perplexity.item_counts == {} and perplexity.split_sizes == {}
+    for call in (
+        lambda: perplexity.check_item_means(["perplexity/nll"]),
+        lambda: perplexity.item_metrics({"perplexity/nll": [1.0]}),
+        lambda: perplexity.evaluate(None, None, items=(0, 2)),
+    ):
+        with pytest.raises(EvaluatorError, match="token windows of a text, not items"):
+            call()
+
+
+def test_an_items_budget_needs_an_evaluator_that_scores_items(llama_set, tmp_path, texts):
+    data = study_data(
+        llama_set,
+        tmp_path / "ppl-items",
+        {"kind": "perplexity", "text": str(texts[0])},
+        {"task": "perplexity", "metric": "nll"},
+        budget={"items": 500},
+    )
+    with pytest.raises(ConfigError, match="budget.items: the items budget counts scored lm-eval"):
+        config_from_dict(data)

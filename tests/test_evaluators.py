@@ -1,4 +1,5 @@
-"""evaluators/: the lm-eval adapter and perplexity on a tiny real Llama and local tasks (no mocks)."""
+"""evaluators/: the lm-eval adapter and perplexity on a tiny real Llama and local tasks (no
+mocks)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import pytest
 import torch
 import yaml
 
-from evaluators import EvalResult, Evaluator, EvaluatorError, HarnessEvaluator, PerplexityEvaluator
+from evaluators import (
+    EvalResult,
+    Evaluator,
+    EvaluatorError,
+    HarnessEvaluator,
+    HarnessSection,
+    PerplexityEvaluator,
+)
 from evaluators.harness import disable_template_cache, enable_template_cache, template_cache_info
 from tests.support.tiny import (
     TinyTasks,
@@ -56,11 +64,19 @@ def live(tiny) -> tuple[Any, Any]:
     )
 
 
+def tiny_section(tiny: Tiny, **fields: Any) -> HarnessSection:
+    """The tiny tasks as an evaluator section, batched as the reference is unless `fields` say."""
+    defaults = {
+        "tasks": list(tiny.tasks.names),
+        "include_path": str(tiny.tasks.folder),
+        "batch_size": BATCH,
+    }
+    return HarnessSection(**{**defaults, **fields})
+
+
 @pytest.fixture(scope="session")
 def evaluator(tiny) -> HarnessEvaluator:
-    return HarnessEvaluator(
-        list(tiny.tasks.names), include_path=tiny.tasks.folder, batch_size=BATCH
-    )
+    return HarnessEvaluator(tiny_section(tiny), split="validation")
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +88,8 @@ def reference_lm(tiny) -> Any:
 
 
 def simple_evaluate(lm: Any, tiny: Tiny, split: str, **kwargs: Any) -> tuple[dict, dict]:
-    """lm-eval's simple_evaluate, flattened to ({task/metric: value}, {task/metric: {id: value}})."""
+    """lm-eval's simple_evaluate, flattened to
+    ({task/metric: value}, {task/metric: {id: value}})."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -139,13 +156,7 @@ def perturbed(model: Any, scale: float = 1.0, seed: int = 0) -> Iterator[None]:
     ("split", "shots"), [("validation", None), ("test", None), ("validation", 2)]
 )
 def test_equals_lm_eval_simple_evaluate_on_saved_folder(tiny, live, reference_lm, split, shots):
-    ev = HarnessEvaluator(
-        list(tiny.tasks.names),
-        include_path=tiny.tasks.folder,
-        split=split,
-        batch_size=BATCH,
-        num_fewshot=shots,
-    )
+    ev = HarnessEvaluator(tiny_section(tiny, num_fewshot=shots), split=split)
     result = ev.evaluate(*live, per_item=True)
     assert ev.evaluate(*live, per_item=True) == result  # the few-shot draw is re-seeded per call
     ref_metrics, ref_items = simple_evaluate(reference_lm, tiny, split, num_fewshot=shots)
@@ -156,7 +167,7 @@ def test_equals_lm_eval_simple_evaluate_on_saved_folder(tiny, live, reference_lm
 
 
 def test_validation_and_test_splits_score_different_items(tiny, live, evaluator):
-    on_test = HarnessEvaluator(list(tiny.tasks.names), include_path=tiny.tasks.folder, split="test")
+    on_test = HarnessEvaluator(tiny_section(tiny), split="test")
     val, test = evaluator.evaluate(*live, per_item=True), on_test.evaluate(*live, per_item=True)
     assert val.per_item != test.per_item
 
@@ -196,7 +207,7 @@ def test_another_model_object_is_rewrapped(tiny, evaluator, live):
 
 
 def test_limit_takes_the_same_first_items_every_call(tiny, live, reference_lm, evaluator):
-    ev = HarnessEvaluator(list(tiny.tasks.names), include_path=tiny.tasks.folder, limit=10)
+    ev = HarnessEvaluator(tiny_section(tiny, limit=10), split="validation")
     one, two = ev.evaluate(*live, per_item=True), ev.evaluate(*live, per_item=True)
     ref_metrics, ref_items = simple_evaluate(reference_lm, tiny, "validation", limit=10)
 
@@ -210,9 +221,7 @@ def test_limit_takes_the_same_first_items_every_call(tiny, live, reference_lm, e
 
 def test_seeded_sample_is_fixed_and_equals_lm_eval_samples(tiny, live, reference_lm):
     def build(seed: int) -> HarnessEvaluator:
-        return HarnessEvaluator(
-            list(tiny.tasks.names), include_path=tiny.tasks.folder, limit=12, sample_seed=seed
-        )
+        return HarnessEvaluator(tiny_section(tiny, limit=12, sample_seed=seed), split="validation")
 
     ev = build(7)
     ids = ev.item_ids
@@ -241,34 +250,37 @@ def test_per_item_scores_have_one_per_item_and_average_to_the_metric(evaluator, 
 
 def test_unknown_task_names_the_close_match(tiny):
     with pytest.raises(EvaluatorError, match=r"unknown task 'toy_nxt'; did you mean 'toy_next'\?"):
-        HarnessEvaluator(["toy_nxt"], include_path=tiny.tasks.folder, builtin_tasks=False)
+        HarnessEvaluator(
+            tiny_section(tiny, tasks=["toy_nxt"], builtin_tasks=False), split="validation"
+        )
     with pytest.raises(EvaluatorError, match=r"Known local tasks: toy_next, toy_pair"):
-        HarnessEvaluator(["zzz"], include_path=tiny.tasks.folder, builtin_tasks=False)
+        HarnessEvaluator(tiny_section(tiny, tasks=["zzz"], builtin_tasks=False), split="validation")
 
 
 def test_missing_split_names_task_split_and_available_splits(tiny, tmp_path):
     name = "toy_test_only"
     config = task_config(name, {"test": tiny.tasks.data_files["toy_next"]["test"]})
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    HarnessEvaluator([name], include_path=tmp_path, split="test")
+    section = tiny_section(tiny, tasks=[name], include_path=str(tmp_path))
+    HarnessEvaluator(section, split="test")
     with pytest.raises(EvaluatorError, match=r"'toy_test_only' has no validation split.*test"):
-        HarnessEvaluator([name], include_path=tmp_path, split="validation")
+        HarnessEvaluator(section, split="validation")
 
 
 def test_unknown_metric_and_bad_arguments(tiny):
-    tasks, folder = list(tiny.tasks.names), tiny.tasks.folder
+    section = tiny_section(tiny)
     with pytest.raises(EvaluatorError, match=r"unknown metric 'toy_pair/acc_nrom'; did you mean"):
-        HarnessEvaluator(tasks, include_path=folder, metrics=["toy_pair/acc_nrom"])
+        HarnessEvaluator(section, split="validation", metrics=["toy_pair/acc_nrom"])
     with pytest.raises(EvaluatorError, match="sample_seed"):
-        HarnessEvaluator(tasks, include_path=folder, sample_seed=3)
+        HarnessEvaluator(tiny_section(tiny, sample_seed=3), split="validation")
     with pytest.raises(EvaluatorError, match="split"):
-        HarnessEvaluator(tasks, include_path=folder, split="train")  # type: ignore[arg-type]
+        HarnessEvaluator(section, split="train")  # type: ignore[arg-type]
     with pytest.raises(EvaluatorError, match="limit"):
-        HarnessEvaluator(tasks, include_path=folder, limit=0)
+        HarnessEvaluator(section, split="validation", limit=0)
 
 
 def test_metric_selection(tiny, live):
-    ev = HarnessEvaluator(list(tiny.tasks.names), include_path=tiny.tasks.folder, metrics=["acc"])
+    ev = HarnessEvaluator(tiny_section(tiny), split="validation", metrics=["acc"])
     assert set(ev.evaluate(*live, per_item=True).metrics) == {"toy_next/acc", "toy_pair/acc"}
 
 
@@ -291,21 +303,20 @@ def test_template_cache_leaves_scores_identical(evaluator, live):
 
 
 def test_token_cache_leaves_scores_identical(tiny, evaluator, live):
-    plain = HarnessEvaluator(
-        list(tiny.tasks.names), include_path=tiny.tasks.folder, batch_size=BATCH, cache_tokens=False
-    )
+    plain = HarnessEvaluator(tiny_section(tiny), split="validation", cache_tokens=False)
     memo = evaluator.evaluate(*live, per_item=True)
     assert evaluator._lm.tok_encode.cache_info().hits > 0
     assert plain.evaluate(*live, per_item=True) == memo
 
 
 def test_calls_are_quiet_unless_verbose(tiny, live, capfd):
-    ev = HarnessEvaluator(list(tiny.tasks.names), include_path=tiny.tasks.folder)
+    ev = HarnessEvaluator(tiny_section(tiny), split="validation")
     capfd.readouterr()
     ev.evaluate(*live)  # wraps the model (lm-eval warns about that) and runs
     ev.evaluate(*live)
     assert capfd.readouterr() == ("", "")
-    HarnessEvaluator(["toy_next"], include_path=tiny.tasks.folder, verbose=True).evaluate(*live)
+    one_task = tiny_section(tiny, tasks=["toy_next"])
+    HarnessEvaluator(one_task, split="validation", verbose=True).evaluate(*live)
     assert "Running loglikelihood requests" in capfd.readouterr().err
 
 

@@ -15,13 +15,15 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from evaluators import HarnessEvaluator
+from evaluators import HarnessEvaluator, HarnessSection
 from search import records
+from search.attrs import ITEM_SCORES
 from search.cli import main
 from search.config import ConfigError, config_from_dict
-from search.fidelity import ITEM_SCORES, KeepBestPruner, dominated, pareto_go_on, rung_items
+from search.fidelity import KeepBestPruner, dominated, pareto_go_on, rung_items
+from search.folder import load_study_folder
 from search.loop import run_study
-from search.setup import load_study_folder, setup_study
+from search.setup import setup_study
 from search.space import suggest
 
 RUNGS = [12, 36]
@@ -66,7 +68,7 @@ def _study(
     return data
 
 
-# --- items in slices ---------------------------------------------------------------------------------
+# --- items in slices ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -76,14 +78,14 @@ def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
     included (each item draws its examples from a seed of its own)."""
     model, tok = _model(zoo)
     tasks = list(zoo.tasks[:2])
-    ev = HarnessEvaluator(
-        tasks,
-        include_path=zoo.tasks_dir,
+    section = HarnessSection(
+        tasks=tasks,
+        include_path=str(zoo.tasks_dir),
         batch_size=32,
         builtin_tasks=False,
-        order_seed=3,
         num_fewshot=fewshot,
     )
+    ev = HarnessEvaluator(section, split="validation", order_seed=3)
     assert all(list(ids) != sorted(ids) for ids in ev.item_ids.values()), (
         "the order is drawn, not the file's"
     )
@@ -96,15 +98,15 @@ def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
         joined = [v for part in parts for v in part.per_item[key]]
         assert joined == list(scores)
         assert sum(joined) / len(joined) == full.metrics[key]
-    assert (
-        ev.evaluate(model, tok).metrics == full.metrics
-    )  # the full order is back after the slices
+    # the full order is back after the slices
+    assert ev.evaluate(model, tok).metrics == full.metrics
 
 
 def test_slices_need_an_order_and_objectives_that_are_per_item_means(zoo):
-    ev = HarnessEvaluator(
-        list(zoo.tasks[:1]), include_path=zoo.tasks_dir, builtin_tasks=False, limit=4
+    section = HarnessSection(
+        tasks=list(zoo.tasks[:1]), include_path=str(zoo.tasks_dir), builtin_tasks=False, limit=4
     )
+    ev = HarnessEvaluator(section, split="validation")
     with pytest.raises(Exception, match="needs order_seed"):
         ev.evaluate(None, None, items=(0, 2))
     ev.check_item_means([f"{zoo.tasks[0]}/acc"])
@@ -132,14 +134,14 @@ def test_rungs_past_the_search_set_collapse_into_the_last():
     assert rung_items(FidelitySection(rungs=[16]), {"a": 10}) == [None]
 
 
-# --- promotion on the worker ---------------------------------------------------------------------------
+# --- promotion on the worker ----------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp_path):
     from dataclasses import replace
 
-    from search.setup import worker_spec
+    from search.folder import worker_spec
     from search.workers import CandidateWorker
 
     spec = worker_spec(config_from_dict(_study(zoo, tmp_path / "w")))
@@ -152,30 +154,33 @@ def test_a_promoted_candidate_scores_what_a_full_evaluation_of_it_gives(zoo, tmp
     }
     worker = CandidateWorker(spec)
     first = worker.run(recipe, items=RUNGS[0], rung=True)
-    assert first["merge_s"] > 0 and set(first["items"].values()) == {RUNGS[0]}
+    assert first.merge_s > 0 and set(first.rung.items.values()) == {RUNGS[0]}
     second = worker.more(RUNGS[1])
-    assert second["merge_s"] == 0.0 and set(second["items"].values()) == {RUNGS[1]}
-    for key, (scores,) in first["item_scores"].items():
-        assert second["item_scores"][key][0][: RUNGS[0]] == scores  # kept, not scored again
+    assert second.merge_s == 0.0 and set(second.rung.items.values()) == {RUNGS[1]}
+    for key, (scores,) in first.rung.item_scores.items():
+        assert second.rung.item_scores[key][0][: RUNGS[0]] == scores  # kept, not scored again
     last = worker.more(None)
 
     whole = CandidateWorker(replace(spec, fidelity_seed=None)).run(recipe)
-    assert last["items"] == {t: n for t, n in whole_counts(zoo).items()}
-    assert last["metrics"].keys() == whole["metrics"].keys()
-    for key, value in whole["metrics"].items():
-        assert last["metrics"][key] == pytest.approx(value, abs=1e-12)
+    assert last.rung.items == {t: n for t, n in whole_counts(zoo).items()}
+    assert last.metrics.keys() == whole.metrics.keys()
+    for key, value in whole.metrics.items():
+        assert last.metrics[key] == pytest.approx(value, abs=1e-12)
 
-    assert "error" in CandidateWorker(spec).more(
-        RUNGS[1]
-    )  # a fresh worker holds nothing to go on with
+    # a fresh worker holds nothing to go on with
+    held_nothing = CandidateWorker(spec).more(RUNGS[1])
+    assert not held_nothing.ok and "holds no candidate" in held_nothing.error
 
 
 def whole_counts(zoo) -> dict[str, int]:
-    ev = HarnessEvaluator(list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False)
+    section = HarnessSection(
+        tasks=list(zoo.tasks), include_path=str(zoo.tasks_dir), builtin_tasks=False
+    )
+    ev = HarnessEvaluator(section, split="validation")
     return ev.item_counts
 
 
-# --- the rules -------------------------------------------------------------------------------------------
+# --- the rules ------------------------------------------------------------------------------------
 
 
 def _with_rung(study: optuna.Study, value: float, step: int = 12, **attrs: Any) -> None:
@@ -228,24 +233,22 @@ def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
     mine = {"a": [[0, 1, 0, 1, 0, 1, 0, 0]], "b": [[0, 0, 1, 0, 0, 0, 1, 0]]}
     clearly = {
         "a": [[1, 1, 1, 1, 1, 1, 1, 1]],
-        "b": [[1, 1, 1, 1], [1, 1, 1, 1]],
-    }  # b: a group of two tasks
+        "b": [[1, 1, 1, 1], [1, 1, 1, 1]],  # a group of two tasks
+    }
     one_item = {"a": [[1, 1, 0, 1, 0, 1, 0, 0]], "b": [[1, 0, 1, 0, 0, 0, 1, 0]]}
     worse_on_b = {"a": [[1, 1, 1, 1, 1, 1, 1, 1]], "b": [[0, 0, 0, 0, 0, 0, 0, 0]]}
     keys, up = ["a", "b"], [1.0, 1.0]
     assert dominated(mine, clearly, keys, up, 8, margin=1.0)
-    assert not dominated(
-        mine, one_item, keys, up, 8, margin=1.0
-    )  # one item better: within the noise
+    # one item better: within the noise
+    assert not dominated(mine, one_item, keys, up, 8, margin=1.0)
     assert dominated(mine, one_item, keys, up, 8, margin=0.0)
     assert not dominated(mine, worse_on_b, keys, up, 8, margin=0.0)
     assert not dominated(clearly, mine, keys, up, 8, margin=0.0)
     assert dominated(clearly, mine, keys, [-1.0, -1.0], 8, margin=1.0)  # minimised objectives
     assert not dominated(mine, clearly, keys, up, 0, margin=0.0)
-    # on a rung of 4 items per task: a's first 4 against b's 4 + 4 (b's other layout is its own group)
-    assert not dominated(
-        mine, clearly, keys, up, 4, margin=0.0
-    )  # 8 items of b on one side, 4 on the other
+    # on a rung of 4 items per task: a's first 4 against b's 4 + 4 (b's other layout is its own
+    # group), so 8 items of b on one side, 4 on the other
+    assert not dominated(mine, clearly, keys, up, 4, margin=0.0)
 
 
 def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
@@ -267,14 +270,13 @@ def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
     assert not pareto_go_on(
         study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0
     )
-    assert pareto_go_on(
-        study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0
-    )  # no peer got there
+    # no peer got there
+    assert pareto_go_on(study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0)
     trial.set_user_attr("baseline", "uniform")
     assert pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
 
 
-# --- studies -------------------------------------------------------------------------------------------
+# --- studies --------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -332,7 +334,8 @@ def test_an_items_budget_stops_the_study_once_its_items_are_spent(zoo, tmp_path)
     )
     trials = study.get_trials(deepcopy=False)
     spent = sum(t.user_attrs["items"] for t in trials)
-    # claims stop once the items are spent; what was in flight then (one candidate per worker) finishes
+    # claims stop once the items are spent; what was in flight then (one candidate per worker)
+    # finishes
     assert budget <= spent < budget + 2 * full
 
 
@@ -398,9 +401,8 @@ def test_a_run_killed_between_rungs_resumes_with_nothing_counted_twice(zoo, tmp_
     assert dead.state == TrialState.FAIL
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == killed.number)
     assert retry.params == params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert (
-        min(retry.intermediate_values) == RUNGS[0]
-    )  # scored again from the first rung, on its own count
+    # scored again from the first rung, on its own count
+    assert min(retry.intermediate_values) == RUNGS[0]
     recs = records.read_trial_records(folder)
     assert {n for n, r in recs.items() if r["state"] in ("COMPLETE", "PRUNED")} == {
         t.number for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -420,13 +422,13 @@ def test_a_groups_metric_adds_up_from_its_tasks_items_as_lm_eval_aggregates_it(
         f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n"
     )
     model, tok = _model(zoo)
-    ev = HarnessEvaluator(
-        ["zoo_pair"],
-        include_path=[zoo.tasks_dir, tmp_path],
+    section = HarnessSection(
+        tasks=["zoo_pair"],
+        include_path=[str(zoo.tasks_dir), str(tmp_path)],
         batch_size=32,
         builtin_tasks=False,
-        order_seed=1,
     )
+    ev = HarnessEvaluator(section, split="validation", order_seed=1)
     ev.check_item_means(["zoo_pair/acc"])
     full = ev.evaluate(model, tok)
     scores: dict[str, list[float]] = {}

@@ -1,5 +1,5 @@
-"""Leaderboard-style evaluation on the toy zoo: generative tasks, chat templates and generation options
-passed through to lm-eval, and a carved split (real zoo models, real lm-eval, real Ray)."""
+"""Leaderboard-style evaluation on the toy zoo: generative tasks, chat templates and generation
+options passed through to lm-eval, and a carved split (real zoo models, real lm-eval, real Ray)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from evaluators import HarnessEvaluator, HarnessSection, build_evaluator
 from search.cli import main
 from search.config import ConfigError
 from search.demo import load_demo_config
-from search.setup import load_study_folder, setup_study
+from search.folder import load_study_folder
+from search.setup import setup_study
 
 GEN = ["zoo_sort_gen", "zoo_add_gen"]
 # A chat template that renders every message's text in turn: the system instruction lands in the
@@ -58,9 +59,10 @@ def _ours(folder: Path, zoo, **options):
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    ev = HarnessEvaluator(
-        GEN, include_path=zoo.tasks_dir, split="test", batch_size=32, builtin_tasks=False, **options
+    section = HarnessSection(
+        tasks=GEN, include_path=str(zoo.tasks_dir), batch_size=32, builtin_tasks=False, **options
     )
+    ev = HarnessEvaluator(section, split="test")
     return ev.evaluate(model, tok)
 
 
@@ -72,7 +74,8 @@ def test_a_generative_task_scores_what_simple_evaluate_scores(zoo):
             ours.metrics[f"{task}/exact_match,answer"]
             == theirs["results"][task]["exact_match,answer"]
         )
-    # the answers were written by the model and filtered: the sort fine-tune writes sorts, not additions
+    # the answers were written by the model and filtered: the sort fine-tune writes sorts, not
+    # additions
     assert (
         ours.metrics["zoo_sort_gen/exact_match,answer"]
         > ours.metrics["zoo_add_gen/exact_match,answer"]
@@ -92,9 +95,8 @@ def test_chat_template_system_instruction_and_gen_kwargs_reach_lm_eval(zoo, chat
             == theirs["results"][task]["exact_match,answer"]
         )
     prompt, generation = theirs["samples"]["zoo_add_gen"][0]["arguments"][0]
-    assert prompt.startswith(
-        "sort add "
-    )  # the system instruction, then the user turn, through the template
+    # the system instruction, then the user turn, through the template
+    assert prompt.startswith("sort add ")
     assert generation["max_gen_toks"] == 2 and generation["until"] == ["add", "succ", "rev", "sort"]
     plain = _ours(chat_model, zoo)
     assert plain.metrics != ours.metrics  # the options change what is scored

@@ -1,9 +1,11 @@
-"""The study loop's edges: proposals that never become recipes, the report's choice on a Pareto front,
-and the demo config built in code (real tiny Llama, real Ray, real Optuna storage)."""
+"""The study loop's edges: proposals that never become recipes, the report's choice on a Pareto
+front, and the demo config built in code (real tiny Llama, real Ray, real Optuna storage)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import os
+import socket
 
 import optuna
 import pytest
@@ -12,18 +14,22 @@ from optuna.trial import TrialState, create_trial
 
 import search.loop as loop_mod
 from search.demo import demo_config, load_demo_config
-from search.report import _chosen
-from search.setup import load_study_folder
+from search.folder import load_study_folder
+from search.loop import retry_lost
+from search.pool import in_process_pool
+from search.recovery import queue_again
+from search.report import chosen_trial
+from search.result import WorkerResult
+from tests.support.runs import REPO
 from tests.support.tiny import write_text_corpus
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_looping(
     llama_set, tmp_path, monkeypatch
 ):
-    """Such failures used to count toward neither the failure window nor the budget: the loop asked forever."""
+    """Such failures used to count toward neither the failure window nor the budget: the loop asked
+    forever."""
 
     def broken(params, space):
         raise ValueError("this proposal cannot be merged")
@@ -47,7 +53,7 @@ def test_a_proposal_that_never_becomes_a_recipe_ends_the_study_instead_of_loopin
     from search.config import config_from_dict
 
     with pytest.raises(RuntimeError, match="the last 10 candidates all failed"):
-        loop_mod.run_study(config_from_dict(config), progress=False)
+        loop_mod.run_study(config_from_dict(config), progress=False, pool=in_process_pool)
     _, study = load_study_folder(folder)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 10 and len(study.trials) == 10
@@ -64,8 +70,8 @@ def test_the_report_picks_the_front_trial_best_on_the_mean_of_signed_objectives(
     for values in ([0.9, 0.1], [0.95, 0.9], [0.5, 0.05]):
         study.add_trial(create_trial(values=values, params={"x": 0.5}, distributions=dist))
     assert {t.number for t in study.best_trials} == {0, 1, 2}
-    assert _chosen(study, None).number == 0  # 0.9 - 0.1 beats 0.95 - 0.9 and 0.5 - 0.05
-    assert _chosen(study, 1).number == 1
+    assert chosen_trial(study, None).number == 0  # 0.9 - 0.1 beats 0.95 - 0.9 and 0.5 - 0.05
+    assert chosen_trial(study, 1).number == 1
 
 
 def test_the_demo_config_is_built_in_code_and_equals_configs_demo_yaml():
@@ -87,7 +93,7 @@ def test_the_generative_demo_config_is_built_in_code_and_equals_configs_demo_gen
 
 
 def test_cpu_workers_split_the_cores_but_one_between_them():
-    from search.workers import cpu_threads
+    from search.pool import cpu_threads
 
     assert [cpu_threads(n, cores=16) for n in (1, 2, 4, 8, 16, 32)] == [15, 7, 3, 1, 1, 1]
     assert [cpu_threads(n, cores=2) for n in (1, 2, 3)] == [1, 1, 1]
@@ -95,7 +101,7 @@ def test_cpu_workers_split_the_cores_but_one_between_them():
 
 
 def test_a_cpu_worker_process_waits_passively_unless_the_user_chose_a_policy(monkeypatch):
-    from search.workers import worker_env
+    from search.pool import worker_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
@@ -109,18 +115,42 @@ def test_a_cpu_worker_process_waits_passively_unless_the_user_chose_a_policy(mon
     assert worker_env(None) == {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def test_a_candidate_whose_worker_died_runs_once_more_unless_it_timed_out_or_is_such_a_retry_already():
+def test_a_dead_workers_candidate_runs_once_more_unless_it_timed_out_or_is_such_a_retry_already():
     study = optuna.create_study()
-    lost = {"error": "worker died during the candidate", "worker_lost": True}
+    lost = WorkerResult(error="worker died during the candidate", worker_lost=True)
     first, timed_out = study.ask(), study.ask()
     timed_out.set_user_attr("timed_out", True)
-    assert loop_mod._retry_lost(first, lost)
-    assert not loop_mod._retry_lost(first, {"error": "ValueError: a broken merge"})
-    assert not loop_mod._retry_lost(timed_out, lost)
+    assert retry_lost(first, lost)
+    assert not retry_lost(first, WorkerResult(error="ValueError: a broken merge"))
+    assert not retry_lost(timed_out, lost)
     study.tell(first, state=TrialState.FAIL)
-    loop_mod.queue_again(study, study.trials[first.number], lost_worker_retry=True)
+    queue_again(study, study.trials[first.number], lost_worker_retry=True)
     retry = study.ask()
     assert retry.user_attrs == {"retry_of": first.number, "lost_worker_retry": True}
-    assert not loop_mod._retry_lost(
-        retry, lost
-    )  # the candidate itself may kill its worker: not a third time
+    # the candidate itself may kill its worker: not a third time
+    assert not retry_lost(retry, lost)
+
+
+@pytest.mark.slow
+def test_the_loop_runs_a_study_on_the_in_process_pool_as_on_ray(fault_zoo, tmp_path):
+    """The pool interface's second implementation: the same loop finishes the budget exactly, with
+    the baselines first and a record per trial, every candidate scored in this very process."""
+    from search.config import config_from_dict
+    from search.folder import study_space
+    from search.space import baseline_params
+    from tests.support.fault_zoo import study_config
+
+    folder = tmp_path / "local"
+    config = config_from_dict(study_config(fault_zoo, folder, budget={"n_trials": 7}))
+    study = loop_mod.run_study(config, progress=False, pool=in_process_pool)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 7 and len(study.trials) == 7
+    baselines = [t for t in complete if t.user_attrs.get("baseline")]
+    queued = [name for name, _ in baseline_params(study_space(config))]
+    assert sorted(t.user_attrs["baseline"] for t in baselines) == sorted(queued)
+    assert {t.number for t in baselines} == set(range(len(queued)))  # queued first
+    records = {int(p.stem): json.loads(p.read_text()) for p in (folder / "trials").glob("*.json")}
+    assert sorted(records) == list(range(7))
+    here = f"{socket.gethostname()}:{os.getpid()}/0"
+    assert all(r["worker"] == here and r["state"] == "COMPLETE" for r in records.values())
+    assert all(len(r["values"]) == 2 and r["eval_s"] > 0 for r in records.values())

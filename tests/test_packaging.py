@@ -5,8 +5,7 @@ from pathlib import Path
 import evaluators
 import merging
 import search
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.runs import REPO
 
 
 def test_packages_come_from_this_repository():

@@ -1,4 +1,5 @@
-"""Several runners, one study, through a real PostgreSQL server started by the test (tests/support/postgres.py).
+"""Several runners, one study, through a real PostgreSQL server started by the test
+(tests/support/postgres.py).
 
 Each `basin run` has its own study folder and its own local Ray, as runners on different machines
 would; only the database is shared.
@@ -10,7 +11,7 @@ import optuna
 import pytest
 
 from search import records
-from tests.support.fault_zoo import shared_fault_zoo, study_config, write_config
+from tests.support.fault_zoo import study_config, write_config
 from tests.support.many_machines import shared_study, silent_runner
 from tests.support.postgres import postgres_server
 from tests.support.runs import start_basin, tail, wait_runs
@@ -24,16 +25,13 @@ def server():
         yield s
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return shared_fault_zoo(tmp_path_factory.getbasetemp())
-
-
-def test_three_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo, server, tmp_path):
+def test_three_runners_on_their_own_folders_share_one_postgres_study_exactly(
+    fault_zoo, server, tmp_path
+):
     """Together they finish exactly n_trials COMPLETE trials, no number twice, no params proposed
     twice (two runners opening the study at the same trial count once drew the same params),
     baselines queued once, and every trial's record is in the folder of the runner that ran it."""
-    r = shared_study(zoo, tmp_path, server.url(), hosts=3, n_trials=14)
+    r = shared_study(fault_zoo, tmp_path, server.url(), hosts=3, n_trials=14)
     assert r.rcs == (0, 0, 0) and r.leaked == [], r.integrity
     assert r.numbers_ok and r.complete == r.budget and r.overshoot == 0
     assert len(r.by_runner) == 3, f"every runner takes part: {r.by_runner}"
@@ -42,14 +40,14 @@ def test_three_runners_on_their_own_folders_share_one_postgres_study_exactly(zoo
         assert server.password not in log.read_text()
 
 
-def test_a_wrong_password_is_refused_without_printing_it(zoo, server, tmp_path, capsys):
+def test_a_wrong_password_is_refused_without_printing_it(fault_zoo, server, tmp_path, capsys):
     from search.cli import main
 
     wrong = server.url().replace(server.password, "not-the-pw-123")
     config = write_config(
         tmp_path / "bad.yaml",
         study_config(
-            zoo,
+            fault_zoo,
             tmp_path / "bad",
             study={"name": "bad", "output_dir": str(tmp_path / "bad"), "storage": wrong},
         ),
@@ -62,10 +60,11 @@ def test_a_wrong_password_is_refused_without_printing_it(zoo, server, tmp_path, 
 
 
 def test_a_password_from_the_environment_stays_out_of_the_study_folder(
-    zoo, server, tmp_path, monkeypatch
+    fault_zoo, server, tmp_path, monkeypatch
 ):
     from search.config import config_from_dict
-    from search.setup import load_study_folder, setup_study
+    from search.folder import load_study_folder
+    from search.setup import setup_study
 
     monkeypatch.setenv("BASIN_TEST_PG_PASSWORD", server.password)
     url = server.url().replace(server.password, "${BASIN_TEST_PG_PASSWORD}")
@@ -73,7 +72,7 @@ def test_a_password_from_the_environment_stays_out_of_the_study_folder(
     setup = setup_study(
         config_from_dict(
             study_config(
-                zoo, folder, study={"name": "env", "output_dir": str(folder), "storage": url}
+                fault_zoo, folder, study={"name": "env", "output_dir": str(folder), "storage": url}
             )
         ),
         resume=False,
@@ -86,22 +85,21 @@ def test_a_password_from_the_environment_stays_out_of_the_study_folder(
 
 
 def test_a_runner_that_dies_is_found_silent_and_its_trial_requeued_by_the_other(
-    zoo, server, tmp_path
+    fault_zoo, server, tmp_path
 ):
-    """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder, finds
-    the trial's heartbeat silent past the grace period (2 x heartbeat_s), fails it and queues its
-    params again once, and finishes the budget. Nothing here depends on A's host or pid."""
-    r = silent_runner(zoo, tmp_path, server.url(), heartbeat_s=2, n_trials=12)
+    """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder,
+    finds the trial's heartbeat silent past the grace period (2 x heartbeat_s), fails it and queues
+    its params again once, and finishes the budget. Nothing here depends on A's host or pid."""
+    r = silent_runner(fault_zoo, tmp_path, server.url(), heartbeat_s=2, n_trials=12)
     assert r.rc == 0 and r.held and r.not_silent == []
     assert r.numbers_ok and r.complete == r.budget and r.running_left == 0
     assert set(r.retries.values()) == {1}
-    assert len(r.requeue_s) == len(r.held) and all(
-        s >= r.grace_s for s in r.requeue_s
-    )  # never within the grace period
+    # never within the grace period
+    assert len(r.requeue_s) == len(r.held) and all(s >= r.grace_s for s in r.requeue_s)
 
 
 def test_status_of_a_postgres_study_shows_its_url_without_the_password(
-    zoo, server, tmp_path, capsys
+    fault_zoo, server, tmp_path, capsys
 ):
     from search.cli import main
     from search.config import config_from_dict
@@ -111,7 +109,7 @@ def test_status_of_a_postgres_study_shows_its_url_without_the_password(
     setup_study(
         config_from_dict(
             study_config(
-                zoo,
+                fault_zoo,
                 folder,
                 study={"name": "status", "output_dir": str(folder), "storage": server.url()},
             )
@@ -146,7 +144,7 @@ def _run_one(zoo, tmp_path, server, name: str, n_trials: int, **sections):
 
 
 def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_exports_the_same_model(
-    zoo, server, tmp_path, monkeypatch, capsys
+    fault_zoo, server, tmp_path, monkeypatch, capsys
 ):
     """A folder rebuilt from the database alone (`basin attach`) gives the runner's records, its
     front and a bit-identical export, and its config keeps the password out."""
@@ -154,7 +152,7 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
 
     from search.cli import main
 
-    runner, _ = _run_one(zoo, tmp_path, server, "attached", 6)
+    runner, _ = _run_one(fault_zoo, tmp_path, server, "attached", 6)
     monkeypatch.setenv("BASIN_TEST_PG_PASSWORD", server.password)
     url = server.url().replace(server.password, "${BASIN_TEST_PG_PASSWORD}")
     here = tmp_path / "laptop"
@@ -170,9 +168,8 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
     assert main(["status", str(here)]) == 0 and main(["pareto", str(runner)]) == 0
     status_and_front_there = capsys.readouterr().out
     assert main(["pareto", str(here)]) == 0
-    assert (
-        capsys.readouterr().out in status_and_front_there
-    )  # the same front, whichever folder shows it
+    # the same front, whichever folder shows it
+    assert capsys.readouterr().out in status_and_front_there
     assert (
         main(["report", str(here), "--no-heldout", "--quiet"]) == 0
         and (here / "report.html").is_file()
@@ -198,11 +195,11 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
         load_file(here / "model" / "model.safetensors"),
     )
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert (
-        main(["attach", url, "--study", "attached", "--out", str(here)]) == 0
-    )  # again: nothing new to write
+    # again: nothing new to write
+    assert main(["attach", url, "--study", "attached", "--out", str(here)]) == 0
     assert "0 trial records written" in capsys.readouterr().out
-    # a machine without the models (paths that exist only on the runners) attaches and reads the study too
+    # a machine without the models (paths that exist only on the runners) attaches and reads the
+    # study too
     study = optuna.load_study(study_name="attached", storage=server.url())
     stored = study.user_attrs["config"]
     study.set_user_attr(
@@ -225,7 +222,7 @@ def test_a_study_attached_on_another_machine_shows_status_pareto_report_and_expo
 
 
 def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothing(
-    zoo, server, tmp_path, capsys, monkeypatch
+    fault_zoo, server, tmp_path, capsys, monkeypatch
 ):
     from search.cli import main
 
@@ -253,17 +250,17 @@ def test_attach_refuses_a_literal_password_and_an_unknown_study_and_writes_nothi
     assert not out.exists()
 
 
-def test_a_runner_with_another_config_cannot_join_the_study(zoo, server, tmp_path, capsys):
+def test_a_runner_with_another_config_cannot_join_the_study(fault_zoo, server, tmp_path, capsys):
     """Each runner has its own folder, so only the database can tell that a second runner's config
     would search another space under the same study name."""
     from search.cli import main
 
-    _run_one(zoo, tmp_path, server, "one-space", 2, baselines=False)
+    _run_one(fault_zoo, tmp_path, server, "one-space", 2, baselines=False)
     other = tmp_path / "other"
     config = write_config(
         tmp_path / "other.yaml",
         study_config(
-            zoo,
+            fault_zoo,
             other,
             name="one-space",
             budget={"n_trials": 4},

@@ -2,8 +2,8 @@
 
 The slow tests drive the real `basin` command in subprocesses (each starts its own local Ray) on
 tiny models, through the scenarios of tests/support/scenarios.py (tests/benchmarks/reliability.py
-prints their figures).
-The fast ones check the pieces in-process: the journal, stale trials, baselines, interrupts, security.
+prints their figures). The fast ones check the pieces in-process: the journal, stale trials,
+baselines, interrupts, security.
 """
 
 from __future__ import annotations
@@ -23,41 +23,36 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-import search.loop as loop_mod
 from search import records
 from search.budget import Budget, claim
 from search.config import config_from_dict, config_to_dict
-from search.loop import Flight, run_study
+from search.folder import study_space, worker_spec
+from search.loop import Flight, finish, judge, run_study
 from search.recovery import requeue_stale
-from search.setup import setup_study, study_space, worker_spec
+from search.result import WorkerResult
+from search.setup import setup_study
 from search.space import baseline_params, suggest
-from tests.support.fault_zoo import build_big_zoo, shared_fault_zoo, study_config
+from tests.support.fault_zoo import build_big_zoo, study_config
 from tests.support.runs import LOOPBACK, REPO
 from tests.support.scenarios import FAULT_KINDS, export_killed, kill_and_resume, worker_faults
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    """Tiny models and tasks with a fault hook (tests/support/fault_zoo.py), not the toy zoo."""
-    return shared_fault_zoo(tmp_path_factory.getbasetemp())
 
 
 def setup(zoo, folder: Path, **sections):
     return setup_study(config_from_dict(study_config(zoo, folder, **sections)), resume=False)
 
 
-# --- the real command line under fire ----------------------------------------------------------------
+# --- the real command line under fire -------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_ten_sigkills_then_two_runners_lose_nothing(zoo, tmp_path):
-    """SIGKILL `basin run`/`resume` and its whole Ray 10 times at random moments (most during start-up,
-    every fifth while trials complete), resuming each time; then two `basin run` of the same config
-    finish the study together. Nothing finished is lost or duplicated, no trial number is used twice,
-    running trials are failed and queued again, no process leaks, and the budget is reached.
-    (One scenario for both, to keep start-ups, about 15-30 s each here, few.)"""
+def test_ten_sigkills_then_two_runners_lose_nothing(fault_zoo, tmp_path):
+    """SIGKILL `basin run`/`resume` and its whole Ray 10 times at random moments (most during
+    start-up, every fifth while trials complete), resuming each time; then two `basin run` of the
+    same config finish the study together. Nothing finished is lost or duplicated, no trial number
+    is used twice, running trials are failed and queued again, no process leaks, and the budget is
+    reached. (One scenario for both, to keep start-ups, about 15-30 s each here, few.)"""
     r = kill_and_resume(
-        zoo,
+        fault_zoo,
         tmp_path,
         kills=10,
         n_trials=40,
@@ -75,17 +70,18 @@ def test_ten_sigkills_then_two_runners_lose_nothing(zoo, tmp_path):
     assert all(n > 0 for n in r.final_by_runner.values()), (
         f"a runner added nothing: {r.final_by_runner}"
     )
-    # n_trials counts COMPLETE trials; runners check it and ask under one lock, so neither overshoots
+    # n_trials counts COMPLETE trials; runners check it and ask under one lock, so neither
+    # overshoots
     assert r.complete == r.budget
 
 
 @pytest.mark.slow
-def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(zoo, tmp_path):
-    """One study, phase by phase: an evaluation raises; the worker is SIGKILLed mid-candidate (its pid
-    from a trial record); a candidate hangs past workers.candidate_timeout; task-arithmetic merges
-    overflow to inf. Each fails its own trial with the reason, a fresh worker takes over each time, and
-    the study finishes its budget."""
-    r = worker_faults(zoo, tmp_path)
+def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(fault_zoo, tmp_path):
+    """One study, phase by phase: an evaluation raises; the worker is SIGKILLed mid-candidate (its
+    pid from a trial record); a candidate hangs past workers.candidate_timeout; task-arithmetic
+    merges overflow to inf. Each fails its own trial with the reason, a fresh worker takes over each
+    time, and the study finishes its budget."""
+    r = worker_faults(fault_zoo, tmp_path)
     assert r.rc == 0 and r.complete == r.budget
     assert set(r.errors) == set(FAULT_KINDS.values()), r.errors
     assert (
@@ -96,9 +92,8 @@ def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(zoo
     assert r.unexpected == [] and r.integrity == []
     pids = [w.split(":")[1].split("/")[0] for w in r.workers]
     assert str(r.killed_pid) == pids[0]  # the worker of the first COMPLETE trial was the one killed
-    assert len(dict.fromkeys(pids)) == 3, (
-        r.workers
-    )  # then one restarted after the kill, one after the timeout
+    # then one restarted after the kill, one after the timeout
+    assert len(dict.fromkeys(pids)) == 3, r.workers
     assert str(r.timed_out_pid) == list(dict.fromkeys(pids))[1]
     # the run's local Ray serves on loopback only (node address 127.0.0.1, every listening socket)
     assert r.node_ips == {"127.0.0.1"}, r.node_ips
@@ -116,14 +111,14 @@ def test_sigkilled_export_leaves_nothing_at_the_target_and_the_next_export_sweep
     assert r.partial_after_clean == []  # ... and the next export of that target removes it
 
 
-# --- the journal -------------------------------------------------------------------------------------
+# --- the journal ----------------------------------------------------------------------------------
 
 
-def test_a_torn_journal_tail_is_cut_and_the_study_goes_on(zoo, tmp_path, capsys):
+def test_a_torn_journal_tail_is_cut_and_the_study_goes_on(fault_zoo, tmp_path, capsys):
     """A run that dies in the middle of a journal write leaves half a line; Optuna would append the
     next operation to it and the study would become unreadable."""
     folder = tmp_path / "torn"
-    s = setup(zoo, folder)
+    s = setup(fault_zoo, folder)
     numbers = []
     for _ in range(3):
         t = s.study.ask()
@@ -146,8 +141,8 @@ def test_a_torn_journal_tail_is_cut_and_the_study_goes_on(zoo, tmp_path, capsys)
 
 
 def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
-    """Optuna's default lock (a symlink) outlives a SIGKILLed writer and makes the next run wait 30 s;
-    the flock the journal uses now is released by the kernel the moment its holder dies."""
+    """Optuna's default lock (a symlink) outlives a SIGKILLed writer and makes the next run wait
+    30 s; the flock the journal uses now is released by the kernel the moment its holder dies."""
     from filelock import Timeout
 
     folder = tmp_path / "lock"
@@ -157,8 +152,10 @@ def test_a_run_killed_holding_the_journal_lock_blocks_nobody(tmp_path):
             sys.executable,
             "-c",
             (
-                "import sys, time; from pathlib import Path; from search.records import file_lock, JOURNAL_LOCK\n"
-                f"lock = file_lock(Path({str(folder)!r}) / JOURNAL_LOCK); lock.acquire(); print('held', flush=True); time.sleep(600)"
+                "import sys, time; from pathlib import Path\n"
+                "from search.records import file_lock, JOURNAL_LOCK\n"
+                f"lock = file_lock(Path({str(folder)!r}) / JOURNAL_LOCK); lock.acquire()\n"
+                "print('held', flush=True); time.sleep(600)"
             ),
         ],
         cwd=REPO,
@@ -189,24 +186,23 @@ def test_the_config_snapshot_is_written_atomically(tmp_path, monkeypatch):
     assert records.read_config_snapshot(folder) == {"a": 1}
 
 
-# --- stale trials, baselines, interrupts ------------------------------------------------------------
+# --- stale trials, baselines, interrupts ----------------------------------------------------------
 
 
 def _live_other_process():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
-def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path, monkeypatch):
+def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(fault_zoo, tmp_path, monkeypatch):
     """Between ask and recording its runner, a live run's trial has no owner; a runner starting just
     then waits for the owner to appear instead of failing the trial."""
-    s = setup(zoo, tmp_path / "young", baselines=False)
+    s = setup(fault_zoo, tmp_path / "young", baselines=False)
     other = _live_other_process()
     trial = s.study.ask()
     real_sleep, waits = time.sleep, []
 
-    def owner_appears(
-        seconds: float,
-    ) -> None:  # the live runner records itself while the other waits
+    def owner_appears(seconds: float) -> None:
+        # the live runner records itself while the other waits
         waits.append(seconds)
         if len(waits) == 1:
             trial.set_user_attr("runner", {"host": socket.gethostname(), "pid": other.pid})
@@ -224,12 +220,11 @@ def test_a_trial_asked_a_moment_ago_by_a_live_runner_is_not_taken(zoo, tmp_path,
         other.wait()
 
 
-def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
-    s = setup(zoo, tmp_path / "stale")
+def test_stale_trials_are_failed_and_their_params_queued_again(fault_zoo, tmp_path):
+    s = setup(fault_zoo, tmp_path / "stale")
     host = socket.gethostname()
-    ownerless = (
-        s.study.ask()
-    )  # a baseline, killed between ask and recording its runner: params not suggested yet
+    # a baseline, killed between ask and recording its runner: params not suggested yet
+    ownerless = s.study.ask()
     assert not ownerless.params
     own_pid = s.study.ask()  # a former run of a restarted container, which had this pid
     own_pid.set_user_attr("runner", {"host": host, "pid": os.getpid()})
@@ -254,9 +249,8 @@ def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
         retry = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
         assert len(retry) == 1 and retry[0].state == TrialState.WAITING
         assert retry[0].user_attrs.get("baseline") == trials[t.number].user_attrs.get("baseline")
-    expected = trials[ownerless.number].system_attrs[
-        "fixed_params"
-    ]  # the baseline's params survive
+    # the baseline's params survive
+    expected = trials[ownerless.number].system_attrs["fixed_params"]
     assert (
         next(r for r in trials if r.user_attrs.get("retry_of") == ownerless.number).system_attrs[
             "fixed_params"
@@ -269,10 +263,10 @@ def test_stale_trials_are_failed_and_their_params_queued_again(zoo, tmp_path):
     )
 
 
-def test_the_budget_counts_the_running_trials_of_live_runners_only(zoo, tmp_path):
+def test_the_budget_counts_the_running_trials_of_live_runners_only(fault_zoo, tmp_path):
     """A second runner does not ask for the last trial while a live runner has it in flight; a dead
     runner's trial (queued again on the next start) does not hold the budget."""
-    s = setup(zoo, tmp_path / "budget", baselines=False, budget={"n_trials": 2})
+    s = setup(fault_zoo, tmp_path / "budget", baselines=False, budget={"n_trials": 2})
     host, runner = socket.gethostname(), {"host": socket.gethostname(), "pid": os.getpid()}
     left = Budget(s.study, s.config.budget).left
     done = claim(s.study, s.folder, runner, left)
@@ -282,23 +276,22 @@ def test_the_budget_counts_the_running_trials_of_live_runners_only(zoo, tmp_path
     try:
         running = s.study.ask()
         running.set_user_attr("runner", {"host": host, "pid": other.pid})
-        assert (
-            claim(s.study, s.folder, runner, left) is None
-        )  # 1 COMPLETE + 1 running live = the budget
+        # 1 COMPLETE + 1 running live = the budget
+        assert claim(s.study, s.folder, runner, left) is None
     finally:
         other.kill()
         other.wait()
-    claimed = claim(
-        s.study, s.folder, runner, left
-    )  # its runner is gone: the budget has room again
+    # its runner is gone: the budget has room again
+    claimed = claim(s.study, s.folder, runner, left)
     assert claimed is not None and claimed.user_attrs["runner"] == runner
 
 
-def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(zoo, tmp_path):
+def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(fault_zoo, tmp_path):
     folder = tmp_path / "baselines"
-    config = config_from_dict(study_config(zoo, folder))
+    config = config_from_dict(study_config(fault_zoo, folder))
     baselines = baseline_params(study_space(config))
-    # what a run killed after queuing two baselines leaves: the study, its first attrs, two baselines
+    # what a run killed after queuing two baselines leaves: the study, its first attrs, two
+    # baselines
     study = optuna.create_study(
         study_name="night",
         storage=records.open_storage(folder, None),
@@ -314,9 +307,9 @@ def test_a_run_killed_while_queuing_baselines_queues_the_rest_on_resume(zoo, tmp
     assert resumed.study.user_attrs["baselines_enqueued"] is True
 
 
-def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, monkeypatch):
+def test_an_interrupted_run_queues_its_running_candidates_again(fault_zoo, tmp_path):
     class InterruptedPool:
-        def __init__(self, spec, count, **kwargs):
+        def __init__(self, spec, workers, worker_cls):
             self.refs = 0
 
         def available(self, worker):
@@ -332,10 +325,11 @@ def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, m
         def shutdown(self):
             pass
 
-    monkeypatch.setattr(loop_mod, "WorkerPool", InterruptedPool)
-    config = config_from_dict(study_config(zoo, tmp_path / "interrupted", workers={"count": 2}))
+    config = config_from_dict(
+        study_config(fault_zoo, tmp_path / "interrupted", workers={"count": 2})
+    )
     with pytest.raises(KeyboardInterrupt):
-        run_study(config, progress=False)
+        run_study(config, progress=False, pool=InterruptedPool)
     trials = optuna.load_study(
         study_name="night", storage=records.open_storage(tmp_path / "interrupted", None)
     ).trials
@@ -350,23 +344,19 @@ def test_an_interrupted_run_queues_its_running_candidates_again(zoo, tmp_path, m
         )
 
 
-def test_non_finite_objective_values_fail_the_trial_with_the_reason(zoo, tmp_path):
-    s = setup(zoo, tmp_path / "nan", baselines=False)
+def test_non_finite_objective_values_fail_the_trial_with_the_reason(fault_zoo, tmp_path):
+    s = setup(fault_zoo, tmp_path / "nan", baselines=False)
     trial = s.study.ask()
     params = suggest(trial, s.space)
-    result = {
-        "metrics": {"toy_pair/acc": float("nan"), "toy_next/acc": 0.5},
-        "worker": "w",
-        "merge_s": 0.0,
-        "eval_s": 0.0,
-    }
-    assert loop_mod._finish(s, Flight(trial, 0, params, {}), result) is False
+    result = WorkerResult(worker="w", metrics={"toy_pair/acc": float("nan"), "toy_next/acc": 0.5})
+    flight = Flight(trial, 0, params, {})
+    assert finish(s, flight, result, *judge(s, flight, result)) is False
     assert s.study.trials[trial.number].state == TrialState.FAIL
     record = json.loads((tmp_path / "nan" / "trials" / f"{trial.number}.json").read_text())
     assert record["state"] == "FAIL" and "not finite" in record["error"]
 
 
-# --- security defaults -------------------------------------------------------------------------------
+# --- security defaults ----------------------------------------------------------------------------
 
 
 CUSTOM_CODE = """from pathlib import Path
@@ -386,7 +376,7 @@ class CustomLlama(LlamaForCausalLM):
 
 
 def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code(
-    zoo, tmp_path, monkeypatch
+    fault_zoo, tmp_path, monkeypatch
 ):
     """A base whose config.json maps the auto classes to a modeling file of its own: the worker of a
     config that does not mention trust_remote_code loads the stock Llama class and the file never
@@ -400,7 +390,7 @@ def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
     base, marker = tmp_path / "custom", tmp_path / "custom-code-ran"
-    shutil.copytree(zoo.base, base)
+    shutil.copytree(fault_zoo.base, base)
     (base / "custom_llama.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
     hf_config = json.loads((base / "config.json").read_text())
     hf_config["auto_map"] = {
@@ -409,14 +399,16 @@ def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code
     }
     (base / "config.json").write_text(json.dumps(hf_config))
 
-    data = study_config(zoo, tmp_path / "study", models={"base": str(base)})
+    data = study_config(fault_zoo, tmp_path / "study", models={"base": str(base)})
     assert "trust_remote_code" not in data["models"]
     worker = CandidateWorker(worker_spec(config_from_dict(data)))
     assert type(worker.model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
     trusted = config_from_dict(
-        study_config(zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True})
+        study_config(
+            fault_zoo, tmp_path / "study", models={"base": str(base), "trust_remote_code": True}
+        )
     )
     spec = worker_spec(trusted)
     assert (
@@ -435,7 +427,7 @@ def test_start_ray_keeps_a_local_ray_on_localhost_only(monkeypatch):
     import ray
     from ray._private import ray_constants, services
 
-    from search.workers import start_ray
+    from search.pool import start_ray
 
     seen = {}
 
@@ -475,14 +467,14 @@ def test_storage_urls_are_printed_without_passwords(url, shown):
 
 
 @pytest.mark.slow
-def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(zoo, tmp_path):
-    """SIGKILL a multi-fidelity `basin run`/`resume` just after a candidate is promoted (held between
-    rungs), and during start-up; each resume fails and requeues the trials it held, and the study
-    finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
+def test_sigkills_of_a_multi_fidelity_study_between_rungs_lose_nothing(fault_zoo, tmp_path):
+    """SIGKILL a multi-fidelity `basin run`/`resume` just after a candidate is promoted (held
+    between rungs), and during start-up; each resume fails and requeues the trials it held, and the
+    study finishes its budget of COMPLETE plus PRUNED trials with nothing lost or counted twice."""
     from tests.support.scenarios import MF_RUNGS
 
     r = kill_and_resume(
-        zoo,
+        fault_zoo,
         tmp_path,
         kills=3,
         n_trials=14,

@@ -1,21 +1,20 @@
-"""Inspecting a finished study: the Pareto table, the HTML report, export round trips, the demo config."""
+"""Inspecting a finished study: the Pareto table, the HTML report, export round trips, the demo
+config."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 from search.cli import main
 from search.config import load_config
+from search.folder import load_study_folder
 from search.loop import run_study
 from search.pareto import dominates
-from search.setup import load_study_folder
+from tests.support.runs import REPO
 from tests.support.tiny import build_model, build_tasks
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,8 @@ def make_space(
 
 
 def random_trials(space: SearchSpace, n: int, seed: int = 0, storage: Any = None):
-    """Finish n real Optuna trials over the space; returns the study and the recipes built at suggest time."""
+    """Finish n real Optuna trials over the space; returns the study and the recipes built at
+    suggest time."""
     study = optuna.create_study(
         storage=storage, study_name="s", sampler=optuna.samplers.RandomSampler(seed=seed)
     )
@@ -93,7 +94,7 @@ def random_trials(space: SearchSpace, n: int, seed: int = 0, storage: Any = None
     return study, built
 
 
-# --- method-conditional parameters ------------------------------------------------------------------
+# --- method-conditional parameters ----------------------------------------------------------------
 
 
 def test_suggest_is_method_conditional_in_a_real_study(tmp_path):
@@ -196,13 +197,11 @@ def test_single_method_is_not_a_parameter_and_fixed_values_are_returned(tmp_path
         "lambda": 0.7,
     }
     study, _ = random_trials(space, 3)
-    assert set(study.trials[0].params) == {
-        "weight.ft_a",
-        "weight.ft_b",
-    }  # only free values are asked
+    # only free values are asked
+    assert set(study.trials[0].params) == {"weight.ft_a", "weight.ft_b"}
 
 
-# --- granularity: names and LayerParam shapes ----------------------------------------------------------
+# --- granularity: names and LayerParam shapes -----------------------------------------------------
 
 
 def test_granularity_model(tmp_path):
@@ -331,7 +330,7 @@ def test_num_layers_of_reads_the_config_only(tmp_path):
         num_layers_of(tmp_path)
 
 
-# --- stored params rebuild the exact recipe -----------------------------------------------------------------
+# --- stored params rebuild the exact recipe -------------------------------------------------------
 
 
 SPACES = [
@@ -394,7 +393,7 @@ def test_in_memory_trial_params_rebuild_the_recipe(tmp_path):
         assert recipe_from_params(trial.params, space) == built[trial.number][1]
 
 
-# --- baselines -------------------------------------------------------------------------------------------
+# --- baselines ------------------------------------------------------------------------------------
 
 
 def enqueue_baselines(
@@ -470,7 +469,7 @@ def test_expected_baselines_per_space(tmp_path):
     assert [n for n, _ in baseline_params(slerp)] == ["alone:ft_a", "alone:ft_b"]
 
 
-# --- baselines mean what they say: real merges of tiny models ----------------------------------------------
+# --- baselines mean what they say: real merges of tiny models -------------------------------------
 
 
 @dataclass(repr=False)  # a short repr keeps failure reports readable
@@ -503,7 +502,8 @@ def merged_state(merger: ResidentMerger, live, recipe) -> dict[str, torch.Tensor
 def assert_state_close(
     actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str
 ) -> None:
-    """Every tensor equal up to float rounding (atol 1e-6); the message lists the tensors that differ."""
+    """Every tensor equal up to float rounding (atol 1e-6); the message lists the tensors that
+    differ."""
     assert set(expected) <= set(actual)
     far = {name: float((actual[name] - value).abs().max()) for name, value in expected.items()}
     bad = {name: diff for name, diff in far.items() if diff > 1e-6}

@@ -1,7 +1,8 @@
 """End to end: real studies on the toy zoo with real lm-eval and real Ray (2 CPU workers).
 
-One Ray instance serves the whole test session (WorkerPool starts Ray only when it is not running).
-The zoo (the `zoo` fixture of conftest.py) is built once into the test cache and reused by later runs.
+One Ray instance serves the whole test session (RayPool starts Ray only when it is not running).
+The zoo (the `zoo` fixture of conftest.py) is built once into the test cache and reused by later
+runs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from optuna.trial import TrialState
 from search import records
 from search.cli import main
 from search.config import ConfigError, config_from_dict, load_config
+from search.folder import load_study_folder
 from search.loop import run_study
-from search.setup import load_study_folder, setup_study
+from search.setup import setup_study
 from search.space import suggest
 
 N_WORKERS = 2
@@ -45,8 +47,8 @@ RECORD_KEYS = {
     "traceback",
 }
 # DARE-TIES (not normalized) with weights of 100 and more and a lambda near float32's largest value:
-# lambda * the mixed task vector overflows, so every dare_ties candidate raises NonFiniteMergeError in
-# the worker, while linear candidates (normalized by their weights) stay valid.
+# lambda * the mixed task vector overflows, so every dare_ties candidate raises NonFiniteMergeError
+# in the worker, while linear candidates (normalized by their weights) stay valid.
 OVERFLOW = {"weight": [100.0, 1000.0], "lambda": [1.0e38, 3.0e38]}
 
 pytestmark = [
@@ -55,7 +57,7 @@ pytestmark = [
 ]
 
 
-# --- fixtures ----------------------------------------------------------------------------------------------
+# --- fixtures -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,7 @@ def ray_session():
     """One local Ray for every study of the session."""
     import ray
 
-    from search.workers import start_ray
+    from search.pool import start_ray
 
     started = not ray.is_initialized()
     if started:
@@ -118,7 +120,8 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def resumed(zoo, ray_session, tmp_path_factory):
     """A single-objective study: `basin run` with n_trials=6, a run killed with one trial in flight
-    (simulated: a RUNNING trial owned by a dead process), then `basin resume --set budget.n_trials=10`."""
+    (simulated: a RUNNING trial owned by a dead process), then
+    `basin resume --set budget.n_trials=10`."""
     root = tmp_path_factory.mktemp("resume")
     folder = root / "study"
     config_path = write_config(root / "study.yaml", study_dict(zoo, folder))
@@ -143,13 +146,14 @@ def resumed(zoo, ray_session, tmp_path_factory):
     }
 
 
-# --- single objective, records, status, resume --------------------------------------------------------------
+# --- single objective, records, status, resume ----------------------------------------------------
 
 
 def test_first_run_finishes_its_budget_with_baselines_first(resumed):
     first = sorted(resumed["first_trials"], key=lambda t: t.number)
     assert [t.state for t in first] == [TrialState.COMPLETE] * 6 + [TrialState.WAITING]
-    # baselines were enqueued first: each fine-tune alone, uniform, task arithmetic, TIES (7: one waits)
+    # baselines were enqueued first: each fine-tune alone, uniform, task arithmetic, TIES (7: one
+    # waits)
     finetunes = yaml.safe_load(resumed["config_path"].read_text())["models"]["finetunes"]
     assert [t.user_attrs.get("baseline") for t in first] == (
         [f"alone:{Path(p).name}" for p in finetunes] + ["uniform", "task_arithmetic", "ties"]
@@ -197,9 +201,8 @@ def test_every_finished_trial_has_a_complete_record(resumed):
     keys = [o.key for o in config.objectives.items]
     recs = records.read_trial_records(folder)
     trials = trials_of(folder)
-    assert sorted(recs) == sorted(
-        t.number for t in trials
-    )  # the stale trial's record was written on resume
+    # the stale trial's record was written on resume
+    assert sorted(recs) == sorted(t.number for t in trials)
     stale = recs[resumed["stale"]]
     assert stale["state"] == "FAIL" and "stopped while this trial ran" in stale["error"]
     workers = set()
@@ -292,7 +295,7 @@ def test_an_existing_study_with_a_different_config_is_refused(resumed, tmp_path,
     assert not none.exists()
 
 
-# --- Pareto ---------------------------------------------------------------------------------------------
+# --- Pareto ---------------------------------------------------------------------------------------
 
 
 def test_pareto_study_has_a_front(zoo, ray_session, tmp_path, capsys):
@@ -327,7 +330,7 @@ def test_pareto_study_has_a_front(zoo, ray_session, tmp_path, capsys):
     assert "(pareto" in out and "done 8 of 8" in out and f"Pareto front: {len(front)} trials" in out
 
 
-# --- failures --------------------------------------------------------------------------------------------
+# --- failures -------------------------------------------------------------------------------------
 
 
 def test_a_failing_candidate_fails_its_trial_and_the_study_goes_on(zoo, ray_session, tmp_path):
@@ -388,12 +391,12 @@ def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(
 ):
     """What a worker's own process reports: torch threads from its share of the cores (or
     workers.threads) and OpenMP's passive wait policy, or the one the user set."""
-    from search.setup import worker_spec
-    from search.workers import WorkerPool, cpu_threads
+    from search.folder import worker_spec
+    from search.pool import RayPool, cpu_threads
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     config = config_from_dict(study_dict(zoo, tmp_path / "threads"))
-    pool = WorkerPool(worker_spec(config), N_WORKERS)
+    pool = RayPool(worker_spec(config), N_WORKERS)
     try:
         infos = pool.ready()
     finally:
@@ -406,7 +409,7 @@ def test_cpu_worker_processes_run_their_share_of_threads_and_wait_passively(
     config = config_from_dict(
         study_dict(zoo, tmp_path / "threads", workers={"count": 1, "threads": 2})
     )
-    pool = WorkerPool(worker_spec(config), 1)
+    pool = RayPool(worker_spec(config), 1)
     try:
         (info,) = pool.ready()
     finally:

@@ -1,5 +1,6 @@
-"""`basin validate` checks what `basin run` checks before any worker starts (models' headers, task names,
-splits, metrics), with the same messages, and says what it could not check without the hub."""
+"""`basin validate` checks what `basin run` checks before any worker starts (models' headers, task
+names, splits, metrics), with the same messages, and says what it could not check without the
+hub."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import pytest
 import yaml
 
 from search.cli import main
+from tests.support.runs import REPO
 from tests.support.tiny import build_tasks
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_an_unknown_metric_fails_validate_as_it_fails_run(llama_set, tasks, tmp_
 
 @pytest.mark.slow
 def test_a_filtered_generative_metric_needs_its_filter_name(zoo, tmp_path, capsys):
-    """`exact_match` for a task whose filter is named `answer` used to pass validate and fail at run."""
+    """`exact_match` for a task whose filter is named `answer` used to pass validate and fail at
+    run."""
     from search.demo import demo_config
 
     data = demo_config(str(zoo.root), generative=True)
@@ -197,13 +198,13 @@ def test_validate_prints_each_workers_memory_plan_from_the_headers(
     tensors = sum(
         1 for t in load_file(llama_set.base / "model.safetensors").values() if t.is_floating_point()
     )
-    # the tables are host memory: a note, not part of what must fit the GPU; DARE's draws are not stored
+    # the tables are host memory: a note, not part of what must fit the GPU; DARE's draws are not
+    # stored
     assert not any("magnitude" in what or "DARE" in what for what in plan)
     tables = 3 * tensors * 1001 * TABLE_POINT_BYTES
     assert f"magnitude tables (TIES, breadcrumbs): {tables / 2**20:.1f} MiB of host memory" in out
-    assert (
-        MagnitudeOrder(torch.randn(5000), table=True).table_bytes() == 1001 * TABLE_POINT_BYTES
-    )  # what it holds
+    # what it holds
+    assert MagnitudeOrder(torch.randn(5000), table=True).table_bytes() == 1001 * TABLE_POINT_BYTES
     assert "memory plan of each worker (float32 on auto)" in out
     for what in ("base", "task vectors (3 fine-tunes)", "evaluation estimate"):
         assert what in out

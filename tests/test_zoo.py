@@ -95,16 +95,16 @@ def _stamps(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_second_build_reuses_the_zoo(zoo: Zoo, capsys) -> None:
-    """A build of a complete zoo with the same seed and settings trains nothing and writes nothing."""
+    """A build of a complete zoo with the same seed and settings trains nothing and writes
+    nothing."""
     before, manifest = _stamps(zoo.root), (zoo.root / "zoo.json").read_bytes()
     capsys.readouterr()
     again = build_zoo(zoo.root, seed=0, progress=True)
     assert "[zoo]" not in capsys.readouterr().out  # a build reports each model it trains
     assert again == zoo
     assert _stamps(zoo.root) == before and (zoo.root / "zoo.json").read_bytes() == manifest
-    assert not list(
-        zoo.root.parent.glob(f".{zoo.root.name}.*")
-    )  # no build or trash folder beside it
+    # no build or trash folder beside it
+    assert not list(zoo.root.parent.glob(f".{zoo.root.name}.*"))
 
 
 def test_data_is_deterministic_and_depends_on_the_seed(tmp_path: Path, zoo: Zoo) -> None:
@@ -186,23 +186,21 @@ def test_merging_matters(zoo: Zoo) -> None:
 
 
 def test_adapter_equals_simple_evaluate_on_a_zoo_model(zoo: Zoo) -> None:
-    """basin's adapter around a live zoo model scores exactly what lm-eval scores on the saved folder."""
+    """basin's adapter around a live zoo model scores exactly what lm-eval scores on the saved
+    folder."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluators import HarnessEvaluator
+    from evaluators import HarnessEvaluator, HarnessSection
 
     folder = next(iter(zoo.finetunes.values()))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    ours = HarnessEvaluator(
-        zoo.tasks,
-        include_path=zoo.tasks_dir,
-        split="validation",
-        batch_size=64,
-        builtin_tasks=False,
-    ).evaluate(model, tok)
+    section = HarnessSection(
+        tasks=zoo.tasks, include_path=str(zoo.tasks_dir), batch_size=64, builtin_tasks=False
+    )
+    ours = HarnessEvaluator(section, split="validation").evaluate(model, tok)
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={folder},device=cpu",

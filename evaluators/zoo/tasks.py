@@ -1,4 +1,5 @@
-"""lm-eval task files for the zoo: jsonl data, and per skill a multiple-choice and a generative YAML.
+"""lm-eval task files for the zoo: jsonl data, and per skill a multiple-choice and a
+generative YAML.
 
 ``zoo_<skill>`` scores the answer among four choices (log-likelihood); ``zoo_<skill>_gen`` asks
 the model to write the answer (greedy, at most ``GEN_TOKENS`` new tokens, stopping where the next

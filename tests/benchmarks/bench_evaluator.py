@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evaluators import HarnessSection
     from evaluators.harness import (
         HarnessEvaluator,
         _quiet,
@@ -165,13 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     def adapter(cache_templates: bool) -> Callable[[], dict[str, float]]:
-        ev = HarnessEvaluator(
-            names,
-            include_path=tasks_dir,
-            split=args.split,
-            batch_size=args.batch_size,
-            cache_templates=cache_templates,
+        section = HarnessSection(
+            tasks=list(names), include_path=str(tasks_dir), batch_size=args.batch_size
         )
+        ev = HarnessEvaluator(section, split=args.split, cache_templates=cache_templates)
         return lambda: ev.evaluate(model, tokenizer).metrics
 
     print(

@@ -9,7 +9,8 @@ It prints, per seed, the best full-search-set score found against items spent, a
   equal  at equal items (the whole budget) multi's best is at least full's;
 and the wall-clock ratio (merges and per-call set-up are paid per candidate, not per item).
 
-    .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] [--rungs 24 72] [--keep 0.2]
+    .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] \
+        [--rungs 24 72] [--keep 0.2]
 
 Zoos other than the cached seed 0 are built on first use (a few minutes each). A script, not a
 test (pytest does not collect it).
@@ -128,20 +129,22 @@ def main() -> None:
 
     import optuna
 
-    from evaluators import HarnessEvaluator
+    from evaluators import HarnessEvaluator, HarnessSection
     from evaluators.zoo import build_zoo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fidelity = {"rungs": args.rungs, "keep": args.keep}
     print(
-        f"budget: {args.trials} full-fidelity candidates' items; multi-fidelity rungs {args.rungs}, keep {args.keep}"
+        f"budget: {args.trials} full-fidelity candidates' items; "
+        f"multi-fidelity rungs {args.rungs}, keep {args.keep}"
     )
     ok = True
     for seed in args.seeds:
         zoo = build_zoo(args.cache / "zoo" / f"seed{seed}", seed=seed)
-        sizes = HarnessEvaluator(
-            list(zoo.tasks), include_path=zoo.tasks_dir, builtin_tasks=False
-        ).item_counts
+        section = HarnessSection(
+            tasks=list(zoo.tasks), include_path=str(zoo.tasks_dir), builtin_tasks=False
+        )
+        sizes = HarnessEvaluator(section, split="validation").item_counts
         budget = args.trials * sum(sizes.values())
         full, full_wall, full_n, _ = run(zoo, budget, None)
         multi, multi_wall, multi_n, pruned = run(zoo, budget, fidelity)
@@ -162,21 +165,24 @@ def main() -> None:
         equal = multi[-1][1] >= final
         ok &= reached and equal
         print(
-            f"  full found its final best {final:.4f} after {own[0]:,} items ({own[0] / budget:.2f} of them), {own[1]:.0f} s"
+            f"  full found its final best {final:.4f} after {own[0]:,} items "
+            f"({own[0] / budget:.2f} of them), {own[1]:.0f} s"
         )
         where = (
             (
-                f"{reach[0]:,} items, {reach[0] / budget:.2f} of full's, {reach[1]:.0f} s ({reach[1] / full_wall:.2f}x "
-                "full's whole run)"
+                f"{reach[0]:,} items, {reach[0] / budget:.2f} of full's, {reach[1]:.0f} s "
+                f"({reach[1] / full_wall:.2f}x full's whole run)"
             )
             if reach is not None
             else "never"
         )
         print(
-            f"  reach: multi reached {final:.4f} - 0.005 after {where}: {'met' if reached else 'MISSED'} (goal <= 0.33)"
+            f"  reach: multi reached {final:.4f} - 0.005 after {where}: "
+            f"{'met' if reached else 'MISSED'} (goal <= 0.33)"
         )
         print(
-            f"  equal: at equal items multi {multi[-1][1]:.4f} vs full {final:.4f}: {'met' if equal else 'MISSED'}"
+            f"  equal: at equal items multi {multi[-1][1]:.4f} vs full {final:.4f}: "
+            f"{'met' if equal else 'MISSED'}"
         )
     sys.exit(0 if ok else 1)
 

@@ -1,4 +1,5 @@
-"""Search-loop benchmarks: per-trial overhead, scheduling without a generation barrier, TPE vs random.
+"""Search-loop benchmarks: per-trial overhead, scheduling without a generation barrier, TPE vs
+random.
 
     .venv/bin/python tests/benchmarks/bench_search.py                        # all three parts
     .venv/bin/python tests/benchmarks/bench_search.py --parts overhead,schedule
@@ -8,14 +9,15 @@ Every number comes from ONE run of each study (no repeats); each part prints its
 
 a. overhead: a short study on the toy zoo (2 CPU workers, real lm-eval). Per trial,
    (wall time seen by the study loop - the evaluator's own eval_s) / wall time, median over the
-   trials, leaving out each worker's first trial (a warm-up: first forward pass, lazy imports). Goal <= 10%.
+   trials, leaving out each worker's first trial (a warm-up: first forward pass, lazy imports).
+   Goal <= 10%.
 b. schedule: 8 simulated GPU workers (workers.count 8, gpus_per_worker 1; without CUDA, start_ray
    advertises logical GPUs) whose candidates sleep 1-3 s instead of evaluating, 96 trials through
    search.loop.run_study. Makespan vs the ideal (sum of the sleeps / 8) and vs a generation-barrier
    schedule (dispatch 8, wait for all 8, repeat) computed on the same sleeps. Goal: within 10%.
    run_study's worker_cls hook replaces CandidateWorker with SleepWorker, a stand-in with the same
-   constructor and run() signature; it holds a start barrier so the makespan measures scheduling, not the staggered start of 8 Ray processes
-   on a small machine.
+   constructor and run() signature; it holds a start barrier so the makespan measures scheduling,
+   not the staggered start of 8 Ray processes on a small machine.
 c. quality: on the zoo, --trials trials of TPE and of random search for each of --seeds seeds,
    single objective = mean validation accuracy over the zoo's tasks; best value per study.
    One worker by default (--quality-workers): then each study is a function of its seed and the
@@ -42,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 ZOO_DIR = REPO / ".zoo" / "seed0"
 
 
-# --- helpers --------------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def zoo_config(
@@ -102,7 +104,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-# --- a. per-trial overhead ----------------------------------------------------------------------------------
+# --- a. per-trial overhead ------------------------------------------------------------------------
 
 
 def bench_overhead(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
@@ -156,20 +158,23 @@ def bench_overhead(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
         f"median loop/Ray/driver {statistics.median(rest) * 1000:.0f} ms"
     )
     print(
-        f"  overhead (wall - eval_s) / wall, median over {len(steady)} trials: {pct(statistics.median(overhead))}"
+        f"  overhead (wall - eval_s) / wall, median over {len(steady)} trials: "
+        f"{pct(statistics.median(overhead))}"
         f"  (merge alone: {pct(statistics.median(merge))}; max {pct(max(overhead))})  goal <= 10%: "
         f"{'met' if statistics.median(overhead) <= 0.10 else 'NOT met'}"
     )
     print(f"  part a took {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-# --- b. scheduling ---------------------------------------------------------------------------------------------
+# --- b. scheduling --------------------------------------------------------------------------------
 
 
 class SleepWorker:
-    """Stands in for search.workers.CandidateWorker: same constructor and run(); sleeps 1-3 s per candidate.
+    """Stands in for search.workers.CandidateWorker: same constructor and run(); sleeps 1-3 s per
+    candidate.
 
-    The sleep is drawn from the recipe (a hash seeds it), so it is known afterwards from the records.
+    The sleep is drawn from the recipe (a hash seeds it), so it is known afterwards from the
+    records.
     A barrier in __init__ releases every actor at once (set BARRIER/COUNT before the pool is built).
     It imports nothing heavy of its own (the spec's class is unpickled from search.workers).
     """
@@ -198,11 +203,13 @@ class SleepWorker:
         role: str = "search",
         items: int | None = None,
         rung: bool = False,
-    ) -> dict[str, Any]:
+    ):
         import hashlib
         import json as _json
         import random
         import time as _time
+
+        from search.result import WorkerResult
 
         start = _time.time()
         seed = int(
@@ -213,13 +220,12 @@ class SleepWorker:
         _time.sleep(sleep)
         metrics = {f"{task}/acc": rng.random() for task in self.spec.evaluator.task_names}
         metrics.update({"bench/start": start, "bench/end": _time.time(), "bench/sleep": sleep})
-        return {
-            "worker": f"sleep:{os.getpid()}/{self.index}",
-            "metrics": metrics,
-            "higher_is_better": {k: True for k in metrics},
-            "merge_s": 0.0,
-            "eval_s": sleep,
-        }
+        return WorkerResult(
+            worker=f"sleep:{os.getpid()}/{self.index}",
+            metrics=metrics,
+            higher_is_better={k: True for k in metrics},
+            eval_s=sleep,
+        )
 
 
 def greedy_makespan(sleeps: list[float], machines: int) -> float:
@@ -299,26 +305,28 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
     )
     print(f"  first candidate start per worker, after the first: max {max(first_starts):.3f} s")
     print(
-        f"  dispatch gap on a worker (end -> next start): median {statistics.median(gaps) * 1000:.0f} ms, "
-        f"max {max(gaps) * 1000:.0f} ms"
+        f"  dispatch gap on a worker (end -> next start): "
+        f"median {statistics.median(gaps) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms"
     )
     print(f"  ideal (sum / {n_workers}):                {ideal:7.2f} s")
     print(
-        f"  measured, no barrier (run_study):   {makespan:7.2f} s  = {makespan / ideal:.3f} x ideal  goal <= 1.10: "
-        f"{'met' if makespan / ideal <= 1.10 else 'NOT met'}"
+        f"  measured, no barrier (run_study):   {makespan:7.2f} s  = "
+        f"{makespan / ideal:.3f} x ideal  "
+        f"goal <= 1.10: {'met' if makespan / ideal <= 1.10 else 'NOT met'}"
     )
     print(
         f"  simulated, no barrier, no overhead: {greedy:7.2f} s  = {greedy / ideal:.3f} x ideal  "
         f"(measured / simulated = {makespan / greedy:.3f})"
     )
     print(
-        f"  simulated, generation barrier:      {barrier_time:7.2f} s  = {barrier_time / ideal:.3f} x ideal"
+        f"  simulated, generation barrier:      {barrier_time:7.2f} s  = "
+        f"{barrier_time / ideal:.3f} x ideal"
     )
     print(f"  part b took {time.perf_counter() - t0:.0f} s", flush=True)
     restart_ray()
 
 
-# --- c. search quality -----------------------------------------------------------------------------------------
+# --- c. search quality ----------------------------------------------------------------------------
 
 
 def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
@@ -326,7 +334,8 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
 
     print(
         f"\n== c. search quality: {args.trials} trials per study, seeds {list(range(args.seeds))}, "
-        f"limit {args.limit or 'none (full validation split)'}, baselines {'on' if args.baselines else 'off'}, "
+        f"limit {args.limit or 'none (full validation split)'}, "
+        f"baselines {'on' if args.baselines else 'off'}, "
         f"{args.quality_workers} worker{'s' if args.quality_workers > 1 else ''}",
         flush=True,
     )
@@ -364,8 +373,8 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
             curves[sampler].append(curve)
             failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
             print(
-                f"  seed {seed} {sampler:<6}: best mean accuracy {best:.4f} ({len(done)} complete, {failed} failed, "
-                f"{time.perf_counter() - ts:.0f} s)",
+                f"  seed {seed} {sampler:<6}: best mean accuracy {best:.4f} "
+                f"({len(done)} complete, {failed} failed, {time.perf_counter() - ts:.0f} s)",
                 flush=True,
             )
     for sampler, values in results.items():
@@ -380,7 +389,7 @@ def bench_quality(zoo: Any, scratch: Path, args: argparse.Namespace) -> None:
     restart_ray()
 
 
-# --- main --------------------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:

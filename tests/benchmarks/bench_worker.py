@@ -64,7 +64,7 @@ def recipes(zoo: Any, count: int) -> list[dict[str, Any]]:
 def evaluator_spec(zoo_dir: Path, generative: bool):
     from search.config import config_from_dict
     from search.demo import demo_config
-    from search.setup import worker_spec
+    from search.folder import worker_spec
 
     raw = demo_config(str(zoo_dir), generative=generative)
     raw["evaluator"]["batch_size"] = 32
@@ -114,20 +114,20 @@ def in_worker(
     """eval_s of each candidate as a Ray worker reports it, and the worker's info."""
     from dataclasses import replace
 
-    from search.workers import WorkerPool, cpu_slots
+    from search.pool import RayPool, cpu_slots
 
     if before:
-        pool = WorkerPool(replace(spec, threads=cpu_slots()), 1, env={})
+        pool = RayPool(replace(spec, threads=cpu_slots()), 1, env={})
     else:
-        pool = WorkerPool(spec, 1)
+        pool = RayPool(spec, 1)
     try:
         info = pool.ready()[0]
         out = []
         for recipe in todo:
             result = pool.result(pool.submit(0, recipe))
-            if "error" in result:
-                raise SystemExit(f"candidate failed in the worker: {result['error']}")
-            out.append(result["eval_s"])
+            if not result.ok:
+                raise SystemExit(f"candidate failed in the worker: {result.error}")
+            out.append(result.eval_s)
         return out, info
     finally:
         pool.shutdown()
@@ -166,7 +166,7 @@ def main() -> None:
     import transformers
 
     from evaluators.zoo import build_zoo
-    from search.workers import cpu_slots, start_ray
+    from search.pool import cpu_slots, start_ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
@@ -175,8 +175,9 @@ def main() -> None:
     cores, default_threads = cpu_slots(), torch.get_num_threads()
     start_ray(None, 1, 0, cpus=cores)
     print(
-        f"{cores} cores; torch default threads {default_threads}; {args.candidates} candidates per row "
-        f"(+1 warm-up), median eval seconds; ratio to the quiet in-process reference"
+        f"{cores} cores; torch default threads {default_threads}; "
+        f"{args.candidates} candidates per row (+1 warm-up), median eval seconds; "
+        "ratio to the quiet in-process reference"
     )
     ok = True
     for kind, generative in (("multiple choice", False), ("generative", True)):

@@ -1,4 +1,5 @@
-"""Overnight reliability of `basin`: kills, worker faults, concurrent runners, many machines and bad input.
+"""Overnight reliability of `basin`: kills, worker faults, concurrent runners, many machines and
+bad input.
 
 Everything here drives the real command line in subprocesses (each `basin run` starts its own
 local Ray, or joins a real two-node Ray cluster), on tiny real models and local lm-eval tasks,
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kill -9 of basin run/resume, {args.kills} times")
         kills = kill_and_resume(zoo, root / "kills", kills=args.kills, seed=args.seed, say=say)
         print(
-            f"kill -9 of a multi-fidelity study (rungs {MF_RUNGS['rungs']}), {args.kills} times, between rungs too"
+            f"kill -9 of a multi-fidelity study (rungs {MF_RUNGS['rungs']}), {args.kills} times, "
+            "between rungs too"
         )
         mf = kill_and_resume(
             zoo,
@@ -94,58 +96,77 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"kills survived        {kills.kills} (moments: {', '.join(kills.moments)})")
     print(
-        f"trials lost           {len(kills.lost)}{'  ' + '; '.join(kills.lost[:3]) if kills.lost else ''}"
+        f"trials lost           {len(kills.lost)}"
+        f"{'  ' + '; '.join(kills.lost[:3]) if kills.lost else ''}"
     )
     print(
-        f"integrity problems    {len(kills.integrity)}{'  ' + '; '.join(kills.integrity[:3]) if kills.integrity else ''}"
+        f"integrity problems    {len(kills.integrity)}"
+        f"{'  ' + '; '.join(kills.integrity[:3]) if kills.integrity else ''}"
     )
     print(f"requeued after kills  {kills.requeued} trials failed as stopped and queued again")
     print(
-        f"budget                {kills.complete} COMPLETE of {kills.budget} (final resume exit {kills.final_rc}), {kills.seconds:.0f} s"
+        f"budget                {kills.complete} COMPLETE of {kills.budget} "
+        f"(final resume exit {kills.final_rc}), {kills.seconds:.0f} s"
     )
     print(
-        f"leaked processes      {len(kills.leaked)}{'  ' + ', '.join(kills.leaked) if kills.leaked else ''}"
+        f"leaked processes      {len(kills.leaked)}"
+        f"{'  ' + ', '.join(kills.leaked) if kills.leaked else ''}"
     )
     print(
-        f"multi-fidelity kills  {mf.kills} ({sum(m.startswith('rung') for m in mf.moments)} just after a promotion, "
-        f"{mf.held_between_rungs} of them holding a candidate between rungs); trials lost {len(mf.lost)}; integrity "
-        f"problems {len(mf.integrity)}; requeued {mf.requeued} (held at a kill and not requeued: {len(mf.not_requeued)}); "
-        f"{mf.complete} finished of {mf.budget} ({mf.pruned} of them PRUNED), exit {mf.final_rc}, {mf.seconds:.0f} s"
+        f"multi-fidelity kills  {mf.kills} "
+        f"({sum(m.startswith('rung') for m in mf.moments)} just after a promotion, "
+        f"{mf.held_between_rungs} of them holding a candidate between rungs); "
+        f"trials lost {len(mf.lost)}; integrity problems {len(mf.integrity)}; "
+        f"requeued {mf.requeued} (held at a kill and not requeued: {len(mf.not_requeued)}); "
+        f"{mf.complete} finished of {mf.budget} ({mf.pruned} of them PRUNED), "
+        f"exit {mf.final_rc}, {mf.seconds:.0f} s"
     )
     print(
-        f"worker faults         {', '.join(f'{k}: trials {v}' for k, v in sorted(faults.errors.items()))}; "
-        f"unexpected failures {len(faults.unexpected)}; {faults.complete}/{faults.budget} COMPLETE, exit {faults.rc}, {faults.seconds:.0f} s"
+        "worker faults         "
+        f"{', '.join(f'{k}: trials {v}' for k, v in sorted(faults.errors.items()))}; "
+        f"unexpected failures {len(faults.unexpected)}; {faults.complete}/{faults.budget} "
+        f"COMPLETE, exit {faults.rc}, {faults.seconds:.0f} s"
     )
     print(
-        f"two runners           exits {conc.rcs}; COMPLETE per runner {list(conc.by_runner.values())}; "
-        f"{conc.complete} COMPLETE (budget {conc.budget}); integrity problems {len(conc.integrity)}; {conc.seconds:.0f} s"
+        f"two runners           exits {conc.rcs}; "
+        f"COMPLETE per runner {list(conc.by_runner.values())}; "
+        f"{conc.complete} COMPLETE (budget {conc.budget}); "
+        f"integrity problems {len(conc.integrity)}; {conc.seconds:.0f} s"
     )
     print(
-        f"export killed         after {exp.killed_after_s:.1f} s: target exists {exp.target_exists}; "
-        f"partial folders left beside it {len(exp.partial_left)}; clean export ok {exp.clean_export_ok} ({exp.clean_export_s:.1f} s), "
+        f"export killed         after {exp.killed_after_s:.1f} s: "
+        f"target exists {exp.target_exists}; "
+        f"partial folders left beside it {len(exp.partial_left)}; "
+        f"clean export ok {exp.clean_export_ok} ({exp.clean_export_s:.1f} s), "
         f"partial folders left after it {len(exp.partial_after_clean)}"
     )
     for r in shared:
         print(
-            f"runners x hosts       {r.hosts} x {r.hosts} on one PostgreSQL study: exits {r.rcs}; COMPLETE per runner "
-            f"{sorted(r.by_runner.values())}; {r.complete} COMPLETE of budget {r.budget} (overshoot {r.overshoot}); "
-            f"duplicates {len(r.duplicates)}; records outside their runner's folder {len(r.records_elsewhere)}; "
+            f"runners x hosts       {r.hosts} x {r.hosts} on one PostgreSQL study: "
+            f"exits {r.rcs}; COMPLETE per runner {sorted(r.by_runner.values())}; "
+            f"{r.complete} COMPLETE of budget {r.budget} (overshoot {r.overshoot}); "
+            f"duplicates {len(r.duplicates)}; "
+            f"records outside their runner's folder {len(r.records_elsewhere)}; "
             f"integrity problems {len(r.integrity)}; {r.seconds:.0f} s"
         )
     print(
         f"runner killed         held trials {silent.held}; requeued by the other runner "
-        f"{', '.join(f'{s:.1f} s' for s in silent.requeue_s)} after their last heartbeat (grace period "
-        f"{silent.grace_s:.0f} s, heartbeat every {silent.heartbeat_s} s); retries {list(silent.retries.values())}; "
+        f"{', '.join(f'{s:.1f} s' for s in silent.requeue_s)} after their last heartbeat "
+        f"(grace period {silent.grace_s:.0f} s, heartbeat every {silent.heartbeat_s} s); "
+        f"retries {list(silent.retries.values())}; "
         f"{silent.complete} COMPLETE of {silent.budget}, exit {silent.rc}; {silent.seconds:.0f} s"
     )
     print(
-        f"node lost             nodes with trials before {sorted(lost.nodes_before)}; failed {len(lost.failed)} "
-        f"(retried on {sorted(set(map(str, lost.retried_on.values())))}); trials after the loss on "
-        f"{dict(lost.after_on)}; {lost.complete} COMPLETE of {lost.budget}, exit {lost.rc}; integrity problems "
-        f"{len(lost.integrity)}; {lost.seconds:.0f} s"
+        f"node lost             nodes with trials before {sorted(lost.nodes_before)}; "
+        f"failed {len(lost.failed)} "
+        f"(retried on {sorted(set(map(str, lost.retried_on.values())))}); "
+        f"trials after the loss on {dict(lost.after_on)}; "
+        f"{lost.complete} COMPLETE of {lost.budget}, exit {lost.rc}; "
+        f"integrity problems {len(lost.integrity)}; {lost.seconds:.0f} s"
     )
     print(
-        f"bad inputs tried      {len(results)}, handled {passed} (exit 2, one message naming the problem, nothing left)"
+        f"bad inputs tried      {len(results)}, handled {passed} "
+        "(exit 2, one message naming the problem, nothing left)"
     )
     ok = (
         not kills.lost

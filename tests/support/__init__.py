@@ -1,1 +1,2 @@
-"""Helpers the tests and the benchmarks share: tiny models and tasks, basin runs, fault scenarios."""
+"""Helpers the tests and the benchmarks share: tiny models and tasks, basin runs, fault
+scenarios."""

@@ -58,7 +58,8 @@ class BadInputEnv:
             self.study, self.trial = study_with_one_trial(self.zoo, self.study)
 
     def config(self, name: str, text: str | None = None, **sections: Any) -> list[str]:
-        """argv of `basin run` on a config file holding `text`, or the valid config with `sections`."""
+        """argv of `basin run` on a config file holding `text`, or the valid config with
+        `sections`."""
         path = self.root / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         if text is None:
@@ -313,7 +314,7 @@ class BadInputResult:
 
 
 def run_bad_input(case: BadInput, env: BadInputEnv) -> BadInputResult:
-    """Run one case through search.cli.main in this process (no worker may start: WorkerPool is
+    """Run one case through search.cli.main in this process (no worker may start: the pool is
     replaced by one that fails the case)."""
     import search.loop
     from search.cli import main
@@ -328,14 +329,14 @@ def run_bad_input(case: BadInput, env: BadInputEnv) -> BadInputResult:
         def __init__(self, *a: Any, **k: Any) -> None:
             raise AssertionError(f"{case.name}: the study started; the bad input was not caught")
 
-    saved, search.loop.WorkerPool = search.loop.WorkerPool, NoWorkers
+    saved, search.loop.ray_pool = search.loop.ray_pool, NoWorkers
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(argv)
     except SystemExit as exc:  # argparse
         rc = exc.code
     finally:
-        search.loop.WorkerPool = saved
+        search.loop.ray_pool = saved
     leftovers = (
         [str(p) for p in (env.root / "out").glob("*") if not before.get(p, False)]
         if (env.root / "out").exists()

@@ -19,16 +19,16 @@ from tests.support.tiny import build_model, build_tasks, task_config
 
 @dataclass(frozen=True)
 class FaultZoo:
-    """A base, three fine-tunes of its shape, the tiny tasks, and the same tasks with a fault hook."""
+    """A base, three fine-tunes of its shape, the tiny tasks, and the same tasks with a fault
+    hook."""
 
     root: Path
     base: Path
     finetunes: tuple[Path, ...]
     tasks: Path
     hooked: Path  # tasks whose doc_to_text obeys `control` (see HOOKS)
-    loud: Path | None = (
-        None  # the first fine-tune with its lm_head scaled by 1000 (task vectors that overflow)
-    )
+    # the first fine-tune with its lm_head scaled by 1000 (task vectors that overflow)
+    loud: Path | None = None
 
     @property
     def control(self) -> Path:
@@ -123,7 +123,8 @@ def build_fault_zoo(root: Path, *, n_items: int = 30) -> FaultZoo:
 
 
 def shared_fault_zoo(base: Path) -> FaultZoo:
-    """build_fault_zoo into base/reliability-zoo once (test modules share it within a pytest session)."""
+    """build_fault_zoo into base/reliability-zoo once (test modules share it within a pytest
+    session)."""
     root, done = base / "reliability-zoo", base / "reliability-zoo" / ".built"
     if done.exists():
         return FaultZoo(
@@ -140,8 +141,8 @@ def shared_fault_zoo(base: Path) -> FaultZoo:
 
 
 def _loud_copy(model: Path, out: Path) -> Path:
-    """`model` with lm_head x1000: its task vector times lambda ~1e38 overflows float32 (a real NaN/inf
-    merge), while a linear merge that includes it stays finite."""
+    """`model` with lm_head x1000: its task vector times lambda ~1e38 overflows float32 (a real
+    NaN/inf merge), while a linear merge that includes it stays finite."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(model, out, dirs_exist_ok=True)

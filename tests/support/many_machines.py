@@ -79,12 +79,10 @@ class SharedReport:
     complete: int = 0
     by_runner: dict[int, int] = field(default_factory=dict)  # pid -> COMPLETE trials
     numbers_ok: bool = False  # trial numbers 0..n-1, each once
-    duplicates: list[str] = field(
-        default_factory=list
-    )  # params completed twice, baselines queued twice
-    records_elsewhere: list[int] = field(
-        default_factory=list
-    )  # trials whose record is not (only) in its runner's folder
+    # params completed twice, baselines queued twice
+    duplicates: list[str] = field(default_factory=list)
+    # trials whose record is not (only) in its runner's folder
+    records_elsewhere: list[int] = field(default_factory=list)
     integrity: list[str] = field(default_factory=list)
     leaked: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -103,7 +101,8 @@ def shared_study(
     n_trials: int = 14,
     name: str = "shared-pg",
 ) -> SharedReport:
-    """`hosts` runners, each on its own folder and Ray, share one PostgreSQL study until its budget."""
+    """`hosts` runners, each on its own folder and Ray, share one PostgreSQL study until its
+    budget."""
     t0 = time.monotonic()
     folders, configs, logs = _hosts(zoo, root, url, name, hosts, n_trials)
     try:
@@ -153,13 +152,11 @@ class SilentReport:
     heartbeat_s: int = 0
     grace_s: float = 0.0  # Optuna's grace period: twice the heartbeat interval
     held: list[int] = field(default_factory=list)  # trials the killed runner held
-    requeue_s: list[float] = field(
-        default_factory=list
-    )  # from each held trial's last heartbeat to its failure as silent
+    # from each held trial's last heartbeat to its failure as silent
+    requeue_s: list[float] = field(default_factory=list)
     retries: dict[int, int] = field(default_factory=dict)  # held trial -> its retries
-    not_silent: list[str] = field(
-        default_factory=list
-    )  # held trials failed for another reason, or not at all
+    # held trials failed for another reason, or not at all
+    not_silent: list[str] = field(default_factory=list)
     complete: int = 0
     budget: int = 0
     running_left: int = 0
@@ -176,8 +173,9 @@ def silent_runner(
     n_trials: int = 12,
     name: str = "silent-pg",
 ) -> SilentReport:
-    """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder, must
-    find the trial's heartbeat silent past the grace period and requeue it, whatever A's host."""
+    """Runner A is SIGKILLed (with its Ray) while it holds a trial; runner B, on its own folder,
+    must find the trial's heartbeat silent past the grace period and requeue it, whatever A's
+    host."""
     t0 = time.monotonic()
     folders, configs, logs = _hosts(zoo, root, url, name, 2, n_trials, heartbeat_s=heartbeat_s)
     report = SilentReport(heartbeat_s=heartbeat_s, grace_s=2.0 * heartbeat_s, budget=n_trials)
@@ -219,8 +217,8 @@ def silent_runner(
 
 
 def _silence_s(url: str, trials: dict[int, int]) -> dict[int, float]:
-    """Seconds since each trial's last heartbeat (number -> trial id in, number -> seconds out), by the
-    database's clock, which is the clock Optuna's heartbeats and their grace period use."""
+    """Seconds since each trial's last heartbeat (number -> trial id in, number -> seconds out), by
+    the database's clock, which is the clock Optuna's heartbeats and their grace period use."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -236,16 +234,13 @@ class NodeLossReport:
     rc: int | None = None
     budget: int = 0
     complete: int = 0
-    nodes_before: set = field(
-        default_factory=set
-    )  # node names that completed trials before the loss
+    # node names that completed trials before the loss
+    nodes_before: set = field(default_factory=set)
     failed: dict[int, str] = field(default_factory=dict)  # trial -> error
-    retried_on: dict[int, str | None] = field(
-        default_factory=dict
-    )  # lost trial -> node name its retry completed on
-    after_on: Counter = field(
-        default_factory=Counter
-    )  # node names of trials completed after the loss
+    # lost trial -> node name its retry completed on
+    retried_on: dict[int, str | None] = field(default_factory=dict)
+    # node names of trials completed after the loss
+    after_on: Counter = field(default_factory=Counter)
     integrity: list[str] = field(default_factory=list)
     leaked: list[str] = field(default_factory=list)
     seconds: float = 0.0

@@ -1,4 +1,5 @@
-"""mergekit as a test oracle: run its `mergekit-yaml` command on a config, and basin on the same one.
+"""mergekit as a test oracle: run its `mergekit-yaml` command on a config, and basin on the same
+one.
 
 mergekit (LGPL-3.0) is only *run* here, as a separate process, never imported or copied: the tests
 compare the tensors it writes with the ones basin's export writes for the same mergekit config.
@@ -48,7 +49,8 @@ def mergekit_executable() -> str | None:
 
 
 def load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder: all shards when there is an index, else every *.safetensors."""
+    """Every tensor of a model folder: all shards when there is an index, else every
+    *.safetensors."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -114,7 +116,8 @@ def run_basin(
     approximate: bool = False,
 ) -> dict[str, torch.Tensor]:
     """basin's merge of the same mergekit config (merging.mergekit_yaml.from_mergekit, then the
-    streaming export), returned as tensors. `approximate`: accept random methods (their draws differ)."""
+    streaming export), returned as tensors. `approximate`: accept random methods (their draws
+    differ)."""
     from merging.export import export_merge
     from merging.mergekit_yaml import from_mergekit
 
@@ -128,9 +131,9 @@ def run_basin(
 def mismatch_summary(
     ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *, atol: float, rtol: float
 ) -> dict[str, tuple[int, int, float]]:
-    """{name: (entries outside atol + rtol * |theirs|, entries, max abs difference)} for every tensor
-    of both that differs; missing names and shape or dtype differences are reported as KeyError /
-    ValueError by the caller's asserts, not here."""
+    """{name: (entries outside atol + rtol * |theirs|, entries, max abs difference)} for every
+    tensor of both that differs; missing names and shape or dtype differences are reported as
+    KeyError / ValueError by the caller's asserts, not here."""
     out = {}
     for name in sorted(set(ours) & set(theirs)):
         a, b = ours[name].double(), theirs[name].double()

@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests: its own cluster in a temporary folder, stopped at the end.
+"""A real PostgreSQL server for the tests: its own cluster in a temporary folder, stopped at the
+end.
 
 initdb and postgres refuse to run as root, so as root (CI) the cluster belongs to the machine's
 `postgres` user and every server command runs as that user; otherwise as the current user. The
@@ -32,7 +33,8 @@ class Server:
     password: str
 
     def url(self, database: str = "basin", *, with_password: bool = True) -> str:
-        """A SQLAlchemy URL for Optuna's RDBStorage, through the psycopg driver and the Unix socket."""
+        """A SQLAlchemy URL for Optuna's RDBStorage, through the psycopg driver and the Unix
+        socket."""
         secret = f":{self.password}" if with_password else ""
         return f"postgresql+psycopg://{self.user}{secret}@/{database}?host={self.socket_dir}"
 
@@ -89,7 +91,10 @@ def postgres_server(password: str = "s3cret-pw") -> Iterator[Server]:
                 "--no-sync",
             ]
         )
-        options = f"-c listen_addresses='' -c unix_socket_directories={sock} -c fsync=off -c max_connections=200"
+        options = (
+            f"-c listen_addresses='' -c unix_socket_directories={sock} "
+            "-c fsync=off -c max_connections=200"
+        )
         run(
             [
                 str(bins / "pg_ctl"),

@@ -19,18 +19,16 @@ from pathlib import Path
 from tests.support.runs import ENV, kill_tree, wait_for
 
 RAY = Path(sys.executable).parent / "ray"
-OBJECT_STORE_BYTES = (
-    100_000_000  # each node's shared-memory store; the default takes a third of RAM
-)
+# each node's shared-memory store; the default takes a third of RAM
+OBJECT_STORE_BYTES = 100_000_000
 
 
 @dataclass
 class RayCluster:
     address: str
     root: Path
-    procs: dict[str, subprocess.Popen] = field(
-        default_factory=dict
-    )  # node name -> its `ray start --block`
+    # node name -> its `ray start --block`
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)  # node name -> Ray node id
 
     def kill(self, name: str) -> list[str]:
@@ -45,10 +43,13 @@ def _free_port() -> int:
 
 
 def alive_nodes(address: str) -> dict[str, str]:
-    """Custom-resource name -> node id of the cluster's live nodes, asked from a driver of its own."""
+    """Custom-resource name -> node id of the cluster's live nodes, asked from a driver of its
+    own."""
     code = (
-        f"import json, ray; ray.init(address={address!r}, log_to_driver=False, configure_logging=False); "
-        "print(json.dumps([[n['NodeID'], list(n['Resources'])] for n in ray.nodes() if n['Alive']]))"
+        "import json, ray; "
+        f"ray.init(address={address!r}, log_to_driver=False, configure_logging=False); "
+        "nodes = [[n['NodeID'], list(n['Resources'])] for n in ray.nodes() if n['Alive']]; "
+        "print(json.dumps(nodes))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
@@ -64,9 +65,8 @@ def ray_cluster(
     names: tuple[str, ...] = ("node_head", "node_b"), cpus: int = 1
 ) -> Iterator[RayCluster]:
     """Start the head (names[0]) and join the other nodes to it; stop them all at the end."""
-    root = Path(
-        tempfile.mkdtemp(prefix="rc-", dir="/tmp")
-    )  # short: Ray's socket paths have a length limit
+    # short: Ray's socket paths have a length limit
+    root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     port = _free_port()
     cluster = RayCluster(address=f"127.0.0.1:{port}", root=root)
     try:

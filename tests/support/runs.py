@@ -37,7 +37,8 @@ POLL_S = 0.05
 
 
 def start_basin(args: list[str], log: Path) -> subprocess.Popen:
-    """`basin ARGS` in a session of its own, so it and all it starts (Ray) can be killed together."""
+    """`basin ARGS` in a session of its own, so it and all it starts (Ray) can be killed
+    together."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -122,8 +123,8 @@ def wait_for(
 
 
 def ray_exposure(pid: int) -> tuple[list[tuple[str, str]], set[str]]:
-    """The listening sockets of a process tree (a `basin run` and its local Ray), and the node IP its
-    Ray processes were started with."""
+    """The listening sockets of a process tree (a `basin run` and its local Ray), and the node IP
+    its Ray processes were started with."""
     listening, ips = [], set()
     for p in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):

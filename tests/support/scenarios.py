@@ -72,7 +72,7 @@ def start_runners_together(
     return procs
 
 
-# --- fault 1: SIGKILL `basin run` / `basin resume` at random moments --------------------------------------
+# --- fault 1: SIGKILL `basin run` / `basin resume` at random moments ------------------------------
 
 
 @dataclass
@@ -84,19 +84,16 @@ class KillReport:
     integrity: list[str] = field(default_factory=list)
     requeued: int = 0  # trials failed as stopped and queued again
     held: list[int] = field(default_factory=list)  # trials RUNNING right after a kill
-    held_between_rungs: int = (
-        0  # "rung" kills that left a candidate RUNNING with a rung's value reported
-    )
-    not_requeued: list[int] = field(
-        default_factory=list
-    )  # held trials not failed and queued again in the end
+    # "rung" kills that left a candidate RUNNING with a rung's value reported
+    held_between_rungs: int = 0
+    # held trials not failed and queued again in the end
+    not_requeued: list[int] = field(default_factory=list)
     complete: int = 0  # COMPLETE or PRUNED
     pruned: int = 0
     budget: int = 0
     final_rc: int | None = None  # of the last run (the worst of them, with final_runners=2)
-    final_by_runner: dict[int, int] = field(
-        default_factory=dict
-    )  # COMPLETE trials per final runner
+    # COMPLETE trials per final runner
+    final_by_runner: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -176,9 +173,8 @@ def kill_and_resume(
             )
             delay = rng.uniform(0.0, 2.0)
             time.sleep(delay)  # a random moment after the event, not a wait for one
-        elif (
-            mode == "rung"
-        ):  # multi-fidelity: just after a promotion, the candidate held between rungs
+        elif mode == "rung":
+            # multi-fidelity: just after a promotion, the candidate held between rungs
             n_promoted = text.count(PROMOTED_OP)
             alive = wait_for(
                 lambda: journal_text(folder).count(PROMOTED_OP) > n_promoted,  # noqa: B023
@@ -196,9 +192,8 @@ def kill_and_resume(
             )
             delay = rng.uniform(0.0, 1.0)
             time.sleep(delay)
-        if (
-            not alive or proc.poll() is not None
-        ):  # it finished the budget before the kill: raise the budget
+        if not alive or proc.poll() is not None:
+            # it finished the budget before the kill: raise the budget
             if proc.wait() != 0:
                 raise RuntimeError(f"basin {args[0]} failed (rc {proc.returncode})\n{tail(log)}")
             report.budget += 20
@@ -258,8 +253,8 @@ def kill_and_resume(
     return report
 
 
-# --- fault 2: a worker killed mid-candidate, an evaluation that raises, a candidate past its time limit,
-#     NaN merges: one study, driven phase by phase through the hooked tasks ---------------------------
+# --- fault 2: a worker killed mid-candidate, an evaluation that raises, a candidate past its
+#     time limit, NaN merges: one study, driven phase by phase through the hooked tasks ---------
 
 
 @dataclass
@@ -274,12 +269,10 @@ class FaultReport:
     budget: int = 0
     unexpected: list[str] = field(default_factory=list)  # failures of no injected kind
     integrity: list[str] = field(default_factory=list)
-    listening: list[tuple[str, str]] = field(
-        default_factory=list
-    )  # (process, address) of the run's servers
-    node_ips: set[str] = field(
-        default_factory=set
-    )  # node addresses on the Ray processes' command lines
+    # (process, address) of the run's servers
+    listening: list[tuple[str, str]] = field(default_factory=list)
+    # node addresses on the Ray processes' command lines
+    node_ips: set[str] = field(default_factory=set)
 
 
 FAULT_KINDS = {  # error text -> kind
@@ -288,10 +281,10 @@ FAULT_KINDS = {  # error text -> kind
     "candidate_timeout": "timeout",
     "NaN or inf": "nan",
 }
-# With the loud fine-tune, task vectors scaled by lambda ~1e38 overflow float32: every task_arithmetic
-# candidate is non-finite (NonFiniteMergeError in the worker), while linear (normalized weights) stays
-# finite. The random sampler's draws are fixed by its seed; with this one no long run of
-# task_arithmetic draws can stop the study as "all failing".
+# With the loud fine-tune, task vectors scaled by lambda ~1e38 overflow float32: every
+# task_arithmetic candidate is non-finite (NonFiniteMergeError in the worker), while linear
+# (normalized weights) stays finite. The random sampler's draws are fixed by its seed; with this one
+# no long run of task_arithmetic draws can stop the study as "all failing".
 FAULT_SPACE = {
     "methods": ["linear", "task_arithmetic"],
     "weight": [0.5, 1.0],
@@ -369,7 +362,8 @@ def worker_faults(
         zoo.set_mode("ok")
         zoo.busy.unlink()
         wait(lambda: failed_with("worker died"), "the dead worker's trial to fail")
-        # (the hook also runs while a worker loads its evaluator: wait for the new one to be at work)
+        # (the hook also runs while a worker loads its evaluator: wait for the new one to be at
+        # work)
         wait(lambda: completed_by_another(first_worker), "a trial completed by the new worker")
         say("next: a candidate past workers.candidate_timeout")
         zoo.set_mode("hang")
@@ -411,7 +405,7 @@ def worker_faults(
     return report
 
 
-# --- fault 3: two runners on one study at once ---------------------------------------------------------
+# --- fault 3: two runners on one study at once ----------------------------------------------------
 
 
 @dataclass
@@ -460,21 +454,19 @@ def concurrent_runners(
     return report
 
 
-# --- fault 4: `basin export` killed in the middle ------------------------------------------------------
+# --- fault 4: `basin export` killed in the middle -------------------------------------------------
 
 
 @dataclass
 class ExportKillReport:
     killed_after_s: float = 0.0
     target_exists: bool = True
-    partial_left: list[str] = field(
-        default_factory=list
-    )  # the temporary folder a SIGKILL cannot remove
+    # the temporary folder a SIGKILL cannot remove
+    partial_left: list[str] = field(default_factory=list)
     clean_export_s: float = 0.0
     clean_export_ok: bool = False
-    partial_after_clean: list[str] = field(
-        default_factory=list
-    )  # what the next export did not sweep
+    # what the next export did not sweep
+    partial_after_clean: list[str] = field(default_factory=list)
 
 
 def export_killed(big: FaultZoo, root: Path, *, clean: bool = True) -> ExportKillReport:

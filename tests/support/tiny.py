@@ -1,4 +1,5 @@
-"""Tiny offline fixtures: random Llama / GPT-2 models with a word-level tokenizer, local lm-eval tasks."""
+"""Tiny offline fixtures: random Llama / GPT-2 models with a word-level tokenizer, local lm-eval
+tasks."""
 
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ class TinyTasks:
     data_files: dict[str, dict[str, str]]
 
     def config(self, name: str, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
-        """The task's lm-eval config, declaring only `splits` (lm-eval scores test when declared)."""
+        """The task's lm-eval config, declaring only `splits` (lm-eval scores test when
+        declared)."""
         return task_config(name, {s: self.data_files[name][s] for s in splits})
 
 
-# --- models ------------------------------------------------------------------------------------------
+# --- models ---------------------------------------------------------------------------------------
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -122,7 +124,7 @@ def build_model_set(root: Path, config, n_finetunes: int) -> ModelSet:
     return ModelSet(base=folders[0], finetunes=folders[1:])
 
 
-# --- tasks and text ----------------------------------------------------------------------------------
+# --- tasks and text -------------------------------------------------------------------------------
 
 
 def _items(task: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -144,7 +146,8 @@ def _items(task: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
 
 
 def task_config(name: str, data_files: dict[str, str]) -> dict[str, Any]:
-    """An lm-eval multiple-choice config over local jsonl files, prompts written as jinja templates."""
+    """An lm-eval multiple-choice config over local jsonl files, prompts written as jinja
+    templates."""
     config: dict[str, Any] = {
         "task": name,
         "dataset_path": "json",

@@ -12,15 +12,15 @@ from pathlib import Path
 class TrialView:
     number: int
     state: str
-    params: str  # JSON, keys sorted: its params, or the fixed params of an enqueued trial not yet suggested
+    # JSON, keys sorted: its params, or the fixed params of an enqueued trial not yet suggested
+    params: str
     values: tuple | None
     baseline: str | None
     retry_of: int | None
     runner: int | None  # the pid of the run that asked it
     error: str | None
-    suggested: (
-        str  # JSON, keys sorted: the params it has in storage ({} when killed before suggest)
-    )
+    # JSON, keys sorted: the params it has in storage ({} when killed before suggest)
+    suggested: str
     rungs: int = 0  # multi-fidelity: rung values reported
 
 
@@ -75,7 +75,8 @@ def changed_complete(
     after: list[TrialView],
     after_records: dict[int, dict],
 ) -> list[str]:
-    """COMPLETE (or PRUNED) trials (storage or record) before that are missing or different after."""
+    """COMPLETE (or PRUNED) trials (storage or record) before that are missing or different
+    after."""
     now = {t.number: t for t in after}
     problems = [
         f"trial {t.number} was {t.state} and is now {now.get(t.number)}"
@@ -114,10 +115,12 @@ def integrity_problems(trials: list[TrialView], recs: dict[int, dict]) -> list[s
         if t.state == "FAIL" and "queued again" in (t.error or ""):
             if retries.get(t.number) != 1:
                 problems.append(
-                    f"trial {t.number} failed as interrupted but its params were not queued again once"
+                    f"trial {t.number} failed as interrupted "
+                    "but its params were not queued again once"
                 )
             retry = next((r for r in trials if r.retry_of == t.number), None)
-            # a trial killed halfway through suggest passes on the params it had; the retry draws the rest
+            # a trial killed halfway through suggest passes on the params it had; the retry draws
+            # the rest
             if (
                 retry is not None
                 and not json.loads(t.params).items() <= json.loads(retry.params).items()
@@ -128,7 +131,8 @@ def integrity_problems(trials: list[TrialView], recs: dict[int, dict]) -> list[s
     for t in trials:
         if t.state in (*DONE, "FAIL"):
             r = recs.get(t.number)
-            # (the record holds what storage holds: no params for a trial killed between ask and suggest)
+            # (the record holds what storage holds: no params for a trial killed between ask and
+            # suggest)
             if (
                 r is None
                 or r["state"] != t.state
