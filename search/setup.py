@@ -99,7 +99,7 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
             print(f"basin: warning: {overlap}", file=sys.stderr)
         # a wrong URL or password fails here, with its message, before any lock
         if config.study.storage:
-            _reach_storage(config.study.storage)
+            reach_storage(config.study.storage)
         # runners starting at once (here or, with a database, anywhere) set the study up one
         # after the other
         with records.study_lock(folder, config.study.storage, config.study.name):
@@ -255,7 +255,7 @@ def check_tasks(config: StudyConfig) -> TaskCheck:
     return TaskCheck(directions, found.hub_datasets)
 
 
-def _reach_storage(url: str) -> None:
+def reach_storage(url: str) -> None:
     """Open the storage once: a wrong URL or password fails here with its message, and a fresh
     database gets Optuna's tables, under the database's lock so that runners starting together
     do not create them twice (the second would fail on a type that already exists)."""

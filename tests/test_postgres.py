@@ -276,3 +276,43 @@ def test_a_runner_with_another_config_cannot_join_the_study(fault_zoo, server, t
         and server.password not in err
     )
     assert not other.exists()
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from search.setup import reach_storage
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready at the start line
+while not go.exists():
+    time.sleep(0.001)
+reach_storage(sys.argv[1])
+"""
+
+
+def test_runners_starting_together_on_a_fresh_database_create_its_tables_once(server, tmp_path):
+    """Six runners open a fresh database at the same instant, as `basin run` does before its
+    study lock: each creates Optuna's tables if missing, which raced (CREATE TYPE ... already
+    exists) until the tables are made under the database's advisory lock."""
+    import subprocess
+    import sys
+    import time
+
+    url = server.create_database("fresh_at_once")
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, url, str(go), str(tmp_path / f"ready{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    while len(list(tmp_path.glob("ready*"))) < 6:
+        assert all(p.poll() is None for p in procs), "a runner ended before the start"
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(outs)
+    assert optuna.get_all_study_summaries(url) == []  # the schema is there and usable

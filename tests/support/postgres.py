@@ -38,6 +38,16 @@ class Server:
         secret = f":{self.password}" if with_password else ""
         return f"postgresql+psycopg://{self.user}{secret}@/{database}?host={self.socket_dir}"
 
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this server; returns its URL."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url(name)
+
 
 def bin_dir() -> Path:
     for folder in BIN_DIRS:
