@@ -134,6 +134,7 @@ def _validate(args: argparse.Namespace) -> int:
         check_models,
         check_models_and_tasks,
         check_tasks,
+        check_values,
         unreachable_hub_models,
     )
 
@@ -164,6 +165,8 @@ def _validate(args: argparse.Namespace) -> int:
     if not unchecked:
         # everything is here: the data too, exactly as run checks it
         check_models_and_tasks(config)
+    if not hub_models and not args.headers_only:
+        check_values(config, progress=not args.quiet)  # what a worker would refuse at its start
     n = len(config.models.finetunes)
     print(
         f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
@@ -438,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="study config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="skip reading every tensor for NaN or inf (a few seconds per GB of models)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_validate)
     return parser
 

@@ -11,6 +11,7 @@ merged weights, scores the next rung's items.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from search import attrs, compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
 from search.objectives import checked_values
-from search.pool import Pool, PoolFactory, ray_pool
+from search.pool import Pool, PoolFactory, WorkerStartError, ray_pool
 from search.recovery import Heartbeat, fail_and_requeue, queue_again
 from search.result import WorkerResult
 from search.setup import StudySetup, setup_study
@@ -75,8 +76,11 @@ def run_study(
             return s.study  # nothing to run: no worker is started
         workers = (pool or ray_pool)(s.spec, config.workers, worker_cls)
         in_flight: dict[Any, Flight] = {}
+        unstarted = None
         try:
             _loop(s, workers, in_flight, progress)
+        except WorkerStartError as exc:
+            unstarted = exc
         finally:
             try:
                 # interrupted (Ctrl-C, an error): no candidate is lost
@@ -88,7 +92,19 @@ def run_study(
                     )
             finally:
                 workers.shutdown()
+        if unstarted is not None:
+            raise WorkerStartError(f"{unstarted}{_discard(s)}")
     return s.study
+
+
+def _discard(s: StudySetup) -> str:
+    """After a failure before any candidate ran: remove the study folder this run made (what it
+    held: the queued baselines), or say how the study goes on."""
+    ran = s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if s.created and not ran and not s.config.study.storage:
+        shutil.rmtree(s.folder, ignore_errors=True)
+        return f"; nothing was kept ({s.folder} was removed)"
+    return f"; the study is kept: `basin resume {s.folder}` continues it once the cause is fixed"
 
 
 def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool) -> None:

@@ -26,11 +26,20 @@ from typing import Any, Protocol
 
 from evaluators import Role
 from search import compat
-from search.config import WorkersSection
+from search.config import ConfigError, WorkersSection
 from search.result import WorkerResult
 from search.workers import CandidateWorker, WorkerSpec
 
 Ref = Hashable  # a submitted candidate, as its pool names it
+
+
+class WorkerStartError(ConfigError):
+    """A worker cannot start (a damaged model, a device it cannot use): the study cannot run."""
+
+
+def _check_started(worker: int, info: dict[str, Any]) -> None:
+    if info.get("error"):
+        raise WorkerStartError(f"worker {worker} cannot start: {info['error']}")
 
 
 class Pool(Protocol):
@@ -165,10 +174,12 @@ class RayPool:
         if not done:
             return False
         try:
-            self._ray.get(self._probes[worker])
+            _check_started(worker, self._ray.get(self._probes[worker]))
         except self._ray.exceptions.RayActorError as exc:
             if exc.actor_init_failed:  # it will never come up: stop rather than wait forever
-                raise RuntimeError(f"worker {worker} cannot start: {_first_line(exc)}") from None
+                raise WorkerStartError(
+                    f"worker {worker} cannot start: {_first_line(exc)}"
+                ) from None
             self._probes[worker] = self._probe(worker)
             return False
         return True
@@ -242,10 +253,7 @@ class InProcessPool:
         return self._workers[index]
 
     def available(self, worker: int) -> bool:
-        try:
-            self.worker(worker)
-        except Exception as exc:  # as a Ray actor whose creation fails: it will never come up
-            raise RuntimeError(f"worker {worker} cannot start: {_first_line(exc)}") from exc
+        _check_started(worker, self.worker(worker).info())
         return not any(w == worker for w, _ in self._pending.values())
 
     def _add(self, worker: int, call: Callable[[Any], WorkerResult]) -> Ref:

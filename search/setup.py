@@ -42,6 +42,7 @@ class StudySetup:
     spec: WorkerSpec
     sizes: dict[str, int]  # search items per task (after carve and limit)
     rungs: Rungs | None  # multi-fidelity: the rungs and the promotion rule; None when off
+    created: bool = False  # this run made the study folder
 
 
 def _tpe(cfg: SamplerSection, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -120,7 +121,8 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     rungs = Rungs.plan(config, sizes, directions)
-    return StudySetup(config, folder, study, space, directions, worker_spec(config), sizes, rungs)
+    spec = worker_spec(config)
+    return StudySetup(config, folder, study, space, directions, spec, sizes, rungs, created)
 
 
 def _store_config(config: StudyConfig, folder: Path, study: optuna.Study) -> None:
@@ -216,6 +218,23 @@ def check_models(config: StudyConfig) -> None:
             for p in (models.base, *models.finetunes)
         }
     )
+
+
+def check_values(config: StudyConfig, progress: bool = True) -> int:
+    """Every floating-point tensor of every model is finite: read once, tensor by tensor (NaN or
+    inf names the model and the tensor). Returns the number of tensors read."""
+    from tqdm.auto import tqdm
+
+    from merging import Checkpoint
+
+    models = config.models.resolved()
+    checkpoints = [
+        Checkpoint(p, allow_pickle=models.allow_pickle) for p in (models.base, *models.finetunes)
+    ]
+    todo = [(c, n) for c in checkpoints for n in c.names if c.dtype(n).is_floating_point]
+    for checkpoint, name in tqdm(todo, desc="checking values", unit="tensor", disable=not progress):
+        checkpoint.read(name)  # raises MergeError on NaN or inf
+    return len(todo)
 
 
 def unreachable_hub_models(config: StudyConfig) -> list[str]:

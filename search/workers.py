@@ -59,16 +59,24 @@ class CandidateWorker:
     """Merges recipes into one live model and scores them; one per GPU or CPU slot."""
 
     def __init__(self, spec: WorkerSpec, index: int = 0) -> None:
+        self.spec, self.index = spec, index
+        self.start_error: str | None = None
+        self.setup_s = 0.0
+        try:
+            self._start()
+        except Exception as exc:  # kept for info(): the pool stops the study with this reason
+            self.start_error = f"{type(exc).__name__}: {exc}"
+
+    def _start(self) -> None:
         import torch
         from transformers import AutoTokenizer
 
         from merging import ResidentMerger, load_live_model
         from merging.checkpoint import resolve_model_dir
 
+        spec, models = self.spec, self.spec.models
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        self.spec, self.index = spec, index
-        models = spec.models
         self.device = resolve_device(models.device)
         t0 = time.perf_counter()
         self.merger = ResidentMerger(
@@ -102,8 +110,11 @@ class CandidateWorker:
         return self.evaluators[role]
 
     def info(self) -> dict[str, Any]:
+        """Where the worker runs and how; with "error" when it could not start."""
         import torch
 
+        if self.start_error is not None:
+            return {"index": self.index, "host": socket.gethostname(), "error": self.start_error}
         return {
             "index": self.index,
             "host": socket.gethostname(),
@@ -126,6 +137,10 @@ class CandidateWorker:
         rung: multi-fidelity's first rung: score the first `items` of each task's search items
         (None: all) and hold the candidate, so that `more` scores further items of it.
         """
+        if self.start_error is not None:
+            return WorkerResult(
+                **self._where(), error=f"the worker could not start: {self.start_error}"
+            )
         self._held = None
         try:
             t0 = time.perf_counter()
@@ -147,7 +162,7 @@ class CandidateWorker:
         """The held candidate (see `run`) scored up to `items` of each task (None: all), reusing the
         per-item scores it has; no second merge."""
         try:
-            if self._held is None:
+            if self.start_error is not None or self._held is None:
                 raise RuntimeError(
                     "this worker holds no candidate to score further (it was restarted or moved on)"
                 )

@@ -1,0 +1,60 @@
+"""Every failure speaks basin's language: one `basin: error:` line that names the cause and the way
+out, a non-zero exit, no Python traceback, and nothing half-made left behind."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.support.fault_zoo import study_config, write_config
+from tests.support.runs import BASIN, ENV, HANG_S, REPO
+
+
+def basin(*argv: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
+    """The console script itself, as a user runs it."""
+    return subprocess.run(
+        [str(BASIN), *argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def speaks(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("basin: error:") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    for word in words:
+        assert word in proc.stderr, f"{word!r} not in: {proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def damaged(fault_zoo, tmp_path_factory) -> Path:
+    """A copy of a fine-tune with one NaN in one tensor."""
+    folder = tmp_path_factory.mktemp("damaged") / "ft-nan"
+    shutil.copytree(fault_zoo.finetunes[0], folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(n for n, t in weights.items() if t.is_floating_point() and "mlp" in n)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.slow
+def test_a_fine_tune_with_nan_is_refused_by_validate_and_by_run_before_any_trial(
+    fault_zoo, damaged, tmp_path
+):
+    folder = tmp_path / "night"
+    data = study_config(fault_zoo, folder)
+    data["models"]["finetunes"] = [str(damaged), *map(str, fault_zoo.finetunes[1:])]
+    config = write_config(tmp_path / "nan.yaml", data)
+
+    speaks(basin("validate", str(config), "--quiet"), 2, "contains NaN or inf", str(damaged))
+    assert basin("validate", str(config), "--headers-only").returncode == 0  # headers are fine
+
+    run = basin("run", str(config), "--quiet", timeout=HANG_S)
+    speaks(run, 2, "worker 0 cannot start", "contains NaN or inf", "nothing was kept")
+    assert not folder.exists()
+    assert "actor died" not in run.stderr
