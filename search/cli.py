@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from evaluators.protocol import EvaluatorError
 from merging import MergeError
 from search.config import ConfigError
+from search.loop import StudyStopped, Terminated
 
 EXIT_USAGE = 2
 
@@ -81,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"workers": config.workers.model_copy(update={"address": args.address})}
         )
-    study = run_study(config, progress=not args.quiet)
+    study = _study(lambda: run_study(config, progress=not args.quiet), config.study.folder)
     print_summary(config.study.folder, study)
     return 0
 
@@ -100,10 +104,41 @@ def _resume(args: argparse.Namespace) -> int:
     data["study"]["output_dir"] = str(folder)
     from search.config import apply_overrides
 
-    config = config_from_dict(apply_overrides(data, args.set), str(folder / CONFIG_FILE))
-    study = run_study(config, resume=True, progress=not args.quiet)
+    config = config_from_dict(apply_overrides(data, args.set), str(folder / CONFIG_FILE), args.set)
+    study = _study(lambda: run_study(config, resume=True, progress=not args.quiet), folder)
     print_summary(folder, study)
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM while a study ran: what was in flight is queued again, the rest saved."""
+
+    def __init__(self, folder: Path, terminated: bool) -> None:
+        self.folder, self.terminated = folder, terminated
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        super().__init__(
+            f"{how}; finished trials are saved and the candidates in flight were queued again: "
+            f"continue with `basin resume {folder}`"
+        )
+
+
+def _study(run: Callable[[], Any], folder: Path) -> Any:
+    """Run a study, turning Ctrl-C, SIGTERM and a full disk into basin's messages."""
+    try:
+        return run()
+    except KeyboardInterrupt as exc:
+        raise Interrupted(folder, isinstance(exc, Terminated)) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(
+            f"no space left on the device writing {exc.filename or folder}; the trials finished "
+            f"so far are saved in {folder}: free some space, then `basin resume {folder}`"
+        ) from None
+
+
+class DiskFull(RuntimeError):
+    """A write failed for want of space; the message says what is safe and how to go on."""
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -462,14 +497,36 @@ def main(argv: list[str] | None = None) -> int:
     except (MergeError, ConfigError, EvaluatorError) as exc:
         print(f"basin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (StudyStopped, DiskFull) as exc:
+        print(f"basin: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"basin: {exc}", file=sys.stderr)
+        return 143 if exc.terminated else 130
     except KeyboardInterrupt:
-        print(
-            "basin: interrupted; finished trials are saved (continue with `basin resume DIR`)",
-            file=sys.stderr,
-        )
+        print(f"basin: interrupted; {_interrupted_here(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(
+            f"basin: error: no space left on the device writing {exc.filename or 'a file'}; "
+            "nothing half-written was kept: free some space and run the command again",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _interrupted_here(args: argparse.Namespace) -> str:
+    """What an interrupt of this command left, and how to go on."""
+    if args.command == "report":
+        return (
+            "the held-out scores finished so far are kept; `basin report "
+            f"{args.folder}` continues from them"
+        )
+    return "nothing half-written was kept; run the command again"
 
 
 if __name__ == "__main__":

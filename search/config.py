@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -372,7 +373,11 @@ def _known_fields(loc: tuple, data: Any = None) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
+def config_from_dict(
+    data: Any, source: str = "config", overrides: Sequence[str] = ()
+) -> StudyConfig:
+    """Validate a config mapping; `overrides` are the --set items already applied to it, so that a
+    problem they caused is blamed on them, not on the file."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: a study config must be a YAML mapping with study, models, evaluator and "
@@ -384,11 +389,25 @@ def config_from_dict(data: Any, source: str = "config") -> StudyConfig:
         lines = _format_errors(exc, data)
         if not any(err["loc"] == () for err in exc.errors()):  # cross checks did not run: add them
             lines += [f"  - {p}" for p in cross_problems(data)]
+        blamed = [_override_of(line, overrides) for line in lines]
+        lines = [f"{ln} (from --set {item})" if item else ln for ln, item in zip(lines, blamed)]
+        if all(blamed):
+            fix = "fix the --set values"
+        else:
+            fix = "fix them in the file, or override a field with --set key.sub=value"
         n = len(lines)
         raise ConfigError(
-            f"{source}: {n} problem{'s' if n > 1 else ''} (fix them in the file, or override a "
-            f"field with --set key.sub=value):\n" + "\n".join(lines)
+            f"{source}: {n} problem{'s' if n > 1 else ''} ({fix}):\n" + "\n".join(lines)
         ) from None
+
+
+def _override_of(line: str, overrides: Sequence[str]) -> str | None:
+    """The --set item whose field a problem line names, if any."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if line.startswith((f"  - {key}:", f"  - {key}.")):
+            return item
+    return None
 
 
 def read_config_data(path: str | Path) -> dict:
@@ -414,7 +433,7 @@ def read_config_data(path: str | Path) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read, override and validate a study config; raises ConfigError listing every problem."""
     data = apply_overrides(read_config_data(path), overrides or [])
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), overrides or [])
 
 
 def config_to_dict(config: StudyConfig) -> dict:

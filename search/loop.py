@@ -10,10 +10,15 @@ merged weights, scores the next rung's items.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +83,8 @@ def run_study(
         in_flight: dict[Any, Flight] = {}
         unstarted = None
         try:
-            _loop(s, workers, in_flight, progress)
+            with _sigterm_as_interrupt():  # after the pool: Ray sets a handler of its own
+                _loop(s, workers, in_flight, progress)
         except WorkerStartError as exc:
             unstarted = exc
         finally:
@@ -95,6 +101,34 @@ def run_study(
         if unstarted is not None:
             raise WorkerStartError(f"{unstarted}{_discard(s)}")
     return s.study
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread, whatever waits there (a Ray call may turn
+    the exception into a plain KeyboardInterrupt: the signal's arrival is what counts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    received = []
+
+    def terminate(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if received:
+            raise Terminated() from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _discard(s: StudySetup) -> str:
@@ -167,11 +201,26 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
-        failed = len(recent[-_window(cfg.workers.count) :])
-        raise RuntimeError(
-            f"stopped: the last {failed} candidates all failed; "
-            f"see the error in {s.folder / 'trials'}"
-        )
+        raise StudyStopped(_failure_summary(s, _window(cfg.workers.count)))
+
+
+class StudyStopped(RuntimeError):
+    """The run stopped before its budget for a reason the user must look at (exit 1)."""
+
+
+def _failure_summary(s: StudySetup, window: int) -> str:
+    """Why the last candidates failed: their reasons grouped with counts, and where to read more."""
+    failed = s.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-window:]
+    reasons = Counter(
+        (t.user_attrs.get(attrs.ERROR) or "no reason recorded").splitlines()[0][:200]
+        for t in failed
+    )
+    grouped = "\n".join(f"  {n} x {reason}" for reason, n in reasons.most_common())
+    return (
+        f"stopped: the last {len(failed)} candidates all failed, so the study cannot go on:\n"
+        f"{grouped}\nEach failed trial's record, with its traceback, is in {s.folder / 'trials'}; "
+        f"fix the cause, then `basin resume {s.folder}`"
+    )
 
 
 def _propose(s: StudySetup, trial: optuna.trial.Trial, worker: int) -> Flight | None:

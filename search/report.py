@@ -24,7 +24,7 @@ from merging.catalog import PER_MODEL, method_spec
 from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search import attrs
 from search.compat import quiet_optuna
-from search.config import StudyConfig
+from search.config import ConfigError, StudyConfig
 from search.fidelity import trial_items
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
@@ -313,7 +313,10 @@ def write_report(
     folder = Path(folder)
     config, study = load_study_folder(folder)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise ValueError(f"{folder}: no complete trial yet; run or resume the study first")
+        raise ConfigError(
+            f"{folder}: no complete trial yet, so there is nothing to report; run or resume the "
+            f"study first (`basin status {folder}` shows where it stands)"
+        )
     names = objective_names(study)
     figures_dir = folder / "figures"
     figures_dir.mkdir(exist_ok=True)

@@ -160,10 +160,12 @@ def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
         previous = config_to_dict(
             config_from_dict(records.read_config_snapshot(folder), str(folder))
         )
-        if _search_part(previous) != _search_part(config_to_dict(config)):
+        if differ := _differing(_search_part(previous), _search_part(config_to_dict(config))):
             raise ConfigError(
-                f"{folder} holds a study with a different config; resume it as it is with "
-                f"`basin resume {folder}`, or choose another study.name / study.output_dir"
+                f"{folder} holds a study with a different config (it differs in: "
+                f"{', '.join(differ)}); resume it as it is with `basin resume {folder}` (with "
+                "--set for the budget and workers), or choose another study.name / "
+                "study.output_dir"
             )
     elif resume:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
@@ -338,13 +340,17 @@ def check_same_study(config: StudyConfig, study: optuna.Study) -> None:
         study.set_user_attr(attrs.CONFIG, mine)
         return
     theirs, ours = _shared_part(config_to_dict(config_from_dict(stored))), _shared_part(mine)
-    if theirs != ours:
-        differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
+    if differ := _differing(theirs, ours):
         raise ConfigError(
             f"study '{config.study.name}' in its storage was created with a different config (it "
             f"differs in: {', '.join(differ)}); join it with the config it was created with "
             "(`basin attach` writes it into a study folder here), or choose another study.name"
         )
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    """The sections (top-level keys) in which two config snapshots differ."""
+    return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
 
 
 def _shared_part(snapshot: dict) -> dict:

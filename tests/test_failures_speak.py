@@ -4,14 +4,17 @@ out, a non-zero exit, no Python traceback, and nothing half-made left behind."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
+from search.folder import load_study_folder
 from tests.support.fault_zoo import study_config, write_config
-from tests.support.runs import BASIN, ENV, HANG_S, REPO
+from tests.support.runs import BASIN, ENV, HANG_S, REPO, kill_tree, start_basin, tail, wait_for
 
 
 def basin(*argv: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
@@ -58,3 +61,39 @@ def test_a_fine_tune_with_nan_is_refused_by_validate_and_by_run_before_any_trial
     speaks(run, 2, "worker 0 cannot start", "contains NaN or inf", "nothing was kept")
     assert not folder.exists()
     assert "actor died" not in run.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_resume_finishes_the_budget(fault_zoo, tmp_path):
+    """What a scheduler's SIGTERM does: the candidate in flight is queued again, finished trials
+    stay, exit 143 with the folder's own path, no stack dump; `basin resume` then finishes exactly
+    the budget."""
+    folder, log = tmp_path / "night", tmp_path / "run.log"
+    config = write_config(
+        tmp_path / "night.yaml",
+        study_config(fault_zoo, folder, hooked=True, baselines=False, budget={"n_trials": 3}),
+    )
+    fault_zoo.busy.unlink(missing_ok=True)
+    fault_zoo.set_mode("hold")  # evaluations wait: a candidate is surely in flight
+    try:
+        proc = start_basin(["run", str(config)], log)
+        assert wait_for(fault_zoo.busy.exists, proc, "a candidate in flight", log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=HANG_S) == 143, tail(log)
+    finally:
+        fault_zoo.set_mode("ok")
+        kill_tree(proc)
+    out = log.read_text()
+    assert "terminated (SIGTERM)" in out and f"basin resume {folder}" in out, out
+    assert "Traceback" not in out and "DIR" not in out
+    _, study = load_study_folder(folder)
+    (stopped,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "interrupted" in stopped.user_attrs["error"]
+    assert [
+        t.user_attrs.get("retry_of") for t in study.get_trials(states=(TrialState.WAITING,))
+    ] == [stopped.number]
+
+    resumed = basin("resume", str(folder), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _, study = load_study_folder(folder)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3

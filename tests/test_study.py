@@ -25,7 +25,7 @@ from search import records
 from search.cli import main
 from search.config import ConfigError, config_from_dict, load_config
 from search.folder import load_study_folder
-from search.loop import run_study
+from search.loop import StudyStopped, run_study
 from search.setup import setup_study
 from search.space import suggest
 
@@ -372,10 +372,11 @@ def test_a_study_where_every_candidate_fails_stops_with_a_clear_error(zoo, ray_s
         budget={"n_trials": 5},
         baselines=False,
     )
-    with pytest.raises(
-        RuntimeError, match=r"stopped: the last 10 candidates all failed; see the error in .*trials"
-    ):
+    with pytest.raises(StudyStopped, match=r"stopped: the last 10 candidates all failed") as info:
         run_study(config_from_dict(data), progress=False)
+    # the reasons grouped with their counts, where the tracebacks are, and the way on
+    assert "\n  10 x NonFiniteMergeError: " in str(info.value)
+    assert f"{folder / 'trials'}" in str(info.value) and f"basin resume {folder}" in str(info.value)
     trials = trials_of(folder)
     assert not complete(trials)
     assert 10 <= len(trials) <= 10 + N_WORKERS  # stopped at the guard, not looping on
