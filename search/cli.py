@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -290,6 +291,51 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(args: argparse.Namespace) -> int:
+    from search import journal, records
+    from search.folder import load_study_folder
+
+    folder = Path(args.folder)
+    path = folder / records.JOURNAL_FILE
+    if not path.is_file():
+        if (folder / records.CONFIG_FILE).is_file():
+            storage = (records.read_config_snapshot(folder).get("study") or {}).get("storage")
+            if storage:
+                raise ConfigError(
+                    f"{folder} keeps its study in a database ({records.redact(storage)}), not in "
+                    f"a {records.JOURNAL_FILE}, so there is nothing to repair here"
+                )
+            raise ConfigError(
+                f"{folder} has no {records.JOURNAL_FILE}: its journal is gone, so there is "
+                f"nothing to repair; restore it from a copy (or a {records.JOURNAL_FILE}.bak-* "
+                "in the folder)"
+            )
+        raise ConfigError(
+            f"{folder} is not a study folder (no {records.JOURNAL_FILE}), so there is nothing to "
+            "repair; give the folder `basin run` created"
+        )
+    repaired = journal.repair(folder)
+    if repaired is None:
+        print(f"{path} is healthy: every line is an operation; nothing changed")
+    else:
+        print(
+            f"{path}: dropped {repaired.dropped} bad line{'s' * (repaired.dropped != 1)}, kept "
+            f"{repaired.kept} operation{'s' * (repaired.kept != 1)}; the original is "
+            f"{repaired.backup}"
+        )
+    try:
+        _, study = load_study_folder(folder)
+    except ConfigError as exc:
+        if repaired is None:
+            raise
+        raise ConfigError(
+            f"{exc}; the journal as it was before the repair: {repaired.backup}"
+        ) from None
+    n = len(study.get_trials(deepcopy=False))
+    print(f"study '{study.study_name}' loads: {n} trial{'s' * (n != 1)}")
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from evaluators.zoo import build_zoo
 
@@ -328,8 +374,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("basin-merge")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basin", description="Search model-merge recipes.")
+    parser.add_argument("--version", action="version", version=f"basin {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("merge", help="apply a merge recipe and write an HF model folder")
@@ -422,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-heldout", action="store_true", help="skip scoring finalists on the held-out split"
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_report)
 
     p = sub.add_parser(
@@ -433,7 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output folder (or YAML file with --format mergekit)"
     )
-    p.add_argument("--format", choices=["hf", "mergekit"], default="hf")
+    p.add_argument(
+        "--format",
+        choices=["hf", "mergekit"],
+        default="hf",
+        help="hf: a loadable model folder (default); mergekit: the recipe as mergekit YAML",
+    )
     p.add_argument(
         "--approximate",
         action="store_true",
@@ -442,16 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="merge on this device (default cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "repair",
+        help="rewrite a study's journal without its damaged lines, keeping the original "
+        "(stop the study's runners first)",
+    )
+    p.add_argument("folder", help="the study folder")
+    p.set_defaults(func=_repair)
 
     p = sub.add_parser("zoo", help="build the toy model zoo (tiny base, fine-tunes, lm-eval tasks)")
     p.add_argument("out", help="output folder, e.g. .zoo/seed0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the zoo's seed (default 0, the demo's)")
     p.add_argument(
         "--force", action="store_true", help="rebuild even if a zoo with this seed exists"
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_zoo)
 
     p = sub.add_parser(
@@ -460,14 +529,20 @@ def build_parser() -> argparse.ArgumentParser:
         "write the report",
     )
     p.add_argument("--out", help="study folder (default: the config's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. budget.n_trials=20",
+    )
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
     p.add_argument(
         "--generative",
         action="store_true",
         help="the generative demo: answers written by the model, exact match, a carved split",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(
@@ -475,7 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a config, its models' headers and its tasks, as run does, before any run",
     )
     p.add_argument("config", help="study config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. budget.n_trials=20",
+    )
     p.add_argument(
         "--headers-only",
         action="store_true",
@@ -490,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     args = build_parser().parse_args(argv)
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        args.quiet = True  # as tqdm itself reads it; lm-eval's bars and ours alike
     # basin prints its own progress and summaries
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

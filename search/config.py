@@ -147,11 +147,25 @@ class SamplerSection(_Strict):
 
 
 class BudgetSection(_Strict):
+    """When the study ends: whichever of its limits is reached first.
+
+    n_trials defaults to 50 only when neither timeout nor items is given: a budget of items (or
+    seconds) alone runs until those are spent.
+    """
+
     # candidates finished (scored to the end or pruned)
     n_trials: int | None = Field(default=50, ge=1)
     timeout: float | None = Field(default=None, gt=0)  # seconds of search, over all runs
     # evaluation items scored, over all trials and tasks
     items: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_only_by_default(cls, data: Any) -> Any:
+        limited = isinstance(data, dict) and (data.get("items") or data.get("timeout"))
+        if limited and "n_trials" not in data:
+            data = {**data, "n_trials": None}
+        return data
 
     @model_validator(mode="after")
     def _some_budget(self) -> BudgetSection:

@@ -73,6 +73,8 @@ def load_study_folder(folder: str | Path) -> tuple[StudyConfig, optuna.Study]:
             f"{folder}: its storage holds no study named '{config.study.name}'; "
             f"was it moved? start it again with `basin run CONFIG`"
         ) from None
+    except ConfigError:  # a damaged journal: its own message, not the storage's
+        raise
     except Exception as exc:  # status, pareto, export: the same redacted message as run
         raise storage_error(
             config.study.storage or str(folder / records.JOURNAL_FILE), exc

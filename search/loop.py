@@ -53,6 +53,7 @@ class Flight:
     merge_s: float = 0.0  # over the rungs scored before this one
     eval_s: float = 0.0
     pruned: bool = False
+    overdue: bool = False  # stopped at workers.candidate_timeout; its result arrives as an error
 
     def promote(self, result: WorkerResult) -> None:
         """On to the next rung, on the same worker; this rung's time is kept."""
@@ -144,12 +145,13 @@ def _discard(s: StudySetup) -> str:
 def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool) -> None:
     study, cfg, rungs = s.study, s.config, s.rungs
     budget = Budget(study, cfg.budget)
-    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    # the bar counts what ends the study: trials, or with a budget of items alone, items
+    by_items = cfg.budget.n_trials is None and cfg.budget.items is not None
     bar = tqdm(
-        total=cfg.budget.n_trials,
-        initial=n_done,
+        total=cfg.budget.items if by_items else cfg.budget.n_trials,
+        initial=budget.items_spent() if by_items else budget.finished(),
         desc=cfg.study.name,
-        unit="trial",
+        unit="item" if by_items else "trial",
         disable=not progress,
     )
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
@@ -181,7 +183,7 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
             bar.set_postfix_str(_postfix(s), refresh=True)
         if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
             break
-        finished = pool.wait(list(in_flight), timeout=POLL_S)
+        finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
         for ref in finished:
             flight, result = in_flight.pop(ref), pool.result(ref)
             values, error = judge(s, flight, result)
@@ -197,7 +199,8 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
             free.append(flight.worker)
             ok = finish(s, flight, result, values, error)
             recent.append(ok)
-            bar.update(1 if ok else 0)
+            if ok:
+                bar.update(fidelity.trial_items(flight.trial) if by_items else 1)
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
@@ -264,13 +267,26 @@ def _failing(recent: list[bool], workers: int) -> bool:
     return len(recent) >= window and not any(recent[-window:])
 
 
+def _wait_s(s: StudySetup, in_flight: dict[Any, Flight]) -> float:
+    """How long to wait for a result: POLL_S, or less so that a candidate reaching
+    workers.candidate_timeout is stopped at its limit, not up to POLL_S after it."""
+    limit = s.config.workers.candidate_timeout
+    if limit is None or not in_flight:
+        return POLL_S
+    running = [f.started for f in in_flight.values() if not f.overdue]
+    if not running:
+        return POLL_S
+    return max(0.01, min(POLL_S, min(running) + limit - time.perf_counter()))
+
+
 def _stop_overdue(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight]) -> None:
     limit = s.config.workers.candidate_timeout
     if limit is None:
         return
     now = time.perf_counter()
     for flight in in_flight.values():
-        if now - flight.started > limit and not flight.trial.user_attrs.get(attrs.TIMED_OUT):
+        if now - flight.started > limit and not flight.overdue:
+            flight.overdue = True
             flight.trial.set_user_attr(attrs.TIMED_OUT, True)
             pool.restart(flight.worker)  # its result arrives as an error
 

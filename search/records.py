@@ -218,6 +218,15 @@ def open_storage(folder: Path, configured: str | None, heartbeat_s: int | None =
             f"dropped its {dropped} bytes",
             file=sys.stderr,
         )
+    if journal.exists():
+        # Optuna fails on a bad line with a bare JSON error, and on a bad last line only once a
+        # run has appended after it, in the middle of that run: find them all now, and say so
+        from search import journal as health
+
+        if bad := health.bad_lines(journal):
+            from search.config import ConfigError
+
+            raise ConfigError(health.describe(journal, bad, folder))
     return compat.journal_storage(journal, lock)
 
 

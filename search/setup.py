@@ -293,6 +293,8 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
     try:
         storage = records.open_storage(folder, config.study.storage, config.study.heartbeat_s)
         existing = _count_trials(storage, config.study.name)
+    except ConfigError:  # a damaged journal: its own message, not the storage's
+        raise
     except Exception as exc:
         raise storage_error(config.study.storage or str(journal), exc) from None
     kept = records.read_trial_records(folder) if existing == 0 else {}

@@ -16,11 +16,21 @@ def _duration(seconds: float) -> str:
     return str(dt.timedelta(seconds=round(seconds)))
 
 
-def _describe(trial: optuna.trial.FrozenTrial) -> str:
-    name = trial.user_attrs.get(attrs.BASELINE)
-    method = trial.params.get("method") or "-"
-    values = ", ".join(f"{v:.4f}" for v in trial.values)
-    return f"trial {trial.number} ({name or method}): {values}"
+def _method(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """The trial's merge method: a param when several are searched, else the space's only one."""
+    if "method" in trial.params:
+        return trial.params["method"]
+    methods = study.user_attrs.get(attrs.CONFIG, {}).get("space", {}).get("methods", [])
+    return methods[0] if len(methods) == 1 else "?"
+
+
+def _describe(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """One trial with its values named: each objective's, or the weighted score."""
+    name = trial.user_attrs.get(attrs.BASELINE) or _method(study, trial)
+    keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or []
+    labels = keys if len(keys) == len(trial.values) else ["score"] * len(trial.values)
+    values = ", ".join(f"{k} {v:.4f}" for k, v in zip(labels, trial.values))
+    return f"trial {trial.number} ({name}): {values}"
 
 
 def print_summary(folder: Path, study: optuna.Study) -> None:
@@ -39,14 +49,14 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
         return
     baselines = [t for t in complete if t.user_attrs.get(attrs.BASELINE)]
     if len(study.directions) == 1:
-        print(f"best  {_describe(study.best_trial)}")
+        print(f"best  {_describe(study, study.best_trial)}")
         if baselines:
             top = max(baselines, key=lambda t: t.values[0])
-            print(f"best baseline  {_describe(top)}")
+            print(f"best baseline  {_describe(study, top)}")
     else:
         print(f"Pareto front ({len(study.best_trials)} trials):")
         for t in sorted(study.best_trials, key=lambda t: t.number):
-            print(f"  {_describe(t)}")
+            print(f"  {_describe(study, t)}")
 
 
 def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str | None:
@@ -90,10 +100,15 @@ def print_status(folder: Path) -> None:
     )
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")
+    if config.budget.items is not None:
+        spent = fidelity.spent(trials)[0]
+        print(f"  items scored {spent} of the budget's {config.budget.items}")
+    if config.budget.timeout is not None:
+        print(f"  time budget {_duration(config.budget.timeout)}")
     print(f"  elapsed {_duration(float(study.user_attrs.get('elapsed_s', 0.0)))}")
     if counts[TrialState.COMPLETE]:
         if len(study.directions) == 1:
-            print(f"  best {_describe(study.best_trial)}")
+            print(f"  best {_describe(study, study.best_trial)}")
         else:
             print(f"  Pareto front: {len(study.best_trials)} trials")
     last_errors = [t for t in trials if t.state == TrialState.FAIL][-3:]
