@@ -208,6 +208,7 @@ def _validate(args: argparse.Namespace) -> int:
         f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
         f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)"
     )
+    print(f"budget: {_budget_words(config.budget)}")
     if (overlap := config.evaluator.overlap()) is not None:
         print(f"warning: {overlap}")
     if not hub_models:
@@ -226,6 +227,18 @@ def _validate(args: argparse.Namespace) -> int:
     for line in unchecked:
         print(f"not checked here: {line}")
     return 0
+
+
+def _budget_words(budget) -> str:
+    """The budget as the run will apply it: whichever limit comes first."""
+    parts = []
+    if budget.n_trials is not None:
+        parts.append(f"{budget.n_trials} trials")
+    if budget.items is not None:
+        parts.append(f"{budget.items} scored items")
+    if budget.timeout is not None:
+        parts.append(f"{budget.timeout:g} s of search")
+    return " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
 
 
 def _pareto(args: argparse.Namespace) -> int:

@@ -142,6 +142,8 @@ class ObjectivesSection(_Strict):
 
 class SamplerSection(_Strict):
     name: Literal[SAMPLERS] = "tpe"
+    # The sampler's draws. With one worker a seed repeats a study; with several, results arrive
+    # in an order the machine decides and the sampler learns them in that order, so it does not.
     seed: int | None = 0
     n_startup_trials: int = Field(default=10, ge=0)
 

@@ -252,7 +252,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     ),
     BadInput(
         "existing study, different config",
-        ("different config", "basin resume", "study.name"),
+        ("different config", "differs in: baselines, space", "basin resume", "study.name"),
         lambda e: e.config(
             "different",
             study={"name": "night", "output_dir": str(e.study)},
@@ -275,12 +275,88 @@ BAD_INPUTS: tuple[BadInput, ...] = (
         lambda e: ["export", str(e.study), "--trial", "999", "--out", str(e.out("export"))],
     ),
     BadInput(
+        "export --force into the study folder itself",
+        ("is a study", "never a study", "Choose another --out"),
+        lambda e: [
+            "export",
+            str(e.study),
+            "--trial",
+            str(e.trial),
+            "--out",
+            str(e.study),
+            "--force",
+        ],
+    ),
+    BadInput(
+        "export --force into a folder holding a study",
+        ("holds the study folder", "never a study"),
+        lambda e: [
+            "export",
+            str(e.study),
+            "--trial",
+            str(e.trial),
+            "--out",
+            str(e.root),
+            "--force",
+        ],
+    ),
+    BadInput(
+        "merge --force into one of its own inputs",
+        ("is an input of this merge", "never a model the merge reads"),
+        lambda e: ["merge", str(_self_recipe(e)), "--out", str(e.root / "own-input"), "--force"],
+    ),
+    BadInput(
+        "export under a regular file",
+        ("is a file, not a folder",),
+        lambda e: [
+            "export",
+            str(e.study),
+            "--trial",
+            str(e.trial),
+            "--out",
+            str(_blocker(e) / "model"),
+        ],
+    ),
+    BadInput(
+        "study.output_dir under a regular file",
+        ("study.output_dir", "is a file, not a folder"),
+        lambda e: e.config(
+            "under_file", study={"name": "uf", "output_dir": str(_blocker(e) / "studies")}
+        ),
+    ),
+    BadInput(
+        "a wrong --set value",
+        ("budget.n_trials", "from --set budget.n_trials=0", "fix the --set values"),
+        lambda e: [*e.config("set_value"), "--set", "budget.n_trials=0"],
+    ),
+    BadInput(
         "status with an unreachable password URL",
         ("cannot be opened", "***"),
         lambda e: ["status", str(_password_study(e))],
         absent=(PASSWORD,),
     ),
 )
+
+
+def _blocker(env: BadInputEnv) -> Path:
+    """A regular file where a folder would be needed."""
+    path = env.root / "blocker"
+    path.write_text("a file, not a folder")
+    return path
+
+
+def _self_recipe(env: BadInputEnv) -> Path:
+    """A recipe whose fine-tune is a copy of the zoo's, at the path the case passes as --out."""
+    own = env.root / "own-input"
+    if not own.exists():
+        shutil.copytree(env.zoo.finetunes[0], own)
+    recipe = env.root / "configs" / "self.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    models = [{"path": str(own), "weight": 1.0}]
+    recipe.write_text(
+        yaml.safe_dump({"method": "task_arithmetic", "base": str(env.zoo.base), "models": models})
+    )
+    return recipe
 
 
 def _password_study(env: BadInputEnv) -> Path:
