@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import optuna
 from optuna.trial import TrialState
@@ -30,6 +30,7 @@ from merging.recipe import recipe_to_dict
 from search import attrs, compat, fidelity, records
 from search.budget import Budget, claim
 from search.config import StudyConfig
+from search.console import RAY_LOG, others_to
 from search.objectives import checked_values
 from search.pool import Pool, PoolFactory, WorkerStartError, ray_pool
 from search.recovery import Heartbeat, fail_and_requeue, queue_again
@@ -80,27 +81,35 @@ def run_study(
         s = setup_study(config, resume=resume)
         if not Budget(s.study, config.budget).left():
             return s.study  # nothing to run: no worker is started
-        workers = (pool or ray_pool)(s.spec, config.workers, worker_cls)
-        in_flight: dict[Any, Flight] = {}
-        unstarted = None
+        with others_to(s.folder / RAY_LOG) as out:  # Ray's messages: kept, not on the terminal
+            return _run(s, pool or ray_pool, worker_cls, progress, out)
+
+
+def _run(
+    s: StudySetup, pool: PoolFactory, worker_cls: type | None, progress: bool, out: TextIO
+) -> optuna.Study:
+    """Start the pool, run the loop, and leave nothing in flight, however it ends."""
+    workers = pool(s.spec, s.config.workers, worker_cls)
+    in_flight: dict[Any, Flight] = {}
+    unstarted = None
+    try:
+        with _sigterm_as_interrupt():  # after the pool: Ray sets a handler of its own
+            _loop(s, workers, in_flight, progress, out)
+    except WorkerStartError as exc:
+        unstarted = exc
+    finally:
         try:
-            with _sigterm_as_interrupt():  # after the pool: Ray sets a handler of its own
-                _loop(s, workers, in_flight, progress)
-        except WorkerStartError as exc:
-            unstarted = exc
+            # interrupted (Ctrl-C, an error): no candidate is lost
+            for flight in in_flight.values():
+                fail_and_requeue(
+                    s.study,
+                    flight.trial,
+                    "interrupted before the candidate finished; its params were queued again",
+                )
         finally:
-            try:
-                # interrupted (Ctrl-C, an error): no candidate is lost
-                for flight in in_flight.values():
-                    fail_and_requeue(
-                        s.study,
-                        flight.trial,
-                        "interrupted before the candidate finished; its params were queued again",
-                    )
-            finally:
-                workers.shutdown()
-        if unstarted is not None:
-            raise WorkerStartError(f"{unstarted}{_discard(s)}")
+            workers.shutdown()
+    if unstarted is not None:
+        raise WorkerStartError(f"{unstarted}{_discard(s)}")
     return s.study
 
 
@@ -142,7 +151,9 @@ def _discard(s: StudySetup) -> str:
     return f"; the study is kept: `basin resume {s.folder}` continues it once the cause is fixed"
 
 
-def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool) -> None:
+def _loop(
+    s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool, out: TextIO
+) -> None:
     study, cfg, rungs = s.study, s.config, s.rungs
     budget = Budget(study, cfg.budget)
     # the bar counts what ends the study: trials, or with a budget of items alone, items
@@ -153,6 +164,7 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
         desc=cfg.study.name,
         unit="item" if by_items else "trial",
         disable=not progress,
+        file=out,
     )
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -186,6 +198,12 @@ def _loop(s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: boo
         finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
         for ref in finished:
             flight, result = in_flight.pop(ref), pool.result(ref)
+            if result.worker_lost and not flight.overdue:
+                tqdm.write(
+                    f"basin: worker {flight.worker} died during trial {flight.trial.number} "
+                    f"({result.error}); Ray's messages are in {s.folder / RAY_LOG}",
+                    file=out,
+                )
             values, error = judge(s, flight, result)
             if rungs and result.rung is not None:
                 fidelity.note_items(flight.trial, flight.rung, result.rung)

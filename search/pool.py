@@ -139,6 +139,7 @@ class RayPool:
         import ray
 
         self._ray = ray
+        self._own_ray = not ray.is_initialized()  # started here: shut down with the pool
         if gpus_per_worker == 0 and spec.threads is None:
             spec = replace(spec, threads=cpu_threads(count))
         self.spec = spec
@@ -229,6 +230,8 @@ class RayPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor, no_restart=True)
+        if self._own_ray:  # its processes go now, and its last messages with the run's output
+            self._ray.shutdown()
 
 
 class InProcessPool:

@@ -98,6 +98,12 @@ def test_worker_death_evaluation_error_timeout_and_nan_fail_only_their_trial(fau
     # the run's local Ray serves on loopback only (node address 127.0.0.1, every listening socket)
     assert r.node_ips == {"127.0.0.1"}, r.node_ips
     assert r.listening and all(ip in LOOPBACK for _, ip in r.listening), r.listening
+    # the terminal shows one line of basin's for the dead worker, naming its trial; Ray's own
+    # messages about it (raylet lines, restarts) are kept in the study folder's ray.log
+    (trial,) = r.errors["worker_died"]
+    assert r.output.count("basin: worker 0 died during trial") == 1, r.output
+    assert f"died during trial {trial} " in r.output and "ray.log" in r.output
+    assert "(raylet)" not in r.output and "(raylet)" in r.ray_log, r.output
 
 
 @pytest.mark.slow

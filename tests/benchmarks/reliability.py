@@ -1,5 +1,5 @@
-"""Overnight reliability of `basin`: kills, worker faults, concurrent runners, many machines and
-bad input.
+"""Overnight reliability of `basin`: kills, worker faults, concurrent runners, many machines, bad
+input, SIGTERM, a full disk and a damaged fine-tune.
 
 Everything here drives the real command line in subprocesses (each `basin run` starts its own
 local Ray, or joins a real two-node Ray cluster), on tiny real models and local lm-eval tasks,
@@ -8,8 +8,9 @@ prints the figures:
 
     .venv/bin/python tests/benchmarks/reliability.py [--kills 10] [--keep DIR]
 
-The scenarios live in tests/support/ (tests/test_reliability.py and tests/test_bad_input.py run
-them too); this script runs them all once and prints what they saw.
+The scenarios live in tests/support/ (tests/test_reliability.py, tests/test_bad_input.py and
+tests/test_failures_speak.py run them too); this script runs them all once and prints what they
+saw. The full disks are small tmpfs mounts, so they need root; without it they are skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
 from tests.support.bad_inputs import BAD_INPUTS, BadInputEnv, run_bad_input  # noqa: E402
+from tests.support.failures import (  # noqa: E402
+    Said,
+    can_mount,
+    damaged_finetune,
+    full_disk_merge,
+    full_disk_study,
+    sigterm_run,
+)
 from tests.support.fault_zoo import build_big_zoo, build_fault_zoo  # noqa: E402
 from tests.support.many_machines import node_loss, shared_study, silent_runner  # noqa: E402
 from tests.support.postgres import postgres_server  # noqa: E402
@@ -38,8 +47,19 @@ from tests.support.scenarios import (  # noqa: E402
 )
 
 
+def speech(said: Said, *, error_line: bool = True) -> str:
+    problems = said.problems(error_line=error_line)
+    return "message ok" if not problems else f"message BAD ({'; '.join(problems)})"
+
+
+def resumed(said: Said | None, complete: int, budget: int) -> str:
+    if said is None:
+        return "not resumed"
+    return f"resume {complete}/{budget} COMPLETE" + ("" if said.rc == 0 else f" (exit {said.rc})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             silent = silent_runner(zoo, root / "pg-silent", server.url(), heartbeat_s=2)
         print("many machines: a two-node Ray cluster losing a node")
         lost = node_loss(zoo, root / "cluster")
+        print("SIGTERM to basin run")
+        term = sigterm_run(zoo, root / "sigterm")
+        print("a full disk during a study and during a merge")
+        disk_study = full_disk_study(zoo, root / "disk-study") if can_mount() else None
+        disk_merge = full_disk_merge(zoo, root / "disk-merge") if can_mount() else None
+        print("a fine-tune holding NaN")
+        nan = damaged_finetune(zoo, root / "nan")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -168,6 +195,40 @@ def main(argv: list[str] | None = None) -> int:
         f"bad inputs tried      {len(results)}, handled {passed} "
         "(exit 2, one message naming the problem, nothing left)"
     )
+    stopped = (
+        f"{term.requeued_in_flight} in flight requeued"
+        + ("" if len(term.stopped) == 1 else f" ({len(term.stopped)} stopped)")
+        if term.in_flight
+        else "no candidate in flight before the run ended"
+    )
+    print(
+        f"sigterm               exit {term.run.rc}, {speech(term.run, error_line=False)}, "
+        f"{stopped}, {resumed(term.resumed, term.complete, term.budget)}, {term.seconds:.0f} s"
+    )
+    if disk_study is None:
+        print("full disk (study)     skipped (needs root)")
+    else:
+        print(
+            f"full disk (study)     exit {disk_study.run.rc}, {speech(disk_study.run)}, "
+            + ("" if disk_study.in_flight else "no candidate in flight before the run ended, ")
+            + f"{resumed(disk_study.resumed, disk_study.complete, disk_study.budget)}, "
+            f"records {disk_study.records} of {disk_study.trials} trials, "
+            f"{disk_study.seconds:.0f} s"
+        )
+    if disk_merge is None:
+        print("full disk (merge)     skipped (needs root)")
+    else:
+        print(
+            f"full disk (merge)     exit {disk_merge.merge.rc}, {speech(disk_merge.merge)}, "
+            + (f"left {', '.join(disk_merge.left)}" if disk_merge.left else "nothing left")
+            + f", {disk_merge.seconds:.0f} s"
+        )
+    print(
+        f"damaged fine-tune     validate exit {nan.validate.rc} "
+        f"(--headers-only exit {nan.headers_only.rc}), {speech(nan.validate)}; "
+        f"run exit {nan.run.rc}, {speech(nan.run)}; "
+        f"{'folder left' if nan.folder_left else 'no folder left'}, {nan.seconds:.0f} s"
+    )
     ok = (
         not kills.lost
         and not kills.integrity
@@ -203,6 +264,35 @@ def main(argv: list[str] | None = None) -> int:
         and not lost.integrity
         and len(lost.failed) == 1
         and lost.complete == lost.budget
+        and term.in_flight
+        and term.run.rc == 143
+        and not term.run.problems(error_line=False)
+        and len(term.requeued) == term.requeued_in_flight == len(term.stopped) == 1
+        and term.resumed.rc == 0
+        and term.complete == term.budget
+        and (
+            disk_study is None
+            or (
+                disk_study.in_flight
+                and disk_study.run.rc == 1
+                and not disk_study.run.problems()
+                and disk_study.resumed.rc == 0
+                and disk_study.complete == disk_study.budget
+                and disk_study.records == disk_study.trials
+            )
+        )
+        and (
+            disk_merge is None
+            or (
+                disk_merge.merge.rc == 1 and not disk_merge.merge.problems() and not disk_merge.left
+            )
+        )
+        and nan.validate.rc == 2
+        and not nan.validate.problems()
+        and nan.headers_only.rc == 0
+        and nan.run.rc == 2
+        and not nan.run.problems()
+        and not nan.folder_left
     )
     print("all good" if ok else "PROBLEMS above")
     return 0 if ok else 1

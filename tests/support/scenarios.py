@@ -273,6 +273,8 @@ class FaultReport:
     listening: list[tuple[str, str]] = field(default_factory=list)
     # node addresses on the Ray processes' command lines
     node_ips: set[str] = field(default_factory=set)
+    output: str = ""  # what the run printed (its terminal)
+    ray_log: str = ""  # what Ray's processes wrote, kept in the study folder
 
 
 FAULT_KINDS = {  # error text -> kind
@@ -401,6 +403,9 @@ def worker_faults(
             report.unexpected.append(f"trial {n}: {r['error']}")
     report.complete = sum(r["state"] == "COMPLETE" for r in recs.values())
     report.integrity = integrity_problems(storage_view(folder), recs)
+    report.output = log.read_text(errors="replace")
+    ray_log = folder / "ray.log"
+    report.ray_log = ray_log.read_text(errors="replace") if ray_log.is_file() else ""
     report.seconds = time.monotonic() - t0
     return report
 
