@@ -147,8 +147,15 @@ def _layer_param(
     default: float,
     grid: float | None = None,
 ) -> LayerParam:
+    def on_grid(value: float) -> float:
+        # the sampler's steps carry float noise (0.42500000000000004): the recipe states, and
+        # merges, the grid point itself, as a user would write it
+        return round(round(value / grid) * grid, 9) if grid is not None else value
+
     def values(prefix: str) -> tuple[float, ...]:
-        slots = [float(params.get(f"{prefix}.{s}".rstrip("."), default)) for s in space.slots]
+        slots = [
+            on_grid(float(params.get(f"{prefix}.{s}".rstrip("."), default))) for s in space.slots
+        ]
         if space.config.granularity == "group":
             # one value per layer, each layer taking its group's value
             return tuple(slots[i // space.config.group_size] for i in range(space.num_layers))
@@ -157,16 +164,13 @@ def _layer_param(
             # applied ones
             over = LayerParam(default=tuple(slots))
             span = max(space.num_layers - 1, 1)
-            return tuple(
-                round(round(over.at(i / span, "other") / grid) * grid, 9)
-                for i in range(space.num_layers)
-            )
+            return tuple(on_grid(over.at(i / span, "other")) for i in range(space.num_layers))
         return tuple(slots)
 
     if not space.config.split_attn_mlp:
         return LayerParam(default=values(f"{kind}.{model}"))
     return LayerParam(
-        default=(float(params.get(f"{kind}.{model}", default)),),
+        default=(on_grid(float(params.get(f"{kind}.{model}", default))),),
         attn=values(f"{kind}.{model}.attn"),
         mlp=values(f"{kind}.{model}.mlp"),
     )
