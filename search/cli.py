@@ -396,6 +396,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_set(p: argparse.ArgumentParser, example: str = "") -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=example or "override a config field, e.g. budget.n_trials=20",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basin", description="Search model-merge recipes.")
     parser.add_argument("--version", action="version", version=f"basin {_version()}")
@@ -437,26 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a study until its budget is spent")
     p.add_argument("config", help="study config YAML")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. budget.n_trials=20",
-    )
+    _add_set(p)
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("resume", help="continue a study up to its budget")
     p.add_argument("folder", help="the study folder (results/<name>)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="e.g. budget.n_trials=100 to extend it",
-    )
+    _add_set(p, "e.g. budget.n_trials=100 to extend it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_resume)
 
@@ -542,13 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write the report",
     )
     p.add_argument("--out", help="study folder (default: the config's)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. budget.n_trials=20",
-    )
+    _add_set(p)
     p.add_argument("--fresh", action="store_true", help="delete an earlier demo study first")
     p.add_argument(
         "--generative",
@@ -563,13 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a config, its models' headers and its tasks, as run does, before any run",
     )
     p.add_argument("config", help="study config YAML")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. budget.n_trials=20",
-    )
+    _add_set(p)
     p.add_argument(
         "--headers-only",
         action="store_true",

@@ -320,50 +320,40 @@ def finish(
     another runner failed meanwhile (found silent; its retry runs instead) is left as that runner
     left it."""
     try:
-        return _tell(s, flight, result, values, error)
+        trial = flight.trial
+        wall = time.perf_counter() - flight.started
+        trial.set_user_attr(attrs.WORKER, result.worker)
+        if result.node:
+            trial.set_user_attr(attrs.NODE, result.node)
+        retry = error is not None and retry_lost(trial, result)
+        if retry:
+            error += "; its params were queued again, to run once more on a worker that lives"
+        state = None
+        if error is None:
+            if s.rungs is None:
+                trial.set_user_attr(attrs.ITEMS, sum(s.sizes.values()))
+            trial.set_user_attr(attrs.METRICS, result.metrics)
+            trial.set_user_attr(attrs.MERGE_S, flight.merge_s + result.merge_s)
+            trial.set_user_attr(attrs.EVAL_S, flight.eval_s + result.eval_s)
+            # single objective: told with its last reported value; Pareto: without values
+            if flight.pruned:
+                state = "PRUNED"
+                told = s.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            else:
+                told = s.study.tell(trial, values, skip_if_finished=True)
+        else:
+            trial.set_user_attr(attrs.ERROR, error)
+            told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
+            return False  # another runner found it silent and failed it (its retry runs instead)
+        if retry:
+            queue_again(s.study, told, lost_worker_retry=True)
+        record = records.trial_record(trial, flight.recipe, wall, error, result.traceback, state)
+        record["values"] = values
+        records.write_trial_record(s.folder, record)
+        return error is None
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-
-
-def _tell(
-    s: StudySetup,
-    flight: Flight,
-    result: WorkerResult,
-    values: list[float] | None,
-    error: str | None,
-) -> bool:
-    trial = flight.trial
-    wall = time.perf_counter() - flight.started
-    trial.set_user_attr(attrs.WORKER, result.worker)
-    if result.node:
-        trial.set_user_attr(attrs.NODE, result.node)
-    retry = error is not None and retry_lost(trial, result)
-    if retry:
-        error += "; its params were queued again, to run once more on a worker that lives"
-    state = None
-    if error is None:
-        if s.rungs is None:
-            trial.set_user_attr(attrs.ITEMS, sum(s.sizes.values()))
-        trial.set_user_attr(attrs.METRICS, result.metrics)
-        trial.set_user_attr(attrs.MERGE_S, flight.merge_s + result.merge_s)
-        trial.set_user_attr(attrs.EVAL_S, flight.eval_s + result.eval_s)
-        # single objective: told with its last reported value; Pareto: without values
-        if flight.pruned:
-            state = "PRUNED"
-            told = s.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-        else:
-            told = s.study.tell(trial, values, skip_if_finished=True)
-    else:
-        trial.set_user_attr(attrs.ERROR, error)
-        told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-    if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
-        return False  # another runner found it silent and failed it (its retry runs instead)
-    if retry:
-        queue_again(s.study, told, lost_worker_retry=True)
-    record = records.trial_record(trial, flight.recipe, wall, error, result.traceback, state)
-    record["values"] = values
-    records.write_trial_record(s.folder, record)
-    return error is None
 
 
 def retry_lost(trial: optuna.trial.Trial, result: WorkerResult) -> bool:

@@ -118,7 +118,28 @@ def worker_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-class RayPool:
+class _Submits:
+    """`submit` and `more` of every pool: a call of the worker's method, however it is made."""
+
+    def _call(self, worker: int, method: str, *args: Any) -> Ref:
+        raise NotImplementedError
+
+    def submit(
+        self,
+        worker: int,
+        recipe: dict[str, Any],
+        role: Role = "search",
+        *,
+        items: int | None = None,
+        rung: bool = False,
+    ) -> Ref:
+        return self._call(worker, "run", recipe, role, items, rung)
+
+    def more(self, worker: int, items: int | None) -> Ref:
+        return self._call(worker, "more", items)
+
+
+class RayPool(_Submits):
     """`count` Ray actors; submit a recipe to a free one, wait for any to finish.
 
     `worker_cls` (default CandidateWorker) is the actor class: same constructor, `info` and `run`.
@@ -185,21 +206,8 @@ class RayPool:
             return False
         return True
 
-    def submit(
-        self,
-        worker: int,
-        recipe: dict[str, Any],
-        role: Role = "search",
-        *,
-        items: int | None = None,
-        rung: bool = False,
-    ) -> Ref:
-        ref = self.actors[worker].run.remote(recipe, role, items, rung)
-        self._owner[ref] = worker
-        return ref
-
-    def more(self, worker: int, items: int | None) -> Ref:
-        ref = self.actors[worker].more.remote(items)
+    def _call(self, worker: int, method: str, *args: Any) -> Ref:
+        ref = getattr(self.actors[worker], method).remote(*args)
         self._owner[ref] = worker
         return ref
 
@@ -234,7 +242,7 @@ class RayPool:
             self._ray.shutdown()
 
 
-class InProcessPool:
+class InProcessPool(_Submits):
     """`count` workers in this process, built on first use; a candidate runs when it is waited for.
 
     Candidates run one after the other, so there is no parallelism: this is the pool for tests,
@@ -259,24 +267,10 @@ class InProcessPool:
         _check_started(worker, self.worker(worker).info())
         return not any(w == worker for w, _ in self._pending.values())
 
-    def _add(self, worker: int, call: Callable[[Any], WorkerResult]) -> Ref:
+    def _call(self, worker: int, method: str, *args: Any) -> Ref:
         ref = next(self._refs)
-        self._pending[ref] = (worker, call)
+        self._pending[ref] = (worker, lambda w: getattr(w, method)(*args))
         return ref
-
-    def submit(
-        self,
-        worker: int,
-        recipe: dict[str, Any],
-        role: Role = "search",
-        *,
-        items: int | None = None,
-        rung: bool = False,
-    ) -> Ref:
-        return self._add(worker, lambda w: w.run(recipe, role, items, rung))
-
-    def more(self, worker: int, items: int | None) -> Ref:
-        return self._add(worker, lambda w: w.more(items))
 
     def wait(self, refs: list[Ref], timeout: float | None) -> list[Ref]:
         finished = [r for r in refs if r in self._done]
