@@ -156,16 +156,7 @@ def _loop(
 ) -> None:
     study, cfg, rungs = s.study, s.config, s.rungs
     budget = Budget(study, cfg.budget)
-    # the bar counts what ends the study: trials, or with a budget of items alone, items
-    by_items = cfg.budget.n_trials is None and cfg.budget.items is not None
-    bar = tqdm(
-        total=cfg.budget.items if by_items else cfg.budget.n_trials,
-        initial=budget.items_spent() if by_items else budget.finished(),
-        desc=cfg.study.name,
-        unit="item" if by_items else "trial",
-        disable=not progress,
-        file=out,
-    )
+    bar, by_items = _progress(s, budget, progress, out)
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
     heartbeat = Heartbeat(
@@ -199,11 +190,7 @@ def _loop(
         for ref in finished:
             flight, result = in_flight.pop(ref), pool.result(ref)
             if result.worker_lost and not flight.overdue:
-                tqdm.write(
-                    f"basin: worker {flight.worker} died during trial {flight.trial.number} "
-                    f"({result.error}); Ray's messages are in {s.folder / RAY_LOG}",
-                    file=out,
-                )
+                _say_lost(s, flight, result, out)
             values, error = judge(s, flight, result)
             if rungs and result.rung is not None:
                 fidelity.note_items(flight.trial, flight.rung, result.rung)
@@ -223,6 +210,31 @@ def _loop(
     bar.close()
     if _failing(recent, cfg.workers.count):
         raise StudyStopped(_failure_summary(s, _window(cfg.workers.count)))
+
+
+def _progress(s: StudySetup, budget: Budget, progress: bool, out: TextIO) -> tuple[tqdm, bool]:
+    """The bar, and whether it counts items: it counts what ends the study, trials or, with a
+    budget of items alone, items."""
+    cfg = s.config.budget
+    by_items = cfg.n_trials is None and cfg.items is not None
+    bar = tqdm(
+        total=cfg.items if by_items else cfg.n_trials,
+        initial=budget.items_spent() if by_items else budget.finished(),
+        desc=s.config.study.name,
+        unit="item" if by_items else "trial",
+        disable=not progress,
+        file=out,
+    )
+    return bar, by_items
+
+
+def _say_lost(s: StudySetup, flight: Flight, result: WorkerResult, out: TextIO) -> None:
+    """One line of basin's for a worker that died; Ray's own lines about it are in ray.log."""
+    tqdm.write(
+        f"basin: worker {flight.worker} died during trial {flight.trial.number} "
+        f"({result.error}); Ray's messages are in {s.folder / RAY_LOG}",
+        file=out,
+    )
 
 
 class StudyStopped(RuntimeError):
