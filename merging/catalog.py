@@ -3,40 +3,76 @@
 Recipe validation, the search space and its baselines, the resident and export paths, the memory
 plan, the mergekit conversion and the report all ask this table what a method needs, instead of
 spelling method names themselves. Adding a method means a row here, its math (merging/methods.py)
-and its tests.
+and its tests. A row's family and keep rule are members of `Family` and `Keep`, checked when the
+row is made: branch on those members (`is`) and on the rows' flags, not on their names.
 
-Families:
-- "task_vector": base + lambda * mix of the task vectors T_k = M_k - base, each sparsified by its
+Families (`Family`):
+- TASK_VECTOR: base + lambda * mix of the task vectors T_k = M_k - base, each sparsified by its
   `keep` rule, with or without a sign election (`consensus`); one kernel runs them all;
-- "linear": sum_k w_k M_k, normalized by the sum of the weights by default;
-- "slerp": spherical interpolation between exactly two models;
-- "nuslerp": spherical interpolation of two models, or of their task vectors when a base is given,
+- LINEAR: sum_k w_k M_k, normalized by the sum of the weights by default;
+- SLERP: spherical interpolation between exactly two models;
+- NUSLERP: spherical interpolation of two models, or of their task vectors when a base is given,
   at t = w2 / (w1 + w2), over whole tensors, rows or columns (the recipe's slerp_over);
-- "model_stock": base + t * mean_k T_k with t from the angle between the task vectors (nothing to set).
+- MODEL_STOCK: base + t * mean_k T_k with t from the angle between the task vectors (nothing to
+  set).
 
-Keep rules (how a task vector is sparsified; mergekit's names in brackets):
-- "all": nothing dropped;
-- "magnitude" [magnitude]: the max(1, int(d*n)) entries of largest |T|;
-- "outliers" [magnitude_outliers]: the int(d*n) largest after the int(gamma*n) largest are set aside;
-- "random" [random]: each entry kept with probability d;
-- "della" [della_magprune]: each entry kept with a probability from d - epsilon (smallest |T| in its
+Keep rules (`Keep`: how a task vector is sparsified; mergekit's names in brackets):
+- ALL: nothing dropped;
+- MAGNITUDE [magnitude]: the max(1, int(d*n)) entries of largest |T|;
+- OUTLIERS [magnitude_outliers]: the int(d*n) largest after the int(gamma*n) largest are set aside;
+- RANDOM [random]: each entry kept with probability d;
+- DELLA [della_magprune]: each entry kept with a probability from d - epsilon (smallest |T| in its
   row) to d + epsilon (largest), clamped to [0, 1].
+MAGNITUDE and OUTLIERS are `ranked` (by magnitude over the whole tensor), RANDOM and DELLA `drawn`
+(from the recipe's seed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from merging.errors import MergeError, unknown
 
-FAMILIES = ("task_vector", "linear", "slerp", "nuslerp", "model_stock")
-KEEP_RULES = ("all", "magnitude", "outliers", "random", "della")
+
+# Family and Keep are str-valued: a member equals its name as recipes, the YAML and reports spell it
+class Family(str, Enum):
+    """How a method combines the models (the module docstring describes each)."""
+
+    TASK_VECTOR = "task_vector"
+    LINEAR = "linear"
+    SLERP = "slerp"
+    NUSLERP = "nuslerp"
+    MODEL_STOCK = "model_stock"
+
+
+class Keep(str, Enum):
+    """How the task-vector family sparsifies a task vector (see the module docstring)."""
+
+    ALL = "all"
+    MAGNITUDE = "magnitude"
+    OUTLIERS = "outliers"
+    RANDOM = "random"
+    DELLA = "della"
+
+    @property
+    def ranked(self) -> bool:
+        """Whether entries are kept by their rank of magnitude in the whole tensor."""
+        return self in (Keep.MAGNITUDE, Keep.OUTLIERS)
+
+    @property
+    def drawn(self) -> bool:
+        """Whether entries are kept by random draws (from the recipe's seed)."""
+        return self in (Keep.RANDOM, Keep.DELLA)
+
+
 SLERP_OVER = ("tensor", "rows", "columns")  # nuslerp: what one interpolated vector is
 
 
 @dataclass(frozen=True)
 class Param:
-    """A number a recipe may set for a method: per model (weight, density, gamma, epsilon) or shared."""
+    """A number a recipe may set for a method: per model (weight, density, gamma, epsilon) or
+    shared."""
 
     name: str
     per_model: bool
@@ -108,9 +144,9 @@ PER_MODEL = tuple(p.name for p in PARAMS.values() if p.per_model)  # weight, den
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # one of FAMILIES
+    family: Family
     params: tuple[str, ...]  # the PARAMS this method reads
-    keep: str = "all"  # one of KEEP_RULES (task_vector family)
+    keep: Keep = Keep.ALL  # only the task-vector family sparsifies
     consensus: bool = False  # elect a sign per entry and mix only agreeing entries (TIES)
     normalize: bool = False  # the default of `normalize` (mergekit's)
     rescale: bool | None = None  # the default of `rescale`; None: the method has no rescale
@@ -120,15 +156,33 @@ class Method:
     mergekit: str = ""  # mergekit's name for it ("" when mergekit has no such method)
     summary: str = ""
 
+    def __post_init__(self) -> None:
+        # a plain name would equal its member yet fail the `is` tests the merge code branches on
+        if not isinstance(self.family, Family):
+            raise TypeError(
+                f"method {self.name!r}: family {self.family!r} is not a Family; use one of "
+                f"{', '.join(f'Family.{f.name}' for f in Family)}"
+            )
+        if not isinstance(self.keep, Keep):
+            raise TypeError(
+                f"method {self.name!r}: keep {self.keep!r} is not a Keep rule; use one of "
+                f"{', '.join(f'Keep.{k.name}' for k in Keep)}"
+            )
+        if (self.keep is not Keep.ALL or self.consensus) and self.family is not Family.TASK_VECTOR:
+            raise ValueError(
+                f"method {self.name!r}: only the task-vector family sparsifies or elects signs; "
+                "set family=Family.TASK_VECTOR, or leave keep and consensus at their defaults"
+            )
+
     @property
     def random(self) -> bool:
         """Whether its merge depends on random draws (the recipe's seed)."""
-        return self.keep in ("random", "della")
+        return self.keep.drawn
 
     @property
     def magnitude_ranked(self) -> bool:
         """Whether it keeps entries by their rank of magnitude (tables precomputed per worker)."""
-        return self.keep in ("magnitude", "outliers")
+        return self.keep.ranked
 
     def uses(self, param: str) -> bool:
         return param in self.params
@@ -140,7 +194,7 @@ METHOD_TABLE: dict[str, Method] = {
     for m in (
         Method(
             "linear",
-            "linear",
+            Family.LINEAR,
             ("weight",),
             normalize=True,
             needs_base=False,
@@ -149,35 +203,37 @@ METHOD_TABLE: dict[str, Method] = {
         ),
         Method(
             "task_arithmetic",
-            "task_vector",
+            Family.TASK_VECTOR,
             _TV,
             mergekit="task_arithmetic",
             summary="base + lambda * weighted sum of task vectors",
         ),
         Method(
             "ties",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "lambda"),
-            keep="magnitude",
+            keep=Keep.MAGNITUDE,
             consensus=True,
             normalize=True,
             mergekit="ties",
-            summary="trim each task vector to its largest entries, elect a sign, mix agreeing entries",
+            summary=(
+                "trim each task vector to its largest entries, elect a sign, mix agreeing entries"
+            ),
         ),
         Method(
             "dare_linear",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "lambda"),
-            keep="random",
+            keep=Keep.RANDOM,
             rescale=True,
             mergekit="dare_linear",
             summary="drop entries at random, rescale survivors, weighted sum",
         ),
         Method(
             "dare_ties",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "lambda"),
-            keep="random",
+            keep=Keep.RANDOM,
             consensus=True,
             rescale=True,
             mergekit="dare_ties",
@@ -185,26 +241,26 @@ METHOD_TABLE: dict[str, Method] = {
         ),
         Method(
             "breadcrumbs",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "gamma", "lambda"),
-            keep="outliers",
+            keep=Keep.OUTLIERS,
             mergekit="breadcrumbs",
             summary="drop the largest (gamma) and the smallest entries, weighted sum",
         ),
         Method(
             "breadcrumbs_ties",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "gamma", "lambda"),
-            keep="outliers",
+            keep=Keep.OUTLIERS,
             consensus=True,
             mergekit="breadcrumbs_ties",
             summary="breadcrumbs' drops, then TIES' sign election",
         ),
         Method(
             "della",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "epsilon", "lambda"),
-            keep="della",
+            keep=Keep.DELLA,
             consensus=True,
             normalize=True,
             rescale=True,
@@ -213,16 +269,16 @@ METHOD_TABLE: dict[str, Method] = {
         ),
         Method(
             "della_linear",
-            "task_vector",
+            Family.TASK_VECTOR,
             ("weight", "density", "epsilon", "lambda"),
-            keep="della",
+            keep=Keep.DELLA,
             rescale=True,
             mergekit="della_linear",
             summary="DELLA's drops, weighted sum",
         ),
         Method(
             "model_stock",
-            "model_stock",
+            Family.MODEL_STOCK,
             (),
             min_models=2,
             mergekit="model_stock",
@@ -230,7 +286,7 @@ METHOD_TABLE: dict[str, Method] = {
         ),
         Method(
             "slerp",
-            "slerp",
+            Family.SLERP,
             ("t",),
             needs_base=False,
             min_models=2,
@@ -240,14 +296,16 @@ METHOD_TABLE: dict[str, Method] = {
         ),
         Method(
             "nuslerp",
-            "nuslerp",
+            Family.NUSLERP,
             ("weight",),
             needs_base=False,
             min_models=2,
             max_models=2,
             mergekit="nuslerp",
-            summary="spherical interpolation at t = w2 / (w1 + w2): of the task vectors given a base, else of "
-            "the models; per tensor, row or column",
+            summary=(
+                "spherical interpolation at t = w2 / (w1 + w2): of the task vectors given a base, "
+                "else of the models; per tensor, row or column"
+            ),
         ),
     )
 }

@@ -50,8 +50,8 @@ def resolve_model_dir(spec: str) -> Path:
         )
     if not _HUB_ID.match(spec):
         raise MergeError(
-            f"model folder not found: {spec}; check the path (a relative one is read from the current "
-            "folder), or give a hub id such as org/name"
+            f"model folder not found: {spec}; check the path (a relative one is read from the "
+            "current folder), or give a hub id such as org/name"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -95,9 +95,9 @@ class Checkpoint:
             if single == PICKLE_SINGLE:
                 if not allow_pickle:
                     raise MergeError(
-                        f"model '{self.spec}' has only pickle weights ({single}), which can run code when "
-                        "loaded; convert it to safetensors, or allow pickle (--allow-pickle / "
-                        "allow_pickle: true) if you trust its source"
+                        f"model '{self.spec}' has only pickle weights ({single}), which can run "
+                        "code when loaded; convert it to safetensors, or allow pickle "
+                        "(--allow-pickle / allow_pickle: true) if you trust its source"
                     )
                 self.pickle = True
             if index.is_file():
@@ -109,7 +109,8 @@ class Checkpoint:
             for shard in shard_paths:
                 if not shard.is_file():
                     raise MergeError(
-                        f"model '{self.spec}' is missing shard {shard.name} named in its index; download it again"
+                        f"model '{self.spec}' is missing shard {shard.name} named "
+                        "in its index; download it again"
                     )
             if files is None:
                 files = {name: one for name in self._names_in(one)}
@@ -169,14 +170,15 @@ class Checkpoint:
         t = t.to(device=device, dtype=dtype or t.dtype)
         if t.is_floating_point() and not all_finite(t):
             raise MergeError(
-                f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is damaged: "
-                "download or save it again, or leave this model out"
+                f"model '{self.spec}' tensor '{name}' contains NaN or inf; this checkpoint is "
+                "damaged: download or save it again, or leave this model out"
             )
         return t
 
     @cached_property
     def tokenizer_vocab(self) -> dict | None:
-        """The tokenizer's vocabulary and added tokens, or None when the folder has no tokenizer.json."""
+        """The tokenizer's vocabulary and added tokens, or None when the folder has no
+        tokenizer.json."""
         file = self.path / "tokenizer.json"
         if not file.is_file():
             return None
@@ -193,7 +195,8 @@ class Checkpoint:
 
 
 def check_compatible(models: Mapping[str, Checkpoint]) -> None:
-    """Raise MergeError unless every model has the reference's architecture, tensors, shapes and vocabulary."""
+    """Raise MergeError unless every model has the reference's architecture, tensors, shapes and
+    vocabulary."""
     items = list(models.items())
     ref_label, ref = items[0]
     for label, ck in items[1:]:
@@ -202,8 +205,9 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
             "model_type"
         ) != ref.config.get("model_type"):
             raise MergeError(
-                f"{pair} have different architectures ({ck.config.get('architectures')} vs "
-                f"{ref.config.get('architectures')}); merging needs fine-tunes of the same base model"
+                f"{pair} have different architectures ({ck.config.get('architectures')} "
+                f"vs {ref.config.get('architectures')}); merging needs "
+                "fine-tunes of the same base model"
             )
         missing, extra = (
             sorted(set(ref.files) - set(ck.files)),
@@ -216,18 +220,21 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
                 if names
             )
             raise MergeError(
-                f"{pair} have different tensor names ({detail} in '{label}'); they are not fine-tunes of one base"
+                f"{pair} have different tensor names ({detail} in '{label}'); "
+                "they are not fine-tunes of one base"
             )
         for name in ref.names:
             if ck.shape(name) != ref.shape(name):
                 raise MergeError(
-                    f"{pair} differ in the shape of '{name}': {ck.shape(name)} vs {ref.shape(name)}; "
-                    "merging needs identical shapes (a resized vocabulary must be aligned first)"
+                    f"{pair} differ in the shape of '{name}': {ck.shape(name)} vs "
+                    f"{ref.shape(name)}; merging needs identical shapes (a resized "
+                    "vocabulary must be aligned first)"
                 )
         if ck.vocab_size() != ref.vocab_size():
             raise MergeError(
-                f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs {ref.vocab_size()}); "
-                "merge only fine-tunes of one base, or resize the embeddings to the base's vocabulary first"
+                f"{pair} have different vocabulary sizes ({ck.vocab_size()} vs "
+                f"{ref.vocab_size()}); merge only fine-tunes of one base, or resize the embeddings "
+                "to the base's vocabulary first"
             )
         if (
             ck.tokenizer_vocab is not None
@@ -235,6 +242,6 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
             and ck.tokenizer_vocab != ref.tokenizer_vocab
         ):
             raise MergeError(
-                f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token ids "
-                "would mean different tokens in the merge"
+                f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token "
+                "ids would mean different tokens in the merge"
             )

@@ -17,7 +17,8 @@ def did_you_mean(value: str, known: Iterable[str]) -> str:
 
 
 def unknown(kind: str, value: str, known: Iterable[str]) -> MergeError:
-    """The error for a name outside a known set, in the form "unknown method 'tie'; did you mean 'ties'? Known: ..."."""
+    """The error for a name outside a known set, in the form
+    "unknown method 'tie'; did you mean 'ties'? Known: ..."."""
     known = list(known)
     hint = did_you_mean(value, known) or "."
     return MergeError(f"unknown {kind} '{value}'{hint} Known: {', '.join(known)}")

@@ -56,13 +56,14 @@ def export_merge(
 ) -> Path:
     """Merge `recipe` from its source files into the HF model folder `out`; returns `out`.
 
-    kernels: "auto", "eager" or "compiled" (merging.fused); the same setting and device as a resident
-    merge give the same bits.
+    kernels: "auto", "eager" or "compiled" (merging.fused); the same setting and device as a
+    resident merge give the same bits.
     """
     out = Path(out)
     if out.exists() and not force:
         raise MergeError(
-            f"output folder {out} already exists; choose another --out or pass --force to replace it"
+            f"output folder {out} already exists; choose another --out "
+            "or pass --force to replace it"
         )
     validate_recipe(recipe)
     ref = Checkpoint(recipe.reference, allow_pickle=allow_pickle)
@@ -72,9 +73,8 @@ def export_merge(
     )
     plan = plan_scalars(recipe, build_layer_map(ref.names))
     floats = [n for n in ref.names if ref.dtype(n).is_floating_point]
-    kernels = resolve_kernels(
-        kernels, device, sum(math.prod(ref.shape(n)) for n in floats)
-    )  # as the resident merger
+    # as the resident merger
+    kernels = resolve_kernels(kernels, device, sum(math.prod(ref.shape(n)) for n in floats))
     dtype = DTYPE_NAMES[recipe.dtype]
     specs = [
         TensorSpec(n, ref.shape(n), dtype if ref.dtype(n).is_floating_point else ref.dtype(n))
@@ -157,9 +157,7 @@ def _merged(
         return ref.read(spec.name)
     base = ref.read(spec.name, device=device, dtype=spec.dtype)
     deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
-    inputs = TensorInputs(
-        base=base, deltas=deltas
-    )  # magnitude bounds are selected exactly, no tables
+    inputs = TensorInputs(base=base, deltas=deltas)  # magnitude bounds selected exactly, no tables
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
     merge_tensor(recipe, spec.name, plan[spec.name], inputs, result, kernels=kernels)
     return result
@@ -183,7 +181,8 @@ def model_card(recipe: MergeRecipe, recipe_yaml: str) -> str:
     base = f"on top of `{recipe.base}` " if recipe.base else ""
     return (
         "---\ntags:\n- merge\n- basin\n---\n\n"
-        f"# Merged model\n\nThis model was merged with basin using **{recipe.method}** {base}from:\n\n"
+        "# Merged model\n\n"
+        f"This model was merged with basin using **{recipe.method}** {base}from:\n\n"
         f"{parents}\n\n## Recipe\n\nRebuild it with `basin merge basin_recipe.yaml --out DIR`:\n\n"
         f"```yaml\n{recipe_yaml}```\n"
     )

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 from merging.errors import MergeError
 
-# `model.layers.3.`, `transformer.h.3.`, `blocks.3.`, `encoder.layer.3.`: the decoder-stack families.
+# `model.layers.3.`, `transformer.h.3.`, `blocks.3.`, `encoder.layer.3.`: the decoder-stack
+# families.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBED = re.compile(
     r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|tok_embeddings|embed_in|position_embeddings)\."
 )
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.")
 _FINAL_NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_norm|final_layernorm|final_norm)\.")
-_LAYER_NORM = re.compile(
-    r"layernorm|layer_norm|(?:^|\.)ln_\w*\."
-)  # before attn: `post_attention_layernorm`
+# tried before _ATTN: `post_attention_layernorm` is a norm, not attention
+_LAYER_NORM = re.compile(r"layernorm|layer_norm|(?:^|\.)ln_\w*\.")
 _ATTN = re.compile(r"attn|attention")
 _MLP = re.compile(r"mlp|feed_forward|ffn")
 
@@ -92,7 +92,8 @@ def build_layer_map(names: Iterable[str]) -> LayerMap:
         )
     if not layers:
         raise MergeError(
-            "found no layer-indexed tensors (`layers.N.`, `h.N.`, ...): is this a causal LM checkpoint?"
+            "found no layer-indexed tensors (`layers.N.`, `h.N.`, ...): "
+            "is this a causal LM checkpoint?"
         )
     num_layers = max(layers.values()) + 1
     span = max(num_layers - 1, 1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from merging.catalog import METHOD_TABLE, PER_MODEL, method_spec
+from merging.catalog import METHOD_TABLE, PER_MODEL, Family, method_spec
 from merging.errors import MergeError
 from merging.layers import at_top
 from merging.recipe import MergeRecipe, recipe_from_dict, recipe_to_dict
@@ -43,10 +43,11 @@ def _param_to_mergekit(value: Any, where: str, top_names: Sequence[str] | None) 
     if _varies(default):
         if top_names is None:
             raise MergeError(
-                f"{where} varies over depth ({default}): mergekit gives the final norm and the head a "
-                f"list's first value ({default[0]}), basin its last ({default[-1]}), so the conversion "
-                "would change those tensors. Convert with the models at hand (a local base) so basin can "
-                "name them in filters, or give a list whose first and last values are equal"
+                f"{where} varies over depth ({default}): mergekit gives the final norm and the "
+                f"head a list's first value ({default[0]}), basin its last ({default[-1]}), "
+                "so the conversion would change those tensors. Convert with the models at "
+                "hand (a local base) so basin can name them in filters, or give a list whose "
+                "first and last values are equal"
             )
         top = [{"filter": name, "value": default[-1]} for name in top_names]
     if not isinstance(value, Mapping):
@@ -76,9 +77,10 @@ def _param_from_mergekit(value: Any, where: str) -> Any:
             top.setdefault(str(flt), item["value"])
         else:
             raise MergeError(
-                f"{where}: mergekit filter '{flt}' has no basin equivalent: basin gives values to all "
-                f"attention tensors ({' / '.join(_ATTN_FILTERS)}) or all MLP tensors "
-                f"({' / '.join(_MLP_FILTERS)}); converting it would apply the value to other tensors too"
+                f"{where}: mergekit filter '{flt}' has no basin equivalent: "
+                f"basin gives values to all attention tensors ({' / '.join(_ATTN_FILTERS)}) "
+                f"or all MLP tensors ({' / '.join(_MLP_FILTERS)}); converting it would apply "
+                "the value to other tensors too"
             )
     default = out.get("default")
     last = default[-1] if isinstance(default, list) else default
@@ -92,19 +94,19 @@ def _param_from_mergekit(value: Any, where: str) -> Any:
 def _top_refusal(where: str, values: Any, top: Mapping[str, Any] | None) -> MergeError:
     given = f" (its filters give {dict(top)})" if top else ""
     return MergeError(
-        f"{where}: mergekit gives the final norm and the head the first value of {values}{given}; basin "
-        "gives the tensors outside the layer stack the value at depth 1 (a list's last), so the "
-        "conversion would change those tensors. Add filters naming them (e.g. lm_head) with the list's "
-        "last value, or give a list whose first and last values are equal"
+        f"{where}: mergekit gives the final norm and the head the first value of {values}{given}; "
+        "basin gives the tensors outside the layer stack the value at depth 1 (a list's last), so "
+        "the conversion would change those tensors. Add filters naming them (e.g. lm_head) with "
+        "the list's last value, or give a list whose first and last values are equal"
     )
 
 
 def _random_refusal(method: str, direction: str) -> MergeError:
     return MergeError(
         f"{method} drops entries at random: mergekit draws from its own random state and rescales "
-        "survivors to match their L1 norm (basin divides by the keep probability, with draws fixed by "
-        f"the recipe's seed), so the converted recipe would merge different weights. Pass --approximate "
-        f"to convert {direction} anyway"
+        "survivors to match their L1 norm (basin divides by the keep probability, with draws fixed "
+        "by the recipe's seed), so the converted recipe would merge different weights. Pass "
+        f"--approximate to convert {direction} anyway"
     )
 
 
@@ -122,13 +124,13 @@ def to_mergekit(
     per_model = [p for p in spec.params if p in PER_MODEL]
     models = []
     for i, m in enumerate(ours["models"]):
-        if spec.family == "slerp" or not per_model:
+        if spec.family is Family.SLERP or not per_model:
             models.append({"model": m["path"]})
             continue
         p = {key: _param_to_mergekit(m[key], f"models[{i}].{key}", top_names) for key in per_model}
         models.append({"model": m["path"], "parameters": p})
     out: dict[str, Any] = {"merge_method": spec.mergekit}
-    if spec.family == "slerp":
+    if spec.family is Family.SLERP:
         out["base_model"] = recipe.models[0].path
     elif recipe.base is not None:
         out["base_model"] = recipe.base
@@ -140,9 +142,9 @@ def to_mergekit(
     }
     if spec.rescale is None:
         shared.pop("rescale", None)
-    if spec.family in ("slerp", "nuslerp", "model_stock", "linear"):
+    if spec.family is not Family.TASK_VECTOR:
         shared.pop("lambda", None)
-    if spec.family == "nuslerp":
+    if spec.family is Family.NUSLERP:
         shared.pop("normalize", None)  # nuslerp reads no normalize, in either tool
         if recipe.slerp_over != "tensor":
             shared.update(nuslerp_flatten=False, nuslerp_row_wise=recipe.slerp_over == "columns")
@@ -153,8 +155,8 @@ def to_mergekit(
     header = "# converted from a basin recipe"
     if spec.random:
         header += (
-            f" (approximate: basin's seed {seed} fixes its draws; mergekit draws its own and rescales "
-            "survivors by the L1 norm, so the weights differ)"
+            f" (approximate: basin's seed {seed} fixes its draws; mergekit draws its own and "
+            "rescales survivors by the L1 norm, so the weights differ)"
         )
     elif spec.magnitude_ranked:
         header += (
@@ -175,9 +177,8 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
             "mergekit 'slices' configs are not supported; list the models under 'models:' instead"
         )
     name = str(data["merge_method"])
-    spec = _BY_MERGEKIT_NAME.get(name) or method_spec(
-        name
-    )  # an unknown name: did-you-mean over basin's
+    # an unknown name gets did-you-mean over basin's names
+    spec = _BY_MERGEKIT_NAME.get(name) or method_spec(name)
     if spec.random and not approximate:
         raise _random_refusal(name, "from mergekit")
     params = dict(data.get("parameters") or {})
@@ -187,7 +188,7 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
             raise MergeError(f"models[{i}]: expected {{model: PATH, parameters: ...}}, got {m!r}")
     base = data.get("base_model")
     per_model = [p for p in spec.params if p in PER_MODEL]
-    if spec.family == "slerp":
+    if spec.family is Family.SLERP:
         if base is None:
             raise MergeError("a mergekit slerp config needs 'base_model': the model at t=0")
         others = [m for m in models_raw if m.get("model") != base]
@@ -198,14 +199,15 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
     else:
         models = []
         for i, m in enumerate(models_raw):
+            # mergekit lists the base among the models at times; it is not a task vector
             if m.get("model") == base:
-                continue  # mergekit lists the base among the models at times; it is not a task vector
+                continue
             p = m.get("parameters") or {}
             if unknown := sorted(set(p) - set(per_model)):
                 raise MergeError(
                     f"models[{i}].parameters: {', '.join(unknown)} has no basin equivalent for "
-                    f"{name}; basin reads {', '.join(per_model) or 'none'} per model for it, and dropping "
-                    "the rest would merge something else than this file says"
+                    f"{name}; basin reads {', '.join(per_model) or 'none'} per model for it, and "
+                    "dropping the rest would merge something else than this file says"
                 )
             entry = {"path": m["model"]}
             for key in per_model:
@@ -220,14 +222,15 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
         for k in _SHARED
         if spec.uses(k) or k == "normalize" or (k == "rescale" and spec.rescale is not None)
     ]
-    if spec.rescale is None and "rescale" in params and spec.family == "task_vector":
+    if spec.rescale is None and "rescale" in params and spec.family is Family.TASK_VECTOR:
         if params["rescale"] is True:
             raise MergeError(
-                f"parameters.rescale: mergekit's rescale for {name} scales the kept entries to match "
-                f"their L1 norm; basin's {spec.name} keeps them as they are. Remove it to merge without"
+                f"parameters.rescale: mergekit's rescale for {name} scales the kept "
+                f"entries to match their L1 norm; basin's {spec.name} keeps them as they "
+                "are. Remove it to merge without"
             )
         params.pop("rescale")  # false: mergekit's default, and basin's only way
-    if spec.family == "nuslerp":
+    if spec.family is Family.NUSLERP:
         flags = {
             key: params.pop(key, default)
             for key, default in (("nuslerp_flatten", True), ("nuslerp_row_wise", False))
@@ -242,19 +245,20 @@ def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
         )
         known = ["slerp_over"]
         params["slerp_over"] = over
-    if spec.family == "model_stock":
+    if spec.family is Family.MODEL_STOCK:
         known = []
         if params.get("filter_wise"):
             raise MergeError(
-                "parameters.filter_wise: basin's model_stock takes one ratio per tensor; a ratio per "
-                "row has no basin equivalent"
+                "parameters.filter_wise: basin's model_stock takes one ratio per tensor; a ratio "
+                "per row has no basin equivalent"
             )
         params.pop("filter_wise", None)
     if unknown := sorted(set(params) - set(known) - set(_IGNORED)):
         raise MergeError(
-            f"parameters: {', '.join(unknown)} has no basin equivalent for {name}; basin reads "
-            f"{', '.join(known) or 'none'} (and ignores {', '.join(_IGNORED)}: {_IGNORED['int8_mask']}), "
-            "and dropping the rest would merge something else than this file says"
+            f"parameters: {', '.join(unknown)} has no basin equivalent for {name}; "
+            f"basin reads {', '.join(known) or 'none'} (and ignores {', '.join(_IGNORED)}: "
+            f"{_IGNORED['int8_mask']}), and dropping the rest would merge "
+            "something else than this file says"
         )
     ours["parameters"] = {
         k: _param_from_mergekit(v, f"parameters.{k}") for k, v in params.items() if k in known

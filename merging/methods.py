@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from merging.catalog import Keep
 
 TABLE_POINTS = 1000  # magnitude bounds precomputed at densities j / TABLE_POINTS
 TABLE_POINT_BYTES = 20  # host memory per point: position and index (int64), magnitude (float32)
@@ -33,7 +36,8 @@ _HASH_MUL = 0x45D9F3B  # an odd multiplier below 2**31, so it is the same number
 
 
 def all_finite(t: Tensor) -> bool:
-    """No NaN or inf in `t`: one reduction pass instead of isfinite's mask and a second pass over it.
+    """No NaN or inf in `t`: one reduction pass instead of isfinite's mask and a second pass over
+    it.
 
     A sum is finite only if every term is (NaN and inf propagate); only a sum that overflows from
     finite terms needs the exact check.
@@ -47,12 +51,12 @@ NONE_KEPT = (math.inf, -1)  # a lower bound no finite entry passes
 NO_UPPER = (math.inf, -1)  # an upper bound every finite entry passes
 
 
-def kept_range(keep: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
-    """(skip, count): the entries at positions skip .. skip + count - 1 of the magnitude order are
-    kept; None keeps every entry (density 1, as mergekit)."""
+def kept_range(keep: Keep, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
+    """(skip, count) for a ranked keep rule: the entries at positions skip .. skip + count - 1 of
+    the magnitude order are kept; None keeps every entry (density 1, as mergekit)."""
     if density >= 1.0:
         return None
-    if keep == "magnitude":  # mergekit's magnitude: at least one entry survives
+    if keep is Keep.MAGNITUDE:  # mergekit's magnitude: at least one entry survives
         return 0, max(1, int(density * n))
     target, top = int(density * n), int(gamma * n)  # mergekit's magnitude_outliers
     bottom = max(0, n - target - top)
@@ -184,85 +188,104 @@ def row_ranks(delta: Tensor) -> Tensor:
 # --- the task-vector family ----------------------------------------------------------------------
 
 
-def task_vector_chunk(
-    out: Tensor,
-    base: Tensor,
-    deltas: list[Tensor],
-    start: Tensor,
-    coeffs: Tensor,
-    lower_v: Tensor,
-    lower_i: Tensor,
-    upper_v: Tensor,
-    upper_i: Tensor,
-    probs: Tensor,
-    spread: Tensor,
-    keys: Tensor,
-    ranks: list[Tensor],
-    signs: Tensor,
-    weights: Tensor,
-    lam: Tensor,
-    keep: str,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool,
-    check: bool,
-) -> Tensor | None:
-    """Write one flat chunk of a task-vector merge into `out`; with `check`, return whether it is all
-    finite after the cast to out's dtype.
+@dataclass(frozen=True)
+class TaskVectorSettings:
+    """What a task-vector merge of one tensor applies to each of its chunks; index k is the k-th
+    task vector with a non-zero weight.
 
-    Per task vector k: coeffs[k] is its factor (lam * w * scale / divisor without sign election,
-    w * scale with it); lower/upper bounds (magnitude, index) its magnitude keep rule; probs[k] its
-    keep probability (random) or d - epsilon (della) with spread[k] = 2 * epsilon; keys[k] its
-    `draw_keys` (the tensor key, keys[k, 0], is the same for all k); ranks[k] its row ranks (della); signs[k] the sign of w_k; weights[k] w_k, for the
-    disjoint mean's divisor. `start` is the chunk's flat offset in the tensor (draws and tie-breaks
-    see positions in the whole tensor).
+    coeffs[k] is its factor (lam * w * scale / divisor without sign election, w * scale with it);
+    lower/upper bounds (magnitude `_v`, index `_i`) its magnitude keep rule; probs[k] its keep
+    probability (random) or d - epsilon (della) with spread[k] = 2 * epsilon; keys[k] its
+    `draw_keys` (the tensor key, keys[k, 0], is the same for all k); signs[k] the sign of w_k;
+    weights[k] w_k, for the disjoint mean's divisor; lam the scale applied after a sign election.
+
+    The switches pick the kernel's variant (each compiles once): the keep rule, the sign election,
+    normalize (the disjoint mean's divisor), rescale (della's survivors divided by their keep
+    probability) and check (return whether the chunk is finite after the cast to out's dtype).
     """
-    b = base.float()
+
+    coeffs: Tensor
+    lower_v: Tensor
+    lower_i: Tensor
+    upper_v: Tensor
+    upper_i: Tensor
+    probs: Tensor
+    spread: Tensor
+    keys: Tensor
+    signs: Tensor
+    weights: Tensor
+    lam: Tensor
+    keep: Keep
+    consensus: bool
+    normalize: bool
+    rescale: bool
+    check: bool
+
+
+@dataclass(frozen=True)
+class TaskVectorChunk:
+    """One flat chunk of a tensor's task-vector merge: the output, base and task vectors there,
+    each task vector's row ranks there (della; empty otherwise), and the tensor's settings.
+    `start` is the chunk's flat offset in the tensor (draws and tie-breaks see positions in the
+    whole tensor)."""
+
+    out: Tensor
+    base: Tensor
+    deltas: tuple[Tensor, ...]
+    start: Tensor
+    ranks: tuple[Tensor, ...]
+    settings: TaskVectorSettings
+
+
+def task_vector_chunk(chunk: TaskVectorChunk) -> Tensor | None:
+    """Write one flat chunk of a task-vector merge into `chunk.out`; with the settings' `check`,
+    return whether it is all finite after the cast to out's dtype."""
+    s, keep = chunk.settings, chunk.settings.keep
+    b = chunk.base.float()
     index = (
-        torch.arange(b.numel(), device=b.device, dtype=torch.int64) + start
-        if keep != "all"
+        torch.arange(b.numel(), device=b.device, dtype=torch.int64) + chunk.start
+        if keep is not Keep.ALL
         else None
     )
-    shared = (
-        position_hash(index, keys[0, 0]) if keep in ("random", "della") else None
-    )  # keys[k, 0] agree
+    # the tensor key, keys[k, 0], is the same for every k: one shared round serves them all
+    shared = position_hash(index, s.keys[0, 0]) if keep.drawn else None
     kept = []
-    for k, delta in enumerate(deltas):
+    for k, delta in enumerate(chunk.deltas):
         d = delta.float()
-        if keep in ("magnitude", "outliers"):
+        if keep.ranked:
             a = d.abs()
-            mask = (a > lower_v[k]) | ((a == lower_v[k]) & (index <= lower_i[k]))
-            if keep == "outliers":
-                mask = mask & ((a < upper_v[k]) | ((a == upper_v[k]) & (index > upper_i[k])))
+            mask = (a > s.lower_v[k]) | ((a == s.lower_v[k]) & (index <= s.lower_i[k]))
+            if keep is Keep.OUTLIERS:
+                mask = mask & ((a < s.upper_v[k]) | ((a == s.upper_v[k]) & (index > s.upper_i[k])))
             d = torch.where(mask, d, 0.0)
-        elif keep == "random":
-            d = torch.where(draw(shared, keys[k, 1]) < probs[k], d, 0.0)
-        elif keep == "della":
-            p = (probs[k] + spread[k] * ranks[k]).clamp(0.0, 1.0)
-            survive = draw(shared, keys[k, 1]) < p
-            d = torch.where(survive, d / p if rescale else d, 0.0)
+        elif keep is Keep.RANDOM:
+            d = torch.where(draw(shared, s.keys[k, 1]) < s.probs[k], d, 0.0)
+        elif keep is Keep.DELLA:
+            p = (s.probs[k] + s.spread[k] * chunk.ranks[k]).clamp(0.0, 1.0)
+            survive = draw(shared, s.keys[k, 1]) < p
+            d = torch.where(survive, d / p if s.rescale else d, 0.0)
         kept.append(d)
-    if not consensus:
+    if not s.consensus:
         result = b.clone()
         for k, d in enumerate(kept):
-            result.add_(d * coeffs[k])
+            result.add_(d * s.coeffs[k])
     else:
         total = torch.zeros_like(b)
         for k, d in enumerate(kept):
-            total.add_(d * coeffs[k])
+            total.add_(d * s.coeffs[k])
         elected = torch.where(total >= 0, 1.0, -1.0)  # zero counts as +
         mixed = torch.zeros_like(b)
-        divisor = torch.zeros_like(b) if normalize else None
+        divisor = torch.zeros_like(b) if s.normalize else None
         for k, d in enumerate(kept):
-            agree = (d * elected) * signs[k] > 0  # the weighted entry has the elected sign
-            mixed.add_(torch.where(agree, d, 0.0) * coeffs[k])
+            agree = (d * elected) * s.signs[k] > 0  # the weighted entry has the elected sign
+            mixed.add_(torch.where(agree, d, 0.0) * s.coeffs[k])
             if divisor is not None:
-                divisor.add_(agree * weights[k])
+                divisor.add_(agree * s.weights[k])
         if divisor is not None:
             mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
-        result = mixed.mul_(lam).add_(b)
-    out.copy_(result)
-    return torch.isfinite(out).all() if check else None
+        result = mixed.mul_(s.lam).add_(b)
+    chunk.out.copy_(result)
+    return torch.isfinite(chunk.out).all() if s.check else None
 
 
 # --- the other families --------------------------------------------------------------------------
@@ -285,7 +308,8 @@ def linear(
 
 
 def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, parallel: float = 0.9995) -> Tensor:
-    """Spherical interpolation from a (t=0) to b (t=1) over the whole tensor; linear when nearly parallel."""
+    """Spherical interpolation from a (t=0) to b (t=1) over the whole tensor; linear when nearly
+    parallel."""
     a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
     na, nb = a64.norm(), b64.norm()
     if na < eps or nb < eps:
@@ -330,7 +354,8 @@ def nuslerp(
     computed here when not given.
 
     The result is c_a * a + c_b * b with one pair of coefficients per vector: besides the output,
-    float32 copies of 16-bit inputs are allocated (and for the angles one product of the tensor's size).
+    float32 copies of 16-bit inputs are allocated (and for the angles one product of the tensor's
+    size).
     """
     theta, linear = angles if angles is not None else nuslerp_angles(a, b, over=over)
     sin = torch.where(linear, 1.0, torch.sin(theta))

@@ -1,4 +1,5 @@
-"""Whether a process on this host still runs: how leftovers of killed runs are told from live work."""
+"""Whether a process on this host still runs: how leftovers of killed runs are told from live
+work."""
 
 from __future__ import annotations
 

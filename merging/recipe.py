@@ -26,7 +26,7 @@ Which keys a method reads, and their defaults, come from the method table (mergi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from merging.catalog import (
     PARAMS,
     PER_MODEL,
     SLERP_OVER,
+    Family,
     check_model_count,
     check_value,
     method_spec,
@@ -65,7 +66,8 @@ class LayerParam:
         return specific if specific is not None else self.default
 
     def at(self, depth: float, kind: str) -> float:
-        """The value at relative depth in [0, 1] for a tensor of this kind, interpolated linearly."""
+        """The value at relative depth in [0, 1] for a tensor of this kind, interpolated
+        linearly."""
         values = self.anchors(kind)
         if len(values) == 1:
             return values[0]
@@ -133,10 +135,6 @@ class MergeRecipe:
         """The tensor every task vector is taken against: the base, or the first model."""
         return self.base if self.base is not None else self.models[0].path
 
-    def with_paths(self, base: str | None, models: list[str]) -> MergeRecipe:
-        entries = tuple(replace(m, path=p) for m, p in zip(self.models, models, strict=True))
-        return replace(self, base=base, models=entries)
-
 
 def _parse_param(value: Any, where: str, *, required_default: float | None) -> LayerParam:
     def numbers(v: Any, at: str) -> tuple[float, ...]:
@@ -156,7 +154,8 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
         for key in value:
             if key not in PARAM_KINDS:
                 raise MergeError(
-                    f"{where}: unknown tensor kind '{key}'{did_you_mean(str(key), PARAM_KINDS) or '.'} Known: {', '.join(PARAM_KINDS)}"
+                    f"{where}: unknown tensor kind '{key}'"
+                    f"{did_you_mean(str(key), PARAM_KINDS) or '.'} Known: {', '.join(PARAM_KINDS)}"
                 )
         if "default" in value:
             default = numbers(value["default"], f"{where}.default")
@@ -164,7 +163,8 @@ def _parse_param(value: Any, where: str, *, required_default: float | None) -> L
             default = (required_default,)
         else:
             raise MergeError(
-                f"{where}: the attn/mlp form needs a 'default' value for the other tensors (norms, embeddings, head)"
+                f"{where}: the attn/mlp form needs a 'default' value for the other "
+                "tensors (norms, embeddings, head)"
             )
         attn = numbers(value["attn"], f"{where}.attn") if "attn" in value else None
         mlp = numbers(value["mlp"], f"{where}.mlp") if "mlp" in value else None
@@ -176,7 +176,8 @@ def _check_keys(data: Mapping, known: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in known:
             raise MergeError(
-                f"{where}: unknown key '{key}'{did_you_mean(str(key), known) or '.'} Known: {', '.join(known)}"
+                f"{where}: unknown key '{key}'{did_you_mean(str(key), known) or '.'} "
+                f"Known: {', '.join(known)}"
             )
 
 
@@ -251,16 +252,17 @@ def validate_recipe(recipe: MergeRecipe) -> None:
         raise unknown("dtype", recipe.dtype, DTYPES)
     if spec.needs_base and recipe.base is None:
         raise MergeError(
-            f"method '{recipe.method}' works on task vectors and needs 'base': the model the others were fine-tuned from"
+            f"method '{recipe.method}' works on task vectors and needs 'base': the model the "
+            "others were fine-tuned from"
         )
     if recipe.rescale and spec.rescale is None:
         raise MergeError(
-            f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that drop "
-            "entries at random: dare_*, della*); remove it"
+            f"parameters.rescale: {recipe.method} has no rescale (it applies to the methods that "
+            "drop entries at random: dare_*, della*); remove it"
         )
     if recipe.slerp_over not in SLERP_OVER:
         raise unknown("parameters.slerp_over", recipe.slerp_over, SLERP_OVER)
-    if recipe.slerp_over != "tensor" and spec.family != "nuslerp":
+    if recipe.slerp_over != "tensor" and spec.family is not Family.NUSLERP:
         raise MergeError(
             f"parameters.slerp_over: {recipe.method} interpolates no rows or columns (only nuslerp "
             "reads slerp_over); remove it"
@@ -284,7 +286,7 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     params: dict[str, Any] = {"lambda": recipe.lam.to_yaml(), "seed": recipe.seed}
     if method_spec(recipe.method).uses("t"):
         params["t"] = recipe.t.to_yaml()
-    if method_spec(recipe.method).family == "nuslerp":
+    if method_spec(recipe.method).family is Family.NUSLERP:
         params["slerp_over"] = recipe.slerp_over
     if recipe.normalize is not None:
         params["normalize"] = recipe.normalize

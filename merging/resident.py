@@ -1,4 +1,5 @@
-"""The search's merge path: base and task vectors resident on one device, candidates written in place.
+"""The search's merge path: base and task vectors resident on one device, candidates written in
+place.
 
 A worker builds one `ResidentMerger` and one live model, then calls `apply(recipe, model)` for every
 candidate. What every candidate reuses (task vectors, the magnitude tables of TIES and breadcrumbs)
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from merging import methods
-from merging.catalog import method_spec
+from merging.catalog import Family, method_spec
 from merging.checkpoint import DTYPE_NAMES, Checkpoint, check_compatible
 from merging.engine import TensorInputs, merge_tensor, plan_scalars
 from merging.errors import MergeError
@@ -57,16 +58,13 @@ class ResidentMerger:
                 for k, ck in enumerate(ckpts):
                     self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
         params = sum(t.numel() for t in self.base.values())
-        self.kernels = resolve_kernels(
-            kernels, self.device, params
-        )  # "eager" or "compiled" (merging.fused)
+        # "eager" or "compiled" (merging.fused)
+        self.kernels = resolve_kernels(kernels, self.device, params)
         self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
-        self._stock_ratios: dict[str, float] | None = (
-            None  # model_stock's, from the task vectors alone
-        )
-        self._angles: dict[
-            str, dict[str, tuple[torch.Tensor, torch.Tensor]]
-        ] = {}  # nuslerp's, per slerp_over
+        # model_stock's, from the task vectors alone
+        self._stock_ratios: dict[str, float] | None = None
+        # nuslerp's, per slerp_over
+        self._angles: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -117,8 +115,8 @@ class ResidentMerger:
             missing = [n for n in self.names if n not in state]
             if missing:
                 raise MergeError(
-                    f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} more); "
-                    "it must be built from the same architecture as the base"
+                    f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} "
+                    "more); it must be built from the same architecture as the base"
                 )
             self._targets = {key: {n: state[n].data for n in self.names}}
         return self._targets[key]
@@ -129,12 +127,14 @@ class ResidentMerger:
         listed = [m.path for m in recipe.models]
         if listed != self.model_specs:
             raise MergeError(
-                f"this merger holds models {self.model_specs}; the recipe lists {listed} (same order needed)"
+                f"this merger holds models {self.model_specs}; the recipe lists "
+                f"{listed} (same order needed)"
             )
         if recipe.reference != self.base_spec:
             # Task vectors are held against this base; another reference would round differently.
             raise MergeError(
-                f"this merger's base is '{self.base_spec}'; set the recipe's base to it (got {recipe.base!r})"
+                f"this merger's base is '{self.base_spec}'; set the recipe's "
+                f"base to it (got {recipe.base!r})"
             )
 
     def apply(self, recipe: MergeRecipe, model: nn.Module) -> None:
@@ -143,8 +143,8 @@ class ResidentMerger:
         plan = plan_scalars(recipe, self.layer_map)
         spec = method_spec(recipe.method)
         orders = self._magnitude_orders() if spec.magnitude_ranked else None
-        ratios = self._model_stock_ratios() if spec.family == "model_stock" else None
-        angles = self._nuslerp_angles(recipe.slerp_over) if spec.family == "nuslerp" else None
+        ratios = self._model_stock_ratios() if spec.family is Family.MODEL_STOCK else None
+        angles = self._nuslerp_angles(recipe.slerp_over) if spec.family is Family.NUSLERP else None
         targets = self._target_tensors(model)
         for name in self.names:
             inputs = TensorInputs(

@@ -15,7 +15,7 @@ from merging import MergeError, export_merge, recipe_from_dict
 from search.cli import main
 from tests.support.tiny import build_model_set, llama_config
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -41,7 +41,8 @@ def ties_recipe(base: Path, models: list[Path], **params) -> dict:
 
 
 def run_merge(tmp_path: Path, capsys, recipe: dict | str, *extra: str, out_name: str = "merged"):
-    """`basin merge` on a recipe (a dict, or raw YAML text); returns (exit code, stderr, out folder)."""
+    """`basin merge` on a recipe (a dict, or raw YAML text); returns (exit code, stderr, out
+    folder)."""
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / "outputs" / out_name
@@ -63,7 +64,7 @@ def assert_refused(code: int, err: str, out: Path, *words: str) -> None:
     assert not leftovers, leftovers
 
 
-# --- incompatible models ---------------------------------------------------------------------------
+# --- incompatible models --------------------------------------------------------------------------
 
 
 def test_shape_mismatch(tmp_path, capsys, llama_set):
@@ -171,7 +172,8 @@ def test_merge_coefficients_beyond_float32(tmp_path, capsys, llama_set):
 
 def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
     """A killed export leaves `.NAME.partial-*` beside the target; the next export of that target
-    removes those of dead processes here, and keeps a live export's and folders that are not its own."""
+    removes those of dead processes here, and keeps a live export's and folders that are not its
+    own."""
     import os
     import socket
     import subprocess
@@ -210,7 +212,7 @@ def test_no_model_folder(tmp_path, capsys, llama_set):
     assert_refused(code, err, out, "not found", "does-not-exist")
 
 
-# --- bad recipes -----------------------------------------------------------------------------------
+# --- bad recipes ----------------------------------------------------------------------------------
 
 
 def test_unknown_method_suggests_the_closest(tmp_path, capsys, llama_set):
@@ -331,7 +333,7 @@ def test_recipe_not_yaml(tmp_path, capsys):
     assert_refused(code, err, out, "not valid YAML")
 
 
-# --- pickle checkpoints ----------------------------------------------------------------------------
+# --- pickle checkpoints ---------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -362,7 +364,7 @@ def test_pickle_checkpoint_accepted_with_flag(tmp_path, capsys, llama_set, pickl
     assert all(torch.equal(merged[n], expected[n]) for n in expected)
 
 
-# --- the output folder -----------------------------------------------------------------------------
+# --- the output folder ----------------------------------------------------------------------------
 
 
 def _existing_output(tmp_path: Path) -> Path:

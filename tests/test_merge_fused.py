@@ -1,4 +1,5 @@
-"""The compiled kernels (merging/fused.py): the same merges as eager ops, one fused kernel per chunk.
+"""The compiled kernels (merging/fused.py): the same merges as eager ops, one fused kernel per
+chunk.
 
 Real torch.compile on this CPU (inductor writes and builds C++); the first test pays the compiles,
 a few seconds per variant.
@@ -78,7 +79,8 @@ def test_compiled_resident_merge_matches_the_reference_and_the_compiled_export_b
 
 
 def hand_merge(method: str, normalize: bool, dtype: torch.dtype, kernels: str) -> torch.Tensor:
-    """Hand-made tensors with ties, zeros, a negative weight and opposite signs, merged by the engine."""
+    """Hand-made tensors with ties, zeros, a negative weight and opposite signs, merged by the
+    engine."""
     gen = torch.Generator().manual_seed(3)
     shape = (37, 111)  # 4107 entries: not a multiple of any vector width
     base = torch.randn(shape, generator=gen)
@@ -152,9 +154,8 @@ def test_a_non_finite_compiled_merge_is_refused(llama_set, compiled_live):
 
 
 def test_kernels_setting():
-    assert (
-        resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS - 1) == "eager"
-    )  # small models: no compile
+    # small models: no compile
+    assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS - 1) == "eager"
     assert resolve_kernels("auto", "cpu", CPU_COMPILE_PARAMS) == "compiled"
     assert resolve_kernels("auto", "cuda:1", 1000) == "compiled"
     assert resolve_kernels("compiled", "cpu", 1000) == "compiled"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from merging import LayerParam, MergeError, MergeRecipe, ModelEntry, methods
-from merging.catalog import method_spec
+from merging.catalog import Keep, method_spec
 from merging.engine import TensorInputs, TensorScalars, merge_tensor
 from merging.layers import build_layer_map
 
@@ -203,7 +203,7 @@ def test_resident_tables_and_exact_selection_give_the_same_bounds():
         methods.MagnitudeOrder(delta, table=False),
     )
     for density in (0.001, 0.1, 0.333, 0.5, 0.999):
-        kept = methods.kept_range("magnitude", delta.numel(), density)
+        kept = methods.kept_range(Keep.MAGNITUDE, delta.numel(), density)
         assert tabled.bounds(kept) == selected.bounds(kept), density
     absval = delta.abs()
     for position in (0, 1, 99, 12_345, 49_999):
@@ -249,9 +249,8 @@ def test_breadcrumbs_drops_the_largest_and_the_smallest(density, gamma):
     n = 1000
     delta = torch.randn(n, generator=torch.Generator().manual_seed(11))
     target, top = int(density * n), int(gamma * n)
-    skip = (
-        n - max(0, n - target - top) - target
-    )  # mergekit: fewer outliers set aside when the density needs them
+    # mergekit: fewer outliers set aside when the density needs them
+    skip = n - max(0, n - target - top) - target
     out = merge("breadcrumbs", torch.zeros(n), [delta], [1.0], densities=[density], gammas=[gamma])
     assert torch.equal(out != 0, kept_by_rank(delta, skip, target))
     close(out, torch.where(out != 0, delta, 0.0))  # no rescale: survivors as they are
@@ -280,9 +279,8 @@ def test_breadcrumbs_ties_elects_signs_after_the_drops():
     a, b = torch.where(k1, d1, 0.0), torch.where(k2, d2, 0.0)
     elected = torch.where(a + b >= 0, 1.0, -1.0)
     agree_a, agree_b = a * elected > 0, b * elected > 0
-    close(
-        out, torch.where(agree_a, a, 0.0) + torch.where(agree_b, b, 0.0)
-    )  # breadcrumbs_ties: no normalize
+    # breadcrumbs_ties: no normalize
+    close(out, torch.where(agree_a, a, 0.0) + torch.where(agree_b, b, 0.0))
 
 
 # --- DARE ----------------------------------------------------------------------------------------
@@ -328,9 +326,8 @@ def test_draws_are_uniform_and_independent_of_chunking_and_keys():
     assert abs(float(u.mean()) - 0.5) < 0.002
     counts = torch.histc(u, bins=16, min=0.0, max=1.0)
     assert float((counts / 1_000_000 - 1 / 16).abs().max()) < 0.002
-    assert (
-        abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005
-    )  # neighbours uncorrelated
+    # neighbours uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.005
     tail = methods.uniform(
         torch.arange(500_000, 1_000_000), torch.tensor(methods.draw_keys(0, 0, NAME))
     )
@@ -361,8 +358,8 @@ def _reference_uniform(i: int, keys: tuple[int, int]) -> float:
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 def test_draws_equal_the_unsigned_32_bit_definition_on_any_position_and_key(device):
     # the kernel hashes on int32 lanes with wrapping products: this pins it to unsigned arithmetic,
-    # eager and compiled, for positions past 2^31 and 2^32 and keys with the top bit set; 40 positions
-    # so that compiled code runs both its vector loop and its scalar remainder
+    # eager and compiled, for positions past 2^31 and 2^32 and keys with the top bit set; 40
+    # positions so that compiled code runs both its vector loop and its scalar remainder
     positions = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**40 + 12345]
     positions += [2**31 - 16 + j for j in range(31)]
     index = torch.tensor(positions, dtype=torch.int64, device=device)
@@ -437,17 +434,13 @@ def test_della_keep_probabilities_follow_magnitude_ranks_within_rows():
     p = density - eps + 2 * eps * ranks.float() / (width - 1)
     kept = out != 0
     assert abs(float(kept.float().mean()) - density) < 0.01
-    for rank in (
-        0,
-        width // 2,
-        width - 1,
-    ):  # the smallest kept at 0.2, the middle ~0.5, the largest at 0.8
+    # the smallest kept at 0.2, the middle ~0.5, the largest at 0.8
+    for rank in (0, width // 2, width - 1):
         share = float(kept[ranks == rank].float().mean())
         assert abs(share - float(p[ranks == rank][0])) < 0.04, (rank, share)
     u = draws(rows * width, 2, 0).reshape(rows, width)
-    assert torch.equal(
-        kept, u < p
-    )  # exactly the rule: keep where the draw is below the probability
+    # exactly the rule: keep where the draw is below the probability
+    assert torch.equal(kept, u < p)
 
 
 def test_della_rescales_each_survivor_by_its_keep_probability():
@@ -553,7 +546,8 @@ def test_slerp_over_whole_tensor_through_engine():
 
 
 def _slerp_closed_form(a: torch.Tensor, b: torch.Tensor, tt: float) -> torch.Tensor:
-    """sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b, theta the angle of a and b."""
+    """sin((1-t) theta) / sin(theta) * a + sin(t theta) / sin(theta) * b, theta the angle of a and
+    b."""
     a64, b64 = a.double(), b.double()
     theta = math.acos(float(torch.dot(a64, b64) / (a64.norm() * b64.norm())))
     return (
@@ -616,7 +610,7 @@ def test_nuslerp_through_the_engine_with_and_without_a_base():
     assert not torch.allclose(out, merge("nuslerp", base, [d0, d1], [1.0, 3.0], with_base=False))
 
 
-# --- per-layer values ------------------------------------------------------------------------------
+# --- per-layer values -----------------------------------------------------------------------------
 
 
 def test_layer_param_constant():
@@ -648,7 +642,7 @@ def test_layer_param_attn_mlp_selection():
     assert only_attn.at(1.0, "attn") == 0.0
 
 
-# --- layer mapping ---------------------------------------------------------------------------------
+# --- layer mapping --------------------------------------------------------------------------------
 
 LLAMA_NAMES = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
     f"model.layers.{i}.{suffix}"
@@ -782,6 +776,5 @@ def test_all_finite_sees_nan_and_inf_and_survives_a_sum_that_overflows():
         assert not methods.all_finite(t)
     both = torch.tensor([1.0, float("inf"), float("-inf")])  # their sum is NaN, not inf
     assert not methods.all_finite(both)
-    assert methods.all_finite(
-        torch.full((4,), 6e4, dtype=torch.float16)
-    )  # float16 sum overflows too
+    # float16 sum overflows too
+    assert methods.all_finite(torch.full((4,), 6e4, dtype=torch.float16))

@@ -31,7 +31,7 @@ from merging import (
 )
 from search.cli import main
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def model_set(request, which: str):
@@ -97,7 +97,8 @@ def draws(shape, seed: int, k: int, name: str) -> torch.Tensor:
 
 
 def top_mask(tv: torch.Tensor, skip: int, count: int) -> torch.Tensor:
-    """Keep positions skip .. skip+count-1 of |tv| sorted largest first, equal values by position."""
+    """Keep positions skip .. skip+count-1 of |tv| sorted largest first, equal values by
+    position."""
     order = torch.argsort(-tv.abs().reshape(-1), stable=True)
     mask = torch.zeros(tv.numel(), dtype=torch.bool)
     mask[order[skip : skip + count]] = True
@@ -264,7 +265,7 @@ def live_state(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
     return {n: state[n].detach().clone() for n in names}
 
 
-# --- recipes ---------------------------------------------------------------------------------------
+# --- recipes --------------------------------------------------------------------------------------
 
 
 def recipe_data(case: str, ms, *, with_base: bool = False) -> dict:
@@ -413,7 +414,7 @@ def live_models(llama_set, gpt2_set):
     return out
 
 
-# --- (a) export equals the reference; (c) the folder loads --------------------------------------------
+# --- (a) export equals the reference; (c) the folder loads ----------------------------------------
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -448,7 +449,7 @@ def test_exported_folder_loads_and_describes_itself(request, tmp_path, which, ca
     assert not list(tmp_path.glob(".merged.partial-*"))
 
 
-# --- (b) resident path is bit-identical to the export ------------------------------------------------
+# --- (b) resident path is bit-identical to the export ---------------------------------------------
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -515,7 +516,7 @@ def test_dare_seed_changes_weights(live_models, llama_set):
     assert not torch.equal(live.state_dict()[name], first)
 
 
-# --- (d) sharded export -------------------------------------------------------------------------------
+# --- (d) sharded export ---------------------------------------------------------------------------
 
 
 def test_sharded_export_writes_index_and_loads(tmp_path, llama_set):
@@ -540,7 +541,7 @@ def test_sharded_export_writes_index_and_loads(tmp_path, llama_set):
         assert torch.equal(state[name], value), name
 
 
-# --- (e) in place, and restore_base ------------------------------------------------------------------
+# --- (e) in place, and restore_base ---------------------------------------------------------------
 
 
 def test_apply_writes_in_place_and_restore_base_is_exact(llama_set):
@@ -565,7 +566,7 @@ def test_apply_writes_in_place_and_restore_base_is_exact(llama_set):
     assert all(after[n].data_ptr() == ptr for n, (_, ptr) in before.items())
 
 
-# --- (f) GPT-2 tied embeddings -----------------------------------------------------------------------
+# --- (f) GPT-2 tied embeddings --------------------------------------------------------------------
 
 
 def test_gpt2_lm_head_stays_tied(tmp_path, gpt2_set):
@@ -589,7 +590,7 @@ def test_gpt2_lm_head_stays_tied(tmp_path, gpt2_set):
         assert torch.equal(live(ids).logits, loaded(ids).logits)
 
 
-# --- (g) the command line -----------------------------------------------------------------------------
+# --- (g) the command line -------------------------------------------------------------------------
 
 
 def test_cli_merge_writes_loadable_folder(tmp_path, llama_set):

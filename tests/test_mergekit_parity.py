@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 ATOL, RTOL = 1e-6, 1e-5  # float32
 
 
-# --- cases -----------------------------------------------------------------------------------------
+# --- cases ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -150,19 +150,19 @@ def _slerp(ms: ModelSet) -> dict[str, Any]:
 
 
 # Measured mismatches, each marked on its own case only (strict: a fix shows as XPASS and fails).
-# slerp with an all-zero tensor (the GPT-2 base's biases): basin interpolates linearly when a norm is
-# below eps; mergekit 0.1.5 divides the zero tensor by 1 instead of its norm, so the cosine is 0,
+# slerp with an all-zero tensor (the GPT-2 base's biases): basin interpolates linearly when a norm
+# is below eps; mergekit 0.1.5 divides the zero tensor by 1 instead of its norm, so the cosine is 0,
 # theta = pi/2, and the result is sin(t pi/2) * other = 0.454 * other at t = 0.3, not 0.3 * other.
 KNOWN_MISMATCHES = {
     "gpt2-slerp": "slerp of an all-zero base tensor: basin lerps (0.3 * ft), mergekit 0.1.5 takes "
     "theta=pi/2 (sin(0.3*pi/2) = 0.454 * ft): 13 of 28 tensors (all biases), 655 of "
     "their 736 entries outside atol 1e-6 / rtol 1e-5, max abs diff 2.45e-05",
 }
-# Where equal magnitudes straddle a trim boundary of TIES or breadcrumbs, both tools keep exactly the
-# same count but choose different entries among the tied ones: basin the lowest positions, mergekit
-# whichever its unstable torch.argsort puts first. Those entries (`boundary_ties`) are left out of
-# the comparison, and every other entry must agree; each merge is elementwise, so a different choice
-# at one position changes that position only.
+# Where equal magnitudes straddle a trim boundary of TIES or breadcrumbs, both tools keep exactly
+# the same count but choose different entries among the tied ones: basin the lowest positions,
+# mergekit whichever its unstable torch.argsort puts first. Those entries (`boundary_ties`) are left
+# out of the comparison, and every other entry must agree; each merge is elementwise, so a different
+# choice at one position changes that position only.
 MAGNITUDE_RANKED = ("ties", "breadcrumbs", "breadcrumbs_ties")
 
 
@@ -194,8 +194,9 @@ def _tiny_cases() -> list:
             ("nuslerp-rows", _nuslerp(with_base=True, flatten=False)),
             ("nuslerp-columns-models", _nuslerp(with_base=False, flatten=False, row_wise=True)),
         ):
+            # the Llama set covers them; GPT-2 keeps the variants its [in, out] layout tests
             if fam == "gpt2" and name in ("breadcrumbs", "nuslerp"):
-                continue  # the Llama set covers them; GPT-2 keeps the variants its [in, out] layout tests
+                continue
             case = Case(f"{fam}-{name}", models, config)
             out.append(pytest.param(case, id=case.id, marks=_marks(case.id)))
     return out
@@ -212,9 +213,10 @@ BIG_CASES = [
 ]
 
 
-# DARE and DELLA draw at random in both tools, from different generators, so their merges are compared
-# in distribution: with rescale off every kept entry is the task vector's own, and the fraction kept
-# at each magnitude must match the keep probability (DARE: the density; DELLA: ranked within rows).
+# DARE and DELLA draw at random in both tools, from different generators, so their merges are
+# compared in distribution: with rescale off every kept entry is the task vector's own, and the
+# fraction kept at each magnitude must match the keep probability (DARE: the density; DELLA: ranked
+# within rows).
 def _random(method: str, density: float, epsilon: float = 0.0):
     def config(ms: ModelSet) -> dict[str, Any]:
         p: dict[str, Any] = {
@@ -242,19 +244,18 @@ RANDOM_CASES = [
 ]
 
 
-# --- the large model set ----------------------------------------------------------------------------
+# --- the large model set --------------------------------------------------------------------------
 
-MAGNITUDES = (
-    4  # |T| / STEP takes the values 0 .. MAGNITUDES - 1, each on exactly 1 / MAGNITUDES of a tensor
-)
+# |T| / STEP takes the values 0 .. MAGNITUDES - 1, each on exactly 1 / MAGNITUDES of a tensor
+MAGNITUDES = 4
 STEP = 2.0**-10
 BASE_GRID = 2.0**-12
 
 
 def build_tie_set(root: Path, n_finetunes: int = 3, seed: int = 0) -> ModelSet:
     """A random Llama (embeddings and MLP tensors of 2048 x 512 = 1M entries) with its weights
-    rounded to BASE_GRID, and fine-tunes whose task vectors are STEP * (a random permutation of equal
-    shares of 0 .. MAGNITUDES-1) * (a random sign); every sum is exact in float32."""
+    rounded to BASE_GRID, and fine-tunes whose task vectors are STEP * (a random permutation of
+    equal shares of 0 .. MAGNITUDES-1) * (a random sign); every sum is exact in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -417,10 +418,10 @@ def _check(case: Case, request, mergekit_results: MergekitResults, tmp_path: Pat
 
 
 def test_boundary_ties_find_the_straddling_magnitudes(tie_set):
-    # a TIES density of 0.25 ends exactly at a group of equal magnitudes (nothing straddles); 0.4 lies
-    # inside the next group, so that whole group is tied at the boundary; breadcrumbs with gamma 0.1
-    # and density 0.5 sets aside a top that ends inside the largest group and keeps down to 0.6 n,
-    # inside the second smallest
+    # a TIES density of 0.25 ends exactly at a group of equal magnitudes (nothing straddles); 0.4
+    # lies inside the next group, so that whole group is tied at the boundary; breadcrumbs with
+    # gamma 0.1 and density 0.5 sets aside a top that ends inside the largest group and keeps down
+    # to 0.6 n, inside the second smallest
     def config(density: float, method: str = "ties", gamma: float = 0.0) -> dict[str, Any]:
         return {
             "merge_method": method,
@@ -468,9 +469,8 @@ def test_random_methods_keep_entries_as_mergekit_does(
     }
     base, ft = load_safetensors_folder(tie_set.base), load_safetensors_folder(tie_set.finetunes[0])
     kept = {tool: torch.zeros(MAGNITUDES, dtype=torch.float64) for tool in outputs}
-    expected = torch.zeros(
-        MAGNITUDES, dtype=torch.float64
-    )  # the sum of keep probabilities per level
+    # the sum of keep probabilities per level
+    expected = torch.zeros(MAGNITUDES, dtype=torch.float64)
     count = torch.zeros(MAGNITUDES, dtype=torch.float64)
     for name, b in base.items():
         tv = ft[name] - b

@@ -20,7 +20,7 @@ from merging import (
     to_mergekit,
 )
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def parse(text: str) -> MergeRecipe:
@@ -61,7 +61,7 @@ dtype: bfloat16
 """
 
 
-# --- parsing -----------------------------------------------------------------------------------------
+# --- parsing --------------------------------------------------------------------------------------
 
 
 def test_parse_full_recipe():
@@ -110,17 +110,21 @@ def test_load_recipe_from_file(tmp_path):
     assert load_recipe(path) == parse(FULL)
 
 
-# --- dumping and round trips -----------------------------------------------------------------------
+# --- dumping and round trips ----------------------------------------------------------------------
 
 ROUND_TRIP = [
     FULL,
     "method: linear\nmodels: [a, b, c]\n",
-    "method: linear\nmodels: [{path: a, weight: [0, 1]}, {path: b, weight: 2}]\nparameters: {normalize: false}\n",
-    "method: task_arithmetic\nbase: B\nmodels: [{path: a, weight: -0.5}]\nparameters: {lambda: 0.3}\ndtype: float16\n",
+    "method: linear\nmodels: [{path: a, weight: [0, 1]}, {path: b, weight: 2}]\n"
+    "parameters: {normalize: false}\n",
+    "method: task_arithmetic\nbase: B\nmodels: [{path: a, weight: -0.5}]\n"
+    "parameters: {lambda: 0.3}\ndtype: float16\n",
     "method: dare_ties\nbase: B\nmodels: [{path: a, density: {mlp: [0.2, 0.6], default: 0.9}}, b]\n"
     "parameters: {seed: 123, rescale: false, normalize: true}\n",
-    "method: dare_linear\nbase: B\nmodels: [{path: a, density: 0.25}]\nparameters: {rescale: true}\n",
-    "method: slerp\nmodels: [a, b]\nparameters: {t: {attn: [0, 0.5, 1], mlp: 0.25, default: 0.5}}\n",
+    "method: dare_linear\nbase: B\nmodels: [{path: a, density: 0.25}]\n"
+    "parameters: {rescale: true}\n",
+    "method: slerp\nmodels: [a, b]\n"
+    "parameters: {t: {attn: [0, 0.5, 1], mlp: 0.25, default: 0.5}}\n",
     "method: slerp\nbase: B\nmodels: [a, b]\nparameters: {t: [0.1, 0.9]}\n",
 ]
 
@@ -164,8 +168,9 @@ def test_recipe_built_in_code_round_trips():
     assert recipe_from_dict(recipe_to_dict(r)) == r
 
 
-# --- defaults per method -----------------------------------------------------------------------------
+# --- defaults per method --------------------------------------------------------------------------
 
+# mergekit 0.1.5's defaults
 NORMALIZE = {
     "linear": True,
     "task_arithmetic": False,
@@ -176,7 +181,7 @@ NORMALIZE = {
     "breadcrumbs_ties": False,
     "della": True,
     "della_linear": False,
-}  # mergekit 0.1.5's defaults
+}
 RESCALE = {
     "linear": False,
     "task_arithmetic": False,
@@ -230,7 +235,7 @@ def test_slerp_defaults():
     assert r.reference == "a"
 
 
-# --- validation messages -----------------------------------------------------------------------------
+# --- validation messages --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -332,7 +337,7 @@ def test_load_recipe_errors(tmp_path):
         load_recipe(write_recipe(tmp_path / "empty.yaml", ""))
 
 
-# --- mergekit conversion -----------------------------------------------------------------------------
+# --- mergekit conversion --------------------------------------------------------------------------
 
 MERGEKIT_TIES = """
 models:
@@ -547,11 +552,8 @@ def test_new_methods_convert_both_ways(method, extra):
     [
         ("B", "tensor", {}),  # task vectors, whole tensors: mergekit's defaults
         ("B", "rows", {"nuslerp_flatten": False, "nuslerp_row_wise": False}),
-        (
-            None,
-            "columns",
-            {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-        ),  # the models themselves
+        # the models themselves
+        (None, "columns", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
     ],
 )
 def test_nuslerp_converts_both_ways(base, over, flags):

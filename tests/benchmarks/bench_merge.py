@@ -13,7 +13,8 @@ saved as safetensors), then prints, from this one run:
   against (2 + fine-tunes) x model size, and on CUDA the peak allocated;
 - export time / the time of copying the same bytes from safetensors to safetensors, both kernels.
 
-    .venv/bin/python tests/benchmarks/bench_merge.py [--hidden 768 --layers 6 --repeats 5 --device cpu]
+    .venv/bin/python tests/benchmarks/bench_merge.py \
+        [--hidden 768 --layers 6 --repeats 5 --device cpu]
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def main() -> None:
     try:
         base, models, n_params = build_models(root, args.hidden, args.layers)
         print(
-            f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, float32, {args.device}"
+            f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, "
+            f"float32, {args.device}"
         )
         mergers = {k: ResidentMerger(base, models, device=args.device, kernels=k) for k in KERNELS}
         pair = ResidentMerger(base, models[:2], device=args.device)  # for TWO_MODELS
@@ -177,11 +179,12 @@ def main() -> None:
         )
         ref_s = timed(reference, args.repeats, args.device)
         print(
-            f"plain torch base + sum w*T: {ref_s * 1000:.0f} ms per candidate, {ref_s / floor['task_arithmetic']:.2f}x the floor"
+            f"plain torch base + sum w*T: {ref_s * 1000:.0f} ms per candidate, "
+            f"{ref_s / floor['task_arithmetic']:.2f}x the floor"
         )
         print(
-            f"{'method':<16}{'floor ms':>10}{'eager ms':>10}{'x floor':>9}{'compiled ms':>13}{'x floor':>9}{'goal':>7}"
-            f"{'first call s':>14}"
+            f"{'method':<16}{'floor ms':>10}{'eager ms':>10}{'x floor':>9}"
+            f"{'compiled ms':>13}{'x floor':>9}{'goal':>7}{'first call s':>14}"
         )
         for method in METHODS:
             r = recipe(method, base, models)
@@ -197,19 +200,21 @@ def main() -> None:
             goal = f"<={GOALS[method]}" if method in GOALS else ""
             f = floor[method]
             print(
-                f"{method:<16}{f * 1000:>10.0f}{row[0] * 1000:>10.0f}{row[0] / f:>9.2f}{row[1] * 1000:>13.0f}"
-                f"{row[1] / f:>9.2f}{goal:>7}{first:>14.1f}"
+                f"{method:<16}{f * 1000:>10.0f}{row[0] * 1000:>10.0f}{row[0] / f:>9.2f}"
+                f"{row[1] * 1000:>13.0f}{row[1] / f:>9.2f}{goal:>7}{first:>14.1f}"
             )
         model_bytes = n_params * 4
         for k in KERNELS:
             held = resident_bytes(mergers[k], live)
             print(
                 f"resident per worker ({k} merger and the live model): {held / 1e9:.2f} GB = "
-                f"{held / model_bytes:.2f} x the model; (2 + {len(models)}) x model = {(2 + len(models)) * model_bytes / 1e9:.2f} GB"
+                f"{held / model_bytes:.2f} x the model; (2 + {len(models)}) x model = "
+                f"{(2 + len(models)) * model_bytes / 1e9:.2f} GB"
             )
         if args.device == "cuda":
             print(
-                f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB (both mergers, the live model, scratch)"
+                f"CUDA peak allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
+                "(both mergers, the live model, scratch)"
             )
 
         def copy(sources: list[str], n_written: int) -> float:
@@ -223,8 +228,8 @@ def main() -> None:
         copy_all = copy([base, *models], n_written=4)
         read_all_write_one = copy([base, *models], n_written=1)
         print(
-            f"copying the 4 source files safetensors->safetensors: {copy_all:.2f} s; reading the 4 and "
-            f"writing one model: {read_all_write_one:.2f} s"
+            f"copying the 4 source files safetensors->safetensors: {copy_all:.2f} s; "
+            f"reading the 4 and writing one model: {read_all_write_one:.2f} s"
         )
         for k in KERNELS:
             out = root / f"out-{k}"
@@ -234,8 +239,8 @@ def main() -> None:
             )
             export_s = time.perf_counter() - t0
             print(
-                f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} to the copy (goal <=2), "
-                f"{export_s / read_all_write_one:.2f} to read 4 + write 1"
+                f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} "
+                f"to the copy (goal <=2), {export_s / read_all_write_one:.2f} to read 4 + write 1"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
