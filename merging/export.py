@@ -86,6 +86,8 @@ def export_merge(
     sweep_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        # mkdtemp makes the folder private (0700); the model is for others too, as mkdir makes it
+        tmp.chmod(0o777 & ~_umask())
         (tmp / OWNER_FILE).write_text(
             json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
         )
@@ -186,6 +188,13 @@ def model_card(recipe: MergeRecipe, recipe_yaml: str) -> str:
         f"{parents}\n\n## Recipe\n\nRebuild it with `basin merge basin_recipe.yaml --out DIR`:\n\n"
         f"```yaml\n{recipe_yaml}```\n"
     )
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

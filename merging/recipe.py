@@ -298,12 +298,10 @@ def recipe_to_dict(recipe: MergeRecipe) -> dict[str, Any]:
     spec = method_spec(recipe.method)
     models = []
     for m in recipe.models:
-        entry: dict[str, Any] = {
-            "path": m.path,
-            "weight": m.weight.to_yaml(),
-            "density": m.density.to_yaml(),
-        }
-        for key in ("gamma", "epsilon"):  # written where the method reads it, or where it was set
+        entry: dict[str, Any] = {"path": m.path, "weight": m.weight.to_yaml()}
+        # written where the method reads it, or where it was set (a task-arithmetic recipe shows
+        # no density it would not read)
+        for key in ("density", "gamma", "epsilon"):
             if spec.uses(key) or getattr(m, key) != _default(key):
                 entry[key] = getattr(m, key).to_yaml()
         models.append(entry)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,30 @@ def test_a_resume_that_runs_nothing_leaves_the_stored_config_as_it_was(study, ca
     assert (study / "config.yaml").read_text() == snapshot
     assert main(["status", str(study)]) == 0
     assert "3 of 3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_exported_folder_is_as_open_as_the_users_umask_makes_new_folders(study, tmp_path):
+    """Not the private 0700 of the temporary folder it is written in."""
+    old = os.umask(0o027)
+    try:
+        assert basin("export", str(study), "--trial", "0", "--out", str(tmp_path / "m"))[0] == 0
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "m").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o750
+
+
+def test_a_recipe_states_only_what_its_method_reads_or_what_was_set():
+    from merging import dump_recipe, recipe_from_dict
+
+    base = {"method": "task_arithmetic", "base": "B", "models": [{"path": "a", "weight": 0.5}]}
+    text = dump_recipe(recipe_from_dict(base))
+    assert "density" not in text and "gamma" not in text and "weight: 0.5" in text
+    ties = dump_recipe(recipe_from_dict({**base, "method": "ties"}))
+    assert "density: 1.0" in ties  # ties reads it: its default is stated
+    set_anyway = {**base, "models": [{"path": "a", "weight": 0.5, "density": 0.4}]}
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(recipe_from_dict(set_anyway)))) == (
+        recipe_from_dict(set_anyway)
+    )
