@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluators.config import KINDS, EvaluatorSection
-from merging.catalog import METHODS, PARAMS, SLERP_OVER, check_model_count, method_spec
+from merging.catalog import METHODS, PARAMS, SLERP_OVER, Family, check_model_count, method_spec
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random")  # search.setup.make_sampler builds each
 Method = Literal[METHODS]  # the method table's names (merging/catalog.py)
@@ -297,7 +297,7 @@ def searchable(space: SpaceSection, n_models: int) -> bool:
     for name in spec.params:
         free = isinstance(getattr(space, "lam" if name == "lambda" else name), tuple)
         normalize = spec.normalize if space.normalize is None else space.normalize
-        if name == "weight" and spec.family == "linear" and normalize and n_models == 1:
+        if name == "weight" and spec.family is Family.LINEAR and normalize and n_models == 1:
             free = False  # one normalized weight always gives the model itself
         if free:
             return True

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from merging.catalog import METHOD_TABLE, PARAMS, PER_MODEL, method_spec
+from merging.catalog import METHOD_TABLE, PARAMS, PER_MODEL, Family, method_spec
 from merging.recipe import LayerParam, MergeRecipe, ModelEntry, validate_recipe
 from search.config import SpaceSection, StudyConfig
 
@@ -204,7 +204,9 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
         normalize=space.config.normalize,
         seed=space.config.seed,
         dtype=space.dtype,
-        slerp_over=space.config.slerp_over if method_spec(method).family == "nuslerp" else "tensor",
+        slerp_over=(
+            space.config.slerp_over if method_spec(method).family is Family.NUSLERP else "tensor"
+        ),
     )
     validate_recipe(recipe)
     return recipe
@@ -243,7 +245,8 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
         return p
 
     # with density 1 and lambda 1, each of these gives a one-hot weighted model itself
-    alone_methods = [m.name for m in METHOD_TABLE.values() if m.family in ("linear", "task_vector")]
+    alone_families = (Family.LINEAR, Family.TASK_VECTOR)
+    alone_methods = [m.name for m in METHOD_TABLE.values() if m.family in alone_families]
     out: list[tuple[str, dict[str, Any]]] = []
     for i, model in enumerate(space.model_names):
         one = [1.0 if j == i else 0.0 for j in range(k)]

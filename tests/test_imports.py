@@ -8,6 +8,7 @@ blocks too: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,18 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
     ]
     # evaluators/merging.py would be evaluators' own module, not the package merging
     assert offenders(tmp_path, "evaluators") == []
+
+
+def test_no_module_compares_a_method_family_or_keep_rule_to_a_string():
+    """Behaviour comes from the method table (merging/catalog.py): a family or keep rule spelled as
+    a string elsewhere would drift from the table's rows without a test noticing."""
+    pattern = re.compile(r"\b(family|keep)\s*(==|!=|\bin\b|\bis\b)\s*[\"'(]")
+    offenders = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for package in ("search", "merging", "evaluators")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path != REPO / "merging" / "catalog.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
