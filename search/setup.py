@@ -329,8 +329,20 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
     if attrs.DIRECTIONS not in study.user_attrs:
         study.set_user_attr(attrs.DIRECTIONS, directions)
         study.set_user_attr(attrs.OBJECTIVE_KEYS, [o.key for o in config.objectives.items])
+    if study.metric_names is None:  # so optuna-dashboard and optuna.visualization name the axes
+        with warnings.catch_warnings():  # "experimental" in Optuna; basin pins its version
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names(config))
     check_same_study(config, study)
     return study
+
+
+def metric_names(config: StudyConfig) -> list[str]:
+    """What Optuna's tools call the study's values: each objective's key, or the weighted score."""
+    keys = [o.key for o in config.objectives.items]
+    if config.objectives.mode == "single":
+        return keys if len(keys) == 1 else [f"weighted score of {', '.join(keys)}"]
+    return keys
 
 
 def check_same_study(config: StudyConfig, study: optuna.Study) -> None:

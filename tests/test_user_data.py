@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,21 @@ def test_a_recipe_states_only_what_its_method_reads_or_what_was_set():
     assert recipe_from_dict(yaml.safe_load(dump_recipe(recipe_from_dict(set_anyway)))) == (
         recipe_from_dict(set_anyway)
     )
+
+
+@pytest.mark.slow
+def test_optuna_s_own_tools_read_the_study_s_metric_names(study):
+    """optuna-dashboard and optuna.visualization label the axes with these, not "Objective 0"."""
+    import optuna
+
+    from search.folder import load_study_folder
+
+    _, loaded = load_study_folder(study)
+    assert loaded.metric_names == ["toy_pair/acc", "toy_next/acc"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = optuna.visualization.matplotlib.plot_pareto_front(loaded)
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("toy_pair/acc", "toy_next/acc")
