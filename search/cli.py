@@ -243,10 +243,13 @@ def _budget_words(budget) -> str:
 
 def _pareto(args: argparse.Namespace) -> int:
     from search.folder import load_study_folder
-    from search.pareto import pareto_table
+    from search.pareto import kept_table, pareto_table
 
     _, study = load_study_folder(args.folder)
-    print(pareto_table(study, top=args.top))
+    if args.where or args.sort:
+        print(kept_table(study, args.folder, args.where, args.sort or "mean"))
+    else:
+        print(pareto_table(study, top=args.top))
     return 0
 
 
@@ -479,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="the Pareto front (or top trials) with the baselines")
     p.add_argument("folder", help="the study folder")
     p.add_argument("--top", type=int, default=5, help="rows for a single-objective study")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COND",
+        help='keep the complete trials that meet it, e.g. "zoo_add/acc>=0.9 and zoo_rev/acc>=0.8" '
+        "(a metric's name or a part naming one; >=, <=, >, <, ==); with their export commands",
+    )
+    p.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="with --where: order by mean (the objectives' mean, default) or by one metric",
+    )
     p.set_defaults(func=_pareto)
 
     p = sub.add_parser("report", help="write report.html and figures into the study folder")

@@ -28,7 +28,7 @@ from search.config import ConfigError, StudyConfig
 from search.fidelity import trial_items
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
-from search.pareto import front_and_baselines, objective_names
+from search.pareto import front_and_baselines, objective_names, signs
 from search.summary import items_line
 
 BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
@@ -43,11 +43,6 @@ def _png(fig: Figure, path: Path) -> str:
         plt.close(fig)
     path.write_bytes(buf.getvalue())
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _signs(study: optuna.Study) -> list[float]:
-    """+1 for a maximised objective, -1 for a minimised one: signed values are larger-is-better."""
-    return [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
 
 
 def _values(trials: list[FrozenTrial], i: int) -> list[float]:
@@ -144,7 +139,7 @@ def plot_history(study: optuna.Study, names: list[str]) -> Figure:
         )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     reference = []  # a point just worse than every trial in each objective, as hypervolume needs
-    for i, sign in enumerate(_signs(study)):
+    for i, sign in enumerate(signs(study)):
         values = [sign * t.values[i] for t in complete]
         margin = max(0.05 * (max(values) - min(values)), 1e-6)
         reference.append(sign * (min(values) - margin))
@@ -164,14 +159,14 @@ def plot_items(study: optuna.Study, names: list[str]) -> Figure:
         (t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
         key=lambda t: t.number,
     )
-    signs, spent = _signs(study), 0
+    sign_of, spent = signs(study), 0
     lines: list[list[tuple[int, float]]] = [[] for _ in names]
     best: list[float | None] = [None] * len(names)
     for t in trials:
         spent += trial_items(t)
         if t.state != TrialState.COMPLETE:
             continue
-        for i, sign in enumerate(signs):
+        for i, sign in enumerate(sign_of):
             if best[i] is None or sign * t.values[i] > sign * best[i]:
                 best[i] = t.values[i]
                 lines[i].append((spent, best[i]))
@@ -238,11 +233,11 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
     """
     from optuna.visualization.matplotlib import plot_param_importances
 
-    signs = _signs(study)
+    sign_of = signs(study)
     target = (
         None
         if len(names) == 1
-        else (lambda t: sum(s * v for s, v in zip(signs, t.values)) / len(t.values))
+        else (lambda t: sum(s * v for s, v in zip(sign_of, t.values)) / len(t.values))
     )
     try:
         # "importances ... to achieve low target values": the sign does not matter
@@ -275,8 +270,8 @@ def chosen_trial(study: optuna.Study, trial: int | None) -> FrozenTrial:
         return study.trials[trial]
     if len(study.directions) == 1:
         return study.best_trial
-    signs = _signs(study)  # the front's best mean, each objective signed by its direction
-    return max(study.best_trials, key=lambda t: sum(s * v for s, v in zip(signs, t.values)))
+    sign_of = signs(study)  # the front's best mean, each objective signed by its direction
+    return max(study.best_trials, key=lambda t: sum(s * v for s, v in zip(sign_of, t.values)))
 
 
 def _table(

@@ -131,3 +131,27 @@ def test_ctrl_c_during_a_report_says_the_held_out_scores_are_kept(fault_zoo, fin
     assert "held-out scores finished so far are kept" in out, out
     assert f"basin report {finished}` continues" in out and "basin resume" not in out, out
     assert "Traceback" not in out
+
+
+def test_pareto_where_keeps_the_trials_that_meet_every_condition_with_export_commands(
+    finished, capsys
+):
+    from search.folder import load_study_folder
+
+    _, study = load_study_folder(finished)
+    pair = sorted(t.user_attrs["metrics"]["toy_pair/acc"] for t in study.trials)
+    cut = pair[-1]  # only the best on toy_pair meet it
+    where = f"toy_pair/acc>={cut}"  # the full name: 'pair' alone also names toy_pair/acc_norm
+    assert main(["pareto", str(finished), "--where", where, "--sort", "next"]) == 0
+    out = capsys.readouterr().out
+    meeting = [t for t in study.trials if t.user_attrs["metrics"]["toy_pair/acc"] >= cut]
+    assert f"{len(meeting)} of 2 complete trials meet toy_pair/acc>={cut:g}" in out
+    for t in meeting:
+        assert f"basin export {finished} --trial {t.number} --out merged-{t.number}" in out
+    assert main(["pareto", str(finished), "--where", "next>=2"]) == 0
+    assert "0 of 2 complete trials meet" in capsys.readouterr().out
+    assert main(["pareto", str(finished), "--where", "acc>=0.5"]) == 2  # names two metrics
+    err = capsys.readouterr().err
+    assert "'acc' names several metrics" in err and "Known: toy_next/acc, toy_pair/acc," in err
+    assert main(["pareto", str(finished), "--where", "toy_pair/acc=>0.5"]) == 2
+    assert "expected METRIC OP VALUE" in capsys.readouterr().err
