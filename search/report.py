@@ -28,7 +28,7 @@ from search.config import ConfigError, StudyConfig
 from search.fidelity import trial_items
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
-from search.pareto import front_and_baselines, objective_names, signs
+from search.pareto import dominates, front_and_baselines, objective_names, signs
 from search.summary import items_line
 
 BASELINE_STYLE = {"marker": "s", "s": 60, "edgecolors": "black", "zorder": 3}
@@ -266,12 +266,20 @@ def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
 
 
 def chosen_trial(study: optuna.Study, trial: int | None) -> FrozenTrial:
+    """The recipe the report shows: the one asked for, else the best searched trial: of the
+    searched trials none dominates, the best mean of signed objectives (a baseline only when
+    nothing was searched). The mean picks one point of a front; a minimized objective counts
+    with its sign, so the largest plain sum is not taken for the best."""
     if trial is not None:
         return study.trials[trial]
-    if len(study.directions) == 1:
-        return study.best_trial
-    sign_of = signs(study)  # the front's best mean, each objective signed by its direction
-    return max(study.best_trials, key=lambda t: sum(s * v for s, v in zip(sign_of, t.values)))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    searched = [t for t in complete if not t.user_attrs.get(attrs.BASELINE)] or complete
+    directions = [d.name.lower() for d in study.directions]
+    front = [
+        t for t in searched if not any(dominates(o.values, t.values, directions) for o in searched)
+    ]
+    sign_of = signs(study)
+    return max(front, key=lambda t: (sum(s * v for s, v in zip(sign_of, t.values)), -t.number))
 
 
 def _table(

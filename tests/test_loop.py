@@ -154,3 +154,18 @@ def test_the_loop_runs_a_study_on_the_in_process_pool_as_on_ray(fault_zoo, tmp_p
     here = f"{socket.gethostname()}:{os.getpid()}/0"
     assert all(r["worker"] == here and r["state"] == "COMPLETE" for r in records.values())
     assert all(len(r["values"]) == 2 and r["eval_s"] > 0 for r in records.values())
+
+
+def test_the_report_shows_the_best_searched_trial_not_a_baseline_by_default():
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for directions in (["maximize"], ["maximize", "maximize"]):
+        study = optuna.create_study(directions=directions)
+        rows = [([0.9] * len(directions), "uniform"), ([0.8] * len(directions), None)]
+        rows.append(([0.1, 0.95][: len(directions)], None))
+        for values, baseline in rows:
+            attrs = {"baseline": baseline} if baseline else {}
+            study.add_trial(
+                create_trial(values=values, params={"x": 0.5}, distributions=dist, user_attrs=attrs)
+            )
+        assert chosen_trial(study, None).number == 1  # the baseline 0 is better on every value
+        assert chosen_trial(study, 0).number == 0  # asked for by number: shown
