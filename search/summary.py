@@ -28,7 +28,9 @@ def _describe(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """One trial with its values named: each objective's, or the weighted score."""
     name = trial.user_attrs.get(attrs.BASELINE) or _method(study, trial)
     keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or []
-    labels = keys if len(keys) == len(trial.values) else ["score"] * len(trial.values)
+    # one objective: the weighted score (a minimized metric enters with its sign), not a metric
+    pareto = len(trial.values) > 1 and len(keys) == len(trial.values)
+    labels = keys if pareto else ["score"] * len(trial.values)
     values = ", ".join(f"{k} {v:.4f}" for k, v in zip(labels, trial.values))
     return f"trial {trial.number} ({name}): {values}"
 

@@ -240,7 +240,7 @@ def test_status_names_the_best_trial_of_the_records_on_disk(resumed, capsys):
     top = max(r["values"][0] for r in recs)
     assert main(["status", str(resumed["folder"])]) == 0
     best = re.search(
-        r"^  best trial (\d+) \((.+)\): ([0-9.]+)$", capsys.readouterr().out, re.MULTILINE
+        r"^  best trial (\d+) \((.+)\): score ([0-9.]+)$", capsys.readouterr().out, re.MULTILINE
     )
     assert best, "no best line"
     number, name, value = int(best[1]), best[2], float(best[3])
