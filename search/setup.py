@@ -131,8 +131,9 @@ def _store_config(config: StudyConfig, folder: Path, study: optuna.Study) -> Non
     from search.budget import Budget
 
     snapshot = folder / records.CONFIG_FILE
-    if snapshot.is_file() and not Budget(study, config.budget).left():
-        finished = Budget(study, config.budget).finished()
+    budget = Budget(study, config.budget)
+    if snapshot.is_file() and not budget.left():
+        finished = budget.finished()
         print(
             f"basin: the budget is spent ({finished} finished trials): nothing to run, and "
             f"{snapshot} is left as it was; extend the budget with "
@@ -297,7 +298,8 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
         raise
     except Exception as exc:
         raise storage_error(config.study.storage or str(journal), exc) from None
-    kept = records.read_trial_records(folder) if existing == 0 else {}
+    # the records only, not their contents: a storage that lost its trials must not start over
+    kept = list((folder / "trials").glob("*.json")) if existing == 0 else []
     if kept:
         if not config.study.storage and not had_journal:
             journal.unlink(missing_ok=True)  # opening it made an empty one: leave nothing new
