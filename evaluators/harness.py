@@ -1,7 +1,8 @@
-"""lm-eval adapter: score a live in-memory model on lm-eval tasks, many times, cheaply.
+"""lm-eval adapter: score the candidate an engine holds on lm-eval tasks, many times, cheaply.
 
-Built once per worker: the tasks are indexed, loaded and their docs materialised once; the model is
-wrapped in lm-eval's HFLM once and re-scored after its weights change in place. Numbers equal
+Built once per worker: the tasks are indexed, loaded and their docs materialised once; the engine
+(evaluators/engines.py) gives the lm-eval LM it is scored through, built once and re-scored after
+each swap of weights. Numbers equal
 lm-eval's own `simple_evaluate` on the same model, tasks and split (bootstrap off).
 """
 
@@ -25,6 +26,7 @@ from evaluators.protocol import EvalResult, EvaluatorError
 
 if TYPE_CHECKING:
     from evaluators.config import HarnessSection
+    from evaluators.engines import Engine
 
 __all__ = [
     "HarnessEvaluator",
@@ -267,7 +269,8 @@ def _key(task: str, metric: str, filter_name: str) -> str:
 
 
 class HarnessEvaluator:
-    """Scores a live model on lm-eval tasks; built once per worker, called once per candidate.
+    """Scores an engine's candidate on lm-eval tasks; built once per worker, called once per
+    candidate.
 
     section: what to score and how, as a study's config says it: the tasks (or groups), looked up
         in its include_path first (only if one is not found there, and builtin_tasks is on, are
@@ -357,8 +360,6 @@ class HarnessEvaluator:
             if gen_kwargs and task.get_config("output_type") == "generate_until":
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self._metric_filter = self._resolve_metrics(metrics)
-        self._lm: Any = None
-        self._bound: tuple[Any, Any] | None = None
 
     # -- construction helpers -----------------------------------------------------------------
 
@@ -491,21 +492,20 @@ class HarnessEvaluator:
 
     def evaluate(
         self,
-        model: Any,
-        tokenizer: Any,
+        engine: Engine,
         *,
         limit: int | None = None,
         per_item: bool = False,
         items: tuple[int, int] | None = None,
     ) -> EvalResult:
-        """Score `model` as its weights are now (call again after changing them in place).
+        """Score the candidate `engine` holds (call again after it takes another).
 
         items: (start, stop) scores only that slice of each task's items (needs `order_seed`); the
             metrics are then the slice's own, and per-item scores come with them.
         """
         _check_count(limit, "limit")
         if items is None:
-            return self._evaluate(model, tokenizer, limit, per_item)
+            return self._evaluate(engine, limit, per_item)
         start, stop = items
         if self.order_seed is None or not 0 <= start < stop:
             raise EvaluatorError(
@@ -516,17 +516,14 @@ class HarnessEvaluator:
         try:
             for name, docs in sliced.items():
                 compat.pin_docs(tasks[name], self.split, docs)
-            return self._evaluate(
-                model, tokenizer, limit, True, skip={n for n, d in sliced.items() if not d}
-            )
+            return self._evaluate(engine, limit, True, skip={n for n, d in sliced.items() if not d})
         finally:
             for name, docs in self._docs.items():
                 compat.pin_docs(tasks[name], self.split, docs)
 
     def _evaluate(
         self,
-        model: Any,
-        tokenizer: Any,
+        engine: Engine,
         limit: int | None,
         per_item: bool,
         skip: set[str] = frozenset(),
@@ -540,9 +537,7 @@ class HarnessEvaluator:
                 **task_dict,
                 "tasks": {n: t for n, t in task_dict["tasks"].items() if n not in skip},
             }
-        lm = self._wrap(model, tokenizer)
-        if model.training:
-            model.eval()
+        lm = self._wrap(engine)
         for task in task_dict["tasks"].values():
             task.set_fewshot_seed(seed=_FEWSHOT_SEED)  # else the fewshot draw moves on every call
         with torch.no_grad(), _quiet(not self.verbose), _seeded():
@@ -564,29 +559,14 @@ class HarnessEvaluator:
 
     # -- per call -----------------------------------------------------------------------------
 
-    def _wrap(self, model: Any, tokenizer: Any) -> Any:
-        """HFLM around the live model: built on first use, rebuilt only for another model."""
-        if (
-            self._lm is not None
-            and self._bound is not None
-            and self._bound[0] is model
-            and self._bound[1] is tokenizer
-            and self._lm.device == model.device
-        ):
-            return self._lm
-        from lm_eval.models.huggingface import HFLM
-
-        with _quiet(not self.verbose):  # its warnings are about passing a model object: we mean to
-            self._lm = HFLM(
-                pretrained=model,
-                tokenizer=tokenizer,
-                batch_size=self.batch_size,
-                device=str(model.device),
-            )
-        if self.cache_tokens:
-            compat.memoise_tok_encode(self._lm)
-        self._bound = (model, tokenizer)
-        return self._lm
+    def _wrap(self, engine: Engine) -> Any:
+        """The engine's lm-eval LM, with its tokenization memoised the first time it is seen."""
+        with _quiet(not self.verbose):  # HFLM warns about being given a model object: we mean to
+            lm = engine.lm(self.batch_size)
+        memoised = hasattr(getattr(lm, "tok_encode", None), "cache_info")
+        if self.cache_tokens and engine.kind == "hf" and not memoised:
+            compat.memoise_tok_encode(lm)
+        return lm
 
     def _keep(self, key: str) -> bool:
         return self._metric_filter is None or key in self._metric_filter

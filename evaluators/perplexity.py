@@ -113,18 +113,24 @@ class PerplexityEvaluator:
 
     def evaluate(
         self,
-        model: Any,
-        tokenizer: Any,
+        engine: Any,
         *,
         limit: int | None = None,
         per_item: bool = False,
         items: tuple[int, int] | None = None,
     ) -> EvalResult:
-        """Score `model` as its weights are now."""
+        """Score the model the engine holds, as its weights are now (the hf engine: this evaluator
+        runs the model itself)."""
         import torch
 
         if items is not None:
             raise EvaluatorError(self.NO_ITEMS)
+        model, tokenizer = getattr(engine, "model", None), getattr(engine, "tokenizer", None)
+        if model is None:
+            raise EvaluatorError(
+                f"the perplexity evaluator runs the model itself; the {engine.kind} engine does "
+                "not hold one (use the hf engine)"
+            )
         _check_limit(limit)
         windows = self._windows(model, tokenizer, limit)
         if model.training:

@@ -55,8 +55,8 @@ ItemScores = dict[str, list[list[float]]]  # per metric key, its per-item scores
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Everything search asks of an evaluator: it scores a model that is already in memory, and is
-    called again after the model's weights change in place.
+    """Everything search asks of an evaluator: it scores whatever an engine holds
+    (evaluators/engines.py), and is called again after the engine takes another candidate.
 
     Items are what an evaluator scores one by one (a task's documents); multi-fidelity scores them
     in slices and adds up per-item scores. An evaluator that scores no items (perplexity) has no
@@ -74,14 +74,13 @@ class Evaluator(Protocol):
 
     def evaluate(
         self,
-        model: Any,
-        tokenizer: Any,
+        engine: Any,
         *,
         limit: int | None = None,
         per_item: bool = False,
         items: tuple[int, int] | None = None,
     ) -> EvalResult:
-        """Score the model as its weights are now.
+        """Score the candidate the engine holds.
 
         limit: only the first `limit` items of each task (the same items every call); None: all.
         per_item: also return per-item scores (EvalResult.per_item).

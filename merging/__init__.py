@@ -15,7 +15,7 @@ from merging.recipe import (
     recipe_from_dict,
     recipe_to_dict,
 )
-from merging.resident import ResidentMerger, load_live_model
+from merging.resident import MergedWeights, ResidentMerger, load_live_model
 
 __all__ = [
     "METHODS",
@@ -25,6 +25,7 @@ __all__ = [
     "MergeRecipe",
     "ModelEntry",
     "NonFiniteMergeError",
+    "MergedWeights",
     "ResidentMerger",
     "check_compatible",
     "dump_recipe",

@@ -9,7 +9,7 @@ model. Random draws (DARE, DELLA) are computed in each chunk from a counter, so 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -137,24 +137,25 @@ class ResidentMerger:
                 f"base to it (got {recipe.base!r})"
             )
 
+    def candidate(self, recipe: MergeRecipe) -> MergedWeights:
+        """The recipe's merge, computed tensor by tensor as an engine reads it (no tensor is
+        merged before it is asked for)."""
+        self.check_recipe(recipe)
+        spec = method_spec(recipe.method)
+        return MergedWeights(
+            self,
+            recipe,
+            plan_scalars(recipe, self.layer_map),
+            orders=self._magnitude_orders() if spec.magnitude_ranked else None,
+            ratios=self._model_stock_ratios() if spec.family is Family.MODEL_STOCK else None,
+            angles=self._nuslerp_angles(recipe.slerp_over)
+            if spec.family is Family.NUSLERP
+            else None,
+        )
+
     def apply(self, recipe: MergeRecipe, model: nn.Module) -> None:
         """Write the recipe's merge into `model`'s parameters in place."""
-        self.check_recipe(recipe)
-        plan = plan_scalars(recipe, self.layer_map)
-        spec = method_spec(recipe.method)
-        orders = self._magnitude_orders() if spec.magnitude_ranked else None
-        ratios = self._model_stock_ratios() if spec.family is Family.MODEL_STOCK else None
-        angles = self._nuslerp_angles(recipe.slerp_over) if spec.family is Family.NUSLERP else None
-        targets = self._target_tensors(model)
-        for name in self.names:
-            inputs = TensorInputs(
-                base=self.base[name],
-                deltas=[d[name] for d in self.deltas],
-                orders=[o[name] for o in orders] if orders else None,
-                stock_ratio=ratios[name] if ratios else None,
-                nuslerp_angles=angles[name] if angles else None,
-            )
-            merge_tensor(recipe, name, plan[name], inputs, targets[name], kernels=self.kernels)
+        self.candidate(recipe).write_into(self._target_tensors(model))
 
     def restore_base(self, model: nn.Module) -> None:
         """Put the base weights back into the live model."""
@@ -162,6 +163,64 @@ class ResidentMerger:
         with torch.no_grad():
             for name in self.names:
                 targets[name].copy_(self.base[name])
+
+
+class MergedWeights:
+    """One candidate's weights as the merger produces them: tensor by tensor, under the base
+    checkpoint's names, in its order. An engine takes them in one of two ways:
+
+    - `write_into(targets)`: each tensor merged straight into the engine's own tensor (the HF
+      engine's live model: no copy at all);
+    - `stream()`: each tensor merged into a new tensor and handed over, for an engine that holds
+      its weights in its own layout (vLLM); only the tensor being handed over exists twice.
+    """
+
+    def __init__(
+        self,
+        merger: ResidentMerger,
+        recipe: MergeRecipe,
+        plan: dict,
+        *,
+        orders: list[dict[str, methods.MagnitudeOrder]] | None,
+        ratios: dict[str, float] | None,
+        angles: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
+        self._merger, self.recipe, self._plan = merger, recipe, plan
+        self._orders, self._ratios, self._angles = orders, ratios, angles
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor a complete candidate has."""
+        return list(self._merger.names)
+
+    def base(self, name: str) -> torch.Tensor:
+        """The base's tensor `name` (what an engine restores when a merge fails half-way)."""
+        return self._merger.base[name]
+
+    def merge(self, name: str, out: torch.Tensor) -> None:
+        """Write the merged tensor `name` into `out` (same shape, any floating dtype)."""
+        m = self._merger
+        inputs = TensorInputs(
+            base=m.base[name],
+            deltas=[d[name] for d in m.deltas],
+            orders=[o[name] for o in self._orders] if self._orders else None,
+            stock_ratio=self._ratios[name] if self._ratios else None,
+            nuslerp_angles=self._angles[name] if self._angles else None,
+        )
+        merge_tensor(self.recipe, name, self._plan[name], inputs, out, kernels=m.kernels)
+
+    def write_into(self, targets: Mapping[str, torch.Tensor]) -> None:
+        """Merge every tensor in place into `targets[name]`."""
+        for name in self._merger.names:
+            self.merge(name, targets[name])
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, each merged into a new tensor on the merger's device
+        in its dtype as it is asked for."""
+        for name in self._merger.names:
+            out = torch.empty_like(self._merger.base[name])
+            self.merge(name, out)
+            yield name, out
 
 
 def load_live_model(

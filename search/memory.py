@@ -1,7 +1,8 @@
 """Each worker's memory plan, from the models' headers: what `basin validate` prints and checks.
 
 A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
-the live model candidates are written into (the magnitude tables of TIES and breadcrumbs are on the
+the engine candidates are written into (the hf engine's live model; vLLM's copy of the weights,
+its headroom and its KV cache) (the magnitude tables of TIES and breadcrumbs are on the
 host, and stated in a note; DARE's and DELLA's draws are computed in place), the scratch of one
 tensor's merge, and what evaluation needs on top (logits and their log-softmax for a batch, the KV
 cache). The first four are fixed by the model set; the last grows with the batch and the sequence
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from evaluators.config import EVAL_TOKENS, sequence_bytes
+from evaluators.vllm_engine import HEADROOM_BYTES
 from merging.catalog import method_spec
 from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, StudyConfig
@@ -65,11 +68,15 @@ def memory_plan(
     sizes = [_numel(base.shape(n)) for n in floats]
     params, n_ft, width = sum(sizes), len(models.finetunes), BYTES[models.dtype]
     model_bytes = params * width
-    fixed = [
-        ("base", model_bytes),
-        (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes),
-        ("live model", model_bytes),
-    ]
+    fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes)]
+    vllm = config.evaluator.engine == "vllm"
+    if vllm:
+        fixed += [
+            ("vLLM engine: its copy of the weights", model_bytes),
+            ("headroom beside vLLM (CUDA context, allocator)", HEADROOM_BYTES),
+        ]
+    else:
+        fixed.append(("live model", model_bytes))
     notes = []
     if any(method_spec(m).magnitude_ranked for m in config.space.methods):
         tables = n_ft * len(floats) * (TABLE_POINTS + 1) * TABLE_POINT_BYTES
@@ -79,10 +86,34 @@ def memory_plan(
         )
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
-    estimate = config.evaluator.memory_estimate(shape, width)
-    evaluation = (estimate.what, estimate.bytes)
-    notes += estimate.notes
+    if vllm:
+        evaluation, note = _vllm_cache(config, shape, width, model_bytes, capacity)
+        notes.append(note)
+    else:
+        estimate = config.evaluator.memory_estimate(shape, width)
+        evaluation = (estimate.what, estimate.bytes)
+        notes += estimate.notes
     return MemoryPlan(fixed, evaluation, capacity, capacity_from, notes)
+
+
+def _vllm_cache(
+    config: StudyConfig, shape: dict, width: int, model_bytes: int, capacity: int | None
+) -> tuple[tuple[str, int], str]:
+    """The vllm engine's KV cache row: its share of the GPU less its weights, or (share unset)
+    at least one sequence, the engine taking what the GPU has left."""
+    share = config.evaluator.vllm_options.gpu_memory_utilization
+    one = sequence_bytes(shape, 1, EVAL_TOKENS, width)
+    if share is not None and capacity is not None:
+        cache = max(0, int(share * capacity) - model_bytes)
+        what = f"vLLM KV cache (gpu_memory_utilization {share:g} of the GPU, less its weights)"
+        return (what, cache), (
+            f"vLLM takes {share:g} of the GPU ({share * capacity / GiB:.1f} GiB) when it starts"
+        )
+    what = f"vLLM KV cache (at least one sequence of {EVAL_TOKENS} tokens)"
+    return (what, one), (
+        "vLLM's share of the GPU: what is free once the merger holds its tensors, less "
+        f"{HEADROOM_BYTES / GiB:.0f} GiB (set evaluator.vllm.gpu_memory_utilization to fix it)"
+    )
 
 
 def _numel(shape: tuple[int, ...]) -> int:

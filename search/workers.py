@@ -1,9 +1,9 @@
-"""One candidate worker: base, task vectors, one live model and its evaluators, on one device.
+"""One candidate worker: base, task vectors, one engine and its evaluators, on one device.
 
-The worker does the per-candidate work (merge in place, evaluate) and returns a WorkerResult; a
-failure inside a candidate comes back as a result with its error, never as an exception, so a bad
-candidate fails its trial and the worker goes on. Where the worker runs (a Ray actor, this
-process) is the pool's business (search/pool.py); nothing here imports Ray.
+The worker does the per-candidate work (merge into the engine, evaluate) and returns a
+WorkerResult; a failure inside a candidate comes back as a result with its error, never as an
+exception, so a bad candidate fails its trial and the worker goes on. Where the worker runs (a Ray
+actor, this process) is the pool's business (search/pool.py); nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class _Held:
 
 
 class CandidateWorker:
-    """Merges recipes into one live model and scores them; one per GPU or CPU slot."""
+    """Merges recipes into one engine (evaluators/engines.py) and scores them; one per GPU or CPU
+    slot."""
 
     def __init__(self, spec: WorkerSpec, index: int = 0) -> None:
         self.spec, self.index = spec, index
@@ -69,9 +70,9 @@ class CandidateWorker:
 
     def _start(self) -> None:
         import torch
-        from transformers import AutoTokenizer
 
-        from merging import ResidentMerger, load_live_model
+        from evaluators.engines import EngineStart, start_engine
+        from merging import ResidentMerger
         from merging.checkpoint import resolve_model_dir
 
         spec, models = self.spec, self.spec.models
@@ -88,14 +89,16 @@ class CandidateWorker:
             kernels=models.kernels,
         )
         self.merger.prepare(tuple(spec.space.methods), spec.space.seed)
-        self.model = load_live_model(
-            models.base,
-            device=self.device,
-            dtype=models.dtype,
-            trust_remote_code=models.trust_remote_code,
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(resolve_model_dir(models.base)), trust_remote_code=models.trust_remote_code
+        # after the merger: an engine that sizes itself (vLLM) sees what the merger holds
+        self.engine = start_engine(
+            EngineStart(
+                str(resolve_model_dir(models.base)),
+                self.device,
+                models.dtype,
+                trust_remote_code=models.trust_remote_code,
+                threads=spec.threads,
+            ),
+            spec.evaluator,
         )
         self.evaluators: dict[str, Evaluator] = {}
         self._held: _Held | None = None
@@ -120,6 +123,7 @@ class CandidateWorker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": self.device,
+            "engine": self.engine.kind,
             "setup_s": round(self.setup_s, 3),
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -144,14 +148,13 @@ class CandidateWorker:
         self._held = None
         try:
             t0 = time.perf_counter()
-            self.merger.apply(recipe_from_dict(recipe), self.model)
-            self._sync()
+            self.engine.load(self.merger.candidate(recipe_from_dict(recipe)))
             t1 = time.perf_counter()
             if rung:
                 self._held = _Held()
                 metrics, flags, scores = self._score(items)
             else:
-                result = self.evaluator(role).evaluate(self.model, self.tokenizer)
+                result = self.evaluator(role).evaluate(self.engine)
                 metrics, flags, scores = result.metrics, result.higher_is_better, None
             t2 = time.perf_counter()
         except Exception as exc:  # a failed candidate fails its trial, never the worker
@@ -179,7 +182,7 @@ class CandidateWorker:
         counts = evaluator.item_counts
         stop = max(counts.values()) if items is None else min(items, max(counts.values()))
         if stop > held.scored:
-            result = evaluator.evaluate(self.model, self.tokenizer, items=(held.scored, stop))
+            result = evaluator.evaluate(self.engine, items=(held.scored, stop))
             for key, values in (result.per_item or {}).items():
                 held.scores.setdefault(key, []).extend(values)
             held.flags.update(result.higher_is_better)
@@ -209,12 +212,6 @@ class CandidateWorker:
             eval_s=eval_s,
             rung=rung,
         )
-
-    def _sync(self) -> None:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     def _failed(self, exc: Exception) -> WorkerResult:
         import torch

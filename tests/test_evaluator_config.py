@@ -17,6 +17,7 @@ from evaluators import (
     PerplexitySection,
 )
 from evaluators.config import build_evaluator
+from evaluators.engines import HFEngine
 from search.cli import main
 from search.config import ConfigError, config_from_dict
 from search.folder import load_study_folder, worker_spec
@@ -184,18 +185,16 @@ def test_a_perplexity_study_runs_minimises_nll_and_reports_held_out_scores(
         == 0
     )
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    again = (
-        build_evaluator(config.evaluator, "search").evaluate(model, tok).metrics["perplexity/nll"]
-    )
+    engine = HFEngine(model, tok)
+    again = build_evaluator(config.evaluator, "search").evaluate(engine).metrics["perplexity/nll"]
     assert again == pytest.approx(best.user_attrs["metrics"]["perplexity/nll"], rel=1e-5)
 
     assert main(["report", str(folder), "--quiet"]) == 0
     held = json.loads((folder / "heldout" / "held.txt" / f"{best.number}.json").read_text())[
         "metrics"
     ]
-    expected = (
-        build_evaluator(config.evaluator, "report").evaluate(model, tok).metrics["perplexity/nll"]
-    )
+    report = build_evaluator(config.evaluator, "report")
+    expected = report.evaluate(engine).metrics["perplexity/nll"]
     assert held["perplexity/nll"] == pytest.approx(expected, rel=1e-5)
     assert "held.txt" in (folder / "report.html").read_text()
 
@@ -233,7 +232,7 @@ def test_every_kind_declares_all_that_search_asks_of_its_section_and_evaluator(t
     for call in (
         lambda: perplexity.check_item_means(["perplexity/nll"]),
         lambda: perplexity.item_metrics({"perplexity/nll": [1.0]}),
-        lambda: perplexity.evaluate(None, None, items=(0, 2)),
+        lambda: perplexity.evaluate(None, items=(0, 2)),
     ):
         with pytest.raises(EvaluatorError, match="token windows of a text, not items"):
             call()

@@ -24,6 +24,7 @@ from evaluators import (
     HarnessSection,
     PerplexityEvaluator,
 )
+from evaluators.engines import HFEngine
 from evaluators.harness import disable_template_cache, enable_template_cache, template_cache_info
 from tests.support.tiny import (
     TinyTasks,
@@ -54,11 +55,11 @@ def tiny(tmp_path_factory) -> Tiny:
 
 
 @pytest.fixture(scope="session")
-def live(tiny) -> tuple[Any, Any]:
+def live(tiny) -> HFEngine:
     """The in-memory model and tokenizer that tests score (and restore after perturbing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (
+    return HFEngine(
         AutoModelForCausalLM.from_pretrained(tiny.model_dir),
         AutoTokenizer.from_pretrained(tiny.model_dir),
     )
@@ -157,8 +158,8 @@ def perturbed(model: Any, scale: float = 1.0, seed: int = 0) -> Iterator[None]:
 )
 def test_equals_lm_eval_simple_evaluate_on_saved_folder(tiny, live, reference_lm, split, shots):
     ev = HarnessEvaluator(tiny_section(tiny, num_fewshot=shots), split=split)
-    result = ev.evaluate(*live, per_item=True)
-    assert ev.evaluate(*live, per_item=True) == result  # the few-shot draw is re-seeded per call
+    result = ev.evaluate(live, per_item=True)
+    assert ev.evaluate(live, per_item=True) == result  # the few-shot draw is re-seeded per call
     ref_metrics, ref_items = simple_evaluate(reference_lm, tiny, split, num_fewshot=shots)
 
     assert result.metrics == ref_metrics
@@ -168,12 +169,12 @@ def test_equals_lm_eval_simple_evaluate_on_saved_folder(tiny, live, reference_lm
 
 def test_validation_and_test_splits_score_different_items(tiny, live, evaluator):
     on_test = HarnessEvaluator(tiny_section(tiny), split="test")
-    val, test = evaluator.evaluate(*live, per_item=True), on_test.evaluate(*live, per_item=True)
+    val, test = evaluator.evaluate(live, per_item=True), on_test.evaluate(live, per_item=True)
     assert val.per_item != test.per_item
 
 
 def test_is_an_evaluator_and_result_is_frozen(evaluator, live):
-    result = evaluator.evaluate(*live)
+    result = evaluator.evaluate(live)
     assert isinstance(evaluator, Evaluator)
     assert set(result.metrics) == {"toy_next/acc", "toy_pair/acc", "toy_pair/acc_norm"}
     assert result.per_item is None
@@ -183,32 +184,29 @@ def test_is_an_evaluator_and_result_is_frozen(evaluator, live):
 
 
 def test_in_place_weight_changes_are_scored_and_restoring_restores(evaluator, live):
-    model, tokenizer = live
-    before = evaluator.evaluate(model, tokenizer, per_item=True)
-    wrapper = evaluator._lm
-    with perturbed(model, scale=1.0):
-        during = evaluator.evaluate(model, tokenizer, per_item=True)
-    after = evaluator.evaluate(model, tokenizer, per_item=True)
+    before = evaluator.evaluate(live, per_item=True)
+    wrapper = live.lm(evaluator.batch_size)
+    with perturbed(live.model, scale=1.0):
+        during = evaluator.evaluate(live, per_item=True)
+    after = evaluator.evaluate(live, per_item=True)
 
     assert during.metrics != before.metrics
     assert after == before
-    assert evaluator._lm is wrapper  # wrapped once, no reload or copy
+    assert live.lm(evaluator.batch_size) is wrapper  # wrapped once, no reload or copy
 
 
-def test_another_model_object_is_rewrapped(tiny, evaluator, live):
+def test_another_engine_is_scored_through_its_own_wrapper(tiny, evaluator, live):
     from transformers import AutoModelForCausalLM
 
-    first = evaluator.evaluate(*live)
-    wrapper = evaluator._lm
-    twin = AutoModelForCausalLM.from_pretrained(tiny.model_dir)
-    assert evaluator.evaluate(twin, live[1]) == first
-    assert evaluator._lm is not wrapper
-    evaluator.evaluate(*live)  # rebind the shared evaluator to the shared model
+    first = evaluator.evaluate(live)
+    twin = HFEngine(AutoModelForCausalLM.from_pretrained(tiny.model_dir), live.tokenizer)
+    assert evaluator.evaluate(twin) == first
+    assert twin.lm(evaluator.batch_size) is not live.lm(evaluator.batch_size)
 
 
 def test_limit_takes_the_same_first_items_every_call(tiny, live, reference_lm, evaluator):
     ev = HarnessEvaluator(tiny_section(tiny, limit=10), split="validation")
-    one, two = ev.evaluate(*live, per_item=True), ev.evaluate(*live, per_item=True)
+    one, two = ev.evaluate(live, per_item=True), ev.evaluate(live, per_item=True)
     ref_metrics, ref_items = simple_evaluate(reference_lm, tiny, "validation", limit=10)
 
     assert ev.item_ids == {name: tuple(range(10)) for name in tiny.tasks.names}
@@ -216,7 +214,7 @@ def test_limit_takes_the_same_first_items_every_call(tiny, live, reference_lm, e
     assert one.metrics == ref_metrics
     assert by_id(ev, one) == ref_items
     # The per-call limit gives the same subset from an evaluator built for every item.
-    assert evaluator.evaluate(*live, limit=10, per_item=True) == one
+    assert evaluator.evaluate(live, limit=10, per_item=True) == one
 
 
 def test_seeded_sample_is_fixed_and_equals_lm_eval_samples(tiny, live, reference_lm):
@@ -229,19 +227,19 @@ def test_seeded_sample_is_fixed_and_equals_lm_eval_samples(tiny, live, reference
     assert all(len(v) == len(set(v)) == 12 for v in ids.values())
     assert ids["toy_next"] != tuple(range(12))
 
-    one, two = ev.evaluate(*live, per_item=True), ev.evaluate(*live, per_item=True)
+    one, two = ev.evaluate(live, per_item=True), ev.evaluate(live, per_item=True)
     assert one == two
     samples = {name: sorted(v) for name, v in ids.items()}
     ref_metrics, ref_items = simple_evaluate(reference_lm, tiny, "validation", samples=samples)
     assert one.metrics == ref_metrics
     assert by_id(ev, one) == ref_items
     # A per-call limit takes a prefix of the draw.
-    prefix = ev.evaluate(*live, limit=5, per_item=True)
+    prefix = ev.evaluate(live, limit=5, per_item=True)
     assert prefix.per_item == {k: v[:5] for k, v in one.per_item.items()}
 
 
 def test_per_item_scores_have_one_per_item_and_average_to_the_metric(evaluator, live):
-    result = evaluator.evaluate(*live, per_item=True)
+    result = evaluator.evaluate(live, per_item=True)
     assert result.per_item is not None and set(result.per_item) == set(result.metrics)
     for key, values in result.per_item.items():
         assert len(values) == len(evaluator.item_ids[key.split("/")[0]]) == 30
@@ -281,7 +279,7 @@ def test_unknown_metric_and_bad_arguments(tiny):
 
 def test_metric_selection(tiny, live):
     ev = HarnessEvaluator(tiny_section(tiny), split="validation", metrics=["acc"])
-    assert set(ev.evaluate(*live, per_item=True).metrics) == {"toy_next/acc", "toy_pair/acc"}
+    assert set(ev.evaluate(live, per_item=True).metrics) == {"toy_next/acc", "toy_pair/acc"}
 
 
 def test_template_cache_leaves_scores_identical(evaluator, live):
@@ -292,11 +290,11 @@ def test_template_cache_leaves_scores_identical(evaluator, live):
     enable_template_cache()  # idempotent
     assert utils.env.from_string is patched
     try:
-        cached = evaluator.evaluate(*live, per_item=True)
+        cached = evaluator.evaluate(live, per_item=True)
         assert template_cache_info().hits > 0
         disable_template_cache()
         assert template_cache_info() is None and "from_string" not in vars(utils.env)
-        uncached = evaluator.evaluate(*live, per_item=True)
+        uncached = evaluator.evaluate(live, per_item=True)
     finally:
         enable_template_cache()
     assert cached == uncached
@@ -304,19 +302,19 @@ def test_template_cache_leaves_scores_identical(evaluator, live):
 
 def test_token_cache_leaves_scores_identical(tiny, evaluator, live):
     plain = HarnessEvaluator(tiny_section(tiny), split="validation", cache_tokens=False)
-    memo = evaluator.evaluate(*live, per_item=True)
-    assert evaluator._lm.tok_encode.cache_info().hits > 0
-    assert plain.evaluate(*live, per_item=True) == memo
+    memo = evaluator.evaluate(live, per_item=True)
+    assert live.lm(evaluator.batch_size).tok_encode.cache_info().hits > 0
+    assert plain.evaluate(live, per_item=True) == memo
 
 
 def test_calls_are_quiet_unless_verbose(tiny, live, capfd):
     ev = HarnessEvaluator(tiny_section(tiny), split="validation")
     capfd.readouterr()
-    ev.evaluate(*live)  # wraps the model (lm-eval warns about that) and runs
-    ev.evaluate(*live)
+    ev.evaluate(live)  # wraps the model (lm-eval warns about that) and runs
+    ev.evaluate(live)
     assert capfd.readouterr() == ("", "")
     one_task = tiny_section(tiny, tasks=["toy_next"])
-    HarnessEvaluator(one_task, split="validation", verbose=True).evaluate(*live)
+    HarnessEvaluator(one_task, split="validation", verbose=True).evaluate(live)
     assert "Running loglikelihood requests" in capfd.readouterr().err
 
 
@@ -325,7 +323,7 @@ def test_calls_are_quiet_unless_verbose(tiny, live, capfd):
 
 def test_perplexity_is_finite_deterministic_and_follows_the_weights(tiny, live):
     ev = PerplexityEvaluator(tiny.corpus, window=32)
-    first, second = ev.evaluate(*live, per_item=True), ev.evaluate(*live, per_item=True)
+    first, second = ev.evaluate(live, per_item=True), ev.evaluate(live, per_item=True)
     assert first == second
     assert math.isfinite(first.metrics["perplexity/ppl"]) and first.metrics["perplexity/ppl"] > 1
     assert math.isclose(first.metrics["perplexity/ppl"], math.exp(first.metrics["perplexity/nll"]))
@@ -333,11 +331,11 @@ def test_perplexity_is_finite_deterministic_and_follows_the_weights(tiny, live):
     nlls = first.per_item["perplexity/nll"]
     assert len(nlls) == 37  # 1200 words, 32-token windows, tail dropped
     assert math.isclose(sum(nlls) / len(nlls), first.metrics["perplexity/nll"], rel_tol=1e-12)
-    assert ev.evaluate(*live, limit=3, per_item=True).per_item["perplexity/nll"] == nlls[:3]
+    assert ev.evaluate(live, limit=3, per_item=True).per_item["perplexity/nll"] == nlls[:3]
 
-    with perturbed(live[0], scale=1.0):
-        assert ev.evaluate(*live).metrics != first.metrics
-    assert ev.evaluate(*live, per_item=True) == first
+    with perturbed(live.model, scale=1.0):
+        assert ev.evaluate(live).metrics != first.metrics
+    assert ev.evaluate(live, per_item=True) == first
 
 
 def test_perplexity_file_errors(tmp_path):

@@ -16,6 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from evaluators import HarnessEvaluator, HarnessSection
+from evaluators.engines import HFEngine
 from search import records
 from search.attrs import ITEM_SCORES
 from search.cli import main
@@ -89,9 +90,9 @@ def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
     assert all(list(ids) != sorted(ids) for ids in ev.item_ids.values()), (
         "the order is drawn, not the file's"
     )
-    full = ev.evaluate(model, tok, per_item=True)
+    full = ev.evaluate(HFEngine(model, tok), per_item=True)
     parts = [
-        ev.evaluate(model, tok, items=span)
+        ev.evaluate(HFEngine(model, tok), items=span)
         for span in ((0, RUNGS[0]), (RUNGS[0], RUNGS[1]), (RUNGS[1], 10**6))
     ]
     for key, scores in full.per_item.items():
@@ -99,7 +100,7 @@ def test_slices_of_the_item_order_add_up_to_a_full_evaluation(zoo, fewshot):
         assert joined == list(scores)
         assert sum(joined) / len(joined) == full.metrics[key]
     # the full order is back after the slices
-    assert ev.evaluate(model, tok).metrics == full.metrics
+    assert ev.evaluate(HFEngine(model, tok)).metrics == full.metrics
 
 
 def test_slices_need_an_order_and_objectives_that_are_per_item_means(zoo):
@@ -108,7 +109,7 @@ def test_slices_need_an_order_and_objectives_that_are_per_item_means(zoo):
     )
     ev = HarnessEvaluator(section, split="validation")
     with pytest.raises(Exception, match="needs order_seed"):
-        ev.evaluate(None, None, items=(0, 2))
+        ev.evaluate(None, items=(0, 2))
     ev.check_item_means([f"{zoo.tasks[0]}/acc"])
 
 
@@ -430,10 +431,10 @@ def test_a_groups_metric_adds_up_from_its_tasks_items_as_lm_eval_aggregates_it(
     )
     ev = HarnessEvaluator(section, split="validation", order_seed=1)
     ev.check_item_means(["zoo_pair/acc"])
-    full = ev.evaluate(model, tok)
+    full = ev.evaluate(HFEngine(model, tok))
     scores: dict[str, list[float]] = {}
     for span in ((0, RUNGS[0]), (RUNGS[0], 10**6)):
-        for key, values in ev.evaluate(model, tok, items=span).per_item.items():
+        for key, values in ev.evaluate(HFEngine(model, tok), items=span).per_item.items():
             scores.setdefault(key, []).extend(values)
     metrics, parts = ev.item_metrics(scores)
     assert metrics["zoo_pair/acc"] == pytest.approx(full.metrics["zoo_pair/acc"], abs=1e-12)

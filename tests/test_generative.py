@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from evaluators import HarnessEvaluator, HarnessSection, build_evaluator
+from evaluators.engines import HFEngine
 from search.cli import main
 from search.config import ConfigError
 from search.demo import load_demo_config
@@ -63,7 +64,7 @@ def _ours(folder: Path, zoo, **options):
         tasks=GEN, include_path=str(zoo.tasks_dir), batch_size=32, builtin_tasks=False, **options
     )
     ev = HarnessEvaluator(section, split="test")
-    return ev.evaluate(model, tok)
+    return ev.evaluate(HFEngine(model, tok))
 
 
 def test_a_generative_task_scores_what_simple_evaluate_scores(zoo):
@@ -180,5 +181,6 @@ def test_batch_size_auto_lets_lm_eval_pick_the_batch_and_scores_the_same(zoo):
     )
     auto = build_evaluator(section, "search")
     fixed = build_evaluator(section.model_copy(update={"batch_size": 8}), "search")
-    assert auto.evaluate(model, tok).metrics == fixed.evaluate(model, tok).metrics
-    assert auto._lm.batch_sizes  # lm-eval measured a batch size for this model
+    engine = HFEngine(model, tok)
+    assert auto.evaluate(engine).metrics == fixed.evaluate(engine).metrics
+    assert engine.lm("auto").batch_sizes  # lm-eval measured a batch size for this model

@@ -408,7 +408,7 @@ def test_a_config_without_trust_remote_code_never_runs_a_model_folder_s_own_code
     data = study_config(fault_zoo, tmp_path / "study", models={"base": str(base)})
     assert "trust_remote_code" not in data["models"]
     worker = CandidateWorker(worker_spec(config_from_dict(data)))
-    assert type(worker.model).__name__ == "LlamaForCausalLM"
+    assert type(worker.engine.model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
     trusted = config_from_dict(

@@ -234,3 +234,56 @@ def test_a_plan_that_cannot_fit_the_named_gpu_is_refused_and_one_that_barely_fit
     path = config(llama_set, tasks, tmp_path, workers={"count": 1, "gpu_memory_gib": between})
     assert main(["validate", str(path)]) == 0
     assert "warning: with evaluation the plan is" in capsys.readouterr().out
+
+
+def test_the_vllm_engine_s_plan_holds_its_weights_headroom_and_kv_cache(
+    llama_set, tasks, tmp_path, capsys
+):
+    from search.config import load_config
+    from search.memory import GiB, memory_plan
+
+    evaluator = {
+        "tasks": list(tasks.names),
+        "include_path": str(tasks.folder),
+        "builtin_tasks": False,
+        "engine": "vllm",
+    }
+    path = config(llama_set, tasks, tmp_path, evaluator=evaluator)
+    plan = memory_plan(load_config(str(path)))
+    rows = dict(plan.fixed)
+    assert "live model" not in rows
+    assert rows["vLLM engine: its copy of the weights"] == rows["base"]
+    assert rows["headroom beside vLLM (CUDA context, allocator)"] == 2 * GiB
+    assert plan.evaluation[0].startswith("vLLM KV cache (at least one sequence")
+    assert main(["validate", str(path)]) == 0
+    assert "vLLM's share of the GPU: what is free once the merger holds" in capsys.readouterr().out
+
+    # a fixed share: the cache is that share of the GPU less the engine's weights
+    share = {**evaluator, "vllm": {"gpu_memory_utilization": 0.5}}
+    path = config(llama_set, tasks, tmp_path, evaluator=share, workers={"gpu_memory_gib": 8})
+    plan = memory_plan(load_config(str(path)), capacity=8 * GiB)
+    assert plan.evaluation[1] == 4 * GiB - rows["base"]
+    # a GPU that cannot hold the headroom beside the merger's tensors is refused before a start
+    path = config(llama_set, tasks, tmp_path, evaluator=evaluator, workers={"gpu_memory_gib": 1})
+    assert main(["validate", str(path)]) == 2
+    assert "the largest part is headroom beside vLLM" in capsys.readouterr().err
+
+
+def test_engine_options_are_checked_with_the_engine(llama_set, tasks, tmp_path, capsys):
+    base = {"tasks": list(tasks.names), "include_path": str(tasks.folder), "builtin_tasks": False}
+    cases = [
+        ({**base, "engine": "vlm"}, "'hf' or 'vllm'"),
+        ({**base, "vllm": {"enforce_eager": True}}, "but evaluator.engine is hf"),
+        (
+            {**base, "engine": "vllm", "vllm": {"tensor_parallel_size": 2}},
+            "a basin worker holds one device",
+        ),
+        (
+            {"kind": "perplexity", "text": str(tasks.folder / "missing.txt"), "engine": "vllm"},
+            "with the hf engine only",
+        ),
+    ]
+    for evaluator, message in cases:
+        path = config(llama_set, tasks, tmp_path, evaluator=evaluator)
+        assert main(["validate", str(path)]) == 2
+        assert message in capsys.readouterr().err, message

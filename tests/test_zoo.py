@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evaluators.engines import HFEngine
 from evaluators.zoo import Zoo, build_zoo, load_zoo
 from evaluators.zoo.build import write_task_data
 
@@ -200,7 +201,7 @@ def test_adapter_equals_simple_evaluate_on_a_zoo_model(zoo: Zoo) -> None:
     section = HarnessSection(
         tasks=zoo.tasks, include_path=str(zoo.tasks_dir), batch_size=64, builtin_tasks=False
     )
-    ours = HarnessEvaluator(section, split="validation").evaluate(model, tok)
+    ours = HarnessEvaluator(section, split="validation").evaluate(HFEngine(model, tok))
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={folder},device=cpu",

@@ -3,7 +3,7 @@
 What gets built (``Settings`` holds every knob; the seed picks data and init):
 
 * a word-level HF tokenizer over the synthetic language (``skills.vocabulary``);
-* ``base/``: a ``LlamaForCausalLM`` (hidden 96, 4 layers, 4 heads, MLP 192,
+* ``base/``: a ``LlamaForCausalLM`` (hidden 96, 4 layers, 3 heads of 32, MLP 192,
   untied embeddings, 64 positions; 373,152 parameters) pretrained 1,200 steps
   on the mixture of the four skills of ``skills.py`` (add, succ, rev, sort),
   where 90% of the hard-region lines show the skill's systematic mistake;
@@ -98,7 +98,7 @@ class Settings:
     hidden_size: int = 96
     intermediate_size: int = 192
     num_layers: int = 4
-    num_heads: int = 4
+    num_heads: int = 3  # head_dim 32: the smallest vLLM's CPU attention takes
     max_positions: int = 64  # also the perplexity window the models were trained on
     batch_size: int = 64
     pretrain_steps: int = 1200

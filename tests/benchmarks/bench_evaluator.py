@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from evaluators.engines import HFEngine
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             tasks=list(names), include_path=str(tasks_dir), batch_size=args.batch_size
         )
         ev = HarnessEvaluator(section, split=args.split, cache_templates=cache_templates)
-        return lambda: ev.evaluate(model, tokenizer).metrics
+        engine = HFEngine(model, tokenizer)
+        return lambda: ev.evaluate(engine).metrics
 
     print(
         f"model {model_dir} ({sum(p.numel() for p in model.parameters()):,} parameters, "

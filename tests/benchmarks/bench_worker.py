@@ -78,6 +78,7 @@ class InProcess:
         from transformers import AutoTokenizer
 
         from evaluators import build_evaluator
+        from evaluators.engines import HFEngine
         from merging import ResidentMerger, load_live_model
 
         models = spec.models
@@ -86,6 +87,7 @@ class InProcess:
         )
         self.model = load_live_model(models.base, device="cpu", dtype=models.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(models.base))
+        self.engine = HFEngine(self.model, self.tokenizer)
         self.evaluator = build_evaluator(spec.evaluator, "search")
 
     def times(self, todo: list[dict[str, Any]], threads: int) -> list[float]:
@@ -101,7 +103,7 @@ class InProcess:
             for recipe in todo:
                 self.merger.apply(recipe_from_dict(recipe), self.model)
                 start = time.perf_counter()
-                self.evaluator.evaluate(self.model, self.tokenizer)
+                self.evaluator.evaluate(self.engine)
                 out.append(time.perf_counter() - start)
             return out
         finally:
