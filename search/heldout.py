@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
+from search import console
 from search.pool import InProcessPool, Pool
 from search.records import write_json_atomic
 from search.workers import WorkerSpec
@@ -44,17 +46,26 @@ def score_heldout(
     if not todo:
         return read_heldout(folder, split)
     own = pool is None
-    pool = pool or InProcessPool(spec)
-    try:
-        for number, recipe in tqdm(
-            sorted(todo.items()), desc=f"scoring on {split}", disable=not progress
-        ):
-            ref = pool.submit(0, recipe, "report")
-            result = pool.result(pool.wait([ref], None)[0])
-            if not result.ok:
-                raise RuntimeError(f"trial {number} failed on the {split} split: {result.error}")
-            write_json_atomic(heldout_path(folder, split, number), {"metrics": result.metrics})
-    finally:
-        if own:
-            pool.shutdown()
+    with console.others_to(folder / console.RAY_LOG) as terminal:
+        # the engine's own output (vLLM's start, its warnings) goes beside Ray's, in the folder
+        pool = pool or InProcessPool(spec)
+        try:
+            return _score(folder, pool, todo, split, progress, terminal)
+        finally:
+            if own:
+                pool.shutdown()
+
+
+def _score(
+    folder: Path, pool: Pool, todo: dict, split: str, progress: bool, terminal: TextIO
+) -> dict[int, dict[str, float]]:
+    bar = tqdm(
+        sorted(todo.items()), desc=f"scoring on {split}", disable=not progress, file=terminal
+    )
+    for number, recipe in bar:
+        ref = pool.submit(0, recipe, "report")
+        result = pool.result(pool.wait([ref], None)[0])
+        if not result.ok:
+            raise RuntimeError(f"trial {number} failed on the {split} split: {result.error}")
+        write_json_atomic(heldout_path(folder, split, number), {"metrics": result.metrics})
     return read_heldout(folder, split)

@@ -5,6 +5,7 @@ previous candidate's KV blocks, and a study run end to end with it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -258,3 +259,29 @@ def test_a_study_runs_promotes_and_reports_with_the_vllm_engine(zoo, tmp_path):
     assert set(json.loads(held)["metrics"]) == {
         f"{t}/exact_match,answer" for t in zoo.generative_tasks
     }
+
+
+def test_a_torchvision_that_breaks_imports_is_named_with_the_fix(tmp_path):
+    """vLLM's CPU build pulls a torchvision that fails to import beside this torch; the engine
+    says so before vLLM (and transformers through it) trips over it."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    code = (
+        "from evaluators.vllm_engine import check_installed\n"
+        "try:\n    check_installed()\nexcept Exception as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{Path.cwd()}"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "torchvision is installed but cannot be imported" in out
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in out
