@@ -13,6 +13,11 @@ at every barrier, and when another process holds one of the cores each of a forw
 small parallel regions waits for a thread the scheduler has put behind it. On a 2-core machine
 beside one busy process, a two-thread worker took 10.8 s per candidate where the evaluator takes
 0.24 s in-process on a quiet machine; now 0.29 s (tests/benchmarks/bench_worker.py).
+
+A worker in this process (InProcessPool) gets its torch threads from `spec.threads` and the
+variables of `env` that are read at run time (RUNTIME_ENV); OpenMP read OMP_WAIT_POLICY when torch
+was imported, so such a worker waits as this process does. With one thread that does not matter
+(there is no other thread to wait for); search/heldout.py chooses this process or Ray on that.
 """
 
 from __future__ import annotations
@@ -103,6 +108,17 @@ def cpu_threads(count: int, cores: int | None = None) -> int:
     return max(1, ((cores or cpu_slots()) - 1) // count)
 
 
+def cpu_worker(spec: WorkerSpec, count: int) -> WorkerSpec:
+    """`spec` as one of `count` CPU workers runs it: `spec.threads` torch threads, by default its
+    share of the cores (cpu_threads)."""
+    return spec if spec.threads is not None else replace(spec, threads=cpu_threads(count))
+
+
+# what worker_env sets that a process already running reads when it is used (the rest is read
+# once, when torch loads OpenMP and MKL; torch.set_num_threads sets their thread counts instead)
+RUNTIME_ENV = ("TOKENIZERS_PARALLELISM",)
+
+
 def worker_env(threads: int | None) -> dict[str, str]:
     """The environment a worker process starts with (it must be set before torch loads OpenMP).
 
@@ -161,8 +177,8 @@ class RayPool(_Submits):
 
         self._ray = ray
         self._own_ray = not ray.is_initialized()  # started here: shut down with the pool
-        if gpus_per_worker == 0 and spec.threads is None:
-            spec = replace(spec, threads=cpu_threads(count))
+        if gpus_per_worker == 0:
+            spec = cpu_worker(spec, count)
         self.spec = spec
         cpus = spec.threads if gpus_per_worker == 0 else 1
         if not ray.is_initialized():
@@ -247,11 +263,24 @@ class InProcessPool(_Submits):
 
     Candidates run one after the other, so there is no parallelism: this is the pool for tests,
     for scoring a few candidates (held-out scores) and for a machine without Ray.
+
+    `env` (say worker_env(threads)): the variables of it that a running process reads (RUNTIME_ENV)
+    are set while the pool's workers live. At shutdown those and torch's thread count (which a
+    worker with `spec.threads` sets for the whole process) are as they were before.
     """
 
-    def __init__(self, spec: WorkerSpec, count: int = 1, worker_cls: type | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        count: int = 1,
+        worker_cls: type | None = None,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.spec, self.count = spec, count
         self._cls = worker_cls or CandidateWorker
+        self._env = {k: v for k, v in (env or {}).items() if k in RUNTIME_ENV}
+        self._saved: tuple[int, dict[str, str | None]] | None = None  # torch threads, variables
         self._workers: dict[int, Any] = {}
         self._pending: dict[int, tuple[int, Callable[[Any], WorkerResult]]] = {}
         self._done: dict[int, WorkerResult] = {}
@@ -260,6 +289,11 @@ class InProcessPool(_Submits):
     def worker(self, index: int) -> Any:
         """The worker of that index, built now if it is not yet."""
         if index not in self._workers:
+            if self._saved is None:
+                import torch
+
+                self._saved = (torch.get_num_threads(), {k: os.environ.get(k) for k in self._env})
+                os.environ.update(self._env)
             self._workers[index] = self._cls(self.spec, index)
         return self._workers[index]
 
@@ -293,6 +327,17 @@ class InProcessPool(_Submits):
     def shutdown(self) -> None:
         self._workers.clear()
         self._pending.clear()
+        if self._saved is not None:
+            import torch
+
+            threads, env = self._saved
+            self._saved = None
+            torch.set_num_threads(threads)
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def ray_pool(spec: WorkerSpec, workers: WorkersSection, worker_cls: type | None = None) -> Pool:

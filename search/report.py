@@ -25,6 +25,7 @@ from merging.recipe import LayerParam, MergeRecipe, recipe_to_dict
 from search import attrs
 from search.compat import quiet_optuna
 from search.config import ConfigError, StudyConfig
+from search.explorer import write_explorer
 from search.fidelity import trial_items
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
@@ -187,43 +188,55 @@ def _over_depth(param: LayerParam, kind: str, num_layers: int) -> list[float]:
     return [param.at(i / span, kind) for i in range(num_layers)]
 
 
-def plot_recipe(recipe: MergeRecipe, num_layers: int, model_names: list[str], title: str) -> Figure:
+GLOBAL = (("lambda", "lam"), ("t", "t"))  # the recipe-wide values a method may read
+
+
+def plot_recipe(
+    recipe: MergeRecipe,
+    num_layers: int,
+    model_names: list[str],
+    title: str,
+    *,
+    layered: bool = True,
+) -> Figure:
+    """Every value the method reads: per model (weight, density, ...) and recipe-wide (lambda,
+    t), over depth when the space has per-layer values (`layered`), else one column."""
     rows: list[tuple[str, list[float]]] = []
     spec = method_spec(recipe.method)
+    columns = num_layers if layered else 1
     shown = [key for key in PER_MODEL if spec.uses(key)] or ["weight"]
     for key in shown:  # the per-model values the method reads, over depth
         for name, m in zip(model_names, recipe.models):
-            param = getattr(m, key)
-            kinds = (
-                ["attn", "mlp"] if param.attn is not None or param.mlp is not None else ["other"]
-            )
-            rows += [
-                (
-                    f"{name} {key}{'' if k == 'other' else ' ' + k}",
-                    _over_depth(param, k, num_layers),
-                )
-                for k in kinds
-            ]
-    fig = Figure(figsize=(max(5.0, 0.5 * num_layers + 3), 0.45 * len(rows) + 1.5))
+            rows += _param_rows(f"{name} {key}", getattr(m, key), columns)
+    for key, attr in GLOBAL:
+        if spec.uses(key):
+            rows += _param_rows(key, getattr(recipe, attr), columns)
+    fig = Figure(figsize=(max(5.0, 0.5 * columns + 3), 0.45 * len(rows) + 1.5))
     ax = fig.subplots()
     image = ax.imshow([r[1] for r in rows], aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
-    ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=8)
-    ax.set_xlabel("layer")
+    if layered:
+        ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=8)
+        ax.set_xlabel("layer")
+    else:
+        ax.set_xticks([0], ["every layer"], fontsize=8)
+    low, high = image.get_clim()
     for y, (_, values) in enumerate(rows):
         for x, v in enumerate(values):
-            ax.text(
-                x,
-                y,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v < 0.5 else "black",
-            )
+            dark = v < (low + high) / 2
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
     fig.colorbar(image, ax=ax, fraction=0.03)
     ax.set_title(title)
     return fig
+
+
+def _param_rows(label: str, param: LayerParam, columns: int) -> list[tuple[str, list[float]]]:
+    """One row per part the value has (attention/MLP split: two), over `columns` depths."""
+    kinds = ["attn", "mlp"] if param.attn is not None or param.mlp is not None else ["other"]
+    return [
+        (f"{label}{'' if k == 'other' else ' ' + k}", _over_depth(param, k, columns)) for k in kinds
+    ]
 
 
 def plot_importances(study: optuna.Study, names: list[str]) -> Figure:
@@ -282,27 +295,142 @@ def chosen_trial(study: optuna.Study, trial: int | None) -> FrozenTrial:
     return max(front, key=lambda t: (sum(s * v for s, v in zip(sign_of, t.values)), -t.number))
 
 
+def _mean(values: list[float | None], sign_of: list[int]) -> float | None:
+    """The mean of signed values (a minimized objective negated); None when one is missing."""
+    if any(v is None for v in values):
+        return None
+    return sum(s * v for s, v in zip(sign_of, values)) / len(values)
+
+
+def _cells(
+    config: StudyConfig, t: FrozenTrial, heldout: dict[int, dict[str, float]], sign_of: list[int]
+) -> list[float | None]:
+    """A trial's columns: per objective its search and held-out values, then both means."""
+    keys = [o.key for o in config.objectives.items]
+    search = [t.user_attrs.get(attrs.METRICS, {}).get(k) for k in keys]
+    held = [heldout.get(t.number, {}).get(k) for k in keys]
+    pairs = [v for pair in zip(search, held) for v in pair]
+    return [*pairs, _mean(search, sign_of), _mean(held, sign_of)]
+
+
+def _header(config: StudyConfig, split: str) -> str:
+    search = html.escape(config.evaluator.label("search"))
+    keys = [html.escape(o.key) for o in config.objectives.items] + ["mean"]
+    return "".join(f"<th>{k}<br>{search}</th><th>{k}<br>{html.escape(split)}</th>" for k in keys)
+
+
+def _rows_html(
+    rows: list[tuple[str, int | str, list[float | None]]], best: list[float | None], diff: bool
+) -> str:
+    out = []
+    for label, number, values in rows:
+        cells = []
+        for v, top in zip(values, best):
+            text = "-" if v is None else (f"{v:+.4f}" if diff else f"{v:.4f}")
+            marked = not diff and v is not None and top is not None and v == top
+            cells.append(f"<td><b>{text}</b></td>" if marked else f"<td>{text}</td>")
+        out.append(f"<tr><td>{html.escape(label)}</td><td>{number}</td>{''.join(cells)}</tr>")
+    return "".join(out)
+
+
+def _best_per_column(rows: list[list[float | None]], directions: list[int]) -> list[float | None]:
+    """Per column, the best value of the rows (a column's direction: +1 larger is better)."""
+    best = []
+    for j, sign in enumerate(directions):
+        column = [r[j] for r in rows if r[j] is not None]
+        best.append(max(column, key=lambda v: sign * v) if column else None)
+    return best
+
+
+def _column_signs(sign_of: list[int]) -> list[int]:
+    return [s for s in sign_of for _ in (0, 1)] + [1, 1]  # search and held-out; means are signed
+
+
 def _table(
     config: StudyConfig,
     rows: list[tuple[str, FrozenTrial]],
     heldout: dict[int, dict[str, float]],
     split: str,
+    sign_of: list[int],
 ) -> str:
-    keys = [o.key for o in config.objectives.items]
-    search = html.escape(config.evaluator.label("search"))
-    head = "".join(
-        f"<th>{html.escape(k)}<br>{search}</th><th>{html.escape(k)}<br>{html.escape(split)}</th>"
-        for k in keys
-    )
-    body = []
+    """Each row once (a finalist that is also a baseline keeps its name), with a mean column and the
+    best value of each column in bold."""
+    seen, kept = set(), []
     for label, t in rows:
-        cells = []
-        for k in keys:
-            val, held = t.user_attrs.get(attrs.METRICS, {}).get(k), heldout.get(t.number, {}).get(k)
-            cells.append(f"<td>{val:.4f}</td>" if val is not None else "<td>-</td>")
-            cells.append(f"<td>{held:.4f}</td>" if held is not None else "<td>-</td>")
-        body.append(f"<tr><td>{html.escape(label)}</td><td>{t.number}</td>{''.join(cells)}</tr>")
-    return f"<table><tr><th>model</th><th>trial</th>{head}</tr>{''.join(body)}</table>"
+        if t.number not in seen:
+            seen.add(t.number)
+            kept.append((label, t.number, _cells(config, t, heldout, sign_of)))
+    best = _best_per_column([values for _, _, values in kept], _column_signs(sign_of))
+    head = _header(config, split)
+    return (
+        f"<table><tr><th>model</th><th>trial</th>{head}</tr>{_rows_html(kept, best, False)}</table>"
+    )
+
+
+def _baseline_name(t: FrozenTrial) -> str:
+    return str(t.user_attrs[attrs.BASELINE])
+
+
+def headline_trials(study: optuna.Study, chosen: FrozenTrial) -> list[tuple[str, FrozenTrial]]:
+    """The headline's rows: the best found, the best parent (a fine-tune alone) and the best
+    baseline, each by its signed mean on the search split; a row that is not there is left out."""
+    sign_of = signs(study)
+    baselines = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get(attrs.BASELINE)
+    ]
+
+    def best(trials: list[FrozenTrial]) -> FrozenTrial | None:
+        score = lambda t: (_mean(list(t.values), sign_of), -t.number)  # noqa: E731
+        return max(trials, key=score) if trials else None
+
+    parent = best([t for t in baselines if _baseline_name(t).startswith("alone:")])
+    baseline = best(baselines)
+    rows = [("best found", chosen)]
+    if parent is not None:
+        rows.append((f"best parent: {_baseline_name(parent).split(':', 1)[1]}", parent))
+    if baseline is not None:
+        rows.append((f"best baseline: {_baseline_name(baseline)}", baseline))
+    return rows
+
+
+def _headline(
+    config: StudyConfig,
+    rows: list[tuple[str, FrozenTrial]],
+    method: str,
+    heldout: dict[int, dict[str, float]],
+    split: str,
+    sign_of: list[int],
+) -> str:
+    """One sentence and one table: the best found against the best parent and the best baseline,
+    per objective and on the mean, search split and held out, with the differences."""
+    values = [(label, t.number, _cells(config, t, heldout, sign_of)) for label, t in rows]
+    best = _best_per_column([v for _, _, v in values], _column_signs(sign_of))
+    found = values[0][2]
+    diffs = [
+        (
+            f"best found - {label.split(':', 1)[0]}",
+            "",
+            [None if a is None or b is None else a - b for a, b in zip(found, other)],
+        )
+        for label, _, other in values[1:]
+    ]
+    search = config.evaluator.label("search")
+    number = rows[0][1].number
+    sentence = f"Trial {number} ({method}) scores a mean of {found[-2]:.4f} on {search}"
+    if found[-1] is not None:
+        sentence += f" and {found[-1]:.4f} held out ({split})"
+    for (label, _, _), (_, _, d) in zip(values[1:], diffs):
+        role, who = label.split(": ", 1)
+        kind = "the best fine-tune alone" if role == "best parent" else "the best baseline"
+        held = f", {d[-1]:+.4f} held out" if d[-1] is not None else ""
+        sentence += f"; {d[-2]:+.4f} against {kind} ({who}){held}"
+    table = (
+        f"<table><tr><th></th><th>trial</th>{_header(config, split)}</tr>"
+        f"{_rows_html(values, best, False)}{_rows_html(diffs, best, True)}</table>"
+    )
+    return f"<p class='headline'>{html.escape(sentence)}.</p>{table}"
 
 
 def write_report(
@@ -335,6 +463,7 @@ def write_report(
                 space.num_layers,
                 list(space.model_names),
                 f"trial {chosen.number}: {recipe.method}",
+                layered=config.space.granularity != "model",
             ),
             "importances": plot_importances(study, names),
         }
@@ -350,17 +479,36 @@ def write_report(
         if t.user_attrs[attrs.BASELINE].startswith("alone:")
         or t.user_attrs[attrs.BASELINE] == "uniform"
     ]
-    rows = [(f"{'Pareto' if len(study.directions) > 1 else 'best'} trial", t) for t in finalists]
-    rows += [(t.user_attrs[attrs.BASELINE], t) for t in refs]
+    rows = [
+        (_baseline_name(t) if t.user_attrs.get(attrs.BASELINE) else kind, t)
+        for t in finalists
+        for kind in [f"{'Pareto' if len(study.directions) > 1 else 'best'} trial"]
+    ]
+    rows += [(_baseline_name(t), t) for t in refs]
+    heads = headline_trials(study, chosen)
     split = config.evaluator.label("report")
     heldout = {}
     if score_heldout_split and config.evaluator.has_report:
-        recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows}
+        recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows + heads}
         heldout = score_heldout(folder, worker_spec(config), recipes, split, progress=progress)
-    table = _table(config, rows, heldout, split)
+    sign_of = signs(study)
+    table = _table(config, rows, heldout, split, sign_of)
+    explorer = write_explorer(folder, config, study, heldout, split)
+    headline = _headline(config, heads, recipe.method, heldout, split, sign_of)
     recipe_yaml = html.escape(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    captions = {
+        "pareto": (
+            f"<p>Front: the trials no other trial beats on every objective at once. Each panel is "
+            f"a 2-D view of the {len(names)}-D front, so a front point can look dominated in a "
+            f"panel. The <a href='{explorer.name}'>explorer</a> shows every trial with its number "
+            "and export command, and filters by ranges on any objective.</p>"
+            if len(names) > 2
+            else ""
+        )
+    }
     sections = "".join(
         f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{images[key]}'>"
+        + captions.get(key, "")
         for key, title in (
             ("pareto", "Pareto front" if len(names) > 1 else "Scores"),
             ("history", "History"),
@@ -402,10 +550,18 @@ def write_report(
 img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}pre{{background:#f5f5f5;padding:1em}}
-.warning{{background:#fdecea;border:1px solid #d1495b;padding:.6em}}</style></head><body>
+.warning{{background:#fdecea;border:1px solid #d1495b;padding:.6em}}
+.headline{{font-size:1.15em}}</style></head><body>
 <h1>basin report: {study_name}</h1>
 <p>{n_complete} complete trials, {n_failed} failed; objectives: {html.escape(", ".join(names))}
 ({config.objectives.mode}); sampler {config.sampler.name}.</p>
+<h2>What the search found</h2>
+{headline}
+<p><a href="{explorer.name}">Open the trade-off explorer</a> ({explorer.name}, beside this report):
+every trial with its scores and export command, ranges brushed on any objective, the axes you
+pick.</p>
+<p>Best value of each column in bold; the mean is over the objectives (a minimized one
+negated).</p>
 <h2>Finalists against the parents</h2>
 <p>Scores on the search split ({search}) and on the held-out split ({held_split}); a
 finalist that leads on {search} but not on {held_split} has fitted the search set.{no_heldout}</p>

@@ -35,6 +35,10 @@ class WorkerSpec:
     space: SpaceSection  # its methods and seed decide what each worker precomputes
     threads: int | None = None  # torch threads of a CPU worker
     fidelity_seed: int | None = None  # multi-fidelity: the search items' order (search/fidelity.py)
+    # the roles it scores: their evaluators are built at start, so that a task that cannot load
+    # fails the worker's start (and the study with it) rather than every candidate; a role not
+    # named here is built on first use. Held-out scoring serves ("report",) only.
+    roles: tuple[Role, ...] = ("search",)
 
 
 def resolve_device(device: str) -> str:
@@ -102,7 +106,8 @@ class CandidateWorker:
         )
         self.evaluators: dict[str, Evaluator] = {}
         self._held: _Held | None = None
-        self.evaluator("search")
+        for role in spec.roles:
+            self.evaluator(role)
         self.setup_s = time.perf_counter() - t0
 
     def evaluator(self, role: Role) -> Evaluator:
@@ -127,6 +132,7 @@ class CandidateWorker:
             "setup_s": round(self.setup_s, 3),
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "evaluators": sorted(self.evaluators),  # the roles built so far
         }
 
     def run(

@@ -94,6 +94,20 @@ def test_report_is_self_contained_with_real_images(finished):
     heldout = list((root / "results" / "heldout" / "test").glob("*.json"))
     assert len(heldout) >= 4  # the finalists plus three fine-tunes alone and the average
 
+    # the headline leads: one sentence, the best found against the best parent and baseline
+    assert page.index("What the search found") < page.index("Finalists against the parents")
+    sentence = re.search(r"<p class='headline'>Trial (\d+) \((\w+)\) scores a mean of", page)
+    assert sentence, "the headline sentence"
+    headline = page[page.index("What the search found") : page.index("Finalists against")]
+    for row in ("best found", "best parent: ", "best baseline: ", "best found - best parent"):
+        assert f"<td>{row}" in headline, row
+    assert headline.count("<th>mean<br>") == 2  # search split and held out
+    # each baseline once in the finalists table, under its name
+    finalists = page[page.index("Finalists against the parents") :]
+    for name in ("alone:a", "alone:b", "alone:c", "uniform"):
+        assert finalists.count(f"<td>{name}</td>") == 1, name
+    assert "<b>" in headline and "<b>" in finalists  # the best value of each column marked
+
 
 @pytest.mark.slow  # the finished study: a real Ray study
 def test_export_reproduces_recorded_metrics(finished, tmp_path):
@@ -186,7 +200,26 @@ def test_the_recipe_figure_shows_what_the_method_reads():
     labels = [
         t.get_text() for t in plot_recipe(della, 4, ["a", "c"], "x").axes[0].get_yticklabels()
     ]
-    assert labels == ["a weight", "c weight", "a density", "c density", "a epsilon", "c epsilon"]
-    ta = recipe_from_dict({"method": "task_arithmetic", "base": "b", "models": ["a", "c"]})
-    labels = [t.get_text() for t in plot_recipe(ta, 4, ["a", "c"], "x").axes[0].get_yticklabels()]
-    assert labels == ["a weight", "c weight"]  # no density: task arithmetic keeps every entry
+    assert labels == [
+        *("a weight", "c weight", "a density", "c density", "a epsilon", "c epsilon"),
+        "lambda",  # recipe-wide values the method reads are shown too
+    ]
+    ta = recipe_from_dict(
+        {
+            "method": "task_arithmetic",
+            "base": "b",
+            "models": ["a", "c"],
+            "parameters": {"lambda": 0.7},
+        }
+    )
+    figure = plot_recipe(ta, 4, ["a", "c"], "x", layered=False)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert labels == ["a weight", "c weight", "lambda"]  # no density: task arithmetic keeps all
+    # one value per model, not per layer, where the space has no per-layer values
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["every layer"]
+    assert "0.70" in [t.get_text() for t in figure.axes[0].texts]
+    slerp = recipe_from_dict({"method": "slerp", "base": "b", "models": ["a", "c"]})
+    labels = [
+        t.get_text() for t in plot_recipe(slerp, 4, ["a", "c"], "x").axes[0].get_yticklabels()
+    ]
+    assert labels[-1] == "t" and "lambda" not in labels
