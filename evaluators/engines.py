@@ -14,7 +14,7 @@ ENGINES registers each kind once: the config's `evaluator.engine` choices come f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -42,8 +42,8 @@ class CandidateWeights(Protocol):
         """The base's tensor `name`."""
         ...
 
-    def write_into(self, targets: Mapping[str, torch.Tensor]) -> None:
-        """Merge every tensor in place into `targets[name]`."""
+    def write_into(self, model: Any) -> None:
+        """Merge every tensor in place into the transformers model's tensor of the same name."""
         ...
 
     def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -88,7 +88,6 @@ class HFEngine:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._targets: dict[str, Any] | None = None
         self._lms: dict[Any, Any] = {}
 
     @classmethod
@@ -107,20 +106,9 @@ class HFEngine:
     def load(self, weights: CandidateWeights) -> None:
         import torch
 
-        if self._targets is None:
-            state = {
-                **dict(self.model.named_buffers()),
-                **dict(self.model.named_parameters(remove_duplicate=False)),
-            }
-            missing = [n for n in weights.names if n not in state]
-            if missing:
-                raise EngineError(
-                    f"the live model has no tensor named {missing[0]!r} (and {len(missing) - 1} "
-                    "more); it must be built from the same architecture as the base"
-                )
-            self._targets = {n: state[n].data for n in weights.names}
-        weights.write_into(self._targets)  # a failure half-way fails the candidate: the next
-        if self.model.device.type == "cuda":  # one writes every tensor again
+        # a failure half-way fails the candidate: the next one writes every tensor again
+        weights.write_into(self.model)
+        if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
 
     def lm(self, batch_size: int | str) -> Any:

@@ -9,7 +9,7 @@ model. Random draws (DARE, DELLA) are computed in each chunk from a counter, so 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -155,7 +155,7 @@ class ResidentMerger:
 
     def apply(self, recipe: MergeRecipe, model: nn.Module) -> None:
         """Write the recipe's merge into `model`'s parameters in place."""
-        self.candidate(recipe).write_into(self._target_tensors(model))
+        self.candidate(recipe).write_into(model)
 
     def restore_base(self, model: nn.Module) -> None:
         """Put the base weights back into the live model."""
@@ -169,8 +169,8 @@ class MergedWeights:
     """One candidate's weights as the merger produces them: tensor by tensor, under the base
     checkpoint's names, in its order. An engine takes them in one of two ways:
 
-    - `write_into(targets)`: each tensor merged straight into the engine's own tensor (the HF
-      engine's live model: no copy at all);
+    - `write_into(model)`: each tensor merged straight into the tensor of the same name of a
+      transformers model (the hf engine's live model: no copy at all);
     - `stream()`: each tensor merged into a new tensor and handed over, for an engine that holds
       its weights in its own layout (vLLM); only the tensor being handed over exists twice.
     """
@@ -209,8 +209,10 @@ class MergedWeights:
         )
         merge_tensor(self.recipe, name, self._plan[name], inputs, out, kernels=m.kernels)
 
-    def write_into(self, targets: Mapping[str, torch.Tensor]) -> None:
-        """Merge every tensor in place into `targets[name]`."""
+    def write_into(self, model: nn.Module) -> None:
+        """Merge every tensor in place into `model`'s tensor of the same name (MergeError when the
+        model lacks one: it must be built from the base's architecture)."""
+        targets = self._merger._target_tensors(model)
         for name in self._merger.names:
             self.merge(name, targets[name])
 

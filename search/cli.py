@@ -56,14 +56,19 @@ def _top_names(recipe) -> list[str] | None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from merging import dump_recipe, from_mergekit, recipe_from_dict, to_mergekit
+    from merging import dump_recipe, recipe_from_dict, to_mergekit
+    from merging.mergekit_yaml import from_mergekit_with_notes
     from merging.recipe import read_yaml
 
     data = read_yaml(args.file, "file")
     is_mergekit = isinstance(data, dict) and "merge_method" in data
-    recipe = (
-        from_mergekit(data, approximate=args.approximate) if is_mergekit else recipe_from_dict(data)
-    )
+    notes: list[str] = []
+    if is_mergekit:
+        recipe, notes = from_mergekit_with_notes(data, approximate=args.approximate)
+    else:
+        recipe = recipe_from_dict(data)
+    for note in notes:  # what was dropped because it changes nothing, on stderr
+        print(f"note: {note}", file=sys.stderr)
     if args.to == "mergekit":
         text = to_mergekit(recipe, approximate=args.approximate, top_names=_top_names(recipe))
     else:
