@@ -1,4 +1,5 @@
-"""Reading HF model folders tensor by tensor, and checking that models can be merged at all."""
+"""Reading HF model folders (and PEFT LoRA adapter folders, merging/lora.py) tensor by tensor, and
+checking that models can be merged at all."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from merging.errors import MergeError
+from merging.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, is_adapter_folder
 from merging.methods import all_finite
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -69,21 +71,33 @@ def resolve_model_dir(spec: str) -> Path:
 
 
 class Checkpoint:
-    """One model folder: its config, and its tensors read lazily, one at a time."""
+    """One model folder: its config, and its tensors read lazily, one at a time.
 
-    def __init__(self, spec: str, *, allow_pickle: bool = False) -> None:
+    A PEFT LoRA adapter folder is a checkpoint too: `adapter` describes it (which base tensors it
+    changes, and how), its tensors are the adapter's own, and its config is empty.
+    """
+
+    def __init__(self, spec: str, *, allow_pickle: bool = False, where: str = "") -> None:
+        """where: the config or recipe field that names the model (models[1]), for messages."""
         self.spec = spec
         self.path = resolve_model_dir(spec)
+        self.pickle = False
+        self._handles: dict[Path, object] = {}
+        self._pickle_cache: tuple[Path, dict] | None = None
+        self.adapter: LoraAdapter | None = None
+        if is_adapter_folder(self.path):
+            self.adapter = LoraAdapter(spec, self.path, where=where)
+            self.config: dict = {}
+            self.files = {name: self.adapter.file for name in self.adapter.keys}
+            return
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise MergeError(
                 f"model '{spec}' has no config.json in {self.path}: give the folder that "
-                "save_pretrained wrote (config.json and safetensors weights)"
+                "save_pretrained wrote (config.json and safetensors weights), or a PEFT LoRA "
+                f"adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
             )
-        self.config: dict = json.loads(config_file.read_text())
-        self.pickle = False
-        self._handles: dict[Path, object] = {}
-        self._pickle_cache: tuple[Path, dict] | None = None
+        self.config = json.loads(config_file.read_text())
         self.files = self._weight_files(allow_pickle)
 
     def _weight_files(self, allow_pickle: bool) -> dict[str, Path]:
@@ -199,8 +213,16 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
     vocabulary."""
     items = list(models.items())
     ref_label, ref = items[0]
+    if ref.adapter is not None:
+        raise MergeError(
+            f"'{ref_label}' is a LoRA adapter, not a model: task vectors are taken against a "
+            "model folder; give the base model the adapter was trained on as the base"
+        )
     for label, ck in items[1:]:
         pair = f"'{label}' and '{ref_label}'"
+        if ck.adapter is not None:
+            _check_adapter(ck, ref, ref_label)
+            continue
         if ck.config.get("architectures") != ref.config.get("architectures") or ck.config.get(
             "model_type"
         ) != ref.config.get("model_type"):
@@ -236,12 +258,26 @@ def check_compatible(models: Mapping[str, Checkpoint]) -> None:
                 f"{ref.vocab_size()}); merge only fine-tunes of one base, or resize the embeddings "
                 "to the base's vocabulary first"
             )
-        if (
-            ck.tokenizer_vocab is not None
-            and ref.tokenizer_vocab is not None
-            and ck.tokenizer_vocab != ref.tokenizer_vocab
-        ):
-            raise MergeError(
-                f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token "
-                "ids would mean different tokens in the merge"
-            )
+        _check_tokenizer(ck, ref, pair)
+
+
+def _check_tokenizer(ck: Checkpoint, ref: Checkpoint, pair: str) -> None:
+    if (
+        ck.tokenizer_vocab is not None
+        and ref.tokenizer_vocab is not None
+        and ck.tokenizer_vocab != ref.tokenizer_vocab
+    ):
+        raise MergeError(
+            f"{pair} have different tokenizer vocabularies (tokenizer.json); the same token "
+            "ids would mean different tokens in the merge"
+        )
+
+
+def _check_adapter(ck: Checkpoint, ref: Checkpoint, ref_label: str) -> None:
+    """An adapter fits the base: its tensors' names and shapes, the base embeddings it carries, its
+    tokenizer when it has one."""
+    adapter = ck.adapter
+    adapter.check_base({n: ref.shape(n) for n in ref.names}, ref_label)
+    for name in adapter.saved_base:  # peft's copy of an adapted embedding (one tensor, rare)
+        adapter.check_saved_copy(name, ref.read(name))
+    _check_tokenizer(ck, ref, f"adapter '{ck.spec}' and '{ref_label}'")

@@ -1,6 +1,7 @@
 """Streaming export: a recipe's merge written as a loadable HF model folder, tensor by tensor.
 
-Peak memory is a few tensors (the reference, one task vector per model, the result), not the model.
+Peak memory is a few tensors (the reference, one task vector per model, the result), not the model;
+a LoRA adapter's task vector is expanded from its factors one tensor at a time.
 The folder is written beside the target and renamed into place at the end, so the target path
 holds a complete model or nothing; what a killed export left beside it is swept by the next one.
 """
@@ -23,6 +24,7 @@ from merging.engine import TensorInputs, TensorScalars, merge_tensor, plan_scala
 from merging.errors import MergeError
 from merging.fused import resolve_kernels
 from merging.layers import build_layer_map
+from merging.lora import task_vector
 from merging.process import pid_alive
 from merging.recipe import MergeRecipe, dump_recipe, validate_recipe
 from merging.shards import SafetensorsWriter, TensorSpec, plan_shards
@@ -67,7 +69,16 @@ def export_merge(
         )
     validate_recipe(recipe)
     ref = Checkpoint(recipe.reference, allow_pickle=allow_pickle)
-    models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in recipe.models]
+    models = [
+        Checkpoint(m.path, allow_pickle=allow_pickle, where=f"models[{i}]")
+        for i, m in enumerate(recipe.models)
+    ]
+    for i, ck in enumerate(models):
+        if ck.adapter is not None and recipe.base is None:
+            raise MergeError(
+                f"models[{i}]: '{ck.spec}' is a LoRA adapter, and the recipe has no base; set "
+                "base: to the model the adapter was trained on"
+            )
     check_compatible(
         {recipe.reference: ref, **{m.path: ck for m, ck in zip(recipe.models, models)}}
     )
@@ -158,7 +169,12 @@ def _merged(
     if not spec.dtype.is_floating_point:
         return ref.read(spec.name)
     base = ref.read(spec.name, device=device, dtype=spec.dtype)
-    deltas = [ck.read(spec.name, device=device, dtype=spec.dtype) - base for ck in models]
+    deltas = [
+        ck.read(spec.name, device=device, dtype=spec.dtype) - base
+        if ck.adapter is None
+        else task_vector(ck.adapter.factors(spec.name, device=device, dtype=spec.dtype), base)
+        for ck in models
+    ]
     inputs = TensorInputs(base=base, deltas=deltas)  # magnitude bounds selected exactly, no tables
     result = torch.empty(spec.shape, dtype=spec.dtype, device=device)
     merge_tensor(recipe, spec.name, plan[spec.name], inputs, result, kernels=kernels)

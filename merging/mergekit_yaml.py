@@ -19,9 +19,8 @@ From mergekit (`from_mergekit_with_notes`, which also returns notes on what it d
   `dtype`; `tokenizer_source`, `tokenizer`, `chat_template`, `modules` and unknown keys are refused;
 - mergekit's filters are substrings of tensor names: with the reference model's names (read from a
   local folder) every tensor's value in mergekit is compared with the converted recipe's, and any
-  difference is refused by tensor name; without them a filter is refused (`from_mergekit`, the
-  lenient form, takes `self_attn`/`attn`/`attention` and `mlp`/`ffn`/`feed_forward` for basin's
-  classes there);
+  difference is refused by tensor name; without them (hub ids, and no `names` given) a filter is
+  refused;
 - `slices:` taking the same layers of the same models, covering the stack in order, are read as
   the `models:` form (mergekit restarts a list in each slice: values become values over depth
   where basin can express them); other slices (passthrough, frankenmerges) are refused.
@@ -38,7 +37,7 @@ import yaml
 
 from merging.catalog import METHOD_TABLE, PARAMS, PER_MODEL, Family, Keep, method_spec
 from merging.errors import MergeError
-from merging.layers import KINDS, at_top, build_layer_map
+from merging.layers import KINDS, build_layer_map
 from merging.recipe import (
     LayerParam,
     MergeRecipe,
@@ -49,8 +48,6 @@ from merging.recipe import (
 
 # mergekit filters are substrings of tensor names; these name every attention (MLP) tensor of the
 # supported families, as basin's attn (mlp) do. A narrower one (q_proj, up_proj) has no basin form.
-_ATTN_FILTERS = ("self_attn", "attn", "attention")
-_MLP_FILTERS = ("mlp", "ffn", "feed_forward")
 _SHARED = ("lambda", "normalize", "rescale", "t")
 _IGNORED = {"int8_mask": "a memory option of mergekit's that leaves the merged weights as they are"}
 _BY_MERGEKIT_NAME = {m.mergekit: m for m in METHOD_TABLE.values() if m.mergekit}
@@ -81,48 +78,25 @@ def _param_to_mergekit(value: Any, where: str, top_names: Sequence[str] | None) 
 
 
 def _param_from_mergekit(value: Any, where: str) -> Any:
-    if not (isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value)):
-        if _varies(value):
-            raise _top_refusal(where, value, None)
-        return value
-    out: dict[str, Any] = {}
-    top: dict[str, Any] = {}
-    for item in value:
-        if "value" not in item:
-            raise MergeError(f"{where}: each filtered entry needs a 'value', got {dict(item)}")
-        flt = item.get("filter")
-        if flt is None or flt == "*":
-            out.setdefault("default", item["value"])
-            break  # mergekit takes the first entry that matches: none after this one is reached
-        elif flt in _ATTN_FILTERS:
-            out.setdefault("attn", item["value"])
-        elif flt in _MLP_FILTERS:
-            out.setdefault("mlp", item["value"])
-        elif at_top(str(flt)):
-            top.setdefault(str(flt), item["value"])
-        else:
-            raise MergeError(
-                f"{where}: mergekit filter '{flt}' has no basin equivalent: "
-                f"basin gives values to all attention tensors ({' / '.join(_ATTN_FILTERS)}) "
-                f"or all MLP tensors ({' / '.join(_MLP_FILTERS)}); converting it would apply "
-                "the value to other tensors too"
-            )
-    default = out.get("default")
-    last = default[-1] if isinstance(default, list) else default
-    if any(v != last for v in top.values()) or (_varies(default) and not top):
-        raise _top_refusal(where, default, top)
-    if set(out) == {"default"}:
-        return out["default"]
-    return out
+    """A setting no filter decides (a number, a list over depth, or entries whose first is a
+    catch-all: mergekit reaches no entry after it) in basin's form, read without the models."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        if "value" not in value[0]:
+            raise MergeError(f"{where}: each filtered entry needs a 'value', got {dict(value[0])}")
+        value = value[0]["value"]
+    if _varies(value):
+        raise _top_refusal(where, value)
+    return value
 
 
-def _top_refusal(where: str, values: Any, top: Mapping[str, Any] | None) -> MergeError:
-    given = f" (its filters give {dict(top)})" if top else ""
+def _top_refusal(where: str, values: Any) -> MergeError:
     return MergeError(
-        f"{where}: mergekit gives the final norm and the head the first value of {values}{given}; "
+        f"{where}: mergekit gives the final norm and the head the first value of {values}; "
         "basin gives the tensors outside the layer stack the value at depth 1 (a list's last), so "
-        "the conversion would change those tensors. Add filters naming them (e.g. lm_head) with "
-        "the list's last value, or give a list whose first and last values are equal"
+        "the conversion would change those tensors. Give a list whose first and last values are "
+        "equal, or add filters naming them (e.g. lm_head, model.norm) with the list's last value "
+        "and convert with the models at hand as local folders (filters are checked against their "
+        "tensor names)"
     )
 
 
@@ -148,12 +122,16 @@ def to_mergekit(
     seed = params.pop("seed")
     per_model = [p for p in spec.params if p in PER_MODEL]
     models = []
+    adapters = False
     for i, m in enumerate(ours["models"]):
+        path = m["path"]
+        if _is_adapter(path):  # mergekit names a LoRA adapter as base+adapter: the same merge
+            path, adapters = f"{recipe.base}+{path}", True
         if spec.family is Family.SLERP or not per_model:
-            models.append({"model": m["path"]})
+            models.append({"model": path})
             continue
         p = {key: _param_to_mergekit(m[key], f"models[{i}].{key}", top_names) for key in per_model}
-        models.append({"model": m["path"], "parameters": p})
+        models.append({"model": path, "parameters": p})
     out: dict[str, Any] = {"merge_method": spec.mergekit}
     if spec.family is Family.SLERP:
         out["base_model"] = recipe.models[0].path
@@ -187,7 +165,33 @@ def to_mergekit(
         header += (
             " (entries of equal magnitude at the trim boundary: basin keeps the first by position)"
         )
+    if adapters:
+        header += "\n# LoRA adapters are written base+adapter: run mergekit-yaml with"
+        header += " --lora-merge-cache DIR"
     return header + "\n" + yaml.safe_dump(out, sort_keys=False)
+
+
+def _is_adapter(path: str) -> bool:
+    """Whether a model path is a local LoRA adapter folder (merging/lora.py)."""
+    from merging.lora import is_adapter_folder
+
+    folder = Path(path).expanduser()
+    return folder.is_dir() and is_adapter_folder(folder)
+
+
+def _adapter_path(model: str, base: Any, where: str) -> str:
+    """mergekit's `model+adapter` (an adapter applied to a model) as basin's fine-tune path: the
+    adapter, when it is applied to the base (basin merges an adapter into the base)."""
+    if "+" not in model:
+        return model
+    applied_to, adapter = model.split("+", 1)
+    if applied_to != base:
+        raise MergeError(
+            f"{where}: '{model}' applies the LoRA adapter {adapter} to {applied_to}, which is not "
+            f"the base_model ({base}); basin reads an adapter as a fine-tune of the base only: "
+            f"merge it into {applied_to} with peft first and give that folder"
+        )
+    return adapter
 
 
 # --- from mergekit --------------------------------------------------------------------------------
@@ -309,7 +313,9 @@ def _mk_value(setting: Any, name: str, t: float) -> float | None:
 
 
 def _has_filter(setting: Any) -> bool:
-    return any(not _catch_all(e) for e in _entries(setting) or [])
+    """Whether a filter decides some tensor's value: an entry with one before any catch-all."""
+    entries = _entries(setting) or []
+    return bool(entries) and not _catch_all(entries[0])
 
 
 def _name_refusal(where: str, flt: Any) -> MergeError:
@@ -507,10 +513,12 @@ def _slice_layout(data: Mapping, names: _Names | None) -> list[dict[str, Any]]:
     return out
 
 
-def from_mergekit(data: Any, *, approximate: bool = False) -> MergeRecipe:
-    """A basin recipe from mergekit's YAML (see `from_mergekit_with_notes`); the notes are dropped,
-    and filters are taken to name basin's classes when the models are not local folders."""
-    return from_mergekit_with_notes(data, approximate=approximate, require_names=False)[0]
+def from_mergekit(
+    data: Any, *, approximate: bool = False, names: Sequence[str] | None = None
+) -> MergeRecipe:
+    """A basin recipe from mergekit's YAML, exactly as `basin convert` reads it (see
+    `from_mergekit_with_notes`), the notes dropped."""
+    return from_mergekit_with_notes(data, approximate=approximate, names=names)[0]
 
 
 def from_mergekit_with_notes(
@@ -518,14 +526,13 @@ def from_mergekit_with_notes(
     *,
     approximate: bool = False,
     names: Sequence[str] | None = None,
-    require_names: bool = True,
 ) -> tuple[MergeRecipe, list[str]]:
     """A basin recipe from mergekit's YAML (`models:` or `slices:` over the whole stack), and notes
     on what was dropped because it changes nothing.
 
     `names`: the tensor names of the reference model (the base, else the first model); read from
     it when it is a local folder. With them every filter and list is checked tensor by tensor
-    against what mergekit gives; without them, `require_names` refuses filters (their meaning
+    against what mergekit gives; without them, filters are refused (their meaning
     depends on the names) and slices."""
     if not isinstance(data, Mapping) or "merge_method" not in data:
         raise MergeError(
@@ -570,6 +577,16 @@ def from_mergekit_with_notes(
     for i, m in enumerate(models_raw):
         if not isinstance(m, Mapping) or not isinstance(m.get("model"), str):
             raise MergeError(f"models[{i}]: expected {{model: PATH, parameters: ...}}, got {m!r}")
+    if layout is None:
+        models_raw = [
+            {**m, "model": _adapter_path(m["model"], base, f"models[{i}].model")}
+            for i, m in enumerate(models_raw)
+        ]
+    elif any("+" in m["model"] for m in models_raw):
+        raise MergeError(
+            "slices name a LoRA adapter (model+adapter); write the same merge in the models: form, "
+            "which basin converts with adapters"
+        )
     per_model = [p for p in spec.params if p in PER_MODEL]
     # the top-level `parameters:` are every model's default in mergekit
     top_defaults = {k: params.pop(k) for k in list(params) if k in per_model}
@@ -619,7 +636,7 @@ def from_mergekit_with_notes(
             if setting is None:
                 return None
             if tensors is None:
-                if require_names and _has_filter(setting):
+                if _has_filter(setting):
                     first = next(e for e in _entries(setting) or [] if not _catch_all(e))
                     raise _name_refusal(where, first.get("filter"))
                 return _param_from_mergekit(setting, where)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +84,18 @@ class MagnitudeOrder:
     0.001 grid (one sort, for a worker that merges many candidates), any other position selected
     exactly when asked."""
 
-    def __init__(self, delta: Tensor, *, table: bool, points: int = TABLE_POINTS) -> None:
-        self._delta = delta
+    def __init__(
+        self,
+        delta: Tensor,
+        *,
+        table: bool,
+        points: int = TABLE_POINTS,
+        rebuild: Callable[[], Tensor] | None = None,
+    ) -> None:
+        # rebuild: makes the task vector again for a bound off the table, instead of keeping it
+        # (a LoRA adapter's, expanded from its factors)
+        self._delta = None if rebuild is not None else delta
+        self._rebuild = rebuild
         self.n = delta.numel()
         # the table, on the host: sorted positions and the (magnitude, index) at each
         self._positions = np.zeros(0, dtype=np.int64)
@@ -118,7 +128,8 @@ class MagnitudeOrder:
         slot = int(np.searchsorted(self._positions, position))
         if slot < len(self._positions) and self._positions[slot] == position:
             return float(self._values[slot]), int(self._indices[slot])
-        return order_bound(self._delta.detach().reshape(-1).abs().float(), position)
+        delta = self._delta if self._rebuild is None else self._rebuild()
+        return order_bound(delta.detach().reshape(-1).abs().float(), position)
 
     def bounds(self, kept: tuple[int, int]) -> tuple[tuple[float, int], tuple[float, int]]:
         """(lower, upper) bounds for a kept range: keep |x| above lower (ties: index at most its

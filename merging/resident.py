@@ -5,6 +5,8 @@ A worker builds one `ResidentMerger` and one live model, then calls `apply(recip
 candidate. What every candidate reuses (task vectors, the magnitude tables of TIES and breadcrumbs)
 is computed once; a candidate costs a few passes over the task vectors and no copy of the whole
 model. Random draws (DARE, DELLA) are computed in each chunk from a counter, so none are stored.
+A LoRA adapter's task vectors are held factored (merging/lora.py) and expanded one tensor at a time,
+while that tensor is merged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from merging.engine import TensorInputs, merge_tensor, plan_scalars
 from merging.errors import MergeError
 from merging.fused import resolve_kernels
 from merging.layers import build_layer_map
+from merging.lora import LoraFactors, expand, task_vector
 from merging.recipe import MergeRecipe, validate_recipe
 
 
@@ -45,18 +48,27 @@ class ResidentMerger:
         self.device, self.dtype = torch.device(device), DTYPE_NAMES[dtype]
         resolve_kernels(kernels, self.device, 0)  # an unknown setting fails before anything is read
         ref = Checkpoint(base, allow_pickle=allow_pickle)
-        ckpts = [Checkpoint(m, allow_pickle=allow_pickle) for m in self.model_specs]
+        ckpts = [
+            Checkpoint(m, allow_pickle=allow_pickle, where=f"models[{i}]")
+            for i, m in enumerate(self.model_specs)
+        ]
         check_compatible({base: ref, **dict(zip(self.model_specs, ckpts))})
         self.layer_map = build_layer_map(ref.names)
         self.names = [n for n in ref.names if ref.dtype(n).is_floating_point]
         self.base: dict[str, torch.Tensor] = {}
-        self.deltas: list[dict[str, torch.Tensor]] = [{} for _ in ckpts]
+        # per fine-tune, per tensor: a full task vector, or a LoRA adapter's factors (only for the
+        # tensors it changes; `task_vector` gives the others as zeros)
+        self.deltas: list[dict[str, torch.Tensor | LoraFactors]] = [{} for _ in ckpts]
+        placed = dict(device=self.device, dtype=self.dtype)
         with torch.no_grad():
             for name in tqdm(self.names, desc="loading task vectors", disable=not progress):
-                b = ref.read(name, device=self.device, dtype=self.dtype)
+                b = ref.read(name, **placed)
                 self.base[name] = b
                 for k, ck in enumerate(ckpts):
-                    self.deltas[k][name] = ck.read(name, device=self.device, dtype=self.dtype) - b
+                    if ck.adapter is None:
+                        self.deltas[k][name] = ck.read(name, **placed) - b
+                    elif (factors := ck.adapter.factors(name, **placed)) is not None:
+                        self.deltas[k][name] = factors
         params = sum(t.numel() for t in self.base.values())
         # "eager" or "compiled" (merging.fused)
         self.kernels = resolve_kernels(kernels, self.device, params)
@@ -81,18 +93,34 @@ class ResidentMerger:
                 disable=not self._progress,
             )
             self._orders = []
-            for deltas in self.deltas:
-                self._orders.append(
-                    {name: methods.MagnitudeOrder(deltas[name], table=True) for name in self.names}
-                )
+            for k in range(len(self.deltas)):
+                self._orders.append({name: self._magnitude_order(k, name) for name in self.names})
                 bar.update(len(self.names))
             bar.close()
         return self._orders
 
+    def _magnitude_order(self, k: int, name: str) -> methods.MagnitudeOrder:
+        held = self.deltas[k].get(name)
+        if isinstance(held, LoraFactors):  # the table from the expanded task vector, not kept
+            return methods.MagnitudeOrder(
+                expand(held, self.dtype), table=True, rebuild=lambda: expand(held, self.dtype)
+            )
+        return methods.MagnitudeOrder(self.task_vector(k, name), table=True)
+
+    def task_vector(self, k: int, name: str) -> torch.Tensor:
+        """Fine-tune k's task vector at tensor `name` (a LoRA one expanded for the caller)."""
+        return task_vector(self.deltas[k].get(name), self.base[name])
+
+    def held_bytes(self, k: int) -> int:
+        """Bytes fine-tune k's task vector holds (factors for a LoRA adapter)."""
+        return sum(held.nbytes for held in self.deltas[k].values())
+
     def _model_stock_ratios(self) -> dict[str, float]:
         if self._stock_ratios is None:
             self._stock_ratios = {
-                name: methods.model_stock_ratio([d[name] for d in self.deltas])
+                name: methods.model_stock_ratio(
+                    [self.task_vector(k, name) for k in range(len(self.deltas))]
+                )
                 for name in self.names
             }
         return self._stock_ratios
@@ -100,7 +128,9 @@ class ResidentMerger:
     def _nuslerp_angles(self, over: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if over not in self._angles:  # one scalar per tensor, row or column: small
             self._angles[over] = {
-                name: methods.nuslerp_angles(self.deltas[0][name], self.deltas[1][name], over=over)
+                name: methods.nuslerp_angles(
+                    self.task_vector(0, name), self.task_vector(1, name), over=over
+                )
                 for name in self.names
             }
         return self._angles[over]
@@ -202,7 +232,7 @@ class MergedWeights:
         m = self._merger
         inputs = TensorInputs(
             base=m.base[name],
-            deltas=[d[name] for d in m.deltas],
+            deltas=[m.task_vector(k, name) for k in range(len(m.deltas))],
             orders=[o[name] for o in self._orders] if self._orders else None,
             stock_ratio=self._ratios[name] if self._ratios else None,
             nuslerp_angles=self._angles[name] if self._angles else None,

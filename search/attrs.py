@@ -8,6 +8,11 @@ study stored before, so a name here changes only with a way to read the old one.
 # --- on a trial ---------------------------------------------------------------------------------
 # the baseline's name (alone:<model>, uniform, ...); absent on searched trials
 BASELINE = "baseline"
+# a recipe of baselines.recipes outside the search space: the recipe itself (recipe_to_dict), merged
+# instead of one rebuilt from params (the trial has none), and why it is outside
+RECIPE = "recipe"
+OUTSIDE = "outside_space"
+RECIPE_FILE = "recipe_file"  # a baseline from baselines.recipes: the file it was read from
 RUNNER = "runner"  # {"host", "pid"} of the run that asked for the trial
 RETRY_OF = "retry_of"  # the number of the failed trial whose params this one runs again
 LOST_WORKER_RETRY = "lost_worker_retry"  # queued again once because its worker died

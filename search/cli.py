@@ -13,6 +13,7 @@ from typing import Any
 from evaluators.protocol import EvaluatorError
 from merging import MergeError
 from search.config import ConfigError
+from search.finalists import DEFAULT_FINALISTS
 from search.loop import StudyStopped, Terminated
 
 EXIT_USAGE = 2
@@ -208,6 +209,13 @@ def _validate(args: argparse.Namespace) -> int:
         check_models_and_tasks(config)
     if not hub_models and not args.headers_only:
         check_values(config, progress=not args.quiet)  # what a worker would refuse at its start
+    from search.user_recipes import describe, read_user_recipes
+
+    users = []  # the user's recipes: read, placed in the space (needs the base's layer count)
+    if config.baselines.recipes and not hub_models:
+        from search.folder import study_space
+
+        users = read_user_recipes(config, study_space(config))
     n = len(config.models.finetunes)
     print(
         f"{args.config}: ok ({config.objectives.mode} study '{config.study.name}', {n} fine-tunes, "
@@ -229,6 +237,10 @@ def _validate(args: argparse.Namespace) -> int:
         print("\n".join(plan.lines()))
         if (warning := check_fits(plan)) is not None:
             print(f"warning: {warning}")
+    for user in users:
+        for note in user.notes:
+            print(f"note: {note}")
+        print(f"baselines.recipes: {describe(user)}")
     for line in unchecked:
         print(f"not checked here: {line}")
     return 0
@@ -261,14 +273,37 @@ def _pareto(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from search.report import write_report
 
+    if args.finalists < 1:
+        raise ConfigError(
+            f"--finalists {args.finalists}: expected at least 1 (how many front members to score "
+            "on the held-out split), e.g. --finalists 20"
+        )
+    named = _trial_numbers(args.trial)
     out = write_report(
         args.folder,
-        trial=args.trial,
+        trial=named[0] if named else None,
+        named=named,
+        finalists=args.finalists,
         score_heldout_split=not args.no_heldout,
         progress=not args.quiet,
     )
     print(f"report: {out}")
     return 0
+
+
+def _trial_numbers(texts: list[str]) -> list[int]:
+    """The trial numbers of --trial values, each one number or a comma list, in order, once each."""
+    numbers: list[int] = []
+    for text in texts:
+        for part in text.split(","):
+            if not part.strip().isdigit():
+                raise ConfigError(
+                    f"--trial {text!r}: expected a trial number or a comma list of them, "
+                    "e.g. --trial 57 or --trial 3,57 (`basin pareto` lists them)"
+                )
+            if int(part) not in numbers:
+                numbers.append(int(part))
+    return numbers
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -505,7 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html and figures into the study folder")
     p.add_argument("folder", help="the study folder")
     p.add_argument(
-        "--trial", type=int, help="the recipe to show (default: best, or best mean on the front)"
+        "--trial",
+        action="append",
+        default=[],
+        metavar="N",
+        help="a trial to show and score on the held-out split besides the finalists; repeatable "
+        "or a comma list, e.g. 3,57; the first is the recipe shown (default: best, or best mean "
+        "on the front)",
+    )
+    p.add_argument(
+        "--finalists",
+        type=int,
+        default=DEFAULT_FINALISTS,
+        metavar="K",
+        help="with several objectives, score at most K front members on the held-out split, "
+        f"chosen to cover the front (default {DEFAULT_FINALISTS})",
     )
     p.add_argument(
         "--no-heldout", action="store_true", help="skip scoring finalists on the held-out split"

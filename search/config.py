@@ -143,9 +143,14 @@ class ObjectivesSection(_Strict):
 class SamplerSection(_Strict):
     name: Literal[SAMPLERS] = "tpe"
     # The sampler's draws. With one worker a seed repeats a study; with several, results arrive
-    # in an order the machine decides and the sampler learns them in that order, so it does not.
+    # in an order the machine decides and the sampler learns them in that order, so it does not,
+    # unless `reproducible`.
     seed: int | None = 0
     n_startup_trials: int = Field(default=10, ge=0)
+    # Results told in trial order and each proposal made at its place in that order, so a seeded
+    # study with several workers proposes the same candidates when run again; a worker whose
+    # candidate finishes before an earlier one waits for it (search/loop.py, README).
+    reproducible: bool = False
 
 
 class BudgetSection(_Strict):
@@ -214,6 +219,30 @@ class WorkersSection(_Strict):
     gpu_memory_gib: float | None = Field(default=None, gt=0)
 
 
+class BaselinesSection(_Strict):
+    """Reference trials scored beside the search: basin's own and the user's recipes."""
+
+    # each fine-tune alone, the uniform average, task arithmetic, TIES, Model Stock where the
+    # space expresses them
+    builtin: bool = True
+    # the user's recipes (basin YAML or mergekit configs over the study's models), each a baseline
+    # named after its file; one that is a point of the space also seeds the search
+    recipes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: Any) -> Any:
+        # `baselines: true | false`, as configs wrote it before there were recipes
+        return {"builtin": data} if isinstance(data, bool) else data
+
+    @field_validator("recipes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a recipe is listed twice; list each once")
+        return v
+
+
 class StudyConfig(_Strict):
     study: StudySection
     models: ModelsSection
@@ -224,7 +253,7 @@ class StudyConfig(_Strict):
     budget: BudgetSection = BudgetSection()
     workers: WorkersSection = WorkersSection()
     fidelity: FidelitySection | None = None  # None: every candidate scored on every search item
-    baselines: bool = True
+    baselines: BaselinesSection = BaselinesSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:

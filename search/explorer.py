@@ -25,9 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import attrs
 from search.config import StudyConfig
-from search.folder import study_space
+from search.folder import study_space, trial_recipe
 from search.pareto import front_and_baselines, objective_names
-from search.space import recipe_from_params
 
 EXPLORER_FILE = "explorer.html"
 SCATTER_ID = "explorer-scatter"
@@ -78,7 +77,7 @@ def explorer_rows(
     rows = []
     for t in complete:
         kind = t.user_attrs.get(attrs.BASELINE) or "search"
-        method = recipe_from_params(t.params, space).method
+        method = trial_recipe(config, t, space).method
         metrics, held = t.user_attrs.get(attrs.METRICS, {}), heldout.get(t.number, {})
         lines = [f"trial {t.number} ({kind}), {method}"]
         if names != keys:  # one weighted score over several metrics

@@ -42,9 +42,17 @@ def study_space(config: StudyConfig, num_layers: int | None = None) -> SearchSpa
     )
 
 
-def trial_recipe(config: StudyConfig, trial: optuna.trial.FrozenTrial) -> MergeRecipe:
-    """The MergeRecipe a finished trial scored, rebuilt from its stored params."""
-    return recipe_from_params(trial.params, study_space(config))
+def trial_recipe(
+    config: StudyConfig, trial: optuna.trial.FrozenTrial, space: SearchSpace | None = None
+) -> MergeRecipe:
+    """The MergeRecipe a finished trial scored: rebuilt from its stored params, or the recipe it
+    stores (a user's recipe outside the space)."""
+    from merging.recipe import recipe_from_dict
+    from search.user_recipes import fixed_recipe
+
+    if (fixed := fixed_recipe(trial)) is not None:
+        return recipe_from_dict(fixed)
+    return recipe_from_params(trial.params, space or study_space(config))
 
 
 def storage_error(url: str, exc: Exception) -> ConfigError:

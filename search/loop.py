@@ -37,6 +37,7 @@ from search.recovery import Heartbeat, fail_and_requeue, queue_again
 from search.result import WorkerResult
 from search.setup import StudySetup, setup_study
 from search.space import recipe_from_params, suggest
+from search.user_recipes import fixed_recipe
 
 POLL_S = 1.0
 
@@ -46,9 +47,9 @@ class Flight:
     """A candidate in flight: its trial, the worker that holds it, and what it has cost so far."""
 
     trial: optuna.trial.Trial
-    worker: int
     params: dict[str, Any]
     recipe: dict[str, Any]
+    worker: int = -1  # set when it is dispatched
     started: float = field(default_factory=time.perf_counter)
     rung: int = 0  # multi-fidelity: the rung being scored
     merge_s: float = 0.0  # over the rungs scored before this one
@@ -91,16 +92,17 @@ def _run(
     """Start the pool, run the loop, and leave nothing in flight, however it ends."""
     workers = pool(s.spec, s.config.workers, worker_cls)
     in_flight: dict[Any, Flight] = {}
+    ready: list[Flight] = []  # proposed, not yet on a worker
     unstarted = None
     try:
         with _sigterm_as_interrupt():  # after the pool: Ray sets a handler of its own
-            _loop(s, workers, in_flight, progress, out)
+            _loop(s, workers, in_flight, ready, progress, out)
     except WorkerStartError as exc:
         unstarted = exc
     finally:
         try:
             # interrupted (Ctrl-C, an error): no candidate is lost
-            for flight in in_flight.values():
+            for flight in [*in_flight.values(), *ready]:
                 fail_and_requeue(
                     s.study,
                     flight.trial,
@@ -152,12 +154,19 @@ def _discard(s: StudySetup) -> str:
 
 
 def _loop(
-    s: StudySetup, pool: Pool, in_flight: dict[Any, Flight], progress: bool, out: TextIO
+    s: StudySetup,
+    pool: Pool,
+    in_flight: dict[Any, Flight],
+    ready: list[Flight],
+    progress: bool,
+    out: TextIO,
 ) -> None:
     study, cfg, rungs = s.study, s.config, s.rungs
     budget = Budget(study, cfg.budget)
     bar, by_items = _progress(s, budget, progress, out)
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
+    arrived: list[tuple[Flight, WorkerResult]] = []
+    in_order = cfg.sampler.reproducible
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
     heartbeat = Heartbeat(
         study,
@@ -168,27 +177,39 @@ def _loop(
     def more() -> bool:
         return budget.left() and not _failing(recent, cfg.workers.count)
 
+    def propose() -> bool:
+        """One more proposal into `ready`; False when the budget allows none."""
+        while (trial := claim(study, s.folder, runner, more, cfg.study.storage)) is not None:
+            if (flight := _propose(s, trial)) is not None:
+                ready.append(flight)
+                return True
+            recent.append(False)  # a proposal that fails every time must end the study
+        return False
+
+    # reproducible: a proposal is made at its place in the trial order (one per worker now, one
+    # after each trial is told), whatever the order in which results arrive
+    for _ in range(cfg.workers.count if in_order else 0):
+        propose()
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
         while (worker := next((w for w in free if pool.available(w)), None)) is not None and (
-            trial := claim(study, s.folder, runner, more, cfg.study.storage)
-        ) is not None:
-            if (flight := _propose(s, trial, worker)) is None:
-                recent.append(False)  # a proposal that fails every time must end the study
-                continue
+            ready or (not in_order and propose())
+        ):
+            flight = ready.pop(0)
+            flight.worker, flight.started = worker, time.perf_counter()
             free.remove(worker)
             first = rungs.first if rungs else None
             in_flight[pool.submit(worker, flight.recipe, items=first, rung=bool(rungs))] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
-        heartbeat.beat([f.trial for f in in_flight.values()])
+        heartbeat.beat([f.trial for f in [*in_flight.values(), *ready]])
         study.set_user_attr(attrs.ELAPSED_S, budget.elapsed_s())
         if finished:
             bar.set_postfix_str(_postfix(s), refresh=True)
-        if not in_flight and not more():  # (with budget left and no worker up yet: wait for one)
+        if not in_flight and not ready and not more():  # (budget left, no worker up: wait)
             break
         finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
-        for ref in finished:
-            flight, result = in_flight.pop(ref), pool.result(ref)
+        arrived += [(in_flight.pop(ref), pool.result(ref)) for ref in finished]
+        for flight, result in _taken(arrived, in_flight, in_order):
             if result.worker_lost and not flight.overdue:
                 _say_lost(s, flight, result, out)
             values, error = judge(s, flight, result)
@@ -206,10 +227,26 @@ def _loop(
             recent.append(ok)
             if ok:
                 bar.update(fidelity.trial_items(flight.trial) if by_items else 1)
+            if in_order:
+                propose()
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
         raise StudyStopped(_failure_summary(s, _window(cfg.workers.count)))
+
+
+def _taken(
+    arrived: list[tuple[Flight, WorkerResult]], in_flight: dict[Any, Flight], in_order: bool
+) -> Iterator[tuple[Flight, WorkerResult]]:
+    """The results to handle now, each taken off `arrived`: all, as they came; or, in trial order,
+    those of trials before every trial still in flight (a promoted trial is in flight again)."""
+    while arrived:
+        if in_order:
+            arrived.sort(key=lambda pair: pair[0].trial.number)
+            running = [f.trial.number for f in in_flight.values()]
+            if running and arrived[0][0].trial.number > min(running):
+                return
+        yield arrived.pop(0)
 
 
 def _progress(s: StudySetup, budget: Budget, progress: bool, out: TextIO) -> tuple[tqdm, bool]:
@@ -256,18 +293,22 @@ def _failure_summary(s: StudySetup, window: int) -> str:
     )
 
 
-def _propose(s: StudySetup, trial: optuna.trial.Trial, worker: int) -> Flight | None:
-    """The trial's params and recipe; a proposal that cannot become a recipe fails its trial."""
+def _propose(s: StudySetup, trial: optuna.trial.Trial) -> Flight | None:
+    """The trial's params and recipe (a user's recipe outside the space: that recipe, no params);
+    a proposal that cannot become a recipe fails its trial."""
     try:
-        params = suggest(trial, s.space)
-        recipe = recipe_to_dict(recipe_from_params(params, s.space))
+        if (fixed := fixed_recipe(trial)) is not None:
+            params, recipe = {}, fixed
+        else:
+            params = suggest(trial, s.space)
+            recipe = recipe_to_dict(recipe_from_params(params, s.space))
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         trial.set_user_attr(attrs.ERROR, error)
         s.study.tell(trial, state=TrialState.FAIL)
         records.write_trial_record(s.folder, records.trial_record(trial, None, None, error))
         return None
-    return Flight(trial, worker, params, recipe)
+    return Flight(trial, params, recipe)
 
 
 def judge(

@@ -1,6 +1,7 @@
 """Each worker's memory plan, from the models' headers: what `basin validate` prints and checks.
 
-A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune,
+A worker holds, on its device and in the study's dtype: the base, one task vector per fine-tune (a
+LoRA adapter's factored: r x (d_in + d_out) per tensor it changes, expanded one tensor at a time),
 the engine candidates are written into (the hf engine's live model; vLLM's copy of the weights,
 its headroom and its KV cache) (the magnitude tables of TIES and breadcrumbs are on the
 host, and stated in a note; DARE's and DELLA's draws are computed in place), the scratch of one
@@ -68,7 +69,19 @@ def memory_plan(
     sizes = [_numel(base.shape(n)) for n in floats]
     params, n_ft, width = sum(sizes), len(models.finetunes), BYTES[models.dtype]
     model_bytes = params * width
-    fixed = [("base", model_bytes), (f"task vectors ({n_ft} fine-tunes)", n_ft * model_bytes)]
+    # a LoRA adapter's task vectors are held factored: r x (d_in + d_out) per tensor it changes
+    adapters = [
+        ck.adapter
+        for ck in (Checkpoint(p, allow_pickle=models.allow_pickle) for p in models.finetunes)
+        if ck.adapter is not None
+    ]
+    n_full = n_ft - len(adapters)
+    fixed = [("base", model_bytes)]
+    if n_full or not adapters:
+        fixed.append((f"task vectors ({n_full} fine-tunes)", n_full * model_bytes))
+    if adapters:
+        factored = sum(a.held_numel() for a in adapters) * width
+        fixed.append((f"LoRA task vectors, factored ({len(adapters)} adapters)", factored))
     vllm = config.evaluator.engine == "vllm"
     if vllm:
         fixed += [
@@ -85,6 +98,14 @@ def memory_plan(
             "not on the GPU"
         )
     fixed.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * max(sizes)))
+    if adapters:  # each adapter's task vector at the tensor being merged, expanded
+        largest = max(_numel(base.shape(n)) for a in adapters for n in a.targets)
+        fixed.append(
+            (
+                f"LoRA expansion (largest adapted tensor, x{len(adapters)})",
+                len(adapters) * largest * width,
+            )
+        )
     shape = json.loads((resolve_model_dir(models.base) / "config.json").read_text())
     if vllm:
         evaluation, note = _vllm_cache(config, shape, width, model_bytes, capacity)

@@ -40,6 +40,36 @@ def front_and_baselines(
     return front, sorted(baselines, key=lambda t: t.number)
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def value_columns(study: optuna.Study) -> list[tuple[str, Callable[[FrozenTrial], float | None]]]:
+    """The value columns of a table, each objective as the user wrote it: a Pareto study's values
+    as they are; a single-objective study's weighted score (larger is better, a minimized metric
+    entering negated), then each objective's metric as scored where the score is not that metric
+    itself."""
+    if len(study.directions) > 1:
+        return [(name, lambda t, i=i: t.values[i]) for i, name in enumerate(objective_names(study))]
+    columns: list[tuple[str, Callable[[FrozenTrial], float | None]]] = [
+        ("score", lambda t: t.values[0])
+    ]
+    keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or []
+    directions = study.user_attrs.get(attrs.DIRECTIONS) or []
+    if len(keys) > 1 or "minimize" in directions:
+        columns += [
+            (key, lambda t, key=key: t.user_attrs.get(attrs.METRICS, {}).get(key)) for key in keys
+        ]
+    return columns
+
+
+def trial_method(t: FrozenTrial) -> str:
+    """The merge method of a trial: its param, or its own recipe's ('-': the space's only one)."""
+    if "method" in t.params:
+        return str(t.params["method"])
+    return str(t.user_attrs.get(attrs.RECIPE, {}).get("method", "-"))
+
+
 def objective_names(study: optuna.Study) -> list[str]:
     keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or [
         f"objective {i}" for i in range(len(study.directions))
@@ -53,15 +83,16 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
     front, baselines = front_and_baselines(study, top)
     directions = [d.name.lower() for d in study.directions]
     names = objective_names(study)
-    header = ["trial", "kind", "method", *names, "note"]
+    columns = value_columns(study)
+    header = ["trial", "kind", "method", *(c for c, _ in columns), "note"]
     rows = []
     for t in front:
         rows.append(
             [
                 str(t.number),
                 t.user_attrs.get(attrs.BASELINE) or "search",
-                t.params.get("method", "-"),
-                *(f"{v:.4f}" for v in t.values),
+                trial_method(t),
+                *(_fmt(get(t)) for _, get in columns),
                 "front" if len(directions) > 1 else "",
             ]
         )
@@ -74,8 +105,8 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
             [
                 str(t.number),
                 t.user_attrs[attrs.BASELINE],
-                t.params.get("method", "-"),
-                *(f"{v:.4f}" for v in t.values),
+                trial_method(t),
+                *(_fmt(get(t)) for _, get in columns),
                 note,
             ]
         )
@@ -87,9 +118,20 @@ def pareto_table(study: optuna.Study, top: int = 5) -> str:
     title = (
         f"Pareto front: {len(front)} trials ({scored})"
         if len(directions) > 1
-        else f"top {len(front)} trials (score: weighted objectives, maximize)"
+        else f"top {len(front)} trials (score: {_score_words(study)})"
     )
     return title + "\n" + "\n".join(lines)
+
+
+def _score_words(study: optuna.Study) -> str:
+    keys = study.user_attrs.get(attrs.OBJECTIVE_KEYS) or []
+    directions = study.user_attrs.get(attrs.DIRECTIONS) or []
+    if len(keys) == 1 and directions == ["minimize"]:
+        return f"-{keys[0]}, larger is better"
+    words = "the weighted objectives" if len(keys) > 1 else "the objective"
+    if "minimize" in directions:
+        words += ", a minimized one negated"
+    return f"{words}, larger is better"
 
 
 @dataclass(frozen=True)
@@ -169,12 +211,13 @@ def kept_table(
         key = _metric_key(sort, known)
         sign = sign_of[names.index(key)] if key in names else 1.0
         kept.sort(key=lambda t: (-sign * _metrics(t).get(key, float("-inf")), t.number))
-    header = ["trial", "kind", *names, "mean", "front", "export"]
+    columns = value_columns(study)
+    header = ["trial", "kind", *(c for c, _ in columns), "mean", "front", "export"]
     rows = [
         [
             str(t.number),
             t.user_attrs.get(attrs.BASELINE) or "search",
-            *(f"{v:.4f}" for v in t.values),
+            *(_fmt(get(t)) for _, get in columns),
             f"{_mean(t, sign_of):.4f}",
             "yes" if t.number in front else "",
             f"basin export {folder} --trial {t.number} --out merged-{t.number}",

@@ -120,9 +120,10 @@ def fail_and_requeue(
 
 
 def queue_again(study: optuna.Study, frozen: optuna.trial.FrozenTrial, **extra: Any) -> None:
-    """Queue a failed trial's params again, as a retry linked by retry_of (and keeping its baseline
-    name)."""
-    extra |= {k: v for k, v in frozen.user_attrs.items() if k == attrs.BASELINE} | {
+    """Queue a failed trial's params again, as a retry linked by retry_of (keeping its baseline
+    name, and a user's recipe outside the space)."""
+    kept = (attrs.BASELINE, attrs.RECIPE, attrs.OUTSIDE, attrs.RECIPE_FILE)  # a user's recipe too
+    extra |= {k: v for k, v in frozen.user_attrs.items() if k in kept} | {
         attrs.RETRY_OF: frozen.number
     }
     # the enqueued params: a baseline or retry asked but killed before its params were suggested
@@ -138,7 +139,9 @@ def sync_records(study: optuna.Study, folder: Path, space: SearchSpace) -> None:
     ):
         if t.number not in have:
             try:
-                recipe = recipe_to_dict(recipe_from_params(t.params, space))
+                recipe = t.user_attrs.get(attrs.RECIPE) or recipe_to_dict(
+                    recipe_from_params(t.params, space)
+                )
             except Exception:  # a proposal that never became a recipe
                 recipe = None
             record = records.trial_record(

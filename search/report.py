@@ -2,8 +2,10 @@
 
 Figures: the Pareto front (pairwise when more than two objectives) with baselines; the history
 (best so far against trial number); the chosen recipe's per-layer weights and densities as a
-heatmap (models x depth); parameter importances. Table: the chosen (or each Pareto) trial against
-each fine-tune alone and the uniform average, on the search split and on the held-out split.
+heatmap (models x depth); parameter importances. Table: the chosen trial (several objectives: a
+bounded set of front members chosen to cover the front, search.finalists, and every trial named)
+against each fine-tune alone, the uniform average and the user's recipes (baselines.recipes), on the
+search split and on the held-out split.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import base64
 import html
 import io
 import itertools
+import shlex
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -27,6 +31,7 @@ from search.compat import quiet_optuna
 from search.config import ConfigError, StudyConfig
 from search.explorer import write_explorer
 from search.fidelity import trial_items
+from search.finalists import DEFAULT_FINALISTS, choose_finalists
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
 from search.pareto import dominates, front_and_baselines, objective_names, signs
@@ -433,14 +438,71 @@ def _headline(
     return f"<p class='headline'>{html.escape(sentence)}.</p>{table}"
 
 
+def _check_named(study: optuna.Study, folder: Path, numbers: Sequence[int]) -> None:
+    done = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    for n in numbers:
+        if not 0 <= n < len(study.trials) or study.trials[n].state != TrialState.COMPLETE:
+            raise ConfigError(
+                f"trial {n} is not a complete trial of this study; pick one of {done[:20]}"
+                f"{' ...' if len(done) > 20 else ''} (`basin pareto {folder}` shows the front)"
+            )
+
+
+def report_finalists(
+    study: optuna.Study, chosen: FrozenTrial, k: int, named: Sequence[int]
+) -> list[FrozenTrial]:
+    """The trials the finalists table shows and held-out scoring scores, by trial number: one
+    objective, the chosen trial; several, at most `k` front members chosen to cover the front
+    (search.finalists, led by the best searched trial); with each named trial on top."""
+    if len(study.directions) == 1:
+        numbers = sorted({chosen.number, *named})
+    else:
+        front, _ = front_and_baselines(study)
+        sign_of = signs(study)
+        signed = {t.number: [s * v for s, v in zip(sign_of, t.values)] for t in front}
+        anchor = chosen_trial(study, None).number  # what the headline shows unless told otherwise
+        numbers = choose_finalists(signed, k, [chosen.number, *named], anchor=anchor)
+    return [study.trials[n] for n in numbers]
+
+
+def left_out_note(
+    folder: Path, front: list[FrozenTrial], shown: list[FrozenTrial], split: str | None
+) -> str:
+    """The sentence that says how many front members the finalists table leaves out (held out:
+    scored on `split`, when held-out scores were made) and the commands that add them; empty when
+    none is left out."""
+    numbers = {t.number for t in shown}
+    left = [t.number for t in front if t.number not in numbers]
+    if not left:
+        return ""
+    where = shlex.quote(str(folder))
+    done = len(front) - len(left)
+    what = f"were scored on the held-out split ({split})" if split else "are in this table"
+    example = ",".join(map(str, left[:2]))
+    return (
+        f"{done} of {len(front)} front members {what}: the best searched trial, the best on each "
+        "objective, then those farthest from the ones chosen, to cover the front, and any named "
+        f"with --trial. To {'score' if split else 'show'} the {len(left)} left out: "
+        f"basin report {where} --finalists {len(front)}, or some of them: basin report {where} "
+        f"--trial {left[0]} (repeatable, or a comma list such as {example}). The explorer shows "
+        "every trial."
+    )
+
+
 def write_report(
     folder: str | Path,
     *,
     trial: int | None = None,
+    named: Sequence[int] = (),
+    finalists: int = DEFAULT_FINALISTS,
     score_heldout_split: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Write report.html and the PNG figures into the study folder; returns the HTML path."""
+    """Write report.html and the PNG figures into the study folder; returns the HTML path.
+
+    `trial` is the recipe to show; `finalists` bounds the front members scored on the held-out
+    split (several objectives), `named` trials are scored besides them.
+    """
     folder = Path(folder)
     config, study = load_study_folder(folder)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -448,6 +510,7 @@ def write_report(
             f"{folder}: no complete trial yet, so there is nothing to report; run or resume the "
             f"study first (`basin status {folder}` shows where it stands)"
         )
+    _check_named(study, folder, [*named, *([] if trial is None else [trial])])
     names = objective_names(study)
     figures_dir = folder / "figures"
     figures_dir.mkdir(exist_ok=True)
@@ -472,23 +535,36 @@ def write_report(
     images = {name: _png(fig, figures_dir / f"{name}.png") for name, fig in figs.items()}
 
     front, baselines = front_and_baselines(study)
-    finalists = front if len(study.directions) > 1 else [chosen]
-    refs = [
+    shown = report_finalists(study, chosen, finalists, named)
+    on_front = {t.number for t in front} if len(study.directions) > 1 else {chosen.number}
+    refs = [  # each fine-tune alone, the uniform average, and the user's own recipes
         t
         for t in baselines
         if t.user_attrs[attrs.BASELINE].startswith("alone:")
         or t.user_attrs[attrs.BASELINE] == "uniform"
+        or attrs.RECIPE_FILE in t.user_attrs
     ]
-    rows = [
-        (_baseline_name(t) if t.user_attrs.get(attrs.BASELINE) else kind, t)
-        for t in finalists
-        for kind in [f"{'Pareto' if len(study.directions) > 1 else 'best'} trial"]
-    ]
+    kind = f"{'Pareto' if len(study.directions) > 1 else 'best'} trial"
+
+    def label(t: FrozenTrial) -> str:
+        if t.user_attrs.get(attrs.BASELINE):
+            return _baseline_name(t)
+        if t.number in on_front:
+            return kind
+        return "chosen trial" if t.number == chosen.number else "named trial"
+
+    rows = [(label(t), t) for t in shown]
     rows += [(_baseline_name(t), t) for t in refs]
     heads = headline_trials(study, chosen)
     split = config.evaluator.label("report")
     heldout = {}
-    if score_heldout_split and config.evaluator.has_report:
+    scored = score_heldout_split and config.evaluator.has_report
+    left_out = (  # one objective: its top trials are no front to cover
+        left_out_note(folder, front, shown, split if scored else None)
+        if len(study.directions) > 1
+        else ""
+    )
+    if scored:
         recipes = {t.number: recipe_to_dict(trial_recipe(config, t)) for _, t in rows + heads}
         heldout = score_heldout(folder, worker_spec(config), recipes, split, progress=progress)
     sign_of = signs(study)
@@ -565,6 +641,7 @@ negated).</p>
 <h2>Finalists against the parents</h2>
 <p>Scores on the search split ({search}) and on the held-out split ({held_split}); a
 finalist that leads on {search} but not on {held_split} has fitted the search set.{no_heldout}</p>
+{f"<p class='left-out'>{html.escape(left_out)}</p>" if left_out else ""}
 {table}{sections}
 <h2>Recipe of trial {chosen.number}</h2><pre>{recipe_yaml}</pre>
 <p>Export it: <code>basin export {html.escape(str(folder))} --trial {chosen.number} \

@@ -18,6 +18,7 @@ import optuna
 from search import attrs, records
 from search.config import (
     ConfigError,
+    ModelsSection,
     SamplerSection,
     StudyConfig,
     config_from_dict,
@@ -28,7 +29,14 @@ from search.folder import storage_error, study_space, worker_spec
 from search.objectives import resolve_directions, study_directions
 from search.outputs import check_writable_under
 from search.recovery import requeue_stale, sync_records
+from search.sampler_view import SearchedOnly
 from search.space import SearchSpace, baseline_params
+from search.user_recipes import (
+    UserRecipe,
+    describe,
+    enqueue_user_recipes,
+    read_user_recipes,
+)
 from search.workers import WorkerSpec
 
 
@@ -73,8 +81,9 @@ _SAMPLERS: dict[str, Callable[[SamplerSection, int | None], optuna.samplers.Base
 
 def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler; its seed moved by `offset` (a resumed or second run must not
-    replay the draws of the first)."""
-    return _SAMPLERS[cfg.name](cfg, None if cfg.seed is None else cfg.seed + offset)
+    replay the draws of the first). It learns from the searched trials only (a user's recipe
+    outside the space is hidden from it: search/sampler_view.py)."""
+    return SearchedOnly(_SAMPLERS[cfg.name](cfg, None if cfg.seed is None else cfg.seed + offset))
 
 
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
@@ -96,6 +105,8 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         _check_memory(config)
         sizes = search_sizes(config, split_sizes)
         space = study_space(config)
+        # read before anything is made (a resume reads them only if they were never queued)
+        users = None if resume else read_user_recipes(config, space)
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
         # a wrong URL or password fails here, with its message, before any lock
@@ -113,7 +124,7 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
                 study.set_user_attr(attrs.SPLIT_SIZES, split_sizes)
             if study.user_attrs.get(attrs.NUM_LAYERS) != space.num_layers:
                 study.set_user_attr(attrs.NUM_LAYERS, space.num_layers)
-            _enqueue_baselines(config, study, space)
+            _enqueue_baselines(config, study, space, users)
             requeue_stale(study)
             sync_records(study, folder, space)
     except BaseException:
@@ -217,10 +228,17 @@ def check_models(config: StudyConfig) -> None:
     models = config.models.resolved()
     check_compatible(
         {
-            p: Checkpoint(p, allow_pickle=models.allow_pickle)
-            for p in (models.base, *models.finetunes)
+            p: Checkpoint(p, allow_pickle=models.allow_pickle, where=where)
+            for p, where in _fields(models)
         }
     )
+
+
+def _fields(models: ModelsSection) -> list[tuple[str, str]]:
+    """Each model's path and the config field that names it, for messages."""
+    return [(models.base, "models.base")] + [
+        (p, f"models.finetunes[{i}]") for i, p in enumerate(models.finetunes)
+    ]
 
 
 def check_values(config: StudyConfig, progress: bool = True) -> int:
@@ -232,7 +250,7 @@ def check_values(config: StudyConfig, progress: bool = True) -> int:
 
     models = config.models.resolved()
     checkpoints = [
-        Checkpoint(p, allow_pickle=models.allow_pickle) for p in (models.base, *models.finetunes)
+        Checkpoint(p, allow_pickle=models.allow_pickle, where=where) for p, where in _fields(models)
     ]
     todo = [(c, n) for c in checkpoints for n in c.names if c.dtype(n).is_floating_point]
     for checkpoint, name in tqdm(todo, desc="checking values", unit="tensor", disable=not progress):
@@ -379,13 +397,27 @@ def _shared_part(snapshot: dict) -> dict:
     return part
 
 
-def _enqueue_baselines(config: StudyConfig, study: optuna.Study, space: SearchSpace) -> None:
+def _enqueue_baselines(
+    config: StudyConfig,
+    study: optuna.Study,
+    space: SearchSpace,
+    users: list[UserRecipe] | None,
+) -> None:
     # Until the flag is set, not "no trials yet": a run killed halfway through enqueuing must
     # not lose the remaining baselines (skip_if_exists leaves out those already queued or run).
-    if config.baselines and not study.user_attrs.get(attrs.BASELINES_ENQUEUED):
+    if study.user_attrs.get(attrs.BASELINES_ENQUEUED):
+        return
+    if users is None:
+        users = read_user_recipes(config, space)
+    for user in users:
+        for note in user.notes:
+            print(f"basin: note: {note}", file=sys.stderr)
+        print(f"basin: baselines.recipes: {describe(user)}", file=sys.stderr)
+    if config.baselines.builtin:
         for name, params in baseline_params(space):
             study.enqueue_trial(params, user_attrs={attrs.BASELINE: name}, skip_if_exists=True)
-        study.set_user_attr(attrs.BASELINES_ENQUEUED, True)
+    enqueue_user_recipes(study, users)
+    study.set_user_attr(attrs.BASELINES_ENQUEUED, True)
 
 
 def _search_part(snapshot: dict) -> dict:

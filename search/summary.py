@@ -20,6 +20,8 @@ def _method(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """The trial's merge method: a param when several are searched, else the space's only one."""
     if "method" in trial.params:
         return trial.params["method"]
+    if attrs.RECIPE in trial.user_attrs:  # a user's recipe outside the space
+        return str(trial.user_attrs[attrs.RECIPE].get("method", "?"))
     methods = study.user_attrs.get(attrs.CONFIG, {}).get("space", {}).get("methods", [])
     return methods[0] if len(methods) == 1 else "?"
 

@@ -59,7 +59,7 @@ def test_minimal_config_passes_with_documented_defaults(tmp_path):
     assert config.sampler.name == "tpe"
     assert config.budget.n_trials == 50
     assert config.workers.count == 1
-    assert config.baselines is True
+    assert config.baselines.builtin is True and config.baselines.recipes == []
 
 
 def test_full_config_passes(tmp_path):
@@ -320,7 +320,7 @@ def test_set_overrides_nested_keys_numbers_and_lists(tmp_path):
     assert config.evaluator.tasks == ["zoo_add", "zoo_copy"]  # siblings kept
     assert config.workers.count == 4
     assert config.sampler.seed is None
-    assert config.baselines is False
+    assert config.baselines.builtin is False  # the old boolean form
     # the file itself is untouched
     assert yaml.safe_load(path.read_text()) == MINIMAL
 

@@ -223,3 +223,106 @@ def test_the_recipe_figure_shows_what_the_method_reads():
         t.get_text() for t in plot_recipe(slerp, 4, ["a", "c"], "x").axes[0].get_yticklabels()
     ]
     assert labels[-1] == "t" and "lambda" not in labels
+
+
+# --- a large front: a bounded set of finalists scored held out ---------------------------------
+
+
+def made_up_front(folder, fault_zoo, n_front: int):
+    """A study folder set up as `basin run` sets it up (its baselines enqueued), then told made-up
+    scores: the baselines low, `n_front` searched trials along one trade-off (all on the front).
+    One torch thread, so held-out scoring runs in this process on any machine."""
+    from search.config import config_from_dict
+    from search.objectives import objective_values
+    from search.setup import setup_study
+    from search.space import suggest
+    from tests.support.fault_zoo import study_config
+
+    config = config_from_dict(study_config(fault_zoo, folder, workers={"count": 1, "threads": 1}))
+    setup = setup_study(config, resume=False)
+    study, keys = setup.study, [o.key for o in config.objectives.items]
+    directions = ["maximize", "maximize"]
+    n_baselines = len(study.get_trials(deepcopy=False))  # enqueued, waiting
+    for n in range(n_baselines + n_front):
+        trial = study.ask()
+        suggest(trial, setup.space)
+        x = 0.05 if n < n_baselines else (n - n_baselines) / (n_front - 1)
+        metrics = dict(zip(keys, [x, 0.05 if n < n_baselines else 1 - x]))
+        trial.set_user_attr("metrics", metrics)
+        study.tell(trial, objective_values(config.objectives, directions, metrics))
+    return study
+
+
+def heldout_numbers(folder) -> set[int]:
+    return {int(p.stem) for p in (folder / "heldout" / "test").glob("*.json")}
+
+
+@pytest.mark.slow  # held-out scores of real tiny models (about 5 s)
+def test_a_front_larger_than_k_scores_k_finalists_and_says_how_to_add_others(
+    fault_zoo, tmp_path, capsys
+):
+    folder = tmp_path / "night"
+    study = made_up_front(folder, fault_zoo, n_front=12)
+    front = {t.number for t in study.best_trials}
+    assert len(front) == 12
+    baselines = {
+        t.number: t.user_attrs["baseline"] for t in study.trials if t.user_attrs.get("baseline")
+    }
+    named = max(front)  # the best on the first objective: covered anyway
+    assert main(["report", str(folder), "--finalists", "3", "--trial", str(named), "--quiet"]) == 0
+    scored = heldout_numbers(folder)
+    assert len(scored & front) == 3  # K: the named one is an extreme, so it is among them
+    assert named in scored
+    refs = {n for n, name in baselines.items() if name.startswith("alone:") or name == "uniform"}
+    assert refs <= scored and scored - front <= set(baselines)  # baselines, as before
+    page = (folder / "report.html").read_text()
+    left = sorted(front - scored)
+    assert "3 of 12 front members were scored on the held-out split (test)" in page
+    assert f"basin report {folder} --finalists 12" in page
+    assert f"basin report {folder} --trial {left[0]}" in page
+    finalists = page[page.index("Finalists against the parents") :]
+    for n in front:
+        assert (f"<td>{n}</td>" in finalists) == (n in scored), n
+
+    # naming two more costs exactly two evaluations; the scores kept are reused
+    before = scored
+    assert main(["report", str(folder), "--finalists", "3", "--trial", f"{left[0]},{left[1]}"]) == 0
+    assert heldout_numbers(folder) == before | {left[0], left[1]}
+    page = (folder / "report.html").read_text()
+    assert "5 of 12 front members were scored" in page
+    assert f"Trial {left[0]} (" in page  # the first named is the recipe shown
+    capsys.readouterr()
+
+
+def test_bad_finalists_and_trial_values_are_refused_with_exit_2(fault_zoo, tmp_path, capsys):
+    folder = tmp_path / "night"
+    made_up_front(folder, fault_zoo, n_front=3)
+    assert main(["report", str(folder), "--finalists", "0"]) == 2
+    assert "--finalists 0: expected at least 1" in capsys.readouterr().err
+    assert main(["report", str(folder), "--trial", "3,x"]) == 2
+    assert "--trial '3,x': expected a trial number or a comma list" in capsys.readouterr().err
+    assert main(["report", str(folder), "--trial", "999"]) == 2
+    assert "trial 999 is not a complete trial of this study" in capsys.readouterr().err
+    assert not (folder / "report.html").exists() and not (folder / "heldout").exists()
+
+
+def test_a_129_member_front_of_four_objectives_scores_8_finalists():
+    """The front that prompted the bound: 129 members, 4 objectives (a plain Optuna study)."""
+    import random
+
+    import optuna
+
+    from search.report import chosen_trial, report_finalists
+
+    study = optuna.create_study(directions=["maximize"] * 3 + ["minimize"])
+    rng = random.Random(0)
+    for _ in range(129):
+        cut = sorted(rng.random() for _ in range(3))
+        a, b, c, d = (y - x for x, y in zip([0.0, *cut], [*cut, 1.0]))
+        study.add_trial(optuna.trial.create_trial(values=[a, b, c, -d]))
+    assert len(study.best_trials) == 129
+    chosen = chosen_trial(study, None)
+    shown = report_finalists(study, chosen, 8, [])
+    assert len(shown) == 8 and chosen in shown
+    assert len(report_finalists(study, chosen, 8, [shown[0].number + 1, 3])) <= 10
+    assert len(report_finalists(study, chosen, 200, [])) == 129

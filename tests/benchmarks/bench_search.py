@@ -3,6 +3,7 @@ random.
 
     .venv/bin/python tests/benchmarks/bench_search.py                        # all three parts
     .venv/bin/python tests/benchmarks/bench_search.py --parts overhead,schedule
+    .venv/bin/python tests/benchmarks/bench_search.py --parts schedule --schedule-reproducible
     .venv/bin/python tests/benchmarks/bench_search.py --parts quality --trials 20 --seeds 2
 
 Every number comes from ONE run of each study (no repeats); each part prints its own wall time.
@@ -249,7 +250,8 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
     n_workers, n_trials = args.schedule_workers, args.schedule_trials
     print(
         f"\n== b. scheduling: {n_workers} simulated GPU workers, {n_trials} trials sleeping "
-        f"{SleepWorker.LOW:g}-{SleepWorker.HIGH:g} s",
+        f"{SleepWorker.LOW:g}-{SleepWorker.HIGH:g} s"
+        + (", sampler.reproducible" if args.schedule_reproducible else ""),
         flush=True,
     )
     t0 = time.perf_counter()
@@ -271,7 +273,11 @@ def bench_schedule(scratch: Path, args: argparse.Namespace) -> None:
             "builtin_tasks": False,
         },
         "objectives": {"items": [{"task": t} for t in tasks.names]},
-        "sampler": {"name": args.schedule_sampler, "seed": 0},
+        "sampler": {
+            "name": args.schedule_sampler,
+            "seed": 0,
+            "reproducible": args.schedule_reproducible,
+        },
         "budget": {"n_trials": n_trials},
         "workers": {"count": n_workers, "gpus_per_worker": 1},
         "baselines": False,
@@ -417,6 +423,11 @@ def main(argv: list[str] | None = None) -> None:
         "(at 48 even the zero-overhead schedule ranged 1.05-1.12x ideal over runs)",
     )
     parser.add_argument("--schedule-sampler", default="tpe", choices=["tpe", "random"])
+    parser.add_argument(
+        "--schedule-reproducible",
+        action="store_true",
+        help="part b with sampler.reproducible: results told in trial order (its idle cost)",
+    )
     parser.add_argument("--trials", type=int, default=40, help="trials per study in part c")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler in part c")
     parser.add_argument(

@@ -69,7 +69,11 @@ def load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def run_mergekit(
-    config: dict[str, Any], out_dir: Path, *, timeout: float = TIMEOUT_S
+    config: dict[str, Any],
+    out_dir: Path,
+    *,
+    timeout: float = TIMEOUT_S,
+    extra_flags: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Write `config` as YAML, merge it with mergekit-yaml into `out_dir` (CPU, offline) and return
     the merged tensors. Raises RuntimeError with mergekit's stderr when it fails."""
@@ -91,7 +95,7 @@ def run_mergekit(
         "CUDA_VISIBLE_DEVICES": "",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    cmd = [exe, str(config_file), str(out_dir), *MERGEKIT_FLAGS]
+    cmd = [exe, str(config_file), str(out_dir), *MERGEKIT_FLAGS, *extra_flags]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as e:
