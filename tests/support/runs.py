@@ -48,7 +48,14 @@ def start_basin(args: list[str], log: Path) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Ctrl-C as a user sends it, however the suite was started: a shell's background job
+            # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+            preexec_fn=_interruptible,
         )
+
+
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float = 60.0) -> list[str]:
