@@ -1,5 +1,5 @@
-"""The search's merge path: base and task vectors resident on one device, candidates written in
-place.
+"""The search's merge path: base and task vectors held once per worker (each tensor on the device,
+in host memory or memory-mapped from disk: merging/placement.py), candidates written in place.
 
 A worker builds one `ResidentMerger` and one live model, then calls `apply(recipe, model)` for every
 candidate. What every candidate reuses (task vectors, the magnitude tables of TIES and breadcrumbs)
@@ -11,7 +11,11 @@ while that tensor is merged.
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,11 +29,30 @@ from merging.errors import MergeError
 from merging.fused import resolve_kernels
 from merging.layers import build_layer_map
 from merging.lora import LoraFactors, expand, task_vector
+from merging.placement import (
+    BASE,
+    TIERS,
+    CacheWriter,
+    Key,
+    MappedFile,
+    Mover,
+    assign_tiers,
+    default_cache_dir,
+    held_items,
+    hold,
+    source_fingerprint,
+)
 from merging.recipe import MergeRecipe, validate_recipe
 
 
 class ResidentMerger:
-    """Base and task vectors of one model set, held on `device` in `dtype`."""
+    """Base and task vectors of one model set, each tensor held in its placement tier (on `device`,
+    in host memory, or memory-mapped from a cache folder; merging/placement.py), in `dtype`.
+
+    placement: "device" (default), "host", "disk", or "auto": the device up to `device_room` bytes,
+    host memory up to `host_room`, the rest on disk (search/memory.py computes both rooms).
+    cache_dir: the disk tier's folder (default merging.placement.default_cache_dir()).
+    """
 
     def __init__(
         self,
@@ -41,6 +64,10 @@ class ResidentMerger:
         allow_pickle: bool = False,
         progress: bool = False,
         kernels: str = "auto",
+        placement: str = "device",
+        device_room: int | None = None,
+        host_room: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if dtype not in DTYPE_NAMES:
             raise MergeError(f"unknown dtype '{dtype}'. Known: {', '.join(DTYPE_NAMES)}")
@@ -55,21 +82,49 @@ class ResidentMerger:
         check_compatible({base: ref, **dict(zip(self.model_specs, ckpts))})
         self.layer_map = build_layer_map(ref.names)
         self.names = [n for n in ref.names if ref.dtype(n).is_floating_point]
+        numel = {n: math.prod(ref.shape(n)) for n in self.names}
+        # the fine-tunes held as full task vectors (the others are LoRA adapters, held factored)
+        self.full = [k for k, ck in enumerate(ckpts) if ck.adapter is None]
+        width = torch.empty((), dtype=self.dtype).element_size()
+        items = held_items(self.names, numel, self.full, width)
+        # the tier of each held tensor, keyed (model, name); the base is model BASE
+        self.tiers = assign_tiers(items, placement, device_room, host_room)
+        self.placement = placement
+        self._mover = Mover(self.device)
+        # held where its tier keeps it: the base, and per fine-tune and tensor a full task vector
+        # or a LoRA adapter's factors (only for the tensors it changes; `task_vector` gives the
+        # others as zeros). Factors stay on the device whatever the placement: they are small.
         self.base: dict[str, torch.Tensor] = {}
-        # per fine-tune, per tensor: a full task vector, or a LoRA adapter's factors (only for the
-        # tensors it changes; `task_vector` gives the others as zeros)
         self.deltas: list[dict[str, torch.Tensor | LoraFactors]] = [{} for _ in ckpts]
+        self._disk = _DiskCache(
+            Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+            ref,
+            ckpts,
+            self.tiers,
+            dtype,
+        )
         placed = dict(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            for name in tqdm(self.names, desc="loading task vectors", disable=not progress):
-                b = ref.read(name, **placed)
-                self.base[name] = b
-                for k, ck in enumerate(ckpts):
-                    if ck.adapter is None:
-                        self.deltas[k][name] = ck.read(name, **placed) - b
-                    elif (factors := ck.adapter.factors(name, **placed)) is not None:
-                        self.deltas[k][name] = factors
-        params = sum(t.numel() for t in self.base.values())
+        try:
+            with torch.no_grad():
+                for name in tqdm(self.names, desc="loading task vectors", disable=not progress):
+                    # a tensor already in a cache file is not read again
+                    b = ref.read(name, **placed) if self._disk.needs_base(name) else None
+                    if self._disk.needs((BASE, name)):
+                        self.base[name] = self._hold((BASE, name), b)
+                    for k, ck in enumerate(ckpts):
+                        if ck.adapter is not None:
+                            if (factors := ck.adapter.factors(name, **placed)) is not None:
+                                self.deltas[k][name] = factors
+                        elif self._disk.needs((k, name)):
+                            delta = ck.read(name, **placed) - b
+                            self.deltas[k][name] = self._hold((k, name), delta)
+        except BaseException:
+            self._disk.abort()
+            raise
+        for (k, name), t in self._disk.finish().items():
+            (self.base if k == BASE else self.deltas[k])[name] = t
+        self.base = {n: self.base[n] for n in self.names}  # the checkpoint's order
+        params = sum(numel.values())
         # "eager" or "compiled" (merging.fused)
         self.kernels = resolve_kernels(kernels, self.device, params)
         self._orders: list[dict[str, methods.MagnitudeOrder]] | None = None
@@ -79,6 +134,27 @@ class ResidentMerger:
         self._angles: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._progress = progress
         self._targets: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _hold(self, key: Key, t: torch.Tensor) -> torch.Tensor | None:
+        """`t` as its tier holds it (None when the disk tier wrote it to its cache file)."""
+        if self.tiers[key] == "disk":
+            self._disk.write(key, t)
+            return None
+        return hold(t, self.tiers[key], self.device)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes of base and full task vectors held per tier (LoRA factors: on the device)."""
+        out = dict.fromkeys(TIERS, 0)
+        for k, name in self.tiers:
+            held = self.base[name] if k == BASE else self.deltas[k][name]
+            out[self.tiers[(k, name)]] += held.nbytes
+        for d in self.deltas:
+            out["device"] += sum(h.nbytes for h in d.values() if isinstance(h, LoraFactors))
+        return out
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base's tensor `name` on the device."""
+        return self._mover.get(self.base[name])
 
     def prepare(self, methods_used: Iterable[str], seed: int = 0) -> None:
         """Precompute what these methods need (magnitude tables) before the first candidate."""
@@ -105,11 +181,24 @@ class ResidentMerger:
             return methods.MagnitudeOrder(
                 expand(held, self.dtype), table=True, rebuild=lambda: expand(held, self.dtype)
             )
-        return methods.MagnitudeOrder(self.task_vector(k, name), table=True)
+        if self.tiers.get((k, name), "device") == "device" or self.device.type == "cpu":
+            # held where the merge reads it (a CPU reads host memory and mapped files in place)
+            return methods.MagnitudeOrder(self.task_vector(k, name), table=True)
+        # held off the device: the table from one copy, a bound off the table from another
+        return methods.MagnitudeOrder(
+            self.task_vector(k, name), table=True, rebuild=lambda: self.task_vector(k, name)
+        )
 
     def task_vector(self, k: int, name: str) -> torch.Tensor:
-        """Fine-tune k's task vector at tensor `name` (a LoRA one expanded for the caller)."""
-        return task_vector(self.deltas[k].get(name), self.base[name])
+        """Fine-tune k's task vector at tensor `name` on the device (a LoRA one expanded for the
+        caller)."""
+        held = self.deltas[k].get(name)
+        if isinstance(held, torch.Tensor):
+            return self._mover.get(held)
+        if held is None:  # an adapter leaves this tensor alone: zeros (a view of one)
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            return zero.expand(self.base[name].shape)
+        return expand(held, self.dtype)
 
     def held_bytes(self, k: int) -> int:
         """Bytes fine-tune k's task vector holds (factors for a LoRA adapter)."""
@@ -192,7 +281,7 @@ class ResidentMerger:
         targets = self._target_tensors(model)
         with torch.no_grad():
             for name in self.names:
-                targets[name].copy_(self.base[name])
+                targets[name].copy_(self.base[name])  # from any tier: copy_ reads it in place
 
 
 class MergedWeights:
@@ -224,15 +313,35 @@ class MergedWeights:
         return list(self._merger.names)
 
     def base(self, name: str) -> torch.Tensor:
-        """The base's tensor `name` (what an engine restores when a merge fails half-way)."""
-        return self._merger.base[name]
+        """The base's tensor `name` on the device (what an engine restores when a merge fails
+        half-way)."""
+        return self._merger.base_tensor(name)
 
     def merge(self, name: str, out: torch.Tensor) -> None:
         """Write the merged tensor `name` into `out` (same shape, any floating dtype)."""
+        (moved,) = self._moved([name])
+        self._merge(name, moved, out)
+
+    def _moved(self, names: Iterable[str]) -> Iterator[list[torch.Tensor]]:
+        """Per tensor name, the base and each full task vector on the device, in that order: on
+        CUDA those of the next name are copied while this one merges (merging.placement.Mover)."""
         m = self._merger
+        groups = ([m.base[n], *(m.deltas[k][n] for k in m.full)] for n in names)
+        return m._mover.stream(groups)
+
+    def _factored(self, k: int) -> bool:
+        return k not in self._merger.full
+
+    def _merge(self, name: str, moved: list[torch.Tensor], out: torch.Tensor) -> None:
+        m = self._merger
+        base, full = moved[0], iter(moved[1:])
+        deltas = [
+            task_vector(m.deltas[k].get(name), base) if self._factored(k) else next(full)
+            for k in range(len(m.deltas))
+        ]
         inputs = TensorInputs(
-            base=m.base[name],
-            deltas=[m.task_vector(k, name) for k in range(len(m.deltas))],
+            base=base,
+            deltas=deltas,
             orders=[o[name] for o in self._orders] if self._orders else None,
             stock_ratio=self._ratios[name] if self._ratios else None,
             nuslerp_angles=self._angles[name] if self._angles else None,
@@ -243,15 +352,17 @@ class MergedWeights:
         """Merge every tensor in place into `model`'s tensor of the same name (MergeError when the
         model lacks one: it must be built from the base's architecture)."""
         targets = self._merger._target_tensors(model)
-        for name in self._merger.names:
-            self.merge(name, targets[name])
+        names = self._merger.names
+        for name, moved in zip(names, self._moved(names)):
+            self._merge(name, moved, targets[name])
 
     def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every tensor, each merged into a new tensor on the merger's device
         in its dtype as it is asked for."""
-        for name in self._merger.names:
-            out = torch.empty_like(self._merger.base[name])
-            self.merge(name, out)
+        names = self._merger.names
+        for name, moved in zip(names, self._moved(names)):
+            out = torch.empty_like(moved[0])
+            self._merge(name, moved, out)
             yield name, out
 
 
@@ -271,3 +382,71 @@ def load_live_model(
         str(resolve_model_dir(path)), dtype=DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code
     )
     return model.to(device).eval()
+
+
+class _DiskCache:
+    """The disk tier of one merger: per model (the base, each full fine-tune) one safetensors file
+    of the tensors placed on disk, in the merge dtype. A file is keyed by its sources' names, sizes
+    and times, the dtype and the tensors it holds, so a later worker of the same set maps it
+    without reading the models again."""
+
+    def __init__(
+        self, folder: Path, ref: Checkpoint, ckpts: list[Checkpoint], tiers: dict, dtype: str
+    ) -> None:
+        by_model: dict[int, list[str]] = {}
+        for (k, name), tier in tiers.items():
+            if tier == "disk":
+                by_model.setdefault(k, []).append(name)
+        self.paths: dict[int, Path] = {}
+        self._writers: dict[int, CacheWriter] = {}
+        ref_files = sorted(set(ref.files.values()))
+        pending = 0
+        for k, names in by_model.items():
+            sources = ref_files if k == BASE else ref_files + sorted(set(ckpts[k].files.values()))
+            what = "base" if k == BASE else "delta"
+            fingerprint = source_fingerprint(sources, json.dumps([what, dtype, names]))
+            self.paths[k] = folder / f"{what}-{fingerprint}.safetensors"
+            if not self.paths[k].is_file():
+                pending += sum(math.prod(ref.shape(n)) for n in names)
+        if pending:
+            width = torch.empty((), dtype=DTYPE_NAMES[dtype]).element_size()
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+            if pending * width > free:
+                raise MergeError(
+                    f"the disk tier needs {pending * width / 2**30:.2f} GiB in {folder}, which has "
+                    f"{free / 2**30:.2f} GiB free; set models.cache_dir to a larger disk, or "
+                    "models.placement: auto with more host memory (models.host_memory_gib)"
+                )
+        for k, names in by_model.items():
+            if not self.paths[k].is_file():
+                entries = [(n, ref.shape(n)) for n in names]
+                self._writers[k] = CacheWriter(self.paths[k], entries, DTYPE_NAMES[dtype])
+        self._tiers = tiers
+        self._models = sorted({k for k, _ in tiers})
+
+    def needs(self, key: Key) -> bool:
+        """Whether tensor `key` must be computed here (it is not in a finished cache file)."""
+        return self._tiers[key] != "disk" or key[0] in self._writers
+
+    def needs_base(self, name: str) -> bool:
+        return any(self.needs((k, name)) for k in self._models)
+
+    def write(self, key: Key, t: torch.Tensor) -> None:
+        self._writers[key[0]].write(key[1], t)
+
+    def finish(self) -> dict[Key, torch.Tensor]:
+        """Every disk tensor, as a view of its mapped file."""
+        for writer in self._writers.values():
+            writer.finish()
+        self._writers = {}
+        self.files = {k: MappedFile(p) for k, p in self.paths.items()}
+        return {
+            (k, name): self.files[k].tensor(name)
+            for (k, name), tier in self._tiers.items()
+            if tier == "disk"
+        }
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.abort()

@@ -52,12 +52,32 @@ class ModelsSection(_Strict):
     kernels: Literal["auto", "eager", "compiled"] = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # where each worker holds the base and task vectors (merging/placement.py): auto = the device
+    # up to what fits beside the live model and the evaluation, then host memory up to
+    # host_memory_gib, then disk (search/memory.py)
+    placement: str = "auto"
+    # host memory a worker may hold tensors in (on a CPU device: everything it holds); None: half
+    # of this machine's memory
+    host_memory_gib: float | None = Field(default=None, gt=0)
+    # the disk tier's folder (task vectors written once, memory-mapped); None: ~/.cache/basin
+    cache_dir: str | None = None
 
     @field_validator("finetunes")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("a fine-tune is listed twice; list each once")
+        return v
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        from merging.placement import PLACEMENTS
+
+        if v not in PLACEMENTS:
+            close = difflib.get_close_matches(v, PLACEMENTS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+            raise ValueError(f"{v!r} is not allowed{hint} Known: {', '.join(PLACEMENTS)}")
         return v
 
     def resolved(self) -> ModelsSection:
@@ -69,6 +89,9 @@ class ModelsSection(_Strict):
             update={
                 "base": _absolute(self.base),
                 "finetunes": [_absolute(p) for p in self.finetunes],
+                "cache_dir": str(Path(self.cache_dir).expanduser().resolve())
+                if self.cache_dir
+                else None,
             }
         )
 

@@ -26,6 +26,8 @@ def worker_spec(config: StudyConfig) -> WorkerSpec:
         space=config.space,
         threads=config.workers.threads,
         fidelity_seed=config.fidelity.seed if config.fidelity is not None else None,
+        gpu_memory_gib=config.workers.gpu_memory_gib,
+        gpu_share=config.workers.gpus_per_worker or 1.0,
     )
 
 

@@ -105,8 +105,9 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         _check_memory(config)
         sizes = search_sizes(config, split_sizes)
         space = study_space(config)
-        # read before anything is made (a resume reads them only if they were never queued)
-        users = None if resume else read_user_recipes(config, space)
+        # a new study's recipes are read before anything is made; a resumed or shared one (another
+        # runner of a database study) reads them only if they were never queued
+        users = read_user_recipes(config, space) if created and not config.study.storage else None
         if (overlap := config.evaluator.overlap()) is not None:
             print(f"basin: warning: {overlap}", file=sys.stderr)
         # a wrong URL or password fails here, with its message, before any lock

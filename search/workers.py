@@ -39,6 +39,32 @@ class WorkerSpec:
     # fails the worker's start (and the study with it) rather than every candidate; a role not
     # named here is built on first use. Held-out scoring serves ("report",) only.
     roles: tuple[Role, ...] = ("search",)
+    # the GPU memory placement auto may plan with: workers.gpu_memory_gib, else the worker's share
+    # (workers.gpus_per_worker, at most 1) of its GPU
+    gpu_memory_gib: float | None = None
+    gpu_share: float = 1.0
+
+
+def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | None]:
+    """The device and host bytes placement auto may fill (search/memory.py, as validate plans
+    it; a CUDA worker's capacity is its GPU's memory)."""
+    if spec.models.placement != "auto":
+        return None, None
+    import torch
+
+    from search.memory import worker_plan
+
+    kind = torch.device(device).type
+    capacity = None
+    if kind == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        capacity = int(
+            spec.gpu_memory_gib * 2**30
+            if spec.gpu_memory_gib is not None
+            else total * min(1.0, spec.gpu_share)
+        )
+    plan = worker_plan(spec.models, spec.evaluator, spec.space.methods, kind, capacity)
+    return plan.tiers.device_room, plan.tiers.host_room
 
 
 def resolve_device(device: str) -> str:
@@ -84,6 +110,7 @@ class CandidateWorker:
             torch.set_num_threads(spec.threads)
         self.device = resolve_device(models.device)
         t0 = time.perf_counter()
+        rooms = placement_rooms(spec, self.device)
         self.merger = ResidentMerger(
             models.base,
             list(models.finetunes),
@@ -91,6 +118,10 @@ class CandidateWorker:
             dtype=models.dtype,
             allow_pickle=models.allow_pickle,
             kernels=models.kernels,
+            placement=models.placement,
+            device_room=rooms[0],
+            host_room=rooms[1],
+            cache_dir=models.cache_dir,
         )
         self.merger.prepare(tuple(spec.space.methods), spec.space.seed)
         # after the merger: an engine that sizes itself (vLLM) sees what the merger holds

@@ -18,6 +18,7 @@ from merging import Checkpoint, MergeError, ResidentMerger, export_merge, recipe
 from merging.catalog import METHOD_TABLE
 from merging.lora import LoraFactors, expand
 from merging.resident import load_live_model
+from tests.support.merges import live_merge, method_recipe
 from tests.support.runs import BASIN
 from tests.support.tiny import build_model, save_tokenizer
 
@@ -74,25 +75,6 @@ def llama_mergers(llama_set, llama_lora):
         ResidentMerger(base, [ft, str(merged)]),
         load_live_model(base),
     )
-
-
-def method_recipe(method: str, base: Path, paths: list[Path]) -> dict:
-    """A recipe of `method` over `paths` that sets every number the method reads."""
-    spec = METHOD_TABLE[method]
-    values = {"weight": [0.6, 0.9], "density": [0.5, 0.7], "gamma": [0.05, 0.02]}
-    values["epsilon"] = [0.1, 0.05]
-    models = [
-        {"path": str(p), **{k: v[i] for k, v in values.items() if spec.uses(k)}}
-        for i, p in enumerate(paths)
-    ]
-    parameters = {k: v for k, v in (("lambda", 1.1), ("t", 0.3)) if spec.uses(k)}
-    return {"method": method, "base": str(base), "models": models, "parameters": parameters}
-
-
-def live_merge(merger: ResidentMerger, live, data: dict) -> dict[str, torch.Tensor]:
-    merger.apply(recipe_from_dict(data), live)
-    state = live.state_dict()
-    return {n: state[n].clone() for n in merger.names}
 
 
 @pytest.mark.parametrize("method", list(METHOD_TABLE))

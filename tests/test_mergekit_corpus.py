@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +156,8 @@ def test_corpus_refusals(path: Path, request):
 
 @pytest.fixture(scope="module")
 def corpus_mergekit(request, tmp_path_factory) -> dict[str, Any]:
-    """mergekit-yaml's merge of every exact config selected, run two at a time."""
-    from tests.support.mergekit_oracle import mergekit_executable, run_mergekit
+    """mergekit's merge of every exact config selected, in two processes that import it once."""
+    from tests.support.mergekit_oracle import mergekit_executable, run_mergekit_many
 
     if mergekit_executable() is None:
         pytest.fail("mergekit-yaml not found: `make venv` (the test extra pins mergekit==0.1.5)")
@@ -172,14 +171,8 @@ def corpus_mergekit(request, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("corpus_mergekit")
     configs = {p.stem: _load(p, request)[0] for p in sorted(selected)}
 
-    def one(stem: str) -> Any:
-        try:
-            return run_mergekit(configs[stem], root / stem)
-        except Exception as e:  # re-raised by the config's own test
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        return dict(zip(configs, pool.map(one, configs)))
+    # a failed merge is re-raised by the config's own test
+    return run_mergekit_many(configs, root, processes=max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ group (0.4, 0.6) has to choose among equal magnitudes, and weighted sums of the 
 are often exactly 0, the sign election's tie. All values are on a binary grid, so every task
 vector M - B is computed exactly by both tools.
 
-mergekit-yaml spends ~4 s importing per run; the runs of the selected cases go in parallel, once
-per module (`mergekit_results`).
+mergekit spends ~4 s importing per run; the selected cases are merged once per module
+(`mergekit_results`) by one mergekit process per core, each importing it once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from tests.support.mergekit_oracle import (
     mergekit_executable,
     mismatch_summary,
     run_basin,
-    run_mergekit,
+    run_mergekit_many,
 )
 from tests.support.tiny import ModelSet
 
@@ -335,15 +334,9 @@ def mergekit_results(request, tmp_path_factory) -> MergekitResults:
         cid: case.config(request.getfixturevalue(case.models)) for cid, case in cases.items()
     }
 
-    def one(cid: str) -> Any:
-        try:
-            return run_mergekit(configs[cid], root / cid)
-        except Exception as e:  # re-raised by the case's own test
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(configs), os.cpu_count() or 1))) as pool:
-        results = dict(zip(configs, pool.map(one, configs)))
-    return MergekitResults(results)
+    # a failed merge is re-raised by the case's own test
+    processes = max(1, min(len(configs), os.cpu_count() or 1))
+    return MergekitResults(run_mergekit_many(configs, root, processes=processes))
 
 
 # --- the comparison ------------------------------------------------------------------------------

@@ -11,17 +11,27 @@ saved as safetensors), then prints, from this one run:
   the plain-torch weighted sum (base + sum w*T with temporaries) is printed against the same floor;
 - each worker's resident bytes (base, task vectors, what the methods precompute, live model)
   against (2 + fine-tunes) x model size, and on CUDA the peak allocated;
-- export time / the time of copying the same bytes from safetensors to safetensors, both kernels.
+- export time / the time of copying the same bytes from safetensors to safetensors, both kernels;
+- per placement tier (merging/placement.py; each in a fresh process, so its peak memory is its
+  own): a task-arithmetic candidate's time against that tier's floor (the bytes it must move at the
+  bandwidths measured in the same run: the copy bandwidth for memory, a cold file read for disk),
+  the disk tier with a warm and a cold page cache (its files' pages dropped before each candidate),
+  and the process's own memory (anonymous RSS after the candidates) against search/memory.py's
+  plan; the peak RSS beside it also counts mapped files' pages (the source models' safetensors
+  while the task vectors are built, the disk tier's files), which are page cache.
 
     .venv/bin/python tests/benchmarks/bench_merge.py \
-        [--hidden 768 --layers 6 --repeats 5 --device cpu]
+        [--hidden 768 --layers 6 --repeats 5 --device cpu] [--only-tiers]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,10 +152,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only-tiers", action="store_true", help="only the placement tiers' table")
+    ap.add_argument("--tier-kernels", default="compiled", choices=KERNELS)
+    ap.add_argument("--tier-child", help=argparse.SUPPRESS)  # placement, in a fresh process
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tier_child:
+        print(json.dumps(tier_child(args)))
+        return
     root = Path(tempfile.mkdtemp(prefix="basin-bench-"))
     try:
         base, models, n_params = build_models(root, args.hidden, args.layers)
+        if args.only_tiers:
+            tiers_table(args, root, n_params, len(models))
+            return
         print(
             f"model set: base + {len(models)} fine-tunes of {n_params / 1e6:.1f}M parameters, "
             f"float32, {args.device}"
@@ -242,8 +262,133 @@ def main() -> None:
                 f"export (ties, {k} kernels) {export_s:.2f} s: ratio {export_s / copy_all:.2f} "
                 f"to the copy (goal <=2), {export_s / read_all_write_one:.2f} to read 4 + write 1"
             )
+        tiers_table(args, root, n_params, len(models))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- placement tiers ------------------------------------------------------------------------------
+
+TIER_RUNS = ("device", "host", "disk")
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def tier_child(args) -> dict:
+    """One placement's merger and live model in this fresh process: candidate times (warm; for
+    disk cold too), peak and anonymous RSS above what the process held before, and the plan."""
+    from search.config import StudyConfig
+    from search.memory import worker_plan
+
+    root = Path(args.root)
+    base, models = str(root / "base"), [str(root / f"ft{k}") for k in range(3)]
+    placement = args.tier_child
+    from transformers import LlamaForCausalLM  # noqa: F401 - its imports are not the merger's memory
+
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS counted from here
+    rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+    t0 = time.perf_counter()
+    merger = ResidentMerger(
+        base,
+        models,
+        device=args.device,
+        kernels=args.tier_kernels,
+        placement=placement,
+        cache_dir=root / "cache",
+    )
+    build_s = time.perf_counter() - t0
+    live = load_live_model(base, device=args.device)
+    r = recipe("task_arithmetic", base, models)
+    warm = timed(lambda: merger.apply(r, live), args.repeats, args.device)
+    cold = None
+    if placement == "disk":
+        times = []
+        for _ in range(args.repeats):
+            for f in merger._disk.files.values():
+                f.drop_page_cache()
+            t0 = time.perf_counter()
+            merger.apply(r, live)
+            times.append(time.perf_counter() - t0)
+        cold = statistics.median(times)
+    config = StudyConfig.model_validate(
+        {
+            "study": {"name": "bench"},
+            "models": {"base": base, "finetunes": models, "placement": placement},
+            "evaluator": {"tasks": ["gsm8k"]},
+            "objectives": {"items": [{"task": "gsm8k", "metric": "exact_match"}]},
+        }
+    )
+    plan = worker_plan(config.models, config.evaluator, ["task_arithmetic"], "cpu")
+    # what the process holds of its own: the device part and (on a CPU, the same memory) the host
+    # tier; the disk tier is page cache
+    planned = plan.fixed_bytes + plan.tiers.held["host"]
+    return {
+        "placement": placement,
+        "build_s": build_s,
+        "warm_s": warm,
+        "cold_s": cold,
+        "peak_rss": _status("VmHWM") - rss0,
+        "anon_rss": _status("RssAnon") - anon0,
+        "planned": planned,
+        "held": merger.tier_bytes(),
+    }
+
+
+def tiers_table(args, root: Path, n_params: int, n_models: int) -> None:
+    from search.memory import bandwidths
+
+    copy_bw = copy_bandwidth(8 * 2**20, args.device, args.repeats)
+    disk_bw = bandwidths(args.device, root / "bandwidth")["disk"]
+    model = n_params * 4
+    print(
+        f"placement tiers (task_arithmetic, {args.tier_kernels} kernels, {n_models} fine-tunes, "
+        f"each tier in a fresh process): copy {copy_bw / 1e9:.1f} GB/s, cold disk read "
+        f"{disk_bw / 1e9:.2f} GB/s"
+        + (
+            "; on a CPU device the host tier is the same memory as the device tier"
+            if args.device == "cpu"
+            else ""
+        )
+    )
+    print(
+        f"{'tier':<12}{'floor ms':>10}{'merge ms':>10}{'x floor':>9}{'goal':>7}"
+        f"{'memory MB':>11}{'plan MB':>9}{'x plan':>8}{'  measured as'}"
+    )
+    for placement in TIER_RUNS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--tier-child", placement, "--root", str(root)]
+            + ["--device", args.device, "--repeats", str(args.repeats)]
+            + ["--tier-kernels", args.tier_kernels],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        got = json.loads(child.stdout.strip().splitlines()[-1])
+        memory_floor = (2 + n_models) * model / copy_bw  # read base + task vectors, write live
+        runs = [(placement, got["warm_s"], memory_floor)]
+        if got["cold_s"] is not None:
+            runs[0] = ("disk warm", got["warm_s"], memory_floor)
+            cold_floor = (1 + n_models) * model / disk_bw + model / copy_bw
+            runs.append(("disk cold", got["cold_s"], cold_floor))
+        held = got["anon_rss"]
+        how = f"anon RSS (peak RSS {got['peak_rss'] / 1e6:.0f} MB)"
+        for i, (what, took, floor) in enumerate(runs):
+            mem = (
+                f"{held / 1e6:>11.0f}{got['planned'] / 1e6:>9.0f}{held / got['planned']:>8.2f}"
+                f"  {how}"
+                if i == 0
+                else ""
+            )
+            print(
+                f"{what:<12}{floor * 1000:>10.0f}{took * 1000:>10.0f}{took / floor:>9.2f}"
+                f"{'<=1.3':>7}{mem}"
+            )
 
 
 if __name__ == "__main__":

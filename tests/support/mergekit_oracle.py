@@ -111,6 +111,79 @@ def run_mergekit(
     return load_safetensors_folder(out_dir)
 
 
+# One process merging many configs with mergekit's own entry points, as its mergekit-yaml command
+# does for one (mergekit is run, in that process, never imported here): a run of the CLI spends
+# ~4 s importing, a tiny merge well under one.
+_BATCH = """
+import json, sys, traceback, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+options = MergeOptions(
+    cuda=False, lazy_unpickle=False, read_to_gpu=False, low_cpu_memory=False,
+    copy_tokenizer=False, write_model_card=False, safe_serialization=True, quiet=True,
+)
+options.apply_global_options()
+for job in json.load(open(sys.argv[1])):
+    try:
+        source = open(job["config"]).read()
+        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        run_merge(config, job["out"], options=options, config_source=source)
+    except Exception:
+        open(job["out"] + ".error", "w").write(traceback.format_exc())
+"""
+
+
+def run_mergekit_many(
+    configs: dict[str, dict[str, Any]], root: Path, *, processes: int = 2
+) -> dict[str, dict[str, torch.Tensor] | Exception]:
+    """mergekit's merge of each config into root/<id>, in `processes` processes that each import
+    mergekit once; per id the tensors, or a RuntimeError with mergekit's traceback."""
+    exe = mergekit_executable()
+    if exe is None:
+        raise RuntimeError("mergekit-yaml not found: install the test extra (make venv)")
+    python = Path(exe).with_name("python")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = sorted(configs)
+    groups = [ids[i::processes] for i in range(processes) if ids[i::processes]]
+    procs = []
+    for g, group in enumerate(groups):
+        jobs = []
+        for cid in group:
+            config_file = root / f"{cid}.mergekit.yml"
+            config_file.write_text(yaml.safe_dump(configs[cid], sort_keys=False))
+            jobs.append({"config": str(config_file), "out": str(root / cid)})
+        jobs_file = root / f"jobs{g}.json"
+        jobs_file.write_text(json.dumps(jobs))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        procs.append(
+            subprocess.Popen(
+                [str(python if python.exists() else sys.executable), "-c", _BATCH, str(jobs_file)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in procs:
+        _, err = proc.communicate(timeout=TIMEOUT_S * len(ids))
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"the mergekit batch failed (exit {proc.returncode}):\n{err[-4000:]}"
+            )
+    out: dict[str, dict[str, torch.Tensor] | Exception] = {}
+    for cid in ids:
+        error = root / f"{cid}.error"
+        if error.exists():
+            out[cid] = RuntimeError(f"mergekit failed on {cid}:\n{error.read_text()[-6000:]}")
+        else:
+            out[cid] = load_safetensors_folder(root / cid)
+    return out
+
+
 def run_basin(
     config: dict[str, Any],
     out_dir: Path,
