@@ -36,10 +36,14 @@ class Budget:
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         return len(self.study.get_trials(deepcopy=False, states=done))
 
-    def left(self) -> bool:
+    def ended(self) -> bool:
+        """The seconds or the items are spent (a candidate already proposed runs no more)."""
         if self.budget.timeout is not None and self.elapsed_s() >= self.budget.timeout:
-            return False
-        if self.budget.items is not None and self.items_spent() >= self.budget.items:
+            return True
+        return self.budget.items is not None and self.items_spent() >= self.budget.items
+
+    def left(self) -> bool:
+        if self.ended():
             return False
         if self.budget.n_trials is None:
             return True
@@ -70,6 +74,7 @@ def claim(
             return None
         trial = study.ask()
         # at once: a trial never heard from is never found silent
-        compat.record_heartbeat(study, trial)
-        trial.set_user_attr(attrs.RUNNER, runner)
+        with compat.batched_writes(study):
+            compat.record_heartbeat(study, trial)
+            trial.set_user_attr(attrs.RUNNER, runner)
         return trial

@@ -9,9 +9,11 @@ that the internal is there and fails with a message naming the version to instal
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -120,11 +122,87 @@ def quiet_optuna() -> Iterator[None]:
 
 
 def journal_storage(path: Path, lock: Any) -> Any:
-    """Optuna's JournalStorage over a file, with `lock` (acquire/release) held by its writers."""
+    """Optuna's JournalStorage over a file, with `lock` (acquire/release) held by its writers;
+    its writes can be gathered into one append (`batched_writes`)."""
     from optuna.storages import JournalStorage
+
+    return JournalStorage(_batching_backend()(str(path), lock_obj=lock))
+
+
+@functools.cache
+def _batching_backend() -> type:
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    class BatchingBackend(JournalFileBackend):
+        """Optuna's journal file, whose appends a thread can gather and write at once.
+
+        Optuna writes each operation as its own append, under the file lock and with an fsync:
+        a candidate's 58 params cost 58 of them (measured: 46 ms per trial against 20 without the
+        fsyncs, on a 2-core machine's disk). While a thread gathers (`batched_writes`), its
+        appends wait and are written as one, in their order. Until then the journal (and so every
+        reader, this process's other threads included) does not show them; the Trial that made
+        them holds them in its own cache. A run killed before the append leaves the trial without
+        those writes, as a kill between two of Optuna's own appends would.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._gathering = threading.local()
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            gathered = getattr(self._gathering, "logs", None)
+            if gathered is None:
+                super().append_logs(logs)
+            else:
+                gathered.extend(logs)
+
+        def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
+            # gathering, this thread reads the journal as it was when it began: each of Optuna's
+            # writes reads the file back, and what it would find is not needed for the proposal
+            # being made (the journal is read in full again when the block ends)
+            if self.gathering():
+                return iter(())
+            return super().read_logs(log_number_from)
+
+        def gathering(self) -> bool:
+            return getattr(self._gathering, "logs", None) is not None
+
+        def gather(self) -> None:
+            self._gathering.logs = []
+
+        def release(self) -> list[dict[str, Any]]:
+            logs, self._gathering.logs = self._gathering.logs, None
+            return logs
+
+    return BatchingBackend
+
+
+@contextlib.contextmanager
+def batched_writes(study: Any) -> Iterator[None]:
+    """The study's writes made by this thread inside the block reach its journal in one append
+    when the block ends (also when it ends in an error); with any other storage, as they are made.
+    Only writes whose results are not read back inside the block belong here (params suggested to
+    a trial, its user attrs): a read inside sees the journal as it was when the block began.
+
+    The append and the journal's replay of it happen together under the storage's own lock, as
+    Optuna does for each write, so what the replay refuses (a write to a trial another runner has
+    finished: UpdateFinishedTrialError) is raised here, in this thread. (The private
+    `Study._storage` and JournalStorage's `_backend`, `_thread_lock` and `_sync_with_backend`.)
+    """
+    storage = getattr(study, "_storage", None)
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(backend, _batching_backend()) or backend.gathering():
+        yield  # another storage, or inside a block already: the outer block writes
+        return
+    backend.gather()
+    try:
+        yield
+    finally:
+        logs = backend.release()
+        if logs:
+            with storage._thread_lock:
+                backend.append_logs(logs)
+                storage._sync_with_backend()
 
 
 def repair_torn_tail(path: Path, lock: Any) -> int:

@@ -1,16 +1,18 @@
 """The study loop: keep one candidate in flight per worker, tell Optuna each result as it arrives.
 
-    setup -> [claim -> suggest -> dispatch] ... wait for any -> tell -> record -> dispatch the next
+    setup -> [take a proposal -> dispatch] ... wait for any -> tell -> record -> dispatch the next
+             (proposals: claim -> suggest, made ahead on a thread of their own: search/proposals.py)
 
-There is no generation barrier: as soon as a worker finishes, its result is told and it gets
-the next candidate. With multi-fidelity (search/fidelity.py) a candidate's result at a rung is
-either the last (told), a stop (told PRUNED), or a promotion: the same worker, still holding the
-merged weights, scores the next rung's items.
+There is no generation barrier: as soon as a worker finishes, it gets the candidate proposed while
+it worked, and its result is told. With multi-fidelity (search/fidelity.py) a candidate's result at
+a rung is either the last (told), a stop (told PRUNED), or a promotion: the same worker, still
+holding the merged weights, scores the next rung's items.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -33,6 +35,7 @@ from search.config import StudyConfig
 from search.console import RAY_LOG, others_to
 from search.objectives import checked_values
 from search.pool import Pool, PoolFactory, WorkerStartError, ray_pool
+from search.proposals import Ahead, InOrder
 from search.recovery import Heartbeat, fail_and_requeue, queue_again
 from search.result import WorkerResult
 from search.setup import StudySetup, setup_study
@@ -40,6 +43,8 @@ from search.space import recipe_from_params, suggest
 from search.user_recipes import fixed_recipe
 
 POLL_S = 1.0
+# the time searched is stored, and the bar's summary of the study computed, at most this often
+SAVE_S = 1.0
 
 
 @dataclass
@@ -92,22 +97,38 @@ def _run(
     """Start the pool, run the loop, and leave nothing in flight, however it ends."""
     workers = pool(s.spec, s.config.workers, worker_cls)
     in_flight: dict[Any, Flight] = {}
-    ready: list[Flight] = []  # proposed, not yet on a worker
-    unstarted = None
+    proposals: list[Ahead[Flight] | InOrder[Flight]] = []  # the loop's, once it has started
+    budget = Budget(s.study, s.config.budget)
+    unstarted, ended = None, False
     try:
         with _sigterm_as_interrupt():  # after the pool: Ray sets a handler of its own
-            _loop(s, workers, in_flight, ready, progress, out)
+            _loop(s, workers, budget, in_flight, proposals, progress, out)
+        ended = True
     except WorkerStartError as exc:
         unstarted = exc
     finally:
         try:
-            # interrupted (Ctrl-C, an error): no candidate is lost
-            for flight in [*in_flight.values(), *ready]:
+            for made in proposals:
+                made.close()  # a proposal being made is finished, and queued again below
+            # interrupted (Ctrl-C, an error): no candidate is lost; at the end of the budget, a
+            # candidate proposed ahead that no worker took runs first when the study is resumed
+            for flight in in_flight.values():
                 fail_and_requeue(
                     s.study,
                     flight.trial,
                     "interrupted before the candidate finished; its params were queued again",
                 )
+            for flight in (f for made in proposals for f in made.pending()):
+                fail_and_requeue(
+                    s.study,
+                    flight.trial,
+                    "proposed ahead, and the budget ended before a worker took it; its params "
+                    "were queued again"
+                    if ended
+                    else "interrupted before a worker took the candidate; its params were queued "
+                    "again",
+                )
+            s.study.set_user_attr(attrs.ELAPSED_S, budget.elapsed_s())
         finally:
             workers.shutdown()
     if unstarted is not None:
@@ -156,15 +177,16 @@ def _discard(s: StudySetup) -> str:
 def _loop(
     s: StudySetup,
     pool: Pool,
+    budget: Budget,
     in_flight: dict[Any, Flight],
-    ready: list[Flight],
+    made: list[Ahead[Flight] | InOrder[Flight]],
     progress: bool,
     out: TextIO,
 ) -> None:
     study, cfg, rungs = s.study, s.config, s.rungs
-    budget = Budget(study, cfg.budget)
     bar, by_items = _progress(s, budget, progress, out)
     free, recent, finished = list(range(cfg.workers.count))[::-1], [], []
+    saved = shown = -math.inf  # when the time searched was last stored; the bar's postfix made
     arrived: list[tuple[Flight, WorkerResult]] = []
     in_order = cfg.sampler.reproducible
     runner = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -177,36 +199,41 @@ def _loop(
     def more() -> bool:
         return budget.left() and not _failing(recent, cfg.workers.count)
 
-    def propose() -> bool:
-        """One more proposal into `ready`; False when the budget allows none."""
+    def propose() -> Flight | None:
+        """The next candidate; None when the budget allows none."""
         while (trial := claim(study, s.folder, runner, more, cfg.study.storage)) is not None:
             if (flight := _propose(s, trial)) is not None:
-                ready.append(flight)
-                return True
+                return flight
             recent.append(False)  # a proposal that fails every time must end the study
-        return False
+        return None
 
-    # reproducible: a proposal is made at its place in the trial order (one per worker now, one
-    # after each trial is told), whatever the order in which results arrive
-    for _ in range(cfg.workers.count if in_order else 0):
-        propose()
+    # made while the workers work, one ahead per worker (search/proposals.py); reproducible: at
+    # its place in the trial order, whatever the order in which results arrive
+    proposals = InOrder(propose, cfg.workers.count) if in_order else Ahead(propose, len(free))
+    made.append(proposals)
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
-        while (worker := next((w for w in free if pool.available(w)), None)) is not None and (
-            ready or (not in_order and propose())
+        while (
+            (worker := next((w for w in free if pool.available(w)), None)) is not None
+            and not budget.ended()
+            and (flight := proposals.take()) is not None
         ):
-            flight = ready.pop(0)
             flight.worker, flight.started = worker, time.perf_counter()
             free.remove(worker)
             first = rungs.first if rungs else None
             in_flight[pool.submit(worker, flight.recipe, items=first, rung=bool(rungs))] = flight
         # bookkeeping once the workers are busy again, not between a result and the next dispatch
-        heartbeat.beat([f.trial for f in [*in_flight.values(), *ready]])
-        study.set_user_attr(attrs.ELAPSED_S, budget.elapsed_s())
-        if finished:
-            bar.set_postfix_str(_postfix(s), refresh=True)
-        if not in_flight and not ready and not more():  # (budget left, no worker up: wait)
-            break
+        heartbeat.beat([f.trial for f in [*in_flight.values(), *proposals.pending()]])
+        if time.perf_counter() - saved > SAVE_S:  # (an fsync: not at every result)
+            study.set_user_attr(attrs.ELAPSED_S, budget.elapsed_s())
+            saved = time.perf_counter()
+        if finished and not bar.disable and time.perf_counter() - shown > SAVE_S:
+            bar.set_postfix_str(_postfix(s), refresh=True)  # (a Pareto front costs O(n^2))
+            shown = time.perf_counter()
+        if not in_flight and (proposals.spent() or budget.ended()):
+            if not more():
+                break
+            proposals.told()  # (another runner's trial failed, freeing budget: ask again)
         finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
         arrived += [(in_flight.pop(ref), pool.result(ref)) for ref in finished]
         for flight, result in _taken(arrived, in_flight, in_order):
@@ -227,8 +254,7 @@ def _loop(
             recent.append(ok)
             if ok:
                 bar.update(fidelity.trial_items(flight.trial) if by_items else 1)
-            if in_order:
-                propose()
+            proposals.told()
         _stop_overdue(s, pool, in_flight)
     bar.close()
     if _failing(recent, cfg.workers.count):
@@ -300,7 +326,8 @@ def _propose(s: StudySetup, trial: optuna.trial.Trial) -> Flight | None:
         if (fixed := fixed_recipe(trial)) is not None:
             params, recipe = {}, fixed
         else:
-            params = suggest(trial, s.space)
+            with compat.batched_writes(s.study):  # the params in one append, not one each
+                params = suggest(trial, s.space)
             recipe = recipe_to_dict(recipe_from_params(params, s.space))
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -375,19 +402,23 @@ def finish(
     try:
         trial = flight.trial
         wall = time.perf_counter() - flight.started
-        trial.set_user_attr(attrs.WORKER, result.worker)
-        if result.node:
-            trial.set_user_attr(attrs.NODE, result.node)
         retry = error is not None and retry_lost(trial, result)
         if retry:
             error += "; its params were queued again, to run once more on a worker that lives"
         state = None
+        with compat.batched_writes(s.study):  # in one append, before the trial is told
+            trial.set_user_attr(attrs.WORKER, result.worker)
+            if result.node:
+                trial.set_user_attr(attrs.NODE, result.node)
+            if error is None:
+                if s.rungs is None:
+                    trial.set_user_attr(attrs.ITEMS, sum(s.sizes.values()))
+                trial.set_user_attr(attrs.METRICS, result.metrics)
+                trial.set_user_attr(attrs.MERGE_S, flight.merge_s + result.merge_s)
+                trial.set_user_attr(attrs.EVAL_S, flight.eval_s + result.eval_s)
+            else:
+                trial.set_user_attr(attrs.ERROR, error)
         if error is None:
-            if s.rungs is None:
-                trial.set_user_attr(attrs.ITEMS, sum(s.sizes.values()))
-            trial.set_user_attr(attrs.METRICS, result.metrics)
-            trial.set_user_attr(attrs.MERGE_S, flight.merge_s + result.merge_s)
-            trial.set_user_attr(attrs.EVAL_S, flight.eval_s + result.eval_s)
             # single objective: told with its last reported value; Pareto: without values
             if flight.pruned:
                 state = "PRUNED"
@@ -395,7 +426,6 @@ def finish(
             else:
                 told = s.study.tell(trial, values, skip_if_finished=True)
         else:
-            trial.set_user_attr(attrs.ERROR, error)
             told = s.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if told.state.name != (state or ("COMPLETE" if error is None else "FAIL")):
             return False  # another runner found it silent and failed it (its retry runs instead)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from merging.catalog import METHOD_TABLE, PARAMS, PER_MODEL, Family, method_spec
 from merging.recipe import LayerParam, MergeRecipe, ModelEntry, validate_recipe
 from search.config import SpaceSection, StudyConfig
 
-# Magnitude-ranked methods search density and gamma on this grid: the worker's precomputed tables
-# hold the TIES bounds of every density on it, and values over depth are stored rounded to it.
+# Where a magnitude-ranked method is searched, density and gamma are searched on this grid (for
+# every method of the space: search.space._step): the worker's precomputed tables hold the TIES
+# bounds of every density on it, and values over depth are stored rounded to it.
 RANK_GRID = 0.001
 
 
@@ -97,15 +99,8 @@ def build_space(
     )
 
 
-def _value(
-    trial: optuna.trial.BaseTrial,
-    name: str,
-    spec: float | tuple[float, float],
-    step: float | None = None,
-) -> float:
+def _value(trial: optuna.trial.BaseTrial, name: str, spec: float | tuple[float, float]) -> float:
     if isinstance(spec, tuple):
-        if step is not None and spec[1] - spec[0] >= step:
-            return trial.suggest_float(name, spec[0], spec[1], step=step)
         return trial.suggest_float(name, spec[0], spec[1])
     return float(spec)
 
@@ -114,10 +109,18 @@ def _setting(cfg: SpaceSection, name: str) -> float | tuple[float, float]:
     return cfg.lam if name == "lambda" else getattr(cfg, name)
 
 
-def _step(method: str, name: str) -> float | None:
-    return (
-        RANK_GRID if name in ("density", "gamma") and method_spec(method).magnitude_ranked else None
-    )
+def _step(methods: Sequence[str], name: str) -> float | None:
+    """The grid a param's values take in the recipe, the same for every method of the space.
+
+    The sampler itself searches the range without a step: Optuna's TPE scores a value of a stepped
+    range by a mass of its truncated normals, evaluated element by element in Python, and a
+    multivariate TPE sample of a range that is stepped for one method and not for another falls
+    off the grid and is sampled again alone. Measured (58 params, 120 trials of TPE with grid
+    densities): 0.55 s per proposal with a grid for ties only, 0.3 s with it for every method,
+    0.08 s without a step. So the recipe puts each value on the grid (`_layer_param`).
+    """
+    ranked = any(method_spec(m).magnitude_ranked for m in methods)
+    return RANK_GRID if name in ("density", "gamma") and ranked else None
 
 
 def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]:
@@ -132,7 +135,7 @@ def suggest(trial: optuna.trial.BaseTrial, space: SearchSpace) -> dict[str, Any]
     for model in space.model_names:
         for kind in (k for k in PER_MODEL if spec.uses(k)):
             for name in space.names(kind, model):
-                params[name] = _value(trial, name, _setting(cfg, kind), _step(spec.name, kind))
+                params[name] = _value(trial, name, _setting(cfg, kind))
     for name in ("lambda", "t"):
         if spec.uses(name):
             params[name] = _value(trial, name, _setting(cfg, name))
@@ -189,7 +192,12 @@ def recipe_from_params(params: dict[str, Any], space: SearchSpace) -> MergeRecip
                 weight=_layer_param(space, full, "weight", model, 0.0),
                 **{
                     kind: _layer_param(
-                        space, full, kind, model, PARAMS[kind].default, _step(method, kind)
+                        space,
+                        full,
+                        kind,
+                        model,
+                        PARAMS[kind].default,
+                        _step(space.config.methods, kind),
                     )
                     for kind in PER_MODEL[1:]
                 },

@@ -151,11 +151,10 @@ def _free(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     with warnings.catch_warnings():  # a value off the range or grid: found and said below
         warnings.simplefilter("ignore")
         suggest(trial, space)
-    method = params["method"]
     out = {}
     for name in trial.params:
         value = params[name]
-        if name != "method" and _step(method, name.split(".")[0]) is not None:
+        if name != "method" and _step(space.config.methods, name.split(".")[0]) is not None:
             value = round(round(value / RANK_GRID) * RANK_GRID, 9)
         out[name] = value
     return out
@@ -206,8 +205,8 @@ def _why(
         "group": f"one value per {cfg.group_size} layers (space.granularity: group)",
         "anchors": f"{len(space.slots)} anchors over depth (space.granularity: anchors)",
     }[cfg.granularity]
-    if _step(method, kind) is not None:
-        how += f", on the {RANK_GRID:g} grid {method} searches,"
+    if _step(cfg.methods, kind) is not None:
+        how += f", on the {RANK_GRID:g} grid the space searches,"
     split = "" if cfg.split_attn_mlp or part == "other" else "; attention and MLP differ"
     return f"{at}, which {how} cannot express{split}"
 

@@ -304,12 +304,11 @@ def test_split_attn_mlp_model_granularity_names(tmp_path):
     ]
     study, built = random_trials(space, 1)
     params, recipe = built[0]
-    # each the sampled value on its grid of 0.001, without the sampler's float noise
+    # each the sampled value put on the grid of 0.001 (the sampler searches the range unstepped)
     density = recipe.models[1].density
     for got, name in ((density.attn, "attn"), (density.mlp, "mlp"), (density.default, "")):
         (value,) = got
         assert value == round(params[f"density.ft_b.{name}".rstrip(".")], 3)
-        assert abs(value - params[f"density.ft_b.{name}".rstrip(".")]) < 1e-9
         assert len(repr(value).split(".")[1]) <= 3
 
 

@@ -102,7 +102,7 @@ def test_attention_and_mlp_values_need_a_space_that_splits_them():
         (recipe(method="dare_ties"), {}, "its method 'dare_ties' is not among space.methods"),
         (recipe(weights=(1.2, 0.5)), {}, "weight.a is 1.2, outside space.weight [0, 1]"),
         (recipe(), {"weight": 0.5}, "weight of a is 0.3 at layer 0; the space fixes weight at 0.5"),
-        (recipe(density=0.3333), {}, "on the 0.001 grid ties searches"),
+        (recipe(density=0.3333), {}, "on the 0.001 grid the space searches"),
         (recipe(normalize=False), {}, "it sets normalize: False, the space True"),
         (recipe(weights=(LayerParam(default=(0.1, 0.9)), 0.5)), {}, "one value per model"),
     ],

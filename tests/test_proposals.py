@@ -1,0 +1,233 @@
+"""Proposals made while the workers work (search/proposals.py), the journal writes a proposal
+gathers into one append (search/compat.batched_writes), and a study whose budget ends with a
+proposal made ahead (real tiny models, real lm-eval, real Optuna journal)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import attrs, compat, records
+from search.config import config_from_dict
+from search.folder import load_study_folder
+from search.loop import run_study
+from search.pool import InProcessPool, Ref
+from search.proposals import Ahead, InOrder
+
+WAIT_S = 120.0  # an upper bound for events that come in milliseconds, on a loaded machine
+
+
+class Gated:
+    """A propose function: each call takes one pass from `gate`, then returns the next number, or
+    None once `stop` numbers are made; `calls` counts the calls begun."""
+
+    def __init__(self, stop: int = 1000) -> None:
+        self.gate, self.calls, self.made, self.stop = threading.Semaphore(0), 0, 0, stop
+        self.changed = threading.Condition()
+
+    def __call__(self) -> int | None:
+        with self.changed:
+            self.calls += 1
+            self.changed.notify_all()
+        assert self.gate.acquire(timeout=WAIT_S)
+        with self.changed:
+            self.changed.notify_all()
+            if self.made >= self.stop:
+                return None
+            self.made += 1
+            return self.made - 1
+
+    def wait_for(self, calls: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.calls >= calls, timeout=WAIT_S)
+
+
+def test_proposals_ahead_wait_while_the_depth_is_full():
+    propose = Gated()
+    ahead = Ahead(propose, depth=2)
+    propose.gate.release(3)
+    propose.wait_for(2)
+    # two are made and wait; the thread begins no third until one is taken
+    with propose.changed:
+        propose.changed.wait_for(lambda: propose.made == 2, timeout=WAIT_S)
+    assert ahead.pending() == [0, 1]
+    assert ahead.take() == 0  # the first made, the first taken
+    propose.wait_for(3)  # a place freed: the third is begun at once
+    assert ahead.take() == 1
+    assert ahead.take() == 2  # waits for it: made while the loop waited
+    propose.gate.release(10)  # (the thread goes on to fill the depth: let it, then close)
+    ahead.close()
+
+
+def test_take_says_none_when_the_budget_allows_no_proposal_until_a_trial_is_told():
+    propose = Gated(stop=1)
+    ahead = Ahead(propose, depth=3)
+    propose.gate.release(2)
+    assert ahead.take() == 0
+    assert ahead.take() is None  # the second call found no budget: none to come for now
+    assert ahead.spent()
+    propose.stop = 2  # a told trial frees budget
+    propose.gate.release(10)
+    ahead.told()
+    assert ahead.take() == 1
+    ahead.close()
+
+
+def test_an_error_while_proposing_is_raised_on_the_loop_s_thread():
+    def propose() -> int:
+        raise RuntimeError("the storage is gone")
+
+    ahead = Ahead(propose, depth=1)
+    with pytest.raises(RuntimeError, match="the storage is gone"):
+        ahead.take()
+    ahead.close()
+
+
+def test_close_finishes_the_proposal_being_made_and_keeps_it():
+    propose = Gated()
+    ahead = Ahead(propose, depth=1)
+    propose.wait_for(1)  # being made, held at the gate
+    closer = threading.Thread(target=ahead.close)
+    closer.start()
+    propose.gate.release(1)
+    closer.join(timeout=WAIT_S)
+    assert not closer.is_alive()
+    assert ahead.pending() == [0]  # the loop queues it again
+
+
+def test_in_order_proposals_are_made_on_the_caller_s_thread_one_per_told_trial():
+    made = []
+
+    def propose() -> int:
+        made.append(threading.current_thread())
+        return len(made) - 1
+
+    in_order = InOrder(propose, first=2)
+    assert [in_order.take(), in_order.take(), in_order.take()] == [0, 1, None]
+    in_order.told()
+    assert in_order.take() == 2
+    assert set(made) == {threading.current_thread()}
+
+
+# --- the journal writes of a proposal, in one append ---------------------------------------------
+
+
+def _journal_study(folder: Path) -> optuna.Study:
+    storage = records.open_storage(folder, None)
+    return optuna.create_study(
+        study_name="s", storage=storage, sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+
+
+def _lines(folder: Path) -> int:
+    return len((folder / records.JOURNAL_FILE).read_bytes().splitlines())
+
+
+def test_a_trial_s_params_reach_the_journal_in_one_append_at_the_end_of_the_block(tmp_path):
+    study = _journal_study(tmp_path)
+    trial = study.ask()
+    before = _lines(tmp_path)
+    other = records.open_storage(tmp_path, None)  # another runner's view of the journal
+    with compat.batched_writes(study):
+        values = [trial.suggest_float(f"p{i}", 0.0, 1.0) for i in range(20)]
+        trial.set_user_attr("runner", {"pid": 1})
+        assert _lines(tmp_path) == before  # nothing written yet
+        assert trial.params == {f"p{i}": v for i, v in enumerate(values)}  # the trial holds them
+        assert other.get_all_trials(0)[0].params == {}
+    assert _lines(tmp_path) == before + 21  # one line per write, in one append
+    seen = other.get_all_trials(0)[0]
+    assert seen.params == trial.params and seen.user_attrs == {"runner": {"pid": 1}}
+    study.tell(trial, 1.0)  # the study goes on as without the block
+    assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_a_write_to_a_trial_another_runner_finished_fails_at_the_end_of_the_block(tmp_path):
+    study = _journal_study(tmp_path)
+    trial = study.ask()
+    # another runner found it silent and failed it
+    other = optuna.load_study(study_name="s", storage=records.open_storage(tmp_path, None))
+    other.tell(trial.number, state=TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), compat.batched_writes(study):
+        trial.set_user_attr("worker", "w")
+    # raised in this thread, at the block's end; the storage reads on, and the journal holds the
+    # trial as the other runner left it
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    (kept,) = records.open_storage(tmp_path, None).get_all_trials(0)
+    assert kept.state == TrialState.FAIL and "worker" not in kept.user_attrs
+
+
+def test_batched_writes_reach_any_other_storage_as_they_are_made():
+    study = optuna.create_study()  # in memory
+    trial = study.ask()
+    with compat.batched_writes(study):
+        trial.suggest_float("x", 0.0, 1.0)
+        assert "x" in study.trials[0].params
+
+
+# --- a budget that ends with a proposal made ahead ------------------------------------------------
+
+
+class AheadPool(InProcessPool):
+    """The study's one worker in this process; a result is handed back only once the loop has
+    proposed the next candidate ahead (a RUNNING trial no worker holds), so that every run ends
+    with one proposal that no worker took."""
+
+    folder: Path
+
+    def wait(self, refs: list[Ref], timeout: float | None) -> list[Ref]:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            _, study = load_study_folder(self.folder)
+            if len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) > len(refs):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("no proposal was made ahead")
+        return super().wait(refs, timeout)
+
+
+def _config(zoo, folder: Path, items: int):
+    from tests.support.fault_zoo import study_config
+
+    return config_from_dict(
+        study_config(
+            zoo,
+            folder,
+            name=folder.name,
+            sampler={"name": "random", "seed": 3},
+            budget={"items": items},
+            baselines=False,
+        )
+    )
+
+
+@pytest.mark.slow
+def test_a_proposal_the_budget_left_untaken_is_queued_and_runs_first_on_resume(fault_zoo, tmp_path):
+    folder = tmp_path / "ahead"
+
+    def pool(spec, workers, worker_cls=None):
+        made = AheadPool(spec, workers.count, worker_cls)
+        made.folder = folder
+        return made
+
+    run_study(_config(fault_zoo, folder, items=1), progress=False, pool=pool)
+    _, study = load_study_folder(folder)
+    first, ahead, queued = study.trials
+    assert first.state == TrialState.COMPLETE
+    assert ahead.state == TrialState.FAIL  # proposed while the first ran; the budget ended
+    assert "the budget ended before a worker took it" in ahead.user_attrs[attrs.ERROR]
+    assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == ahead.number
+    per_trial = first.user_attrs[attrs.ITEMS]
+
+    # resumed with room for one more trial: the queued one runs, with the params proposed ahead
+    more = _config(fault_zoo, folder, items=per_trial + 1)
+    run_study(more, resume=True, progress=False, pool=pool)
+    _, study = load_study_folder(folder)
+    ran = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert [t.number for t in ran] == [first.number, queued.number]
+    assert ran[1].params == ahead.params and ran[1].params
