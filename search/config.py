@@ -215,6 +215,9 @@ class FidelitySection(_Strict):
     keep: float = Field(default=0.2, gt=0, le=1)
     # Pareto: dominated by more than this many standard errors
     margin: float = Field(default=1.0, ge=0)
+    # a candidate is compared at a rung with the `window` searched candidates nearest to it in
+    # trial number that reached the rung (of comparable age); null: with every one
+    window: int | None = Field(default=None, ge=1)
     seed: int = 0  # the items' order, hence which items each rung holds
 
     @field_validator("rungs")

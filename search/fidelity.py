@@ -34,29 +34,46 @@ from search.result import RungScores
 PEERS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
+def of_comparable_age(
+    peers: Sequence[FrozenTrial], number: int, window: int | None
+) -> list[FrozenTrial]:
+    """The `window` peers nearest in trial number to trial `number` (all of them: None); the
+    earlier of two equally near comes first. Later candidates come from a sampler that has
+    learned more: compared with every earlier score, a candidate ranks high against the first,
+    random ones, and far more than the `keep` share go on."""
+    if window is None:
+        return list(peers)
+    return sorted(peers, key=lambda t: (abs(t.number - number), t.number))[:window]
+
+
 class KeepBestPruner(optuna.pruners.BasePruner):
     """Prune unless the trial's value at its last rung is among the best `keep` share reported
-    there.
+    there by its peers: the `window` trials nearest in trial number that reached the rung (all
+    of them: None).
 
-    With n trials at a rung (the trial included), the best max(1, ceil(keep * n)) go on, so the
+    With n peers at a rung (the trial included), the best max(1, ceil(keep * n)) go on, so the
     first trial at a rung always does; among equal values the earlier trial ranks first.
     Baselines are never pruned.
     """
 
-    def __init__(self, keep: float) -> None:
+    def __init__(self, keep: float, window: int | None = None) -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1]; got {keep}")
-        self.keep = keep
+        self.keep, self.window = keep, window
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
         if step is None or trial.user_attrs.get(attrs.BASELINE):
             return False
         value = trial.intermediate_values[step]
-        peers = [
-            (t.number, t.intermediate_values[step])
+        others = [
+            t
             for t in study.get_trials(deepcopy=False, states=PEERS)
-            if step in t.intermediate_values
+            if step in t.intermediate_values and t.number != trial.number
+        ]
+        peers = [(trial.number, value)] + [
+            (t.number, t.intermediate_values[step])
+            for t in of_comparable_age(others, trial.number, self.window)
         ]
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         # ahead: better, or as good and there first (scores on a few items tie often; a tie
@@ -66,7 +83,7 @@ class KeepBestPruner(optuna.pruners.BasePruner):
 
 
 def make_pruner(fidelity: FidelitySection | None) -> optuna.pruners.BasePruner | None:
-    return KeepBestPruner(fidelity.keep) if fidelity is not None else None
+    return KeepBestPruner(fidelity.keep, fidelity.window) if fidelity is not None else None
 
 
 def rung_items(fidelity: FidelitySection, sizes: dict[str, int]) -> list[int | None]:
@@ -109,21 +126,23 @@ def pareto_go_on(
     objectives: ObjectivesSection,
     directions: Sequence[str],
     margin: float,
+    window: int | None = None,
 ) -> bool:
-    """The Pareto rule: go on unless a trial that reached this rung dominates the candidate by more
-    than the noise."""
+    """The Pareto rule: go on unless a peer (one of the `window` trials nearest in trial number
+    that reached this rung; all of them: None) dominates the candidate by more than the noise."""
     if trial.user_attrs.get(attrs.BASELINE):
         return True
     keys = [o.key for o in objectives.items]
     signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    for other in study.get_trials(deepcopy=False, states=PEERS):
-        theirs = other.user_attrs.get(attrs.ITEM_SCORES)
-        if (
-            other.number == trial.number
-            or not theirs
-            or other.user_attrs.get(attrs.RUNG_STOP, 0) < stop
-        ):
-            continue
+    others = [
+        t
+        for t in study.get_trials(deepcopy=False, states=PEERS)
+        if t.number != trial.number
+        and t.user_attrs.get(attrs.ITEM_SCORES)
+        and t.user_attrs.get(attrs.RUNG_STOP, 0) >= stop
+    ]
+    for other in of_comparable_age(others, trial.number, window):
+        theirs = other.user_attrs[attrs.ITEM_SCORES]
         if all(k in theirs for k in keys) and dominated(scores, theirs, keys, signs, stop, margin):
             return False
     return True
@@ -155,6 +174,7 @@ class Rungs:
     objectives: ObjectivesSection
     directions: tuple[str, ...]  # each objective's
     margin: float  # the Pareto rule's, in standard errors
+    window: int | None = None  # peers of comparable age a candidate is compared with (None: all)
 
     @classmethod
     def plan(
@@ -168,6 +188,7 @@ class Rungs:
             config.objectives,
             tuple(directions),
             config.fidelity.margin,
+            config.fidelity.window,
         )
 
     @property
@@ -201,6 +222,7 @@ class Rungs:
             self.objectives,
             self.directions,
             self.margin,
+            self.window,
         )
 
 

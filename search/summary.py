@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -77,6 +78,32 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
     )
 
 
+def rungs_line(
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial], rungs: Sequence[int]
+) -> str | None:
+    """Multi-fidelity: per rung, the candidates scored there and those stopped there."""
+    sizes = study.user_attrs.get(attrs.SEARCH_ITEMS)
+    if not sizes:
+        return None
+    items = [n for n in rungs if n < max(sizes.values())] + [None]
+    scored = [
+        t for t in trials if attrs.RUNG in t.user_attrs and not t.user_attrs.get(attrs.BASELINE)
+    ]
+    if not scored:
+        return None
+    parts = []
+    for i, n in enumerate(items):
+        reached = sum(t.user_attrs[attrs.RUNG] >= i for t in scored)
+        stopped = sum(
+            t.user_attrs[attrs.RUNG] == i and t.state == TrialState.PRUNED for t in scored
+        )
+        name = f"{n} items/task" if n is not None else "all items"
+        parts.append(
+            f"{name}: {reached} scored" + (f", {stopped} stopped" if n is not None else "")
+        )
+    return "rungs (searched candidates): " + "; ".join(parts)
+
+
 def print_status(folder: Path) -> None:
     from search.folder import load_study_folder
 
@@ -103,6 +130,11 @@ def print_status(folder: Path) -> None:
         f"running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}"
     )
     if (line := items_line(study, trials)) is not None:
+        print(f"  {line}")
+    if (
+        config.fidelity is not None
+        and (line := rungs_line(study, trials, config.fidelity.rungs)) is not None
+    ):
         print(f"  {line}")
     if config.budget.items is not None:
         spent = fidelity.spent(trials)[0]

@@ -230,6 +230,23 @@ def test_the_keep_best_pruner_promotes_the_best_share_at_each_rung():
     assert trial.should_prune() is False
 
 
+def test_with_a_window_a_candidate_is_compared_with_candidates_of_comparable_age():
+    # ten early, poor candidates at the rung, then four recent, better ones
+    def decide(pruner: KeepBestPruner) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for value in [0.1] * 10 + [0.6, 0.7, 0.8, 0.9]:
+            _with_rung(study, value)
+        trial = study.ask()
+        trial.report(0.5, 12)
+        return trial.should_prune()
+
+    # against all 15, 0.5 is 5th and the best ceil(0.5 * 15) = 8 go on; against the four nearest
+    # in trial number it is last of 5, and the best 3 go on
+    assert decide(KeepBestPruner(0.5)) is False
+    assert decide(KeepBestPruner(0.5, window=4)) is True
+    assert decide(KeepBestPruner(0.5, window=14)) is False  # a window holding them all: as before
+
+
 def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
     mine = {"a": [[0, 1, 0, 1, 0, 1, 0, 0]], "b": [[0, 0, 1, 0, 0, 0, 1, 0]]}
     clearly = {
@@ -255,26 +272,30 @@ def test_dominated_means_better_on_every_objective_by_more_than_the_noise():
 def test_the_pareto_rule_stops_a_candidate_dominated_at_its_rung(zoo, tmp_path):
     config = config_from_dict(_study(zoo, tmp_path / "p", mode="pareto", tasks=list(zoo.tasks[:2])))
     keys = [o.key for o in config.objectives.items]
-    study = optuna.create_study(directions=["maximize", "maximize"])
+    directions = ["maximize", "maximize"]
+    study = optuna.create_study(directions=directions)
     strong = {keys[0]: [[1.0] * 12], keys[1]: [[1.0] * 12]}
     weak = {keys[0]: [[0.0, 1.0] * 6], keys[1]: [[1.0, 0.0] * 6]}
-    study.add_trial(
-        create_trial(
-            state=TrialState.COMPLETE,
-            values=[1.0, 1.0],
-            params={"x": 0.5},
-            distributions={"x": FloatDistribution(0, 1)},
-            user_attrs={ITEM_SCORES: strong, "rung_stop": 12},
+    # trial 0 dominates the candidate; trials 1 and 2, nearer to it in number, score as it does
+    for scores in (strong, weak, weak):
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE,
+                values=[1.0, 1.0],
+                params={"x": 0.5},
+                distributions={"x": FloatDistribution(0, 1)},
+                user_attrs={ITEM_SCORES: scores, "rung_stop": 12},
+            )
         )
-    )
     trial = study.ask()
-    assert not pareto_go_on(
-        study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0
-    )
+    assert not pareto_go_on(study, trial, weak, 12, config.objectives, directions, 1.0)
+    # compared with its two nearest peers only (fidelity.window), it goes on
+    assert pareto_go_on(study, trial, weak, 12, config.objectives, directions, 1.0, window=2)
+    assert not pareto_go_on(study, trial, weak, 12, config.objectives, directions, 1.0, window=3)
     # no peer got there
-    assert pareto_go_on(study, trial, weak, 36, config.objectives, ["maximize", "maximize"], 1.0)
+    assert pareto_go_on(study, trial, weak, 36, config.objectives, directions, 1.0)
     trial.set_user_attr("baseline", "uniform")
-    assert pareto_go_on(study, trial, weak, 12, config.objectives, ["maximize", "maximize"], 1.0)
+    assert pareto_go_on(study, trial, weak, 12, config.objectives, directions, 1.0)
 
 
 # --- studies --------------------------------------------------------------------------------------
@@ -316,6 +337,15 @@ def test_a_single_objective_study_prunes_most_candidates_on_the_first_rungs(zoo,
         and f"items scored {spent:,}" in out
         and f"scored {16 * full:,}" in out
     )
+    # what was stopped where: the searched candidates per rung (baselines always go on)
+    searched = [t for t in trials if not t.user_attrs.get("baseline")]
+    line = next(x for x in out.splitlines() if "rungs (searched candidates)" in x)
+    for i, n in enumerate(RUNGS[:2]):
+        at = sum(t.user_attrs["rung"] >= i for t in searched)
+        stopped = sum(t.user_attrs["rung"] == i and t.state == TrialState.PRUNED for t in searched)
+        assert f"{n} items/task: {at} scored, {stopped} stopped" in line
+    assert line.endswith(f"all items: {sum(t.user_attrs['rung'] == 2 for t in searched)} scored")
+    assert sum(t.state == TrialState.PRUNED for t in searched) == len(pruned)
     assert main(["report", str(folder), "--quiet", "--no-heldout"]) == 0
     assert (folder / "figures" / "items.png").is_file()
     assert "stopped early (PRUNED)" in (folder / "report.html").read_text()

@@ -165,33 +165,26 @@ def bench(sampler: str, args: argparse.Namespace, zoo: Any, scratch: Path) -> No
 
     from search.config import config_from_dict
     from search.loop import run_study
+    from tests.benchmarks.bench_search import zoo_config
 
     tasks = list(zoo.tasks)
-    data = {
-        "study": {"name": f"driver-{sampler}", "output_dir": str(scratch / sampler)},
-        "models": {"base": str(zoo.base), "finetunes": [str(p) for p in zoo.finetunes.values()]},
-        "space": {
-            "methods": ["ties", "dare_ties", "task_arithmetic"],
-            "granularity": "anchors",
-            "split_attn_mlp": True,
-            "weight": [0.0, 1.0],
-            "density": [0.2, 1.0],
-            "lambda": [0.3, 1.5],
-        },
-        "evaluator": {
-            "tasks": tasks,
-            "include_path": str(zoo.tasks_dir),
-            "builtin_tasks": False,
-        },
-        "objectives": {
-            "mode": args.mode,
-            "items": [{"task": t, "metric": "acc"} for t in tasks],
-        },
-        "sampler": {"name": sampler, "seed": 0},
-        "budget": {"n_trials": args.trials},
-        "workers": {"count": args.workers},
-        "baselines": False,
-    }
+    data = zoo_config(
+        zoo,
+        scratch / sampler,
+        f"driver-{sampler}",
+        n_trials=args.trials,
+        sampler={"name": sampler, "seed": 0},
+        limit=None,
+        workers=args.workers,
+    )
+    # the demo's methods, at anchors with the attention/MLP split: 58 params
+    data["space"].update(
+        methods=["ties", "dare_ties", "task_arithmetic"],
+        granularity="anchors",
+        split_attn_mlp=True,
+        density=[0.2, 1.0],
+    )
+    data["objectives"] = {"mode": args.mode, "items": [{"task": t} for t in tasks]}
     pool = ClockPool(args.workers, args.eval_s, tasks)
     with timed_proposals() as ask_by_trial:
         start = time.perf_counter()

@@ -10,7 +10,7 @@ It prints, per seed, the best full-search-set score found against items spent, a
 and the wall-clock ratio (merges and per-call set-up are paid per candidate, not per item).
 
     .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] \
-        [--rungs 24 72] [--keep 0.2]
+        [--rungs 24 72] [--keep 0.2] [--window 20]
 
 Zoos other than the cached seed 0 are built on first use (a few minutes each). A script, not a
 test (pytest does not collect it).
@@ -121,6 +121,12 @@ def main() -> None:
     parser.add_argument("--rungs", type=int, nargs="+", default=[24, 72])
     parser.add_argument("--keep", type=float, default=0.2)
     parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="fidelity.window: peers of comparable age a candidate is compared with (default all)",
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         default=Path(os.environ.get("BASIN_TEST_CACHE") or Path.home() / ".cache" / "basin-tests"),
@@ -133,10 +139,10 @@ def main() -> None:
     from evaluators.zoo import build_zoo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    fidelity = {"rungs": args.rungs, "keep": args.keep}
+    fidelity = {"rungs": args.rungs, "keep": args.keep, "window": args.window}
     print(
         f"budget: {args.trials} full-fidelity candidates' items; "
-        f"multi-fidelity rungs {args.rungs}, keep {args.keep}"
+        f"multi-fidelity rungs {args.rungs}, keep {args.keep}, window {args.window or 'all'}"
     )
     ok = True
     for seed in args.seeds:
