@@ -207,9 +207,11 @@ def _loop(
             recent.append(False)  # a proposal that fails every time must end the study
         return None
 
-    # made while the workers work, one ahead per worker (search/proposals.py); reproducible: at
-    # its place in the trial order, whatever the order in which results arrive
-    proposals = InOrder(propose, cfg.workers.count) if in_order else Ahead(propose, len(free))
+    # made while the workers work, one ahead per worker (search/proposals.py); reproducible, or
+    # one worker: at its place in the trial order (each proposal made knowing every result before
+    # it, as a sequential study: a seed repeats it, and a slow evaluation makes the ask negligible)
+    sequential = in_order or cfg.workers.count == 1
+    proposals = InOrder(propose, cfg.workers.count) if sequential else Ahead(propose, len(free))
     made.append(proposals)
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate

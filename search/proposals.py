@@ -7,9 +7,11 @@ own, up to one per worker: when a worker frees up, its next candidate is ready, 
 asked again while the workers run. The proposed trials are RUNNING trials of the study, so a sampler
 that accounts for running trials (TPE's constant liar) does not propose them twice.
 
-With `sampler.reproducible` the proposals are made in trial order instead, on the loop's thread:
-one per worker at the start and one after each trial is told, so the sampler sees the same history
-at every ask whatever order the results arrive in (search/loop.py tells them in trial order).
+With `sampler.reproducible`, or one worker, the proposals are made in trial order instead, on the
+loop's thread: one per worker at the start and one after each trial is told, so the sampler sees
+the same history at every ask whatever order the results arrive in (search/loop.py tells them in
+trial order). One worker's study stays a sequential one: each proposal knows every result before
+it, and a seed repeats the study.
 
 Either kind hands out proposals with `take`, is told with `told` that a trial was told, and lists
 with `pending` the proposals no worker has taken (the loop keeps them alive and requeues them when

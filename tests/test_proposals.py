@@ -173,9 +173,9 @@ def test_batched_writes_reach_any_other_storage_as_they_are_made():
 
 
 class AheadPool(InProcessPool):
-    """The study's one worker in this process; a result is handed back only once the loop has
-    proposed the next candidate ahead (a RUNNING trial no worker holds), so that every run ends
-    with one proposal that no worker took."""
+    """The study's two workers in this process; a result is handed back only once the loop has
+    proposed a candidate ahead for each worker (RUNNING trials no worker holds), so that every run
+    ends with two proposals that no worker took."""
 
     folder: Path
 
@@ -183,7 +183,8 @@ class AheadPool(InProcessPool):
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             _, study = load_study_folder(self.folder)
-            if len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) > len(refs):
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if len(running) >= len(refs) + self.count:
                 break
             time.sleep(0.01)
         else:
@@ -201,13 +202,14 @@ def _config(zoo, folder: Path, items: int):
             name=folder.name,
             sampler={"name": "random", "seed": 3},
             budget={"items": items},
+            workers={"count": 2},
             baselines=False,
         )
     )
 
 
 @pytest.mark.slow
-def test_a_proposal_the_budget_left_untaken_is_queued_and_runs_first_on_resume(fault_zoo, tmp_path):
+def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(fault_zoo, tmp_path):
     folder = tmp_path / "ahead"
 
     def pool(spec, workers, worker_cls=None):
@@ -217,17 +219,19 @@ def test_a_proposal_the_budget_left_untaken_is_queued_and_runs_first_on_resume(f
 
     run_study(_config(fault_zoo, folder, items=1), progress=False, pool=pool)
     _, study = load_study_folder(folder)
-    first, ahead, queued = study.trials
-    assert first.state == TrialState.COMPLETE
-    assert ahead.state == TrialState.FAIL  # proposed while the first ran; the budget ended
-    assert "the budget ended before a worker took it" in ahead.user_attrs[attrs.ERROR]
-    assert queued.state == TrialState.WAITING and queued.user_attrs["retry_of"] == ahead.number
-    per_trial = first.user_attrs[attrs.ITEMS]
+    states = [t.state for t in study.trials]
+    # two ran (one per worker), two were proposed ahead while they ran, and the budget ended
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    ahead, queued = study.trials[2:4], study.trials[4:]
+    for t in ahead:
+        assert "the budget ended before a worker took it" in t.user_attrs[attrs.ERROR]
+    assert [t.user_attrs["retry_of"] for t in queued] == [t.number for t in ahead]
+    per_trial = study.trials[0].user_attrs[attrs.ITEMS]
 
-    # resumed with room for one more trial: the queued one runs, with the params proposed ahead
-    more = _config(fault_zoo, folder, items=per_trial + 1)
+    # resumed with room for more: the queued ones run first, with the params proposed ahead
+    more = _config(fault_zoo, folder, items=2 * per_trial + 1)
     run_study(more, resume=True, progress=False, pool=pool)
     _, study = load_study_folder(folder)
     ran = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert [t.number for t in ran] == [first.number, queued.number]
-    assert ran[1].params == ahead.params and ran[1].params
+    assert [t.number for t in ran] == [0, 1, *(t.number for t in queued)]
+    assert [t.params for t in ran[2:]] == [t.params for t in ahead] and ran[2].params
