@@ -5,6 +5,10 @@ resumed run, another runner, `basin attach` and the report read it back. Renamin
 study stored before, so a name here changes only with a way to read the old one.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 # --- on a trial ---------------------------------------------------------------------------------
 # the baseline's name (alone:<model>, uniform, ...); absent on searched trials
 BASELINE = "baseline"
@@ -40,3 +44,11 @@ RUNS = "runs_started"  # runs that opened the study: each one's sampler seed dif
 CONFIG = "config"  # the study's config: `basin attach` rebuilds a study folder from it
 BASELINES_ENQUEUED = "baselines_enqueued"  # set once every baseline is queued
 ELAPSED_S = "elapsed_s"  # search time over every run of the study
+# a candidate proposed ahead that no worker took (the budget ended, or the run was stopped): failed
+# and queued again, never run; summaries do not count it as failed
+NOT_RUN = "not_run"
+
+
+def failed(trial: Any) -> bool:
+    """A FAIL trial that ran: not one proposed ahead and never run (NOT_RUN)."""
+    return trial.state.name == "FAIL" and not trial.user_attrs.get(NOT_RUN)

@@ -119,6 +119,7 @@ def _run(
                     "interrupted before the candidate finished; its params were queued again",
                 )
             for flight in (f for made in proposals for f in made.pending()):
+                flight.trial.set_user_attr(attrs.NOT_RUN, True)
                 fail_and_requeue(
                     s.study,
                     flight.trial,
@@ -455,7 +456,7 @@ def retry_lost(trial: optuna.trial.Trial, result: WorkerResult) -> bool:
 
 def _postfix(s: StudySetup) -> str:
     trials = s.study.get_trials(deepcopy=False)
-    failed = f"failed={sum(t.state == TrialState.FAIL for t in trials)}"
+    failed = f"failed={sum(attrs.failed(t) for t in trials)}"
     if s.rungs is not None:
         items, pruned = fidelity.spent(trials)
         failed += f" pruned={pruned} items={items}"

@@ -608,7 +608,7 @@ def write_report(
             "before the search began (carve.json); the search never scored them."
         )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    n_failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    n_failed = sum(attrs.failed(t) for t in study.get_trials(deepcopy=False))
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     if config.fidelity is not None:
         spent = items_line(study, study.get_trials(deepcopy=False))

@@ -41,12 +41,13 @@ def _describe(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
 def print_summary(folder: Path, study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    failed = [t for t in trials if t.state == TrialState.FAIL]
+    failed = [t for t in trials if attrs.failed(t)]
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     searched = _duration(float(study.user_attrs.get("elapsed_s", 0.0)))
     print(
         f"\nstudy '{study.study_name}' in {folder}: {len(complete)} complete, "
         f"{f'{pruned} pruned, ' if pruned else ''}{len(failed)} failed, {searched} searched"
+        f"{_not_run(trials)}"
     )
     if pruned and (line := items_line(study, trials)) is not None:
         print(line)
@@ -62,6 +63,13 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
         print(f"Pareto front ({len(study.best_trials)} trials):")
         for t in sorted(study.best_trials, key=lambda t: t.number):
             print(f"  {_describe(study, t)}")
+
+
+def _not_run(trials: list[optuna.trial.FrozenTrial]) -> str:
+    n = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(attrs.NOT_RUN)) for t in trials)
+    if not n:
+        return ""
+    return f"; {n} proposed ahead but not run (queued again: `basin resume` runs them first)"
 
 
 def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str | None:
@@ -125,9 +133,11 @@ def print_status(folder: Path) -> None:
     pruned = f" (pruned {counts[TrialState.PRUNED]})" if config.fidelity is not None else ""
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
     of_budget = f" of {budget}" if budget else ""
+    failed = sum(attrs.failed(t) for t in trials)
     print(
-        f"  done {done}{of_budget}{pruned}, failed {counts[TrialState.FAIL]}, "
+        f"  done {done}{of_budget}{pruned}, failed {failed}, "
         f"running {counts[TrialState.RUNNING]}, queued {counts[TrialState.WAITING]}"
+        f"{_not_run(trials)}"
     )
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")
@@ -147,6 +157,6 @@ def print_status(folder: Path) -> None:
             print(f"  best {_describe(study, study.best_trial)}")
         else:
             print(f"  Pareto front: {len(study.best_trials)} trials")
-    last_errors = [t for t in trials if t.state == TrialState.FAIL][-3:]
+    last_errors = [t for t in trials if attrs.failed(t)][-3:]
     for t in last_errors:
         print(f"  failed trial {t.number}: {t.user_attrs.get('error', 'no reason recorded')}")

@@ -18,6 +18,7 @@ from search.folder import load_study_folder
 from search.loop import run_study
 from search.pool import InProcessPool, Ref
 from search.proposals import Ahead, InOrder
+from search.summary import print_status
 
 WAIT_S = 120.0  # an upper bound for events that come in milliseconds, on a loaded machine
 
@@ -209,7 +210,9 @@ def _config(zoo, folder: Path, items: int):
 
 
 @pytest.mark.slow
-def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(fault_zoo, tmp_path):
+def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(
+    fault_zoo, tmp_path, capsys
+):
     folder = tmp_path / "ahead"
 
     def pool(spec, workers, worker_cls=None):
@@ -227,6 +230,9 @@ def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(fa
         assert "the budget ended before a worker took it" in t.user_attrs[attrs.ERROR]
     assert [t.user_attrs["retry_of"] for t in queued] == [t.number for t in ahead]
     per_trial = study.trials[0].user_attrs[attrs.ITEMS]
+    print_status(folder)  # not counted as failed: said apart, with the way on
+    out = capsys.readouterr().out
+    assert "failed 0," in out and "2 proposed ahead but not run" in out and "basin resume" in out
 
     # resumed with room for more: the queued ones run first, with the params proposed ahead
     more = _config(fault_zoo, folder, items=2 * per_trial + 1)
