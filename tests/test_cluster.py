@@ -16,7 +16,9 @@ def test_a_study_spreads_over_two_nodes_and_finishes_on_the_head_when_the_other_
     """Both nodes complete trials (each trial records its node); then, with a candidate in flight on
     each worker, the second node is SIGKILLed: only its candidate fails, as a lost worker, its
     params run again on the head, and the study finishes its budget there."""
-    r = node_loss(fault_zoo, tmp_path, n_trials=12)
+    # a budget the study is still far from when the candidates start to hang: with proposals made
+    # ahead, twelve trials can all be done by then
+    r = node_loss(fault_zoo, tmp_path, n_trials=40)
     assert r.rc == 0 and r.leaked == [] and r.integrity == []
     assert r.nodes_before == {"node_head", "node_b"}
     assert r.complete == r.budget

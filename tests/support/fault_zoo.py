@@ -38,9 +38,15 @@ class FaultZoo:
     def busy(self) -> Path:
         return self.hooked / "busy"
 
+    def blocked(self) -> int:
+        """Processes blocked by the current mode (each marks itself: busy.<pid>.pid)."""
+        return len(list(self.hooked.glob("busy.*.pid")))
+
     def set_mode(self, mode: str) -> None:
         """ok | raise (the next call raises) | hang (every call blocks) | hold (evaluations block,
         loading a task does not) | sleep S (per item)."""
+        for marker in self.hooked.glob("busy.*.pid"):  # those blocked by the mode before
+            marker.unlink(missing_ok=True)
         tmp = self.control.with_suffix(".tmp")
         tmp.write_text(mode)
         os.replace(tmp, self.control)
@@ -78,6 +84,7 @@ def _block(mode):
     with open(BUSY + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.replace(BUSY + ".tmp", BUSY)
+    open(BUSY + "." + str(os.getpid()) + ".pid", "w").close()
     while _mode() == mode:
         time.sleep(0.05)
 

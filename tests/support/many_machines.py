@@ -285,10 +285,7 @@ def node_loss(zoo: FaultZoo, root: Path, *, n_trials: int = 12) -> NodeLossRepor
             )
             zoo.set_mode("hang")  # every worker's next candidate stays in flight
             wait_for(
-                lambda: (
-                    sum(t.state == "RUNNING" for t in storage_view(folder)) == 2
-                    and zoo.busy.exists()
-                ),
+                lambda: zoo.blocked() == 2,  # (RUNNING trials include those proposed ahead)
                 proc,
                 "a candidate in flight on each worker",
                 log,
