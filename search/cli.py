@@ -171,12 +171,14 @@ def _validate(args: argparse.Namespace) -> int:
     """What `basin run` checks before any worker starts, except what needs a hub this machine
     cannot reach."""
     from merging.checkpoint import is_hub_id
+    from search import fidelity
     from search.config import load_config
     from search.setup import (
         check_models,
         check_models_and_tasks,
         check_tasks,
         check_values,
+        search_sizes,
         unreachable_hub_models,
     )
 
@@ -204,9 +206,11 @@ def _validate(args: argparse.Namespace) -> int:
             f"the data of {', '.join(named)}: on the hub; the tasks' names, splits and metrics "
             "were checked from their definitions, `basin run` downloads the data"
         )
+    sizes = None
     if not unchecked:
         # everything is here: the data too, exactly as run checks it
-        check_models_and_tasks(config)
+        _, split_sizes, config = check_models_and_tasks(config)
+        sizes = search_sizes(config, split_sizes)
     if not hub_models and not args.headers_only:
         check_values(config, progress=not args.quiet)  # what a worker would refuse at its start
     from search.user_recipes import describe, read_user_recipes
@@ -222,6 +226,7 @@ def _validate(args: argparse.Namespace) -> int:
         f"methods {', '.join(config.space.methods)}, {config.sampler.name} sampler)"
     )
     print(f"budget: {_budget_words(config.budget)}")
+    print(f"multi-fidelity: {fidelity.describe(config, sizes)}")
     if (overlap := config.evaluator.overlap()) is not None:
         print(f"warning: {overlap}")
     if not hub_models:

@@ -174,6 +174,21 @@ class SamplerSection(_Strict):
     # study with several workers proposes the same candidates when run again; a worker whose
     # candidate finishes before an earlier one waits for it (search/loop.py, README).
     reproducible: bool = False
+    # Processes that make the proposals (search/proposers.py), each with a sampler of its own; 0:
+    # a thread of the run's process. For many workers with short candidates, or a slow sampler:
+    # a proposal must take less than an evaluation divided by the workers (README, "The sampler's
+    # cost"). Not with `reproducible` (proposals in trial order are made one at a time).
+    proposers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _proposers_or_order(self) -> SamplerSection:
+        if self.proposers and self.reproducible:
+            raise ValueError(
+                f"sampler.proposers: {self.proposers} with sampler.reproducible: true: proposals "
+                "in trial order are made one at a time, on the run's own thread; drop one of the "
+                "two (proposers: 0 keeps the study reproducible)"
+            )
+        return self
 
 
 class BudgetSection(_Strict):
@@ -210,7 +225,9 @@ class FidelitySection(_Strict):
     Most candidates are stopped early.
     """
 
-    rungs: list[int] = Field(min_length=1)  # items per task of each rung before the full search set
+    # items per task of each rung before the full search set; null: 1/6 and 1/2 of the largest
+    # task's search items, none (full fidelity) when 1/6 is under 16 items (search/fidelity.py)
+    rungs: list[int] | None = Field(default=None, min_length=1)
     # single objective: share of candidates promoted at a rung
     keep: float = Field(default=0.2, gt=0, le=1)
     # Pareto: dominated by more than this many standard errors
@@ -222,7 +239,9 @@ class FidelitySection(_Strict):
 
     @field_validator("rungs")
     @classmethod
-    def _increasing(cls, v: list[int]) -> list[int]:
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
         if any(n < 1 for n in v) or any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(
                 "rungs must be positive item counts in increasing order, such as [32, 128]; "
@@ -278,8 +297,22 @@ class StudyConfig(_Strict):
     sampler: SamplerSection = SamplerSection()
     budget: BudgetSection = BudgetSection()
     workers: WorkersSection = WorkersSection()
-    fidelity: FidelitySection | None = None  # None: every candidate scored on every search item
+    # None: every candidate scored on every search item. Not given: on, with the default rungs,
+    # for one objective (or their weighted sum) from an evaluator that scores items, where
+    # tests/benchmarks/bench_fidelity.py shows it pays; off otherwise (a Pareto study)
+    fidelity: FidelitySection | None = None
     baselines: BaselinesSection = BaselinesSection()
+
+    @model_validator(mode="after")
+    def _fidelity_by_default(self) -> StudyConfig:
+        one = self.objectives.mode == "single" or len(self.objectives.items) == 1
+        if "fidelity" not in self.model_fields_set and one and self.evaluator.scores_items:
+            object.__setattr__(self, "fidelity", FidelitySection())  # (a frozen model)
+        return self
+
+    def fidelity_by_default(self) -> bool:
+        """Multi-fidelity is on because the config left it to basin (not a `fidelity` section)."""
+        return self.fidelity is not None and "fidelity" not in self.model_fields_set
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:

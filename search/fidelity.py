@@ -86,10 +86,56 @@ def make_pruner(fidelity: FidelitySection | None) -> optuna.pruners.BasePruner |
     return KeepBestPruner(fidelity.keep, fidelity.window) if fidelity is not None else None
 
 
+# The rungs when `fidelity.rungs` is not given: these shares of the largest task's search items,
+# and none when the first would hold fewer than MIN_RUNG_ITEMS (a rung's few items say too little
+# to stop a candidate on). Chosen with tests/benchmarks/bench_fidelity.py (README).
+DEFAULT_SHARES = (1 / 6, 1 / 2)
+MIN_RUNG_ITEMS = 16
+
+
 def rung_items(fidelity: FidelitySection, sizes: dict[str, int]) -> list[int | None]:
-    """Items per task of each rung that adds items (None: all of them, the last rung)."""
+    """Items per task of each rung that adds items (None: all of them, the last rung); [None]
+    alone: full fidelity."""
     full = max(sizes.values())
-    return [n for n in fidelity.rungs if n < full] + [None]
+    asked = fidelity.rungs
+    if asked is None:
+        asked = [round(full * share) for share in DEFAULT_SHARES]
+        if asked[0] < MIN_RUNG_ITEMS:
+            return [None]
+    return [n for n in asked if n < full] + [None]
+
+
+def describe(config: StudyConfig, sizes: dict[str, int] | None) -> str:
+    """What `basin validate` says of multi-fidelity (`sizes`: search items per task, when known)."""
+    section = config.fidelity
+    if section is None:
+        return "off: every candidate is scored on every search item"
+    how = (
+        "on by default (one objective); `fidelity: null` turns it off"
+        if (config.fidelity_by_default())
+        else "on"
+    )
+    if sizes:
+        rungs = [n for n in rung_items(section, sizes) if n is not None]
+        if not rungs:
+            return (
+                f"off: the search set ({max(sizes.values())} items in its largest task) is too "
+                f"small for a first rung of {MIN_RUNG_ITEMS} items or more"
+            )
+        steps = ", ".join(map(str, rungs))
+        return f"{how}: rungs of {steps} items per task, then all {max(sizes.values())}"
+    if section.rungs is None:
+        return f"{how}: rungs of 1/6 and 1/2 of the largest task's search items"
+    return f"{how}: rungs of {', '.join(map(str, section.rungs))} items per task"
+
+
+def study_rungs(config: StudyConfig, study: optuna.Study) -> list[int]:
+    """The rungs (items per task) a study's candidates are scored on before the whole search set;
+    empty when it runs at full fidelity."""
+    sizes = study.user_attrs.get(attrs.SEARCH_ITEMS)
+    if config.fidelity is None or not sizes:
+        return []
+    return [n for n in rung_items(config.fidelity, sizes) if n is not None]
 
 
 # per key, per-item scores in one list per task (a group's: several)
@@ -181,10 +227,10 @@ class Rungs:
         cls, config: StudyConfig, sizes: dict[str, int], directions: Sequence[str]
     ) -> Rungs | None:
         """The study's rungs over its search items per task; None without a fidelity section."""
-        if config.fidelity is None:
-            return None
+        if config.fidelity is None or len(items := rung_items(config.fidelity, sizes)) == 1:
+            return None  # (no rung below the whole search set: nothing to stop a candidate on)
         return cls(
-            tuple(rung_items(config.fidelity, sizes)),
+            tuple(items),
             config.objectives,
             tuple(directions),
             config.fidelity.margin,

@@ -36,6 +36,7 @@ from search.console import RAY_LOG, others_to
 from search.objectives import checked_values
 from search.pool import Pool, PoolFactory, WorkerStartError, ray_pool
 from search.proposals import Ahead, InOrder
+from search.proposers import Processes
 from search.recovery import Heartbeat, fail_and_requeue, queue_again
 from search.result import WorkerResult
 from search.setup import StudySetup, setup_study
@@ -69,6 +70,10 @@ class Flight:
         self.eval_s += result.eval_s
 
 
+# where the loop's candidates come from: search/proposals.py, search/proposers.py
+Proposals = InOrder[Flight] | Ahead[Flight] | Processes[Flight]
+
+
 def run_study(
     config: StudyConfig,
     *,
@@ -97,7 +102,7 @@ def _run(
     """Start the pool, run the loop, and leave nothing in flight, however it ends."""
     workers = pool(s.spec, s.config.workers, worker_cls)
     in_flight: dict[Any, Flight] = {}
-    proposals: list[Ahead[Flight] | InOrder[Flight]] = []  # the loop's, once it has started
+    proposals: list[Proposals] = []  # the loop's, once it has started
     budget = Budget(s.study, s.config.budget)
     unstarted, ended = None, False
     try:
@@ -180,7 +185,7 @@ def _loop(
     pool: Pool,
     budget: Budget,
     in_flight: dict[Any, Flight],
-    made: list[Ahead[Flight] | InOrder[Flight]],
+    made: list[Proposals],
     progress: bool,
     out: TextIO,
 ) -> None:
@@ -212,7 +217,22 @@ def _loop(
     # one worker: at its place in the trial order (each proposal made knowing every result before
     # it, as a sequential study: a seed repeats it, and a slow evaluation makes the ask negligible)
     sequential = in_order or cfg.workers.count == 1
-    proposals = InOrder(propose, cfg.workers.count) if sequential else Ahead(propose, len(free))
+    proposals: Proposals
+    if sequential:
+        proposals = InOrder(propose, cfg.workers.count)
+    elif cfg.sampler.proposers:  # processes of their own: the loop keeps its core
+        proposals = Processes(
+            s,
+            runner,
+            cfg.sampler.proposers,
+            len(free),
+            made=lambda trial_id, params, recipe: Flight(
+                optuna.trial.Trial(study, trial_id), params, recipe
+            ),
+            failed=lambda: recent.append(False),
+        )
+    else:
+        proposals = Ahead(propose, len(free))
     made.append(proposals)
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate

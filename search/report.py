@@ -30,7 +30,7 @@ from search import attrs
 from search.compat import quiet_optuna
 from search.config import ConfigError, StudyConfig
 from search.explorer import write_explorer
-from search.fidelity import trial_items
+from search.fidelity import study_rungs, trial_items
 from search.finalists import DEFAULT_FINALISTS, choose_finalists
 from search.folder import load_study_folder, study_space, trial_recipe, worker_spec
 from search.heldout import score_heldout
@@ -530,7 +530,7 @@ def write_report(
             ),
             "importances": plot_importances(study, names),
         }
-        if config.fidelity is not None:
+        if study_rungs(config, study):
             figs["items"] = plot_items(study, names)
     images = {name: _png(fig, figures_dir / f"{name}.png") for name, fig in figs.items()}
 
@@ -610,9 +610,9 @@ def write_report(
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     n_failed = sum(attrs.failed(t) for t in study.get_trials(deepcopy=False))
     n_pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    if config.fidelity is not None:
+    if planned := study_rungs(config, study):
         spent = items_line(study, study.get_trials(deepcopy=False))
-        rungs = ", ".join(map(str, config.fidelity.rungs))
+        rungs = ", ".join(map(str, planned))
         no_heldout += (
             f"</p><p>Multi-fidelity: {n_pruned} candidates were stopped early (PRUNED) on rungs of "
             f"{rungs} items per task; {html.escape(spent or '')}. "

@@ -86,6 +86,20 @@ def make_sampler(cfg: SamplerSection, offset: int = 0) -> optuna.samplers.BaseSa
     return SearchedOnly(_SAMPLERS[cfg.name](cfg, None if cfg.seed is None else cfg.seed + offset))
 
 
+def own_sampler(
+    cfg: SamplerSection, study: optuna.Study, existing: int
+) -> optuna.samplers.BaseSampler:
+    """The sampler of one more run (or proposal process) of a study that holds `existing` trials.
+
+    Every run of the study (first, resumed, one more runner, each proposal process) draws from its
+    own stream: runs that open the study while it holds the same trials (the baselines, say) would
+    otherwise propose the same params. Call under the runners' lock, so no two get the same number.
+    """
+    runs = int(study.user_attrs.get(attrs.RUNS, 0))
+    study.set_user_attr(attrs.RUNS, runs + 1)
+    return make_sampler(cfg, offset=existing + runs * 1_000_003)
+
+
 def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
     """Check the config against its models and tasks, then create or load the study.
 
@@ -100,10 +114,12 @@ def setup_study(config: StudyConfig, *, resume: bool) -> StudySetup:
         )
     created = not folder.exists()
     try:
-        _check_resumable(config, folder, resume)
-        directions, split_sizes = check_models_and_tasks(config)
+        config = _check_resumable(config, folder, resume)
+        directions, split_sizes, config = check_models_and_tasks(config)
         _check_memory(config)
         sizes = search_sizes(config, split_sizes)
+        if config.fidelity_by_default() and Rungs.plan(config, sizes, directions) is None:
+            config = config.model_copy(update={"fidelity": None})  # (a search set too small)
         space = study_space(config)
         # a new study's recipes are read before anything is made; a resumed or shared one (another
         # runner of a database study) reads them only if they were never queued
@@ -167,12 +183,16 @@ def search_sizes(config: StudyConfig, split_sizes: dict[str, int]) -> dict[str, 
     return out
 
 
-def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
+def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> StudyConfig:
+    """Refuse to go on with a study under another config; returns the config to run it with:
+    multi-fidelity left to basin stays as basin chose it when the study began (older studies, and
+    those whose search set was too small, run at full fidelity)."""
     if (folder / records.CONFIG_FILE).is_file():
         # through the config model, so a snapshot from before a new default field compares equal
-        previous = config_to_dict(
-            config_from_dict(records.read_config_snapshot(folder), str(folder))
-        )
+        begun = config_from_dict(records.read_config_snapshot(folder), str(folder))
+        if config.fidelity_by_default():
+            config = config.model_copy(update={"fidelity": begun.fidelity})
+        previous = config_to_dict(begun)
         if differ := _differing(_search_part(previous), _search_part(config_to_dict(config))):
             raise ConfigError(
                 f"{folder} holds a study with a different config (it differs in: "
@@ -182,11 +202,16 @@ def _check_resumable(config: StudyConfig, folder: Path, resume: bool) -> None:
             )
     elif resume:
         raise ConfigError(f"{folder} holds no study to resume; start one with `basin run CONFIG`")
+    return config
 
 
-def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, int]]:
+def check_models_and_tasks(
+    config: StudyConfig,
+) -> tuple[list[str], dict[str, int], StudyConfig]:
     """Read the models' headers, check the task definitions, then load the tasks' data; returns each
-    objective's direction and the number of items in each task's search split.
+    objective's direction, the number of items in each task's search split, and the config as the
+    study runs it (multi-fidelity left to basin is turned off for objectives that are not means of
+    per-item scores, with a note; asked for, it is refused).
 
     Incompatible models, unknown tasks, missing splits and unknown metrics fail here, before any
     worker starts, with the messages `basin validate` gives.
@@ -199,10 +224,16 @@ def check_models_and_tasks(config: StudyConfig) -> tuple[list[str], dict[str, in
         # the data, one item scored
         probe = build_evaluator(config.evaluator.resolved(), "search", limit=1)
         if config.fidelity is not None:
-            probe.check_item_means([o.key for o in config.objectives.items])
+            try:
+                probe.check_item_means([o.key for o in config.objectives.items])
+            except EvaluatorError as exc:
+                if not config.fidelity_by_default():
+                    raise
+                print(f"basin: note: multi-fidelity is off by default here: {exc}", file=sys.stderr)
+                config = config.model_copy(update={"fidelity": None})
     except EvaluatorError as exc:
         raise ConfigError(f"evaluator: {exc}") from None
-    return directions, dict(probe.split_sizes)
+    return directions, dict(probe.split_sizes), config
 
 
 def _check_memory(config: StudyConfig) -> None:
@@ -338,13 +369,7 @@ def _open_study(config: StudyConfig, folder: Path, directions: list[str]) -> opt
             sampler=optuna.samplers.RandomSampler(),
             pruner=make_pruner(config.fidelity),
         )
-        # Every run of the study (first, resumed, or one more runner) draws from its own stream:
-        # runners that open the study while it holds the same trials (the baselines, say) would
-        # otherwise propose the same params. Under the runners' lock, so no two runs get the same
-        # number.
-        runs = int(study.user_attrs.get(attrs.RUNS, 0))
-        study.set_user_attr(attrs.RUNS, runs + 1)
-        study.sampler = make_sampler(config.sampler, offset=existing + runs * 1_000_003)
+        study.sampler = own_sampler(config.sampler, study, existing)
     except Exception as exc:
         raise storage_error(config.study.storage or str(journal), exc) from None
     if attrs.DIRECTIONS not in study.user_attrs:
@@ -424,11 +449,13 @@ def _enqueue_baselines(
 def _search_part(snapshot: dict) -> dict:
     """The parts of a config that define the study.
 
-    Budget, workers and merge kernels may change on resume, so they are left out.
+    Budget, workers, proposal processes and merge kernels may change on resume, so they are
+    left out.
     """
     part = {k: v for k, v in snapshot.items() if k not in ("budget", "workers")}
     part["study"] = {k: v for k, v in part.get("study", {}).items() if k != "output_dir"}
     part["models"] = {k: v for k, v in part.get("models", {}).items() if k != "kernels"}
+    part["sampler"] = {k: v for k, v in part.get("sampler", {}).items() if k != "proposers"}
     return part
 
 

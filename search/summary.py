@@ -66,7 +66,13 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
 
 
 def _not_run(trials: list[optuna.trial.FrozenTrial]) -> str:
-    n = sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(attrs.NOT_RUN)) for t in trials)
+    """Proposals made ahead that no worker took and whose retry still waits (once it ran, they are
+    history)."""
+    waiting = {t.user_attrs.get(attrs.RETRY_OF) for t in trials if t.state == TrialState.WAITING}
+    n = sum(
+        t.state == TrialState.FAIL and bool(t.user_attrs.get(attrs.NOT_RUN)) and t.number in waiting
+        for t in trials
+    )
     if not n:
         return ""
     return f"; {n} proposed ahead but not run (queued again: `basin resume` runs them first)"
@@ -86,14 +92,12 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
     )
 
 
-def rungs_line(
-    study: optuna.Study, trials: list[optuna.trial.FrozenTrial], rungs: Sequence[int]
-) -> str | None:
-    """Multi-fidelity: per rung, the candidates scored there and those stopped there."""
-    sizes = study.user_attrs.get(attrs.SEARCH_ITEMS)
-    if not sizes:
+def rungs_line(trials: list[optuna.trial.FrozenTrial], rungs: Sequence[int]) -> str | None:
+    """Multi-fidelity: per rung (items per task, fidelity.study_rungs), the candidates scored there
+    and those stopped there."""
+    if not rungs:
         return None
-    items = [n for n in rungs if n < max(sizes.values())] + [None]
+    items = [*rungs, None]
     scored = [
         t for t in trials if attrs.RUNG in t.user_attrs and not t.user_attrs.get(attrs.BASELINE)
     ]
@@ -130,7 +134,8 @@ def print_status(folder: Path) -> None:
     budget = config.budget.n_trials
     storage = redact(config.study.storage) if config.study.storage else f"{folder}/journal.log"
     print(f"study '{config.study.name}' ({config.objectives.mode}, storage {storage})")
-    pruned = f" (pruned {counts[TrialState.PRUNED]})" if config.fidelity is not None else ""
+    rungs = fidelity.study_rungs(config, study)
+    pruned = f" (pruned {counts[TrialState.PRUNED]})" if rungs else ""
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
     of_budget = f" of {budget}" if budget else ""
     failed = sum(attrs.failed(t) for t in trials)
@@ -141,10 +146,7 @@ def print_status(folder: Path) -> None:
     )
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")
-    if (
-        config.fidelity is not None
-        and (line := rungs_line(study, trials, config.fidelity.rungs)) is not None
-    ):
+    if (line := rungs_line(trials, rungs)) is not None:
         print(f"  {line}")
     if config.budget.items is not None:
         spent = fidelity.spent(trials)[0]

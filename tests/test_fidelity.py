@@ -135,6 +135,59 @@ def test_rungs_past_the_search_set_collapse_into_the_last():
     assert rung_items(FidelitySection(rungs=[16]), {"a": 10}) == [None]
 
 
+def test_the_default_rungs_are_shares_of_the_largest_task_and_none_for_a_small_search_set():
+    from search.config import FidelitySection
+
+    default = FidelitySection()  # rungs: null
+    assert rung_items(default, {"a": 145, "b": 49}) == [24, 72, None]  # the benchmark's rungs
+    assert rung_items(default, {"a": 600}) == [100, 300, None]
+    assert rung_items(default, {"a": 96}) == [16, 48, None]
+    assert rung_items(default, {"a": 90, "b": 30}) == [None]  # a first rung under 16 items
+
+
+def test_multi_fidelity_is_on_by_default_for_one_objective_and_off_for_a_front(zoo, tmp_path):
+    unset = _study(zoo, tmp_path / "a")
+    del unset["fidelity"]
+    one = config_from_dict(unset)
+    assert one.fidelity is not None and one.fidelity.rungs is None and one.fidelity_by_default()
+    # asked for, or turned off: as written
+    assert not config_from_dict(_study(zoo, tmp_path / "a")).fidelity_by_default()
+    assert config_from_dict({**unset, "fidelity": None}).fidelity is None
+    # a Pareto front: off unless asked for (the benchmark measured one objective)
+    front = _study(zoo, tmp_path / "b", mode="pareto")
+    del front["fidelity"]
+    assert config_from_dict(front).fidelity is None
+    # an evaluator without items: off, not refused
+    perplexity = {**unset, "evaluator": {"kind": "perplexity", "text": str(zoo.heldout_text)}}
+    perplexity["objectives"] = {"items": [{"task": "perplexity", "metric": "perplexity"}]}
+    assert config_from_dict(perplexity).fidelity is None
+
+
+@pytest.mark.slow
+def test_a_study_left_to_basin_runs_the_default_rungs_and_keeps_what_it_began_with(
+    zoo, tmp_path, capsys
+):
+    unset = _study(zoo, tmp_path / "new")
+    del unset["fidelity"]
+    s = setup_study(config_from_dict(unset), resume=False)
+    assert s.rungs is not None and s.rungs.items == (24, 72, None)
+    assert records.read_config_snapshot(s.folder)["fidelity"]["rungs"] is None
+    config = tmp_path / "unset.yaml"
+    config.write_text(__import__("yaml").safe_dump(unset))
+    assert main(["validate", str(config), "--headers-only"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "multi-fidelity: on by default (one objective); `fidelity: null` turns it off: rungs of "
+        "24, 72 items per task, then all 145" in out
+    )
+    # a study begun at full fidelity (an older one) goes on at full fidelity under the same config
+    old = _study(zoo, tmp_path / "old", fidelity=None)
+    setup_study(config_from_dict(old), resume=False)
+    del old["fidelity"]
+    again = setup_study(config_from_dict(old), resume=False)
+    assert again.config.fidelity is None and again.rungs is None
+
+
 # --- promotion on the worker ----------------------------------------------------------------------
 
 

@@ -193,7 +193,7 @@ class AheadPool(InProcessPool):
         return super().wait(refs, timeout)
 
 
-def _config(zoo, folder: Path, items: int):
+def _config(zoo, folder: Path, proposers: int = 0, **budget):
     from tests.support.fault_zoo import study_config
 
     return config_from_dict(
@@ -201,8 +201,8 @@ def _config(zoo, folder: Path, items: int):
             zoo,
             folder,
             name=folder.name,
-            sampler={"name": "random", "seed": 3},
-            budget={"items": items},
+            sampler={"name": "random", "seed": 3, "proposers": proposers},
+            budget=budget,
             workers={"count": 2},
             baselines=False,
         )
@@ -210,8 +210,9 @@ def _config(zoo, folder: Path, items: int):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("proposers", [0, 2], ids=["thread", "processes"])
 def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(
-    fault_zoo, tmp_path, capsys
+    fault_zoo, tmp_path, capsys, proposers
 ):
     folder = tmp_path / "ahead"
 
@@ -220,7 +221,7 @@ def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(
         made.folder = folder
         return made
 
-    run_study(_config(fault_zoo, folder, items=1), progress=False, pool=pool)
+    run_study(_config(fault_zoo, folder, proposers, items=1), progress=False, pool=pool)
     _, study = load_study_folder(folder)
     states = [t.state for t in study.trials]
     # two ran (one per worker), two were proposed ahead while they ran, and the budget ended
@@ -235,9 +236,91 @@ def test_proposals_the_budget_left_untaken_are_queued_and_run_first_on_resume(
     assert "failed 0," in out and "2 proposed ahead but not run" in out and "basin resume" in out
 
     # resumed with room for more: the queued ones run first, with the params proposed ahead
-    more = _config(fault_zoo, folder, items=2 * per_trial + 1)
+    more = _config(fault_zoo, folder, proposers, items=2 * per_trial + 1)
     run_study(more, resume=True, progress=False, pool=pool)
     _, study = load_study_folder(folder)
     ran = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert [t.number for t in ran] == [0, 1, *(t.number for t in queued)]
     assert [t.params for t in ran[2:]] == [t.params for t in ahead] and ran[2].params
+    # this run too ended with two proposals ahead: those are said, not the first two (which ran)
+    not_run = [t for t in study.trials if t.user_attrs.get(attrs.NOT_RUN)]
+    assert len(not_run) == 4
+    print_status(folder)
+    assert "; 2 proposed ahead but not run" in capsys.readouterr().out
+
+
+# --- proposals made by processes of their own (search/proposers.py) ------------------------------
+
+
+@pytest.mark.slow
+def test_proposal_processes_propose_for_the_run_each_from_its_own_stream(fault_zoo, tmp_path):
+    folder = tmp_path / "procs"
+    study = run_study(
+        _config(fault_zoo, folder, proposers=2, n_trials=8),
+        progress=False,
+        pool=lambda spec, workers, cls=None: InProcessPool(spec, workers.count, cls),
+    )
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    # each claimed for this run (a run that dies leaves them to be found silent, as its own)
+    import os
+
+    assert {t.user_attrs[attrs.RUNNER]["pid"] for t in trials} == {os.getpid()}
+    # the run and its two processes each opened the study with a seed of its own
+    assert study.user_attrs[attrs.RUNS] == 3
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
+    assert {p.name for p in (folder / "trials").glob("*.json")} == {f"{n}.json" for n in range(8)}
+
+
+class KillsAProposer(InProcessPool):
+    """Kills the run's first proposal process (as the kernel's OOM killer would) at the first wait
+    for a result."""
+
+    def wait(self, refs: list[Ref], timeout: float | None) -> list[Ref]:
+        import multiprocessing
+
+        for proc in multiprocessing.active_children():
+            if proc.name == "basin-proposer-0" and proc.is_alive():
+                proc.kill()
+                proc.join(WAIT_S)
+        return super().wait(refs, timeout)
+
+
+@pytest.mark.slow
+def test_a_proposal_process_that_dies_stops_the_run_with_its_way_on(fault_zoo, tmp_path):
+    from search.proposers import ProposerError
+
+    folder = tmp_path / "killed"
+    with pytest.raises(ProposerError, match=r"basin-proposer-0 died .*basin resume"):
+        run_study(
+            _config(fault_zoo, folder, proposers=2, n_trials=6),
+            progress=False,
+            pool=lambda spec, workers, cls=None: KillsAProposer(spec, workers.count, cls),
+        )
+    # nothing is lost: the run's candidates and proposals are queued again, and a run without
+    # proposal processes finishes the budget
+    study = run_study(
+        _config(fault_zoo, folder, n_trials=6),
+        resume=True,
+        progress=False,
+        pool=lambda spec, workers, cls=None: InProcessPool(spec, workers.count, cls),
+    )
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(done) == 6
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def test_proposal_processes_and_trial_order_exclude_each_other(tmp_path):
+    from search.config import ConfigError
+
+    with pytest.raises(
+        (ConfigError, ValueError), match="proposers: 0 keeps the study reproducible"
+    ):
+        config_from_dict(
+            {
+                "study": {"name": "x", "output_dir": str(tmp_path)},
+                "models": {"base": "b", "finetunes": ["a"]},
+                "evaluator": {"tasks": ["t"]},
+                "sampler": {"proposers": 2, "reproducible": True},
+            }
+        )

@@ -10,7 +10,7 @@ It prints, per seed, the best full-search-set score found against items spent, a
 and the wall-clock ratio (merges and per-call set-up are paid per candidate, not per item).
 
     .venv/bin/python tests/benchmarks/bench_fidelity.py [--seeds 0 1 2] [--trials 60] \
-        [--rungs 24 72] [--keep 0.2] [--window 20]
+        [--rungs 24 72] [--keep 0.2] [--window 20] [--reuse-full]
 
 Zoos other than the cached seed 0 are built on first use (a few minutes each). A script, not a
 test (pytest does not collect it).
@@ -19,6 +19,7 @@ test (pytest does not collect it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -107,6 +108,21 @@ def run(
         return curve(study), wall, len(trials), sum(t.state == TrialState.PRUNED for t in trials)
 
 
+def full_run(
+    zoo: Any, budget: int, args: argparse.Namespace, seed: int
+) -> tuple[list[tuple[int, float, float]], float, int]:
+    """The full-fidelity run: made now, or with --reuse-full read from the last one made."""
+    kept = args.cache / "fidelity-full" / f"seed{seed}-items{budget}.json"
+    if args.reuse_full and kept.is_file():
+        data = json.loads(kept.read_text())
+        print(f"  (full: the run kept in {kept})")
+        return [tuple(p) for p in data["curve"]], data["wall"], data["candidates"]
+    points, wall, n, _ = run(zoo, budget, None)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"curve": points, "wall": wall, "candidates": n}))
+    return points, wall, n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,6 +141,12 @@ def main() -> None:
         type=int,
         default=None,
         help="fidelity.window: peers of comparable age a candidate is compared with (default all)",
+    )
+    parser.add_argument(
+        "--reuse-full",
+        action="store_true",
+        help="take the full-fidelity runs from an earlier run of this script with the same seeds "
+        "and budget (kept under --cache), as they repeat (one worker, a seeded sampler)",
     )
     parser.add_argument(
         "--cache",
@@ -152,7 +174,7 @@ def main() -> None:
         )
         sizes = HarnessEvaluator(section, split="validation").item_counts
         budget = args.trials * sum(sizes.values())
-        full, full_wall, full_n, _ = run(zoo, budget, None)
+        full, full_wall, full_n = full_run(zoo, budget, args, seed)
         multi, multi_wall, multi_n, pruned = run(zoo, budget, fidelity)
         final = full[-1][1]
         reach, own = to_reach(multi, final - 0.005), to_reach(full, final)
