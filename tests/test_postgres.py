@@ -40,6 +40,26 @@ def test_three_runners_on_their_own_folders_share_one_postgres_study_exactly(
         assert server.password not in log.read_text()
 
 
+def test_runners_with_proposal_processes_share_one_postgres_study_exactly(
+    fault_zoo, server, tmp_path
+):
+    """Two runners of two workers, each proposing from two processes of its own: every proposal
+    is claimed for the runner whose workers run it, and the study is as exact as without them."""
+    r = shared_study(
+        fault_zoo,
+        tmp_path,
+        server.url(),
+        hosts=2,
+        n_trials=14,
+        name="shared-proposers",
+        sections={"workers": {"count": 2}, "sampler": {"proposers": 2}},
+    )
+    assert r.rcs == (0, 0) and r.leaked == [], r.integrity
+    assert r.numbers_ok and r.complete == r.budget and r.overshoot == 0
+    assert len(r.by_runner) == 2, f"every runner takes part: {r.by_runner}"
+    assert r.duplicates == [] and r.records_elsewhere == [] and r.integrity == []
+
+
 def test_a_wrong_password_is_refused_without_printing_it(fault_zoo, server, tmp_path, capsys):
     from search.cli import main
 

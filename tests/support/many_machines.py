@@ -36,7 +36,14 @@ def runner_pids(url: str, name: str) -> Counter:
 
 
 def _hosts(
-    zoo: FaultZoo, root: Path, url: str, name: str, n: int, n_trials: int, **study: object
+    zoo: FaultZoo,
+    root: Path,
+    url: str,
+    name: str,
+    n: int,
+    n_trials: int,
+    sections: dict | None = None,
+    **study: object,
 ) -> tuple[list, list, list]:
     folders = [root / f"host{i}" for i in range(n)]
     configs = [
@@ -49,6 +56,7 @@ def _hosts(
                 hooked=True,
                 budget={"n_trials": n_trials},
                 study={"name": name, "output_dir": str(folders[i]), "storage": url, **study},
+                **(sections or {}),
             ),
         )
         for i in range(n)
@@ -100,11 +108,12 @@ def shared_study(
     hosts: int = 2,
     n_trials: int = 14,
     name: str = "shared-pg",
+    sections: dict | None = None,
 ) -> SharedReport:
     """`hosts` runners, each on its own folder and Ray, share one PostgreSQL study until its
-    budget."""
+    budget; `sections` update the config's sections (study_config)."""
     t0 = time.monotonic()
-    folders, configs, logs = _hosts(zoo, root, url, name, hosts, n_trials)
+    folders, configs, logs = _hosts(zoo, root, url, name, hosts, n_trials, sections)
     try:
         procs = _start_holding(zoo, configs, logs, url, name)
         zoo.set_mode("sleep 0.01")
