@@ -162,7 +162,9 @@ def test_the_leaderboard_example_validates_here_but_for_what_needs_the_hub(
     assert lines[0].startswith(f"{path}: ok (pareto study")
     unchecked = [line for line in lines if line.startswith("not checked here:")]
     assert lines[1] == "budget: 200 trials or 43200 s of search, whichever comes first"
-    assert len(unchecked) == 2 and len(lines) == 4  # no warning: the test split is carved
+    # a Pareto study: at full fidelity unless its config asks
+    assert lines[2] == "multi-fidelity: off: every candidate is scored on every search item"
+    assert len(unchecked) == 2 and len(lines) == 5  # no warning: the test split is carved
     assert "Qwen/Qwen2.5-7B-Instruct" in unchecked[0]
     assert "openai/gsm8k (gsm8k)" in unchecked[1] and "cais/mmlu" in unchecked[1]
     # a metric without its filter is still caught offline, from the task definitions
