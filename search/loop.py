@@ -208,7 +208,7 @@ def _loop(
     def propose() -> Flight | None:
         """The next candidate; None when the budget allows none."""
         while (trial := claim(study, s.folder, runner, more, cfg.study.storage)) is not None:
-            if (flight := _propose(s, trial)) is not None:
+            if (flight := propose_trial(s, trial)) is not None:
                 return flight
             recent.append(False)  # a proposal that fails every time must end the study
         return None
@@ -342,7 +342,7 @@ def _failure_summary(s: StudySetup, window: int) -> str:
     )
 
 
-def _propose(s: StudySetup, trial: optuna.trial.Trial) -> Flight | None:
+def propose_trial(s: StudySetup, trial: optuna.trial.Trial) -> Flight | None:
     """The trial's params and recipe (a user's recipe outside the space: that recipe, no params);
     a proposal that cannot become a recipe fails its trial."""
     try:

@@ -160,7 +160,7 @@ def _serve(
 
         from search import compat, records
         from search.budget import Budget, claim
-        from search.loop import _propose
+        from search.loop import propose_trial
         from search.setup import own_sampler
 
         cfg = setup.config
@@ -177,7 +177,7 @@ def _serve(
                     continue
                 failures, proposal = 0, None
                 while trial := claim(study, setup.folder, runner, budget.left, cfg.study.storage):
-                    if (flight := _propose(setup, trial)) is not None:
+                    if (flight := propose_trial(setup, trial)) is not None:
                         proposal = (trial._trial_id, flight.params, flight.recipe)
                         break
                     failures += 1
