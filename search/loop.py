@@ -62,6 +62,11 @@ class Flight:
     eval_s: float = 0.0
     pruned: bool = False
     overdue: bool = False  # stopped at workers.candidate_timeout; its result arrives as an error
+    # how long its worker stood free before it was dispatched, and of that, waiting for a proposal
+    # (the sampler's time, not the loop's); 0 for a worker's first candidate of the run
+    free_s: float = 0.0
+    free_for_proposal_s: float = 0.0
+    arrived: float = 0.0  # when its last result reached the loop
 
     def promote(self, result: WorkerResult) -> None:
         """On to the next rung, on the same worker; this rung's time is kept."""
@@ -234,14 +239,22 @@ def _loop(
     else:
         proposals = Ahead(propose, len(free))
     made.append(proposals)
+    freed: dict[int, tuple[float, float]] = {}  # worker -> (freed at, `taking` then)
+    taking = 0.0  # seconds the loop has waited in proposals.take()
     while True:
         # only a worker that is up: one being (re)started would refuse the candidate
         while (
-            (worker := next((w for w in free if pool.available(w)), None)) is not None
-            and not budget.ended()
-            and (flight := proposals.take()) is not None
-        ):
-            flight.worker, flight.started = worker, time.perf_counter()
+            worker := next((w for w in free if pool.available(w)), None)
+        ) is not None and not budget.ended():
+            asked = time.perf_counter()
+            flight = proposals.take()
+            flight_at = time.perf_counter()
+            taking += flight_at - asked
+            if flight is None:
+                break
+            since, taken = freed.pop(worker, (flight_at, taking))
+            flight.free_s, flight.free_for_proposal_s = flight_at - since, taking - taken
+            flight.worker, flight.started = worker, flight_at
             free.remove(worker)
             first = rungs.first if rungs else None
             in_flight[pool.submit(worker, flight.recipe, items=first, rung=bool(rungs))] = flight
@@ -259,6 +272,8 @@ def _loop(
             proposals.told()  # (another runner's trial failed, freeing budget: ask again)
         finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
         arrived += [(in_flight.pop(ref), pool.result(ref)) for ref in finished]
+        for flight, _ in arrived[len(arrived) - len(finished) :]:
+            flight.arrived = time.perf_counter()
         for flight, result in _taken(arrived, in_flight, in_order):
             if result.worker_lost and not flight.overdue:
                 _say_lost(s, flight, result, out)
@@ -273,6 +288,7 @@ def _loop(
                     continue
                 flight.pruned = True
             free.append(flight.worker)
+            freed[flight.worker] = (flight.arrived, taking)
             ok = finish(s, flight, result, values, error)
             recent.append(ok)
             if ok:
@@ -431,6 +447,15 @@ def finish(
         state = None
         with compat.batched_writes(s.study):  # in one append, before the trial is told
             trial.set_user_attr(attrs.WORKER, result.worker)
+            trial.set_user_attr(
+                attrs.WORKER_TIME,
+                {
+                    "busy_s": round(max(0.0, flight.arrived - flight.started), 4),
+                    "free_s": round(flight.free_s, 4),
+                    "free_for_proposal_s": round(flight.free_for_proposal_s, 4),
+                    "in_order": s.config.sampler.reproducible or s.config.workers.count == 1,
+                },
+            )
             if result.node:
                 trial.set_user_attr(attrs.NODE, result.node)
             if error is None:

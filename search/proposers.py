@@ -96,6 +96,11 @@ class Processes(Generic[T]):
             self._ready.append(self._made(*proposal))
         return True
 
+    def _drain(self) -> None:
+        """Handle every answer already queued, without waiting."""
+        while self._receive(block=False):
+            pass
+
     def _check_alive(self) -> None:
         dead = [p for p in self._procs if p.exitcode is not None]
         if dead:
@@ -108,8 +113,7 @@ class Processes(Generic[T]):
     def take(self) -> T | None:
         """The next proposal; waits while one is being made. None when there is none to come
         until a trial is told (the budget is spent for now)."""
-        while self._receive(block=False):
-            pass
+        self._drain()
         self._check_alive()  # a dead process may hold a request: its trial is found silent later
         while not self._ready and (self._asked or not self._rest):
             self._fill()
@@ -121,16 +125,14 @@ class Processes(Generic[T]):
 
     def told(self) -> None:
         self._rest = False
-        while self._receive(block=False):
-            pass
+        self._drain()
         self._fill()
 
     def pending(self) -> list[T]:
         return list(self._ready)
 
     def spent(self) -> bool:
-        while self._receive(block=False):
-            pass
+        self._drain()
         return not self._ready and not self._asked and self._rest
 
     def close(self) -> None:

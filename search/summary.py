@@ -51,6 +51,8 @@ def print_summary(folder: Path, study: optuna.Study) -> None:
     )
     if pruned and (line := items_line(study, trials)) is not None:
         print(line)
+    if (line := driver_line(trials)) is not None:
+        print(line)
     if not complete:
         return
     baselines = [t for t in complete if t.user_attrs.get(attrs.BASELINE)]
@@ -90,6 +92,53 @@ def items_line(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> s
         f"items scored {spent:,}; on every search item these {len(finished)} trials would have "
         f"scored {full:,} ({spent / full:.0%} of it spent)"
     )
+
+
+IDLE_NOTE = 0.05  # a share of the workers' time spent free above which the summary says why
+RECENT = 100  # the candidates of the latest window a long study also reports
+
+
+def driver_line(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """How much of their time the workers stood free between candidates, and of that how much they
+    waited for proposals (attrs.WORKER_TIME); above IDLE_NOTE, why and what to do."""
+    timed = sorted((t for t in trials if attrs.WORKER_TIME in t.user_attrs), key=lambda t: t.number)
+    if not timed:
+        return None
+
+    def shares(ts: list[optuna.trial.FrozenTrial]) -> tuple[float, float]:
+        times = [t.user_attrs[attrs.WORKER_TIME] for t in ts]
+        total = sum(x["busy_s"] + x["free_s"] for x in times) or 1.0
+        return (
+            sum(x["free_s"] for x in times) / total,
+            sum(x["free_for_proposal_s"] for x in times) / total,
+        )
+
+    free, waiting = shares(timed)
+    line = (
+        f"workers stood free {free:.1%} of their time between candidates ({waiting:.1%} waiting "
+        "for proposals)"
+    )
+    if len(timed) >= 2 * RECENT:
+        free, waiting = shares(timed[-RECENT:])
+        line += f"; over the last {RECENT}: {free:.1%} ({waiting:.1%})"
+    if free > IDLE_NOTE and timed[-1].user_attrs[attrs.WORKER_TIME].get("in_order"):
+        line += (
+            "; proposals are made in trial order (one worker, or sampler.reproducible), each once "
+            "the result before it is told, so that a seed repeats the study"
+        )
+    elif waiting > IDLE_NOTE:
+        line += (
+            "; the sampler proposes slower than the workers finish: `sampler.proposers: N` makes "
+            "proposals in N processes of their own, or a cheaper sampler (README, \"The sampler's "
+            'cost")'
+        )
+    elif free > IDLE_NOTE:
+        line += (
+            "; what they wait for is the run's own work between candidates (telling results, "
+            "writing records): candidates this short keep one run's process busy (README, \"The "
+            "sampler's cost\")"
+        )
+    return line
 
 
 def rungs_line(trials: list[optuna.trial.FrozenTrial], rungs: Sequence[int]) -> str | None:
@@ -147,6 +196,8 @@ def print_status(folder: Path) -> None:
     if (line := items_line(study, trials)) is not None:
         print(f"  {line}")
     if (line := rungs_line(trials, rungs)) is not None:
+        print(f"  {line}")
+    if (line := driver_line(trials)) is not None:
         print(f"  {line}")
     if config.budget.items is not None:
         spent = fidelity.spent(trials)[0]

@@ -270,6 +270,11 @@ def test_proposal_processes_propose_for_the_run_each_from_its_own_stream(fault_z
     assert study.user_attrs[attrs.RUNS] == 3
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
     assert {p.name for p in (folder / "trials").glob("*.json")} == {f"{n}.json" for n in range(8)}
+    # each records how long its worker stood free before it, and how much of that went on waiting
+    # for the proposal (part of it); a worker's first candidate of the run followed no other
+    times = [t.user_attrs[attrs.WORKER_TIME] for t in trials]
+    assert all(x["busy_s"] > 0 and 0 <= x["free_for_proposal_s"] <= x["free_s"] for x in times)
+    assert sum(x["free_s"] == 0 for x in times) >= 2 and not any(x["in_order"] for x in times)
 
 
 class KillsAProposer(InProcessPool):
@@ -324,3 +329,53 @@ def test_proposal_processes_and_trial_order_exclude_each_other(tmp_path):
                 "sampler": {"proposers": 2, "reproducible": True},
             }
         )
+
+
+# --- what the workers waited for (search/summary.py driver_line) ---------------------------------
+
+
+def _trials(*specs: tuple) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials with worker times (busy_s, free_s, free_for_proposal_s[, in_order])."""
+    made = []
+    for number, (busy, free, proposal, *in_order) in enumerate(specs):
+        times = {"busy_s": busy, "free_s": free, "free_for_proposal_s": proposal}
+        trial = optuna.trial.create_trial(
+            value=0.5, user_attrs={attrs.WORKER_TIME: {**times, "in_order": bool(in_order)}}
+        )
+        trial.number = number
+        made.append(trial)
+    return made
+
+
+def test_the_driver_line_says_what_the_workers_waited_for_and_what_to_do():
+    from search.summary import driver_line
+
+    assert driver_line(_trials()) is None  # a study from before the times were recorded
+    # 1% free: said, without advice
+    assert driver_line(_trials(*[(0.99, 0.01, 0.005)] * 10)) == (
+        "workers stood free 1.0% of their time between candidates (0.5% waiting for proposals)"
+    )
+    # most of it waiting for proposals: the sampler is the bottleneck
+    line = driver_line(_trials(*[(0.8, 0.2, 0.15)] * 10))
+    assert line.startswith("workers stood free 20.0% of their time between candidates (15.0%")
+    assert "sampler.proposers: N" in line
+    # free, but not for proposals: the run's own work between candidates
+    line = driver_line(_trials(*[(0.8, 0.2, 0.01)] * 10))
+    assert "the run's own work between candidates" in line and "proposers" not in line
+    # proposals in trial order: why, not a remedy that does not apply
+    line = driver_line(_trials(*[(0.8, 0.2, 0.15, True)] * 10))
+    assert "in trial order" in line and "proposers" not in line
+
+
+def test_a_long_study_s_driver_line_also_gives_its_latest_window():
+    from search.summary import RECENT, driver_line
+
+    # the first candidates ran without waiting; the latest wait for the sampler (it grows)
+    trials = _trials(*[(1.0, 0.0, 0.0)] * RECENT, *[(0.5, 0.5, 0.5)] * RECENT)
+    line = driver_line(trials)
+    assert "free 25.0% of their time" in line  # 50 s of 200
+    assert f"over the last {RECENT}: 50.0% (50.0%)" in line
+    assert "sampler.proposers: N" in line  # the advice reads the latest window
+    # with the windows the other way round, the latest say nothing is wrong
+    trials = _trials(*[(0.5, 0.5, 0.5)] * RECENT, *[(1.0, 0.0, 0.0)] * RECENT)
+    assert driver_line(trials).endswith(f"over the last {RECENT}: 0.0% (0.0%)")

@@ -18,7 +18,10 @@ Printed per sampler, by windows of trials in dispatch order:
   next), as a share of their time; goal < 5% at 16 workers and 0.3 s evaluations up to 2,000 trials;
 - driver per trial: the mean of those gaps, against the evaluation time;
 - proposal: the sampler's own time per proposal (Optuna's ask and basin's suggest, which writes
-  the params), made on the loop's proposal thread while the workers run.
+  the params), made on the loop's proposal thread while the workers run;
+- the study's own record: what the run measured and stored on each trial (attrs.WORKER_TIME), as
+  `basin status` prints it: from the loop's side (a result's arrival to the next dispatch), so a
+  little under the workers' idle time above.
 One run per sampler; no repeats. A script, not a test (pytest does not collect it).
 """
 
@@ -224,7 +227,11 @@ def bench(sampler: str, args: argparse.Namespace, zoo: Any, scratch: Path) -> No
         )
         lo = hi
     total_idle = sum(gaps) / (sum(gaps) + len(log) * args.eval_s)
-    print(f"  all trials: worker idle {100 * total_idle:.1f}%", flush=True)
+    print(f"  all trials: worker idle {100 * total_idle:.1f}%")
+    # what the run itself recorded (attrs.WORKER_TIME), as `basin status` says it
+    from search.summary import driver_line
+
+    print(f"  the study's own record: {driver_line(study.get_trials(deepcopy=False))}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
