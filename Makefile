@@ -5,9 +5,13 @@
 #
 # Tests:
 #   make test       lint (ruff check, ruff format --check), then the whole suite (what CI runs,
-#                   via .ci/run); prints the 15 slowest tests.
+#                   via .ci/run) in $(JOBS) processes (pytest-xdist); prints the 15 slowest tests.
 #   make test-fast  lint, then the tests not marked slow (no Ray study, no toy zoo, no torch.compile):
 #                   the quick loop while developing, under 3 minutes on a 2-core machine.
+# JOBS: most of a study test's time is spent waiting on the processes it starts (Ray workers,
+# PostgreSQL, the basin CLI), so 3 processes beat one even on 2 cores (README: figures). Each test
+# starts its own Ray, PostgreSQL cluster and folders, so tests may run side by side; `JOBS=1` runs
+# them one at a time, in one process (a test's output unmixed).
 # The suite keeps the toy zoo it builds in $BASIN_TEST_CACHE (default ~/.cache/basin-tests), not in
 # the checkout; .zoo/ is the demo's.
 PYTHON ?= python3
@@ -15,6 +19,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+JOBS   ?= 3
 
 .PHONY: venv test test-fast demo lint clean-venv
 
@@ -31,7 +36,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist worksteal)
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"

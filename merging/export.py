@@ -42,7 +42,9 @@ COPIED_FILES = (
     "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 4 * 2**30
-OWNER_FILE = ".basin-export-owner"  # host and pid of the export writing a partial folder
+# host and pid of the export writing a partial folder, as exports before the owner was in the
+# folder's name recorded it (read by sweep_partials)
+OWNER_FILE = ".basin-export-owner"
 
 
 def export_merge(
@@ -95,13 +97,12 @@ def export_merge(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # the owner in the name, so a kill at any moment after mkdtemp leaves a folder known as ours
+    owner = f"{os.getpid()}-{socket.gethostname()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{owner}", dir=out.parent))
     try:
         # mkdtemp makes the folder private (0700); the model is for others too, as mkdir makes it
         tmp.chmod(0o777 & ~_umask())
-        (tmp / OWNER_FILE).write_text(
-            json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-        )
         bar = tqdm(
             total=sum(s.nbytes for s in specs),
             unit="B",
@@ -126,7 +127,6 @@ def export_merge(
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_side_files(tmp, ref, recipe)
-        (tmp / OWNER_FILE).unlink()
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,19 +137,33 @@ def export_merge(
 def sweep_partials(out: Path) -> list[Path]:
     """Remove the unfinished folders that killed exports of `out` left beside it; returns them.
 
-    An export names its folder `.NAME.partial-*` and records its host and pid inside; a folder
-    whose process is gone on this host is debris. Others' (a live export, another host) stay.
+    An export names its folder `.NAME.partial-PID-HOST-*` (older exports: `.NAME.partial-*` with
+    their host and pid in OWNER_FILE inside); a folder whose process is gone on this host is
+    debris. Others' (a live export, another host, a folder not named so) stay.
     """
     removed = []
-    for folder in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            owner = json.loads((folder / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or its writer is a moment from recording itself
+    prefix = f".{out.name}.partial-"
+    for folder in out.parent.glob(f"{prefix}*"):
+        owner = _owner(folder, folder.name[len(prefix) :])
+        if owner is None:
+            continue  # not ours
         if owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid")):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+def _owner(folder: Path, suffix: str) -> dict | None:
+    """The host and pid of the export that made a partial folder: from its name (PID-HOST-random),
+    else from the OWNER_FILE an older export wrote inside; None when neither says."""
+    pid, _, rest = suffix.partition("-")
+    host, _, _random = rest.rpartition("-")
+    if pid.isdigit() and host:
+        return {"host": host, "pid": int(pid)}
+    try:
+        return json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def shard_file_name(i: int, n: int) -> str:

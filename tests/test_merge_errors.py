@@ -171,9 +171,9 @@ def test_merge_coefficients_beyond_float32(tmp_path, capsys, llama_set):
 
 
 def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
-    """A killed export leaves `.NAME.partial-*` beside the target; the next export of that target
-    removes those of dead processes here, and keeps a live export's and folders that are not its
-    own."""
+    """A killed export leaves `.NAME.partial-PID-HOST-*` beside the target; the next export of that
+    target removes those of dead processes here (also those older exports marked inside), and
+    keeps a live export's and folders that are not its own."""
     import os
     import socket
     import subprocess
@@ -186,13 +186,23 @@ def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
     gone.wait()
     host = socket.gethostname()
     debris = {}
+    # the owner in the folder's name (killed the moment it was made: nothing written inside yet)
+    for label, pid, on in (
+        ("dead", gone.pid, host),
+        ("live", os.getpid(), host),
+        ("elsewhere", gone.pid, "another-host"),
+    ):
+        folder = tmp_path / f".merged.partial-{pid}-{on}-a1b2c3d4"
+        folder.mkdir()
+        debris[label] = folder
+    # as older exports left them: the owner in a file inside
     for label, owner in (
-        ("dead", {"host": host, "pid": gone.pid}),
-        ("live", {"host": host, "pid": os.getpid()}),
-        ("elsewhere", {"host": "another-host", "pid": gone.pid}),
+        ("old dead", {"host": host, "pid": gone.pid}),
+        ("old live", {"host": host, "pid": os.getpid()}),
+        ("old elsewhere", {"host": "another-host", "pid": gone.pid}),
         ("unowned", None),
     ):
-        folder = tmp_path / f".merged.partial-{label}"
+        folder = tmp_path / f".merged.partial-{label.replace(' ', '_')}"
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
         if owner is not None:
@@ -201,8 +211,7 @@ def test_the_next_export_sweeps_what_killed_exports_left(tmp_path, llama_set):
     export_merge(
         recipe_from_dict(ties_recipe(llama_set.base, [llama_set.finetunes[0]])), out, progress=False
     )
-    assert not debris["dead"].exists()
-    assert all(debris[k].exists() for k in ("live", "elsewhere", "unowned"))
+    assert {k for k, folder in debris.items() if not folder.exists()} == {"dead", "old dead"}
     assert not (out / OWNER_FILE).exists() and (out / "model.safetensors").is_file()
 
 

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .manifest import (
     FORMAT_VERSION,
@@ -407,10 +408,18 @@ def build_zoo(
     A complete zoo built earlier with the same seed and settings is reused
     unless ``force``. The build happens in a temporary sibling folder renamed
     into place at the end, so an interrupted build never looks complete. About
-    2-3 minutes on a 2-core CPU.
+    2-3 minutes on a 2-core CPU. Processes asking for the same folder at once
+    take turns (a file lock beside it): the second reuses what the first built
+    instead of replacing the zoo under it.
     """
     settings = settings or Settings()
     root = Path(out_dir).resolve()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}-build.lock"):
+        return _build_or_reuse(root, seed, force, progress, settings)
+
+
+def _build_or_reuse(root: Path, seed: int, force: bool, progress: bool, settings: Settings) -> Zoo:
     record = None if force else _reusable(root, seed, settings)
     if record is not None:
         # Task files depend on the location and the skills only: refreshed (written where they
@@ -421,7 +430,6 @@ def build_zoo(
             write_manifest(root, record)
         return zoo_from_manifest(root, record)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -81,9 +81,10 @@ def _evaluating():
 
 
 def _block(mode):
-    with open(BUSY + ".tmp", "w") as f:
+    tmp = BUSY + "." + str(os.getpid()) + ".tmp"  # one per process: several block at once
+    with open(tmp, "w") as f:
         f.write(str(os.getpid()))
-    os.replace(BUSY + ".tmp", BUSY)
+    os.replace(tmp, BUSY)
     open(BUSY + "." + str(os.getpid()) + ".pid", "w").close()
     while _mode() == mode:
         time.sleep(0.05)
