@@ -27,10 +27,10 @@ MERGE_S = "merge_s"
 EVAL_S = "eval_s"
 WORKER = "worker"  # host:pid/index of the worker that scored it
 NODE = "node"  # the Ray node that worker ran on
-# seconds: "busy_s" from dispatch to the result's arrival; "free_s" the worker stood free before
-# the dispatch (since its previous result arrived, in the same run), "free_for_proposal_s" the part
-# of that spent waiting for the proposal, "in_order" whether proposals were made in trial order (one
-# worker, or sampler.reproducible) (search/summary.py `driver_line`)
+# seconds: "busy_s" from dispatch to the worker's end of it; "free_s" the worker stood free before
+# the dispatch (since it ended its previous candidate, in the same run), "free_for_proposal_s" the
+# part of that spent waiting for the proposal; "in_order" whether proposals were made in trial
+# order (one worker, or sampler.reproducible) (search/summary.py `driver_line`)
 WORKER_TIME = "worker_time"
 ITEMS = "items"  # items scored, summed over the tasks (the items budget counts these)
 ITEMS_PER_TASK = "items_per_task"  # multi-fidelity: items scored per task

@@ -66,7 +66,7 @@ class Flight:
     # (the sampler's time, not the loop's); 0 for a worker's first candidate of the run
     free_s: float = 0.0
     free_for_proposal_s: float = 0.0
-    arrived: float = 0.0  # when its last result reached the loop
+    arrived: float = 0.0  # when its worker finished its last result (WorkerResult.ended)
 
     def promote(self, result: WorkerResult) -> None:
         """On to the next rung, on the same worker; this rung's time is kept."""
@@ -272,8 +272,10 @@ def _loop(
             proposals.told()  # (another runner's trial failed, freeing budget: ask again)
         finished = pool.wait(list(in_flight), timeout=_wait_s(s, in_flight))
         arrived += [(in_flight.pop(ref), pool.result(ref)) for ref in finished]
-        for flight, _ in arrived[len(arrived) - len(finished) :]:
-            flight.arrived = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
+        for flight, result in arrived[len(arrived) - len(finished) :]:
+            # when the worker finished, by its clock (another node's may differ a little: bounded)
+            flight.arrived = now - min(max(0.0, wall - result.ended), now - flight.started)
         for flight, result in _taken(arrived, in_flight, in_order):
             if result.worker_lost and not flight.overdue:
                 _say_lost(s, flight, result, out)

@@ -6,6 +6,7 @@ data, so it pickles across processes and nodes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,9 @@ class WorkerResult:
     traceback: str | None = None
     # the worker died during the candidate (not the candidate's own error)
     worker_lost: bool = False
+    # the wall clock where it was made (on the worker, as it finished): the loop, busy with other
+    # results, may read it later, and the worker's idle time counts from here
+    ended: float = field(default_factory=time.time)
 
     @property
     def ok(self) -> bool:

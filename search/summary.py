@@ -121,24 +121,24 @@ def driver_line(trials: list[optuna.trial.FrozenTrial]) -> str | None:
     if len(timed) >= 2 * RECENT:
         free, waiting = shares(timed[-RECENT:])
         line += f"; over the last {RECENT}: {free:.1%} ({waiting:.1%})"
-    if free > IDLE_NOTE and timed[-1].user_attrs[attrs.WORKER_TIME].get("in_order"):
-        line += (
+    if free <= IDLE_NOTE:
+        return line
+    if timed[-1].user_attrs[attrs.WORKER_TIME].get("in_order"):
+        return line + (
             "; proposals are made in trial order (one worker, or sampler.reproducible), each once "
             "the result before it is told, so that a seed repeats the study"
         )
-    elif waiting > IDLE_NOTE:
-        line += (
+    if waiting >= free - waiting:  # the larger part names the way out
+        return line + (
             "; the sampler proposes slower than the workers finish: `sampler.proposers: N` makes "
             "proposals in N processes of their own, or a cheaper sampler (README, \"The sampler's "
             'cost")'
         )
-    elif free > IDLE_NOTE:
-        line += (
-            "; what they wait for is the run's own work between candidates (telling results, "
-            "writing records): candidates this short keep one run's process busy (README, \"The "
-            "sampler's cost\")"
-        )
-    return line
+    return line + (
+        "; what they wait for is mostly the run's own work between candidates (telling results, "
+        "writing records): candidates this short keep one run's process busy (README, \"The "
+        'sampler\'s cost")'
+    )
 
 
 def rungs_line(trials: list[optuna.trial.FrozenTrial], rungs: Sequence[int]) -> str | None:

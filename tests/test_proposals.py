@@ -362,6 +362,9 @@ def test_the_driver_line_says_what_the_workers_waited_for_and_what_to_do():
     # free, but not for proposals: the run's own work between candidates
     line = driver_line(_trials(*[(0.8, 0.2, 0.01)] * 10))
     assert "the run's own work between candidates" in line and "proposers" not in line
+    # both over 5%: the larger part names the way out
+    line = driver_line(_trials(*[(0.6, 0.4, 0.1)] * 10))
+    assert "(10.0% waiting" in line and "the run's own work" in line and "proposers" not in line
     # proposals in trial order: why, not a remedy that does not apply
     line = driver_line(_trials(*[(0.8, 0.2, 0.15, True)] * 10))
     assert "in trial order" in line and "proposers" not in line

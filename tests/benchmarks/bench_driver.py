@@ -20,8 +20,8 @@ Printed per sampler, by windows of trials in dispatch order:
 - proposal: the sampler's own time per proposal (Optuna's ask and basin's suggest, which writes
   the params), made on the loop's proposal thread while the workers run;
 - the study's own record: what the run measured and stored on each trial (attrs.WORKER_TIME), as
-  `basin status` prints it: from the loop's side (a result's arrival to the next dispatch), so a
-  little under the workers' idle time above.
+  `basin status` prints it: from the end the worker stamps on its result to the next dispatch, so
+  it should match the workers' idle time above.
 One run per sampler; no repeats. A script, not a test (pytest does not collect it).
 """
 
@@ -99,6 +99,7 @@ class ClockPool:
             metrics=metrics,
             higher_is_better={k: True for k in metrics},
             eval_s=self.eval_s,
+            ended=time.time() + self.eval_s,  # as a worker would stamp it, finishing
         )
         heapq.heappush(self.done, (now + self.eval_s, ref))
         self.log.append((worker, now, now + self.eval_s))
