@@ -137,7 +137,7 @@ def driver_line(trials: list[optuna.trial.FrozenTrial]) -> str | None:
     return line + (
         "; what they wait for is mostly the run's own work between candidates (telling results, "
         "writing records): candidates this short keep one run's process busy (README, \"The "
-        'sampler\'s cost")'
+        "sampler's cost\")"
     )
 
 
