@@ -103,12 +103,16 @@ def gpu_share(device: str, options: Any) -> float | None:
 
 @functools.cache
 def _wrapper() -> type:
-    """lm-eval's vLLM wrapper, with generations decoded as its HF wrapper decodes them.
+    """lm-eval's vLLM wrapper, with two changes.
 
-    lm-eval's vLLM wrapper takes vLLM's text, which is detokenized in context (a word-level or
-    sentencepiece tokenizer gives the first word a leading space); its HF wrapper decodes the
-    generated tokens on their own. Decoding vLLM's tokens the same way makes every generation, and
-    so every exact-match score, independent of the engine.
+    - Generations are decoded as its HF wrapper decodes them. lm-eval's vLLM wrapper takes vLLM's
+      text, which is detokenized in context (a word-level or sentencepiece tokenizer gives the
+      first word a leading space); its HF wrapper decodes the generated tokens on their own.
+      Decoding vLLM's tokens the same way makes every generation, and so every exact-match score,
+      independent of the engine.
+    - Choices of one token are scored from one forward pass of their shared context (see
+      `_one_token_choices`), as lm-eval's HF wrapper does with its logits cache; other
+      continuations go through lm-eval's own path (the prompt's log-probabilities).
     """
     from lm_eval.models.vllm_causallms import VLLM
 
@@ -123,7 +127,152 @@ def _wrapper() -> type:
                         )
             return outputs
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False):  # noqa: ANN001
+            answers, rest = _score_by_context(self, requests)
+            if rest:
+                scored = super()._loglikelihood_tokens([requests[i] for i in rest], True)
+                for i, answer in zip(rest, scored, strict=True):
+                    answers[i] = answer
+            return answers
+
     return HFDecodedVLLM
+
+
+MAX_CHOICE_TOKENS = 128  # vLLM scores at most this many chosen tokens per request
+
+
+def _score_by_context(lm: Any, requests: list) -> tuple[list, list[int]]:
+    """lm-eval's loglikelihood requests, scored so that choices sharing a context share its
+    forward pass. lm-eval's own vLLM path sends each (context, continuation) whole with prompt
+    log-probabilities, which vLLM computes without its prefix cache: a 4-way choice after a
+    few-shot prompt computes that prompt four times. Here:
+
+    1. one request per distinct context, the context alone: vLLM returns the log-probabilities of
+       exactly the continuations' first tokens at the next position (`logprob_token_ids`, from the
+       raw logits) and the greedy token it picked. A choice of one token is scored by that alone,
+       as lm-eval's HF wrapper does with its logits cache; the context's KV blocks stay cached.
+    2. each longer continuation: context + continuation less its last token, reading the cached
+       context. Prompt log-probabilities (only for 3 tokens or more) give the middle tokens, the
+       next position gives the last. A prompt whose cache hit reaches past its context (another
+       choice with the same first tokens filled a block) has no rows for the tokens it needs,
+       and is scored again without the cache.
+
+    Each token's log-probability and greedy flag is read as lm-eval reads it, so the sums match
+    its own path within float error. Returns the answers at their requests' places (None where
+    not scored) and the indices left to lm-eval's path: contexts that would need truncating (it
+    truncates them as lm-eval does) and contexts with more than MAX_CHOICE_TOKENS first tokens.
+    """
+    answers: list = [None] * len(requests)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    rest = []
+    for i, (_, context, continuation) in enumerate(requests):
+        if context and continuation and len(context) + len(continuation) <= lm.max_length - 1:
+            groups.setdefault(tuple(context), []).append(i)
+        else:
+            rest.append(i)
+    for context, members in list(groups.items()):
+        if len({requests[i][2][0] for i in members}) > MAX_CHOICE_TOKENS:
+            rest.extend(groups.pop(context))
+
+    for chunk in _fitting_the_cache(lm, groups):
+        first = _first_tokens(lm, requests, chunk)
+        longer = [i for members in chunk.values() for i in members if len(requests[i][2]) > 1]
+        tails = _continuation_tails(lm, requests, longer, reuse=True)
+        stale = [i for i in longer if tails[i] is None]
+        if stale:
+            tails.update(_continuation_tails(lm, requests, stale, reuse=False))
+        for i, (logprob, greedy) in first.items():
+            tail_logprob, tail_greedy = tails.get(i, (0.0, True))
+            answers[i] = (float(logprob + tail_logprob), greedy and tail_greedy)
+            if requests[i][0] is not None:  # lm-eval's request cache, as its own path fills it
+                lm.cache_hook.add_partial("loglikelihood", requests[i][0], answers[i])
+    return answers, sorted(rest)
+
+
+def _fitting_the_cache(lm: Any, groups: dict) -> Any:
+    """The groups in chunks whose contexts take at most half of vLLM's KV cache, so that a chunk's
+    contexts are still cached when its continuations are scored."""
+    config = lm.model.llm_engine.vllm_config.cache_config
+    room = (config.num_gpu_blocks or 0) * config.block_size // 2
+    chunk: dict = {}
+    tokens = 0
+    for context, members in groups.items():
+        if chunk and tokens + len(context) > room:
+            yield chunk
+            chunk, tokens = {}, 0
+        chunk[context] = members
+        tokens += len(context)
+    if chunk:
+        yield chunk
+
+
+def _first_tokens(lm: Any, requests: list, chunk: dict) -> dict[int, tuple[float, bool]]:
+    """(log-probability, greedy) of each continuation's first token, by request index: one vLLM
+    request per context, the context alone, asking for exactly its continuations' first tokens."""
+    from lm_eval.models.vllm_causallms import VLLM
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            temperature=0,
+            max_tokens=1,
+            detokenize=False,
+            logprob_token_ids=sorted({requests[i][2][0] for i in members}),
+        )
+        for members in chunk.values()
+    ]
+    outputs = VLLM._model_generate(lm, [list(c) for c in chunk], True, params)
+    first = {}
+    for members, output in zip(chunk.values(), outputs, strict=True):
+        completion = output.outputs[0]
+        for i in members:
+            token = requests[i][2][0]
+            first[i] = (completion.logprobs[0][token].logprob, completion.token_ids[0] == token)
+    return first
+
+
+def _continuation_tails(lm: Any, requests: list, indices: list[int], reuse: bool) -> dict:
+    """(log-probability, greedy) of each continuation's tokens after its first, by request index;
+    None where `reuse` let the prefix cache skip rows that are needed."""
+    from lm_eval.models.vllm_causallms import VLLM
+    from vllm import SamplingParams
+
+    if not indices:
+        return {}
+    prompts, params = [], []
+    for i in indices:
+        context, continuation = requests[i][1], requests[i][2]
+        prompts.append(list(context) + list(continuation[:-1]))
+        middle = len(continuation) > 2
+        params.append(
+            SamplingParams(
+                temperature=0,
+                max_tokens=1,
+                detokenize=False,
+                logprob_token_ids=[continuation[-1]],
+                prompt_logprobs=1 if middle else None,
+                skip_reading_prefix_cache=not reuse if middle else None,
+            )
+        )
+    tails: dict[int, tuple[float, bool] | None] = {}
+    for i, prompt, output in zip(
+        indices, prompts, VLLM._model_generate(lm, prompts, True, params), strict=True
+    ):
+        context, continuation = requests[i][1], requests[i][2]
+        if len(continuation) > 2 and (output.num_cached_tokens or 0) > len(context):
+            tails[i] = None
+            continue
+        logprob, greedy = 0.0, True
+        for position in range(len(context) + 1, len(prompt)):  # the middle tokens' rows
+            row = {
+                token: entry.logprob for token, entry in output.prompt_logprobs[position].items()
+            }
+            logprob += row[prompt[position]]
+            greedy = greedy and max(row, key=row.get) == prompt[position]
+        completion = output.outputs[0]
+        logprob += completion.logprobs[0][continuation[-1]].logprob
+        tails[i] = (logprob, greedy and completion.token_ids[0] == continuation[-1])
+    return tails
 
 
 class VLLMEngine:

@@ -169,6 +169,75 @@ def test_a_swap_never_serves_the_previous_candidate_s_cached_blocks(zoo, merger,
         vllm.llm.reset_prefix_cache()
 
 
+def _choice_requests(zoo) -> list:
+    """Loglikelihood requests as a few-shot multiple choice makes them: contexts longer than one
+    32-token KV block, each shared by continuations of 1, 2 and up to 20 tokens (the zoo's
+    models hold 64 positions), two of them the same but for their last token."""
+    from lm_eval.api.instance import Instance
+
+    words = Path(zoo.heldout_text).read_text().split()
+    out = []
+    for k in range(3):
+        context = " ".join(words[50 * k : 50 * k + 36])
+        tail = words[50 * k + 36 : 50 * k + 56]
+        choices = [
+            " " + tail[0],  # one token
+            " " + " ".join(tail[1:3]),  # two
+            " " + " ".join(tail),  # twenty
+            " " + " ".join(tail[:19] + [words[7]]),  # the same first 19, another last
+            " " + " ".join(reversed(tail[3:9])),
+        ]
+        out += [Instance("loglikelihood", {}, (context, c), len(out)) for c in choices]
+    return out
+
+
+def test_choices_sharing_a_context_share_its_cached_blocks_and_score_as_hf(
+    zoo, merger, hf, vllm, monkeypatch
+):
+    from lm_eval.models.vllm_causallms import VLLM
+
+    from evaluators import vllm_engine
+
+    recipe = recipe_from_dict(_recipe(zoo, "ties", 0.6))
+    requests = _choice_requests(zoo)
+    hf.load(merger.candidate(recipe))
+    expected = hf.lm(32).loglikelihood(requests)
+
+    cached, stale, generate = [], [], VLLM._model_generate
+    tails = vllm_engine._continuation_tails
+
+    def counted_generate(lm, prompts, *args):
+        outputs = generate(lm, prompts, *args)
+        cached.extend(o.num_cached_tokens or 0 for o in outputs)
+        return outputs
+
+    def counted_tails(lm, reqs, indices, reuse):
+        found = tails(lm, reqs, indices, reuse)
+        stale.extend(i for i, tail in found.items() if tail is None)
+        return found
+
+    monkeypatch.setattr(VLLM, "_model_generate", counted_generate)
+    monkeypatch.setattr(vllm_engine, "_continuation_tails", counted_tails)
+    vllm.load(merger.candidate(recipe))
+    ours = vllm.lm(32).loglikelihood(requests)
+    gaps = [abs(a[0] - b[0]) for a, b in zip(ours, expected, strict=True)]
+    assert max(gaps) < LOGPROB_TOL * 20, max(gaps)  # up to 20 tokens summed
+    assert [g for _, g in ours] == [g for _, g in expected]
+    assert len({round(x, 2) for x, _ in expected}) == len(expected)  # real, varied scores
+    # the contexts' blocks were read from the cache, not computed once per choice
+    assert sum(cached) >= 32 * 3 * 3, cached
+
+    # A prompt found cached past its context has no rows for the tokens it needs: it is scored
+    # again without the cache. Warm the first block with a 20-token context and a 20-token
+    # choice, then ask for the choice that shares its first 19 tokens.
+    vllm.llm.reset_prefix_cache()
+    choice = [3 + i % 15 for i in range(20)]  # the zoo's vocabulary has 19 tokens
+    assert tails(vllm.lm(32), [(None, [5] * 20, choice)], [0], True)[0] is not None
+    twin = [(None, [5] * 20, choice[:19] + [choice[19] + 1])]
+    assert tails(vllm.lm(32), twin, [0], True)[0] is None
+    assert tails(vllm.lm(32), twin, [0], False)[0] is not None
+
+
 class _FailsHalfWay:
     """A candidate whose merge fails at its `at`-th tensor (as a non-finite merge would)."""
 

@@ -2,14 +2,17 @@
 
 Both engines start once on the zoo's base (the worker's way) and score the same merged candidates
 on two task sets of the demo zoo: its four generative tasks (the model writes each answer, greedy,
-lm-eval's generate_until) and its four multiple-choice tasks (loglikelihood of each choice). For
-each engine and task set the script prints the mean seconds per candidate of the evaluation and of
-the swap (merged weights into the engine; for vllm also its prefix-cache reset), the engine's start,
-and the ratio vllm / hf from this one run. It also checks that both engines gave the same per-item
+lm-eval's generate_until) and its four multiple-choice tasks (loglikelihood of each choice). Each
+candidate is swapped in once and scored on both sets, as a worker scores a study's tasks. The
+script prints the engine's start, the mean seconds per candidate of each task set's evaluation,
+the ratio vllm / hf from this one run, and the swap (merge + load; for vllm also its prefix-cache
+reset) as a share of the whole candidate. It also checks that both engines gave the same per-item
 scores. Goals on a CPU: generative <= 0.2x, multiple choice <= 1x, swap <= 5% of a candidate.
 
     .venv/bin/python tests/benchmarks/bench_engines.py [--zoo DIR] [--candidates 4] [--device cpu]
     .venv/bin/python tests/benchmarks/bench_engines.py --model random --max-gen-toks 32
+    .venv/bin/python tests/benchmarks/bench_engines.py --model random --num-fewshot 5 \
+        --block-size 32                        # few-shot prompts: choices share cached contexts
     .venv/bin/python tests/benchmarks/bench_engines.py --model random --hidden 2048 --layers 16 \
         --device cuda --dtype bfloat16 --max-gen-toks 64                      # ~1B, on a GPU
 
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 GEN = ["zoo_add_gen", "zoo_succ_gen", "zoo_rev_gen", "zoo_sort_gen"]
 MC = ["zoo_add", "zoo_succ", "zoo_rev", "zoo_sort"]
+TASK_SETS = {"generative": GEN, "multiple choice": MC}
 
 
 def recipes(base: str, finetunes: list[str], count: int) -> list[Any]:
@@ -94,6 +98,8 @@ def random_llama(root: Path, hidden: int, layers: int, dtype: str) -> tuple[str,
 
 
 def run_engine(kind: str, base: str, finetunes: list[str], todo: list[Any], args: Any) -> dict:
+    """Start the engine once, then per candidate: one swap, then both task sets scored on it (a
+    worker scores all of a study's tasks after one swap)."""
     from evaluators import HarnessEvaluator, HarnessSection
     from evaluators.engines import EngineStart, start_engine
     from merging import ResidentMerger
@@ -101,36 +107,42 @@ def run_engine(kind: str, base: str, finetunes: list[str], todo: list[Any], args
     dtype = args.dtype
     merger = ResidentMerger(base, finetunes, device=args.device, dtype=dtype)
     merger.prepare(("ties",))
-    options = {"engine": kind}
+    options: dict[str, Any] = {"engine": kind}
     if kind == "vllm":
         options["vllm"] = {"max_model_len": 512} if args.model == "random" else {}
         if args.compiled:
             options["vllm"]["enforce_eager"] = False
+        if args.block_size:
+            options["vllm"]["block_size"] = args.block_size
     t0 = time.perf_counter()
     section = HarnessSection(tasks=MC, **options)
     engine = start_engine(EngineStart(base, args.device, dtype, threads=args.threads), section)
-    out: dict[str, Any] = {"start_s": time.perf_counter() - t0}
-    for name, tasks in (("generative", GEN), ("multiple choice", MC)):
+    out: dict[str, Any] = {"start_s": time.perf_counter() - t0, "swap_s": []}
+    evaluators = {}
+    for name, tasks in TASK_SETS.items():
+        if name not in args.tasks:
+            continue
         section = HarnessSection(
             tasks=tasks,
             include_path=str(Path(args.zoo) / "tasks"),
             builtin_tasks=False,
             batch_size=args.batch_size,
             limit=args.limit,
+            num_fewshot=args.num_fewshot,
             gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None,
             **options,
         )
-        evaluator = HarnessEvaluator(section, split="validation")
-        swaps, evals, items = [], [], []
-        for recipe in todo:
+        evaluators[name] = HarnessEvaluator(section, split="validation")
+        out[name] = {"eval_s": [], "items": []}
+    for recipe in todo:
+        t0 = time.perf_counter()
+        engine.load(merger.candidate(recipe))
+        out["swap_s"].append(time.perf_counter() - t0)
+        for name, evaluator in evaluators.items():
             t0 = time.perf_counter()
-            engine.load(merger.candidate(recipe))
-            t1 = time.perf_counter()
             result = evaluator.evaluate(engine, per_item=True)
-            evals.append(time.perf_counter() - t1)
-            swaps.append(t1 - t0)
-            items.append(result.per_item)
-        out[name] = {"swap_s": swaps, "eval_s": evals, "items": items}
+            out[name]["eval_s"].append(time.perf_counter() - t0)
+            out[name]["items"].append(result.per_item)
     close = getattr(engine, "close", None)
     if close:
         close()
@@ -151,7 +163,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compiled", action="store_true", help="vLLM compiles its graphs")
     parser.add_argument("--max-gen-toks", type=int, default=None, help="generation length")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt")
+    parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block (tokens)")
+    parser.add_argument(
+        "--tasks", default="generative,multiple choice", help="task sets, comma-separated"
+    )
     args = parser.parse_args()
+    args.tasks = [t.strip() for t in args.tasks.split(",")]
 
     import tempfile
 
@@ -171,19 +189,29 @@ def main() -> None:
         return statistics.mean(xs[1:] if len(xs) > 1 else xs)  # the first call warms caches
 
     print(f"\nengine start: hf {runs['hf']['start_s']:.1f} s, vllm {runs['vllm']['start_s']:.1f} s")
-    header = f"{'tasks':<16} {'hf eval s':>10} {'vllm eval s':>12} {'ratio':>7} "
-    print(header + f"{'hf swap s':>10} {'vllm swap s':>12} {'swap share':>11} {'same items':>11}")
-    for name in ("generative", "multiple choice"):
+    print(f"{'tasks':<16} {'hf eval s':>10} {'vllm eval s':>12} {'ratio':>7} {'same items':>11}")
+    candidate = {"hf": mean(runs["hf"]["swap_s"]), "vllm": mean(runs["vllm"]["swap_s"])}
+    for name in args.tasks:
         hf, vl = runs["hf"][name], runs["vllm"][name]
         ratio = mean(vl["eval_s"]) / mean(hf["eval_s"])
-        share = mean(vl["swap_s"]) / (mean(vl["swap_s"]) + mean(vl["eval_s"]))
         same = sum(a == b for a, b in zip(hf["items"], vl["items"]))
         print(
             f"{name:<16} {mean(hf['eval_s']):>10.3f} {mean(vl['eval_s']):>12.3f} {ratio:>6.2f}x "
-            f"{mean(hf['swap_s']):>10.3f} {mean(vl['swap_s']):>12.3f} {share:>10.1%} "
-            f"{same:>5}/{len(todo)}"
+            f"{same:>7}/{len(todo)}"
         )
-    print("(means over the candidates after the first; ratio: vllm / hf)")
+        for kind in candidate:
+            candidate[kind] += mean(runs[kind][name]["eval_s"])
+    swap = {kind: mean(runs[kind]["swap_s"]) for kind in candidate}
+    print(
+        f"swap per candidate (merge + load): hf {swap['hf']:.3f} s, vllm {swap['vllm']:.3f} s; "
+        f"a vllm candidate (swap + {' + '.join(args.tasks)}) {candidate['vllm']:.2f} s, "
+        f"the swap {swap['vllm'] / candidate['vllm']:.1%} of it, vLLM's own load (vllm swap - "
+        f"hf swap) {(swap['vllm'] - swap['hf']) / candidate['vllm']:.1%}"
+    )
+    print(
+        f"(means over the candidates after the first; ratio: vllm / hf; {args.num_fewshot}-shot; "
+        f"vLLM block size {args.block_size or 'its default'})"
+    )
 
 
 if __name__ == "__main__":
