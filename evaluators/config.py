@@ -73,7 +73,7 @@ class VLLMOptions(BaseModel):
     enforce_eager: bool | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)  # None: vLLM's default
-    block_size: int | None = Field(default=None, ge=1)  # KV cache block tokens; None: vLLM's
+    block_size: int | None = Field(default=None, ge=1)  # KV block; None: 32 on CPU, else vLLM's
     cpu_kv_cache_gib: int = Field(default=1, ge=1)  # a CPU engine's KV cache
 
     @field_validator("tensor_parallel_size")

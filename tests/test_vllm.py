@@ -60,7 +60,7 @@ def hf(base) -> HFEngine:
 def vllm(base):
     from evaluators.vllm_engine import VLLMEngine
 
-    section = HarnessSection(tasks=MC, engine="vllm", vllm={"block_size": 32})
+    section = HarnessSection(tasks=MC, engine="vllm")  # a CPU engine: 32-token KV blocks
     engine = VLLMEngine.start(EngineStart(str(base), "cpu", "float32", threads=1), section)
     yield engine
     engine.close()
@@ -216,6 +216,8 @@ def test_choices_sharing_a_context_share_its_cached_blocks_and_score_as_hf(
         stale.extend(i for i, tail in found.items() if tail is None)
         return found
 
+    # a CPU engine started without a block size takes 32-token blocks: these contexts fill one
+    assert vllm.llm.llm_engine.vllm_config.cache_config.block_size == vllm_engine.CPU_BLOCK_SIZE
     monkeypatch.setattr(VLLM, "_model_generate", counted_generate)
     monkeypatch.setattr(vllm_engine, "_continuation_tails", counted_tails)
     vllm.load(merger.candidate(recipe))
@@ -274,7 +276,7 @@ def test_vllm_on_a_candidate_equals_a_fresh_engine_on_its_export(zoo, merger, vl
     vllm.load(merger.candidate(recipe))
     swapped = evaluator.evaluate(vllm, per_item=True)
     folder = export_merge(recipe, tmp_path / "merged", progress=False)
-    section = HarnessSection(tasks=MC, engine="vllm", vllm={"block_size": 32})
+    section = HarnessSection(tasks=MC, engine="vllm")  # a CPU engine: 32-token KV blocks
     fresh = VLLMEngine.start(EngineStart(str(folder), "cpu", "float32", threads=1), section)
     try:
         assert evaluator.evaluate(fresh, per_item=True).per_item == swapped.per_item
