@@ -165,7 +165,9 @@ def _score_by_context(lm: Any, requests: list) -> tuple[list, list[int]]:
     Each token's log-probability and greedy flag is read as lm-eval reads it, so the sums match
     its own path within float error. Returns the answers at their requests' places (None where
     not scored) and the indices left to lm-eval's path: contexts that would need truncating (it
-    truncates them as lm-eval does) and contexts with more than MAX_CHOICE_TOKENS first tokens.
+    truncates them as lm-eval does), contexts with more than MAX_CHOICE_TOKENS first tokens, and
+    the longer choices of a context shorter than one KV block (nothing to share: two requests
+    each would cost more than one).
     """
     answers: list = [None] * len(requests)
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -175,9 +177,15 @@ def _score_by_context(lm: Any, requests: list) -> tuple[list, list[int]]:
             groups.setdefault(tuple(context), []).append(i)
         else:
             rest.append(i)
+    block = lm.model.llm_engine.vllm_config.cache_config.block_size
     for context, members in list(groups.items()):
         if len({requests[i][2][0] for i in members}) > MAX_CHOICE_TOKENS:
             rest.extend(groups.pop(context))
+        elif len(context) < block:  # no whole block to share: longer choices go whole
+            rest.extend(i for i in members if len(requests[i][2]) > 1)
+            groups[context] = [i for i in members if len(requests[i][2]) == 1]
+            if not groups[context]:
+                del groups[context]
 
     for chunk in _fitting_the_cache(lm, groups):
         first = _first_tokens(lm, requests, chunk)
