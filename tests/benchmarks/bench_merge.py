@@ -16,9 +16,10 @@ saved as safetensors), then prints, from this one run:
   own): a task-arithmetic candidate's time against that tier's floor (the bytes it must move at the
   bandwidths measured in the same run: the copy bandwidth for memory, a cold file read for disk),
   the disk tier with a warm and a cold page cache (its files' pages dropped before each candidate),
-  and the process's own memory (anonymous RSS after the candidates) against search/memory.py's
-  plan; the peak RSS beside it also counts mapped files' pages (the source models' safetensors
-  while the task vectors are built, the disk tier's files), which are page cache.
+  and the process's own memory after the candidates (its RSS less the disk tier's mapped files,
+  which are page cache the plan leaves out; a base held on a CPU device is a mapping of its
+  safetensors, which RSS counts and anonymous RSS does not) against search/memory.py's plan; the
+  peak RSS beside it also counts the source models' files mapped while the task vectors are built.
 
     .venv/bin/python tests/benchmarks/bench_merge.py \
         [--hidden 768 --layers 6 --repeats 5 --device cpu] [--only-tiers]
@@ -292,7 +293,7 @@ def tier_child(args) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401 - its imports are not the merger's memory
 
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS counted from here
-    rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+    rss0, anon0, file0 = _status("VmRSS"), _status("RssAnon"), _status("RssFile")
     t0 = time.perf_counter()
     merger = ResidentMerger(
         base,
@@ -335,6 +336,8 @@ def tier_child(args) -> dict:
         "cold_s": cold,
         "peak_rss": _status("VmHWM") - rss0,
         "anon_rss": _status("RssAnon") - anon0,
+        "rss": _status("VmRSS") - rss0,
+        "file_rss": _status("RssFile") - file0,
         "planned": planned,
         "held": merger.tier_bytes(),
     }
@@ -376,8 +379,16 @@ def tiers_table(args, root: Path, n_params: int, n_models: int) -> None:
             runs[0] = ("disk warm", got["warm_s"], memory_floor)
             cold_floor = (1 + n_models) * model / disk_bw + model / copy_bw
             runs.append(("disk cold", got["cold_s"], cold_floor))
-        held = got["anon_rss"]
-        how = f"anon RSS (peak RSS {got['peak_rss'] / 1e6:.0f} MB)"
+        # the process's own memory: its RSS less the disk tier's mapped files (page cache, which
+        # the plan leaves out); a base held on a CPU device may be a mapping of its safetensors
+        # (no copy), which RSS counts and anonymous RSS does not
+        page_cache = min(got["file_rss"], got["held"].get("disk", 0))
+        held = got["rss"] - page_cache
+        how = (
+            f"RSS less the disk tier's pages {page_cache / 1e6:.0f} MB (anon "
+            f"{got['anon_rss'] / 1e6:.0f} MB, mapped files {got['file_rss'] / 1e6:.0f} MB; "
+            f"peak RSS {got['peak_rss'] / 1e6:.0f} MB)"
+        )
         for i, (what, took, floor) in enumerate(runs):
             mem = (
                 f"{held / 1e6:>11.0f}{got['planned'] / 1e6:>9.0f}{held / got['planned']:>8.2f}"
