@@ -60,6 +60,9 @@ class EngineStart:
     dtype: str  # "float32", "bfloat16", "float16"
     trust_remote_code: bool = False
     threads: int | None = None  # torch threads of a CPU worker
+    # device bytes the merger allocates only while a candidate merges (scratch, placement staging):
+    # an engine that sizes itself to the free memory (vLLM) leaves them free
+    merge_reserve: int = 0
 
 
 @runtime_checkable

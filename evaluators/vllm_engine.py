@@ -86,9 +86,11 @@ class _QuietReload(logging.Filter):
         return "Failed to load weights" not in record.getMessage()
 
 
-def gpu_share(device: str, options: Any) -> float | None:
+def gpu_share(device: str, options: Any, reserve: int = 0) -> float | None:
     """vLLM's gpu_memory_utilization: the option, else what the device has free now (the merger's
-    tensors are already on it) less HEADROOM_BYTES, as a share of its memory. None on a CPU."""
+    tensors are already on it) less HEADROOM_BYTES and `reserve` (what the merger allocates only
+    while a candidate merges: its scratch, the placement's staging), as a share of its memory.
+    None on a CPU."""
     if options.gpu_memory_utilization is not None:
         return options.gpu_memory_utilization
     if not device.startswith("cuda"):
@@ -96,12 +98,20 @@ def gpu_share(device: str, options: Any) -> float | None:
     import torch
 
     free, total = torch.cuda.mem_get_info(torch.device(device))
-    share = (free - HEADROOM_BYTES) / total
+    return auto_share(free, total, reserve)
+
+
+def auto_share(free: int, total: int, reserve: int) -> float:
+    """The share of a GPU of `total` bytes that vLLM may take when `free` bytes are free and the
+    merger will need `reserve` more while merging."""
+    share = (free - HEADROOM_BYTES - reserve) / total
     if share <= 0.05:
         raise EngineError(
             f"only {free / GiB:.1f} GiB of the {total / GiB:.1f} GiB GPU is free once the merger "
-            "holds the base and task vectors: too little for a vLLM engine. Use fewer fine-tunes, "
-            "a 16-bit models.dtype, or the hf engine"
+            f"holds the base and task vectors, and merging needs {reserve / GiB:.1f} GiB of it "
+            f"and {HEADROOM_BYTES / GiB:.0f} GiB of headroom: too little for a vLLM engine. Use "
+            "fewer fine-tunes, models.placement: host (or auto with a smaller "
+            "workers.gpu_memory_gib), a 16-bit models.dtype, or the hf engine"
         )
     return round(share, 3)
 
@@ -316,7 +326,7 @@ class VLLMEngine:
             "tensor_parallel_size": 1,
             "disable_log_stats": True,
         }
-        share = gpu_share(start.device, options)
+        share = gpu_share(start.device, options, start.merge_reserve)
         if share is not None:
             kwargs["gpu_memory_utilization"] = share
         for option in ("max_num_seqs", "block_size"):

@@ -39,6 +39,8 @@ from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, ModelsSection, StudyConfig
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# the rows of what the merger allocates only while a candidate merges
+MERGE_TRANSIENT = ("merge scratch", "LoRA expansion", "placement staging")
 GiB = 1024**3
 
 
@@ -123,6 +125,9 @@ class MemoryPlan:
     tiers: TierPlan | None = None
     # the fixed rows with the base and every task vector on the device (for messages)
     all_on_device: list[tuple[str, int]] = field(default_factory=list)
+    # of the fixed bytes, those the merger allocates only while a candidate merges (its scratch,
+    # LoRA expansions, the placement's staging): free when an engine sizes itself at the start
+    during_merge: int = 0
 
     @property
     def fixed_bytes(self) -> int:
@@ -342,6 +347,7 @@ def plan_from_sizes(
     if tiers.staging:
         unmovable.append(("placement staging (two tensors' inputs on their way)", tiers.staging))
     fixed += unmovable
+    during_merge = sum(b for what, b in unmovable if what.startswith(MERGE_TRANSIENT))
     everything = [
         ("base", model_bytes),
         (f"task vectors ({n_full} fine-tunes)", n_full * model_bytes),
@@ -354,6 +360,7 @@ def plan_from_sizes(
         notes,
         tiers=tiers,
         all_on_device=everything + [r for r in unmovable if not r[0].startswith("placement")],
+        during_merge=during_merge,
     )
 
 

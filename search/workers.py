@@ -45,16 +45,18 @@ class WorkerSpec:
     gpu_share: float = 1.0
 
 
-def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | None]:
-    """The device and host bytes placement auto may fill (search/memory.py, as validate plans
-    it; a CUDA worker's capacity is its GPU's memory)."""
-    if spec.models.placement != "auto":
-        return None, None
+def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | None, int]:
+    """The device and host bytes placement auto may fill, and the device bytes the merger
+    allocates only while merging, which a vLLM engine on a GPU must leave free (search/memory.py,
+    as validate plans it; a CUDA worker's capacity is its GPU's memory)."""
     import torch
 
+    kind = torch.device(device).type
+    engine_sizes_itself = kind == "cuda" and spec.evaluator.engine == "vllm"
+    if spec.models.placement != "auto" and not engine_sizes_itself:
+        return None, None, 0
     from search.memory import worker_plan
 
-    kind = torch.device(device).type
     capacity = None
     if kind == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -64,7 +66,10 @@ def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | No
             else total * min(1.0, spec.gpu_share)
         )
     plan = worker_plan(spec.models, spec.evaluator, spec.space.methods, kind, capacity)
-    return plan.tiers.device_room, plan.tiers.host_room
+    reserve = plan.during_merge if engine_sizes_itself else 0
+    if spec.models.placement != "auto":
+        return None, None, reserve
+    return plan.tiers.device_room, plan.tiers.host_room, reserve
 
 
 def resolve_device(device: str) -> str:
@@ -132,6 +137,7 @@ class CandidateWorker:
                 models.dtype,
                 trust_remote_code=models.trust_remote_code,
                 threads=spec.threads,
+                merge_reserve=rooms[2],
             ),
             spec.evaluator,
         )

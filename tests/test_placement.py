@@ -243,6 +243,12 @@ def test_a_gpu_set_goes_to_host_memory_and_only_one_that_fits_nowhere_is_refused
 def readme_example() -> list[str]:
     """The README's example: Llama-3-8B in bfloat16, 12 fine-tunes, one 80 GiB GPU, 128 GiB of
     host memory for the worker; the plan's lines without measuring (no bandwidths)."""
+    plan, params = _eight_b_plan("hf")
+    return [f"{params / 1e9:.2f}B parameters", *plan.lines(measure=False)]
+
+
+def _eight_b_plan(engine: str):
+    """The README example's plan with the given engine, and its parameter count."""
     from search.config import StudyConfig
     from search.memory import GiB, plan_from_sizes
 
@@ -272,7 +278,7 @@ def readme_example() -> list[str]:
                 "dtype": "bfloat16",
                 "host_memory_gib": 128,
             },
-            "evaluator": {"tasks": ["gsm8k"], "batch_size": 8},
+            "evaluator": {"tasks": ["gsm8k"], "batch_size": 8, "engine": engine},
             "objectives": {"items": [{"task": "gsm8k", "metric": "exact_match"}]},
             "workers": {"gpus_per_worker": 1, "gpu_memory_gib": 80},
         }
@@ -296,7 +302,31 @@ def readme_example() -> list[str]:
         80 * GiB,
         "workers.gpu_memory_gib: 80",
     )
-    return [f"{sum(numel.values()) / 1e9:.2f}B parameters", *plan.lines(measure=False)]
+    return plan, sum(numel.values())
+
+
+def test_a_vllm_engine_leaves_free_what_the_merger_needs_only_while_merging():
+    """vLLM sizes itself to the GPU's free memory when it starts, after the merger has placed its
+    tensors; the merge's scratch and the placement's staging are allocated later, per candidate,
+    so the engine's share must leave them free."""
+    from evaluators.engines import EngineError
+    from evaluators.vllm_engine import HEADROOM_BYTES, auto_share
+    from search.memory import GiB
+
+    plan, _ = _eight_b_plan("vllm")
+    rows = dict(plan.fixed)
+    scratch = next(b for what, b in rows.items() if what.startswith("merge scratch"))
+    staging = next(b for what, b in rows.items() if what.startswith("placement staging"))
+    assert plan.during_merge == scratch + staging > HEADROOM_BYTES  # the old flat headroom: short
+    total = 80 * GiB
+    free = total - plan.tiers.held["device"]
+    share = auto_share(free, total, plan.during_merge)
+    assert share * total <= free - HEADROOM_BYTES - plan.during_merge + 0.001 * total
+    assert share * total >= free - HEADROOM_BYTES - plan.during_merge - 0.001 * total
+    with pytest.raises(EngineError, match=r"merging needs 10\.\d GiB"):
+        auto_share(HEADROOM_BYTES + plan.during_merge, total, plan.during_merge)
+    hf, _ = _eight_b_plan("hf")
+    assert hf.during_merge == plan.during_merge  # the same merger under either engine
 
 
 def test_the_readme_example_is_the_plan_s(capsys):
@@ -324,7 +354,8 @@ def test_a_worker_places_each_tensor_where_validate_planned_it(llama_set, tasks,
     spec = WorkerSpec(
         models=config.models.resolved(), evaluator=config.evaluator, space=config.space
     )
-    device_room, host_room = placement_rooms(spec, "cpu")
+    device_room, host_room, reserve = placement_rooms(spec, "cpu")
+    assert reserve == 0  # no engine sizes itself to a CPU's free memory
     merger = ResidentMerger(
         config.models.base,
         list(config.models.finetunes),
