@@ -45,8 +45,8 @@ GiB = 1024**3
 # of 32
 CPU_BLOCK_SIZE = 32
 ALL_AT_ONCE = 1 << 30  # the wrapper's batch size: every request of a call in one vLLM call
-# Device memory a worker leaves free beside the merger's tensors and vLLM's share: the merge's
-# scratch, the CUDA context, allocator slack.
+# Device memory a worker leaves free beside the merger's tensors and vLLM's share: the CUDA
+# context, allocator slack (the merge's scratch and staging are reserved apart: merge_reserve).
 HEADROOM_BYTES = 2 * GiB
 
 
@@ -125,9 +125,9 @@ def _wrapper() -> type:
       first word a leading space); its HF wrapper decodes the generated tokens on their own.
       Decoding vLLM's tokens the same way makes every generation, and so every exact-match score,
       independent of the engine.
-    - Choices of one token are scored from one forward pass of their shared context (see
-      `_one_token_choices`), as lm-eval's HF wrapper does with its logits cache; other
-      continuations go through lm-eval's own path (the prompt's log-probabilities).
+    - Loglikelihood requests are scored by context (`_score_by_context`): choices sharing a
+      context share its forward pass and its cached KV blocks; what cannot share goes through
+      lm-eval's own path (the prompt's log-probabilities).
     """
     from lm_eval.models.vllm_causallms import VLLM
 
