@@ -39,8 +39,6 @@ from merging.methods import TABLE_POINT_BYTES, TABLE_POINTS
 from search.config import ConfigError, ModelsSection, StudyConfig
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# the rows of what the merger allocates only while a candidate merges
-MERGE_TRANSIENT = ("merge scratch", "LoRA expansion", "placement staging")
 GiB = 1024**3
 
 
@@ -322,15 +320,17 @@ def plan_from_sizes(
             "not on the GPU"
         )
     largest = max(numel.values())
-    unmovable.append(("merge scratch (largest tensor, float32, x4)", 4 * 4 * largest))
+    # what the merger allocates only while a candidate merges
+    transient = [("merge scratch (largest tensor, float32, x4)", 4 * 4 * largest)]
     if adapters:  # each adapter's task vector at the tensor being merged, expanded
         adapted = max(numel[n] for a in adapters for n in a.targets)
-        unmovable.append(
+        transient.append(
             (
                 f"LoRA expansion (largest adapted tensor, x{len(adapters)})",
                 len(adapters) * adapted * width,
             )
         )
+    unmovable += transient
     if vllm:
         evaluation, note = _vllm_cache(evaluator, shape, width, model_bytes, capacity)
         notes.append(note)
@@ -345,9 +345,10 @@ def plan_from_sizes(
         label = f"task vectors ({n_full} fine-tunes)" + _part(vectors, n_full * model_bytes)
         fixed.append((label, vectors))
     if tiers.staging:
-        unmovable.append(("placement staging (two tensors' inputs on their way)", tiers.staging))
+        staging = ("placement staging (two tensors' inputs on their way)", tiers.staging)
+        unmovable.append(staging)
+        transient.append(staging)
     fixed += unmovable
-    during_merge = sum(b for what, b in unmovable if what.startswith(MERGE_TRANSIENT))
     everything = [
         ("base", model_bytes),
         (f"task vectors ({n_full} fine-tunes)", n_full * model_bytes),
@@ -360,7 +361,7 @@ def plan_from_sizes(
         notes,
         tiers=tiers,
         all_on_device=everything + [r for r in unmovable if not r[0].startswith("placement")],
-        during_merge=during_merge,
+        during_merge=sum(b for _, b in transient),
     )
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from evaluators import EvaluatorSection, Role, build_evaluator
 from evaluators.protocol import Evaluator
@@ -45,16 +45,24 @@ class WorkerSpec:
     gpu_share: float = 1.0
 
 
-def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | None, int]:
+class Rooms(NamedTuple):
+    """A worker's memory, as validate plans it (search/memory.py)."""
+
+    device: int | None  # bytes placement auto may fill on the device; None: no limit
+    host: int | None  # and in host memory
+    merge_reserve: int  # device bytes a vLLM engine on a GPU leaves free for the merge
+
+
+def placement_rooms(spec: WorkerSpec, device: str) -> Rooms:
     """The device and host bytes placement auto may fill, and the device bytes the merger
-    allocates only while merging, which a vLLM engine on a GPU must leave free (search/memory.py,
-    as validate plans it; a CUDA worker's capacity is its GPU's memory)."""
+    allocates only while merging, which a vLLM engine on a GPU must leave free (a CUDA worker's
+    capacity is its GPU's memory)."""
     import torch
 
     kind = torch.device(device).type
     engine_sizes_itself = kind == "cuda" and spec.evaluator.engine == "vllm"
     if spec.models.placement != "auto" and not engine_sizes_itself:
-        return None, None, 0
+        return Rooms(None, None, 0)
     from search.memory import worker_plan
 
     capacity = None
@@ -68,8 +76,8 @@ def placement_rooms(spec: WorkerSpec, device: str) -> tuple[int | None, int | No
     plan = worker_plan(spec.models, spec.evaluator, spec.space.methods, kind, capacity)
     reserve = plan.during_merge if engine_sizes_itself else 0
     if spec.models.placement != "auto":
-        return None, None, reserve
-    return plan.tiers.device_room, plan.tiers.host_room, reserve
+        return Rooms(None, None, reserve)
+    return Rooms(plan.tiers.device_room, plan.tiers.host_room, reserve)
 
 
 def resolve_device(device: str) -> str:
@@ -124,8 +132,8 @@ class CandidateWorker:
             allow_pickle=models.allow_pickle,
             kernels=models.kernels,
             placement=models.placement,
-            device_room=rooms[0],
-            host_room=rooms[1],
+            device_room=rooms.device,
+            host_room=rooms.host,
             cache_dir=models.cache_dir,
         )
         self.merger.prepare(tuple(spec.space.methods), spec.space.seed)
@@ -137,7 +145,7 @@ class CandidateWorker:
                 models.dtype,
                 trust_remote_code=models.trust_remote_code,
                 threads=spec.threads,
-                merge_reserve=rooms[2],
+                merge_reserve=rooms.merge_reserve,
             ),
             spec.evaluator,
         )
